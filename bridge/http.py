@@ -1,0 +1,169 @@
+"""The bridge's HTTP API (ASGI, FastAPI): history and catch-up, health, metrics.
+
+Every ``/v1`` call takes ``Authorization: Bearer <access token>`` (the same JWT as MQTT).
+Errors are JSON: ``{"error": <stable code>, "message": <reason>}`` with a 4xx/5xx status.
+"""
+
+import logging
+import os
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bridge.pipeline import members_of, message_event
+from mqchat import __version__
+from mqchat.errors import AuthError, ErrorCode, RequestError, StorageError
+from mqchat.ids import parse_conv
+from mqchat.tokens import Identity, TokenVerifier
+from storage.base import MessageStore
+
+logger = logging.getLogger(__name__)
+
+_STATUS = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.BAD_CONV: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_MEMBER: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="stable error code")
+    message: str
+
+
+class MessageOut(BaseModel):
+    type: str = "msg"
+    conv: str
+    seq: int
+    mid: str
+    from_: str = Field(alias="from")
+    dev: str
+    id: str
+    ts: int
+    kind: str
+    body: str
+    media: list[str] | None = None
+
+
+class MessagesPage(BaseModel):
+    conv: str
+    messages: list[MessageOut]
+    more: bool = Field(description="more messages exist in the direction of the read")
+    last_seq: int = Field(description="the conversation's highest seq right now")
+
+
+def _error(code: ErrorCode, message: str) -> JSONResponse:
+    return JSONResponse({"error": str(code), "message": message}, status_code=_STATUS.get(code, 400))
+
+
+def metrics_payload() -> bytes:
+    """Prometheus text for this process, or for all mqchat processes in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+def create_app(*, store: MessageStore, verifier: TokenVerifier, history_max_limit: int = 500) -> FastAPI:
+    """Build the ASGI app over the given store and token verifier."""
+    app = FastAPI(
+        title="mqchat",
+        version=__version__,
+        description="HTTP API of mqchat: history and catch-up. The MQTT side is in docs/protocol.md.",
+    )
+    error_responses: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorBody} for s in (400, 401, 403, 404, 503)
+    }
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return _error(exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(ErrorCode.BAD_REQUEST, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: ErrorCode.NOT_FOUND, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN}.get(
+            exc.status_code, ErrorCode.BAD_REQUEST
+        )
+        return JSONResponse({"error": str(code), "message": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(StorageError)
+    async def on_storage_error(_: Request, exc: StorageError) -> JSONResponse:
+        logger.error("storage failed during an HTTP request: %s", exc)
+        return JSONResponse(
+            {"error": "unavailable", "message": "storage unavailable; retry"}, status_code=503
+        )
+
+    async def identity(request: Request) -> Identity:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise RequestError(ErrorCode.UNAUTHORIZED, "missing bearer token")
+        try:
+            return verifier.verify(token.strip())
+        except AuthError as exc:
+            raise RequestError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+
+    @app.get(
+        "/v1/conversations/{conv}/messages",
+        response_model=MessagesPage,
+        response_model_exclude_none=True,
+        responses=error_responses,
+        summary="Catch-up (after=SEQ, ascending) or scrollback (before=SEQ)",
+    )
+    async def messages(
+        conv: str,
+        who: Annotated[Identity, Depends(identity)],
+        after: Annotated[int | None, Query(ge=0, lt=2**63)] = None,
+        before: Annotated[int | None, Query(ge=1, lt=2**63)] = None,
+        limit: Annotated[int, Query(ge=1, le=history_max_limit)] = 100,
+    ) -> dict[str, Any]:
+        parsed = parse_conv(conv)
+        if parsed is None:
+            raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
+        if parsed.kind != "dm":
+            raise RequestError(ErrorCode.NOT_FOUND, "no such conversation")
+        if who.user not in members_of(parsed):
+            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation")
+        if after is not None and before is not None:
+            raise RequestError(ErrorCode.BAD_REQUEST, "give after or before, not both")
+        if before is not None:
+            page = await store.fetch_before(parsed.id, before, limit)
+        else:
+            page = await store.fetch_after(parsed.id, after or 0, limit)
+        last_seq = await store.last_seq(parsed.id)
+        return {
+            "conv": parsed.id,
+            "messages": [message_event(m) for m in page.messages],
+            "more": page.more,
+            "last_seq": last_seq,
+        }
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics_payload(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

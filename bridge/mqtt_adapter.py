@@ -1,0 +1,141 @@
+"""The MQTT-client adapter: feeds the pipeline from any MQTT 3.1.1 broker.
+
+::
+
+    broker ──u/+/+/out (QoS1, persistent session)──▶ reader ──task per request──▶ Pipeline
+       ▲                                                                            │
+       └────────────── publish QoS1 (ack / error / msg) ◀───────────────────────────┘
+
+Requests are dispatched in arrival order, each in its own task (bounded by ``max_inflight``;
+beyond that the reader stops reading and the broker queues), so many share one group commit.
+The connection is re-established with capped exponential backoff; the persistent session lets
+the broker queue requests meanwhile, and devices re-send anything not acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from types import TracebackType
+
+import aiomqtt
+
+from bridge.pipeline import Outgoing, Pipeline
+from mqchat.clock import SYSTEM_CLOCK, Clock
+from mqchat.protocol import OUT_TOPIC_FILTER, parse_out_topic
+from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME
+
+logger = logging.getLogger(__name__)
+
+
+class MqttClientAdapter:
+    """Connects to a broker as the bridge service and runs requests through the pipeline."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: Pipeline,
+        host: str,
+        port: int,
+        service_password: str,
+        instance: int = 0,
+        max_inflight: int = 2048,
+        clock: Clock = SYSTEM_CLOCK,
+        backoff_cap_s: float = 5.0,
+    ) -> None:
+        self._pipeline = pipeline
+        self._host = host
+        self._port = port
+        self._password = service_password
+        self._client_id = f"{SERVICE_CLIENT_PREFIX}-{instance}"
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._clock = clock
+        self._backoff_cap_s = backoff_cap_s
+        self._task_group: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    async def __aenter__(self) -> MqttClientAdapter:
+        self._task_group = asyncio.TaskGroup()
+        await self._task_group.__aenter__()
+        self._runner = self._task_group.create_task(self._run(), name="bridge-mqtt-adapter")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._task_group is not None
+        assert self._runner is not None
+        self._runner.cancel()
+        await self._task_group.__aexit__(exc_type, exc, tb)
+
+    async def wait_connected(self) -> None:
+        """Wait until the adapter is connected and subscribed."""
+        await self._connected.wait()
+
+    async def _run(self) -> None:
+        attempt = 0
+        ever_connected = False
+        while True:
+            try:
+                await self._serve_connection()
+                attempt = 0
+            except aiomqtt.MqttError as exc:
+                ever_connected = ever_connected or self._connected.is_set()
+                self._connected.clear()
+                attempt += 1
+                delay = random.uniform(0, min(self._backoff_cap_s, 0.1 * 2**attempt))
+                logger.log(
+                    logging.WARNING if ever_connected else logging.INFO,
+                    "bridge cannot reach the broker (%s); retrying in %.2fs",
+                    exc,
+                    delay,
+                )
+                await self._clock.sleep(delay)
+
+    async def _serve_connection(self) -> None:
+        lost: aiomqtt.MqttError | None = None
+        async with aiomqtt.Client(
+            self._host,
+            self._port,
+            username=SERVICE_USERNAME,
+            password=self._password,
+            identifier=self._client_id,
+            clean_session=False,
+            keepalive=30,
+            max_inflight_messages=1000,
+        ) as client:
+            await client.subscribe(OUT_TOPIC_FILTER, qos=1)
+            logger.info("bridge connected to the broker at %s:%d", self._host, self._port)
+            self._connected.set()
+            async with asyncio.TaskGroup() as requests:
+                try:
+                    async for message in client.messages:
+                        origin = parse_out_topic(message.topic.value)
+                        payload = message.payload
+                        if origin is None or not isinstance(payload, bytes | bytearray):
+                            continue
+                        await self._slots.acquire()
+                        requests.create_task(self._process(client, origin[0], origin[1], bytes(payload)))
+                except aiomqtt.MqttError as exc:
+                    lost = exc  # let in-flight requests finish (their publishes fail quietly)
+        if lost is not None:
+            raise lost
+
+    async def _process(self, client: aiomqtt.Client, user: str, device: str, payload: bytes) -> None:
+        try:
+            outgoing = await self._pipeline.handle(user, device, payload)
+            await publish_all(client, outgoing)
+        finally:
+            self._slots.release()
+
+
+async def publish_all(client: aiomqtt.Client, outgoing: list[Outgoing]) -> None:
+    """Publish each result; a lost connection drops them (devices re-send, then re-sync)."""
+    for out in outgoing:
+        try:
+            await client.publish(out.topic, out.payload, qos=out.qos)
+        except aiomqtt.MqttError as exc:
+            logger.warning("could not publish a reply: %s", exc)
+            return

@@ -1,0 +1,149 @@
+"""The message pipeline: request envelope + authenticated (user, device) → what to publish."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from bridge import metrics
+from mqchat.clock import SYSTEM_CLOCK, Clock
+from mqchat.errors import ErrorCode, RequestError, StorageError
+from mqchat.ids import Conv
+from mqchat.protocol import (
+    DEFAULT_MAX_ENVELOPE_BYTES,
+    SendRequest,
+    TypingRequest,
+    WatermarkRequest,
+    ack_envelope,
+    device_in_topic,
+    encode,
+    error_envelope,
+    msg_envelope,
+    parse_request,
+    user_in_topic,
+)
+from storage.base import MessageStore, NewMessage, StoredMessage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One publish the adapter must make."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+
+
+def members_of(conv: Conv) -> tuple[str, ...]:
+    """Members of a conversation, as far as the pipeline knows them (dm: from the id)."""
+    return conv.members
+
+
+class Pipeline:
+    """Validate → dedup → sequence → persist → ack → fan out.
+
+    ``handle`` reaches the store's ``append`` without awaiting anything before it, so requests
+    handed to it in order (each in its own task, created in arrival order) are sequenced in
+    that order: one device's sends keep their order.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: MessageStore,
+        max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._store = store
+        self._max_envelope_bytes = max_envelope_bytes
+        self._clock = clock
+
+    async def handle(self, user: str, device: str, payload: bytes) -> list[Outgoing]:
+        """Process one request from (user, device); never raises for bad input."""
+        started = time.perf_counter()
+        reply_topic = device_in_topic(user, device)
+        try:
+            request = parse_request(payload, max_bytes=self._max_envelope_bytes)
+            if isinstance(request, SendRequest):
+                out = await self._send(user, device, request)
+            elif isinstance(request, WatermarkRequest | TypingRequest):
+                raise RequestError(
+                    ErrorCode.UNSUPPORTED,
+                    f"{type(request).__name__} is not served by this server version yet",
+                    conv=request.conv.id,
+                )
+        except RequestError as exc:
+            metrics.REQUESTS_REJECTED.labels(code=str(exc.code)).inc()
+            return [
+                Outgoing(reply_topic, encode(error_envelope(exc.code, exc.message, id=exc.id, conv=exc.conv)))
+            ]
+        except StorageError:
+            logger.exception("storage failed while handling a request from %s/%s", user, device)
+            metrics.REQUESTS_REJECTED.labels(code=str(ErrorCode.INTERNAL)).inc()
+            return [
+                Outgoing(
+                    reply_topic, encode(error_envelope(ErrorCode.INTERNAL, "storage unavailable; retry"))
+                )
+            ]
+        except Exception:
+            logger.exception("unexpected failure handling a request from %s/%s", user, device)
+            metrics.REQUESTS_REJECTED.labels(code=str(ErrorCode.INTERNAL)).inc()
+            return [
+                Outgoing(reply_topic, encode(error_envelope(ErrorCode.INTERNAL, "internal error; retry")))
+            ]
+        metrics.PIPELINE_LATENCY.observe(time.perf_counter() - started)
+        return out
+
+    async def _send(self, user: str, device: str, req: SendRequest) -> list[Outgoing]:
+        if req.conv.kind != "dm":
+            raise RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=req.id, conv=req.conv.id)
+        members = members_of(req.conv)
+        if user not in members:
+            raise RequestError(
+                ErrorCode.NOT_MEMBER, "you are not a member of this conversation", id=req.id, conv=req.conv.id
+            )
+        result = await self._store.append(
+            NewMessage(
+                conv=req.conv.id,
+                sender=user,
+                device=device,
+                client_id=req.id,
+                kind=req.kind,
+                body=req.body,
+                media=req.media,
+                ts=self._clock.time_ms(),
+            )
+        )
+        stored = result.message
+        if result.duplicate:
+            metrics.MESSAGES_DUPLICATE.inc()
+        else:
+            metrics.MESSAGES_ACCEPTED.inc()
+        ack = encode(
+            ack_envelope(id=stored.client_id, conv=stored.conv, seq=stored.seq, mid=stored.mid, ts=stored.ts)
+        )
+        out = [Outgoing(device_in_topic(user, device), ack)]
+        # A duplicate is fanned out again: the first attempt may have been cut between commit
+        # and publish, and clients dedup msg events on (conv, seq).
+        event = encode(message_event(stored))
+        out.extend(Outgoing(user_in_topic(member), event) for member in members_of(req.conv))
+        return out
+
+
+def message_event(stored: StoredMessage) -> dict[str, object]:
+    """The ``msg`` envelope of a stored message (also what the HTTP history returns)."""
+    return msg_envelope(
+        conv=stored.conv,
+        seq=stored.seq,
+        mid=stored.mid,
+        sender=stored.sender,
+        device=stored.device,
+        id=stored.client_id,
+        ts=stored.ts,
+        kind=stored.kind,
+        body=stored.body,
+        media=stored.media,
+    )

@@ -1,0 +1,158 @@
+"""amqtt 0.12 plugins: JWT authentication, the topic ACL of wire protocol v1, metrics."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
+from amqtt.session import Session
+from prometheus_client import Counter, Gauge
+
+from mqchat.errors import AuthError, ErrorCode
+from mqchat.protocol import device_in_topic, encode, error_envelope
+from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, Identity, TokenVerifier
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_KEY = "mqchat.identity"
+SERVICE_KEY = "mqchat.service"
+
+CONNECTED_CLIENTS = Gauge(
+    "mqchat_broker_connected_clients", "MQTT clients connected to the broker", multiprocess_mode="livesum"
+)
+CONNECTS_REFUSED = Counter("mqchat_broker_connects_refused_total", "CONNECTs refused", ["reason"])
+ACL_DENIED = Counter(
+    "mqchat_broker_acl_denied_total", "Publishes and subscribes refused by the ACL", ["action"]
+)
+
+
+def session_identity(session: Session | None) -> Identity | None:
+    if session is None:
+        return None
+    identity = session.attributes.get(IDENTITY_KEY)
+    return identity if isinstance(identity, Identity) else None
+
+
+def is_service(session: Session | None) -> bool:
+    return session is not None and session.attributes.get(SERVICE_KEY) is True
+
+
+def _short(value: object) -> str:
+    return repr(value)[:80]
+
+
+class JwtAuthPlugin(BaseAuthPlugin):
+    """CONNECT: username = ``sub``, client id = ``dev``, password = a valid JWT; or the service."""
+
+    @dataclass
+    class Config:
+        secret: str
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._verifier = TokenVerifier(secret=self.config.secret)
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        username, client_id = session.username, session.client_id
+        session.attributes.pop(IDENTITY_KEY, None)
+        session.attributes.pop(SERVICE_KEY, None)
+        if username == SERVICE_USERNAME:
+            if (
+                isinstance(client_id, str)
+                and client_id.startswith(SERVICE_CLIENT_PREFIX)
+                and self._verifier.verify_service(session.password)
+            ):
+                session.attributes[SERVICE_KEY] = True
+                return True
+            CONNECTS_REFUSED.labels(reason="service_credential").inc()
+            logger.warning("refused a service connect with a wrong credential (client %s)", _short(client_id))
+            return False
+        if not isinstance(session.password, str) or not session.password:
+            CONNECTS_REFUSED.labels(reason="no_token").inc()
+            logger.info("refused connect without a token (client %s)", _short(client_id))
+            return False
+        try:
+            identity = self._verifier.verify(session.password)
+        except AuthError as exc:
+            CONNECTS_REFUSED.labels(reason="bad_token").inc()
+            logger.info("refused connect (client %s): %s", _short(client_id), exc)
+            return False
+        if identity.user != username or identity.device != client_id:
+            CONNECTS_REFUSED.labels(reason="mismatch").inc()
+            logger.info(
+                "refused connect: token is for another user or device (username %s, client %s)",
+                _short(username),
+                _short(client_id),
+            )
+            return False
+        session.attributes[IDENTITY_KEY] = identity
+        return True
+
+
+def _service_may_publish(topic: str) -> bool:
+    parts = topic.split("/")
+    if parts[0] == "u":
+        return (len(parts) == 3 and parts[2] == "in") or (len(parts) == 4 and parts[3] == "in")
+    if parts[0] == "p":
+        return len(parts) == 2
+    if parts[0] == "c":
+        return len(parts) == 3 and parts[2] == "in"
+    return False
+
+
+class TopicAclPlugin(BaseTopicPlugin):
+    """The topic table of wire protocol v1.
+
+    A device publishes only to ``u/{self}/{device}/out`` and subscribes only to ``u/{self}/in``
+    and ``u/{self}/{device}/in``. The service subscribes to out topics and publishes replies
+    and events. A refused publish is dropped and answered with an ``error`` envelope (code
+    ``forbidden``) on the device's own in topic; a refused subscribe gets SUBACK 0x80.
+    """
+
+    @dataclass
+    class Config:
+        pass
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        if topic is None or action is None:
+            return False
+        if action == Action.RECEIVE:
+            return True  # what a session may receive was decided when it subscribed
+        if is_service(session):
+            if action == Action.PUBLISH:
+                return _service_may_publish(topic)
+            return topic == "u/+/+/out"
+        identity = session_identity(session)
+        if identity is None:
+            return False
+        if action == Action.PUBLISH:
+            allowed = topic == f"u/{identity.user}/{identity.device}/out"
+        else:
+            allowed = topic in (f"u/{identity.user}/in", f"u/{identity.user}/{identity.device}/in")
+        if not allowed:
+            ACL_DENIED.labels(action=str(action)).inc()
+            logger.info(
+                "ACL refused %s on %s for %s/%s", action, _short(topic), identity.user, identity.device
+            )
+            if action == Action.PUBLISH:
+                await self.context.broadcast_message(
+                    device_in_topic(identity.user, identity.device),
+                    encode(error_envelope(ErrorCode.FORBIDDEN, f"you may not publish to {topic[:128]}")),
+                    qos=1,
+                )
+        return allowed
+
+
+class MetricsPlugin(BasePlugin[Any]):
+    """Counts connected clients for Prometheus."""
+
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
+        CONNECTED_CLIENTS.inc()
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
+        CONNECTED_CLIENTS.dec()

@@ -1,0 +1,3 @@
+from mqchat.cli import main
+
+raise SystemExit(main())

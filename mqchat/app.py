@@ -1,0 +1,313 @@
+"""Wiring: the one place that puts broker, bridge, store and HTTP API together.
+
+::
+
+    mqchat serve ──▶ Supervisor ──spawn/restart──▶ [broker]  amqtt + plugins        :mqtt_port
+                                       │
+                                       └──────────▶ [bridge]  MQTT-client adapter ──▶ Pipeline ──▶ SQLite
+                                                              HTTP API (uvicorn)      :http_port
+
+Two processes so both cores work; the supervisor restarts a crashed one (logged) and stops both
+cleanly on Ctrl-C / SIGTERM. Children get their settings as ``MQCHAT_*`` environment variables
+and write Prometheus samples to a shared directory, so ``/metrics`` covers both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from bridge.http import create_app
+from bridge.mqtt_adapter import MqttClientAdapter
+from bridge.pipeline import Pipeline
+from broker.server import MqchatBroker, serve_broker
+from mqchat.config import Config
+from mqchat.tokens import TokenVerifier, service_password
+from storage.base import MessageStore
+from storage.sqlite import SqliteMessageStore
+
+logger = logging.getLogger(__name__)
+
+CHILDREN = ("broker", "bridge")
+RESTART_BACKOFF_MAX_S = 10.0
+STOP_GRACE_S = 10.0
+
+
+def setup_logging(level: str, process: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)-7s [{process}] %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # amqtt logs every connection at INFO; transitions logs every state change.
+    for noisy in ("amqtt", "transitions", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def local_host(host: str) -> str:
+    """Where a process on this machine reaches a server bound to host."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: our process owns signals."""
+
+    def capture_signals(self) -> Any:
+        return nullcontext()
+
+
+@dataclass(frozen=True, slots=True)
+class HttpHandle:
+    port: int
+
+
+@asynccontextmanager
+async def serve_http(app: Any, *, host: str, port: int) -> AsyncIterator[HttpHandle]:
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(), name="http-server")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        logger.info("HTTP API listening on http://%s:%d", host, bound)
+        yield HttpHandle(port=bound)
+    finally:
+        server.should_exit = True
+        await task
+
+
+# --- bridge ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeHandle:
+    http_port: int
+    adapter: MqttClientAdapter
+    store: MessageStore
+
+
+@asynccontextmanager
+async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> AsyncIterator[BridgeHandle]:
+    """The bridge: store + pipeline + MQTT-client adapter + HTTP API, until the block exits."""
+    store = await SqliteMessageStore.open(config.storage.sqlite_path)
+    try:
+        pipeline = Pipeline(store=store, max_envelope_bytes=config.bridge.max_envelope_bytes)
+        app = create_app(
+            store=store,
+            verifier=TokenVerifier(secret=config.auth.jwt_secret),
+            history_max_limit=config.bridge.history_max_limit,
+        )
+        async with (
+            MqttClientAdapter(
+                pipeline=pipeline,
+                host=mqtt_host,
+                port=mqtt_port,
+                service_password=service_password(config.auth.jwt_secret),
+                max_inflight=config.bridge.max_inflight,
+            ) as adapter,
+            serve_http(app, host=config.network.host, port=config.network.http_port) as http,
+        ):
+            yield BridgeHandle(http_port=http.port, adapter=adapter, store=store)
+    finally:
+        await store.aclose()
+
+
+@asynccontextmanager
+async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
+    async with serve_broker(
+        host=config.network.host, port=config.network.mqtt_port, secret=config.auth.jwt_secret
+    ) as broker:
+        yield broker
+
+
+# --- child processes -------------------------------------------------------------------------
+
+
+def _run_until_signalled(body: Callable[[], Awaitable[None]]) -> None:
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await body()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+def run_child(which: str, config: Config) -> None:
+    """Entry point of a child process (``python -m mqchat _child broker|bridge``)."""
+    setup_logging(config.log_level, which)
+
+    async def broker_body() -> None:
+        async with run_broker(config):
+            await asyncio.Event().wait()
+
+    async def bridge_body() -> None:
+        async with run_bridge(
+            config, mqtt_host=local_host(config.network.host), mqtt_port=config.network.mqtt_port
+        ):
+            await asyncio.Event().wait()
+
+    _run_until_signalled(broker_body if which == "broker" else bridge_body)
+
+
+# --- supervisor ------------------------------------------------------------------------------
+
+
+def child_env(config: Config, metrics_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "MQCHAT_HOST": config.network.host,
+            "MQCHAT_MQTT_PORT": str(config.network.mqtt_port),
+            "MQCHAT_HTTP_PORT": str(config.network.http_port),
+            "MQCHAT_DATA_DIR": str(config.storage.data_dir.resolve()),
+            "MQCHAT_JWT_SECRET": config.auth.jwt_secret,
+            "MQCHAT_MAX_ENVELOPE_BYTES": str(config.bridge.max_envelope_bytes),
+            "MQCHAT_MAX_INFLIGHT": str(config.bridge.max_inflight),
+            "MQCHAT_LOG_LEVEL": config.log_level,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        }
+    )
+    env.pop("MQCHAT_CONFIG", None)
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the supervisor dies."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class Supervisor:
+    """Runs the broker and bridge processes; restarts either when it dies."""
+
+    def __init__(self, *, config: Config) -> None:
+        self._config = config
+        self._run_dir = config.storage.data_dir / "run"
+        self._metrics_dir = self._run_dir / "metrics"
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._stopping = False
+
+    async def _spawn(self, which: str) -> asyncio.subprocess.Process:
+        # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops the
+        # children in order; the parent-death signal stops them if the supervisor is killed.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mqchat",
+            "_child",
+            which,
+            env=child_env(self._config, self._metrics_dir),
+            process_group=0,
+            preexec_fn=_die_with_parent,
+        )
+        (self._run_dir / f"{which}.pid").write_text(f"{proc.pid}\n")
+        self._procs[which] = proc
+        logger.info("started %s (pid %d)", which, proc.pid)
+        return proc
+
+    async def run(self) -> int:
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        self._metrics_dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            # The bridge retries until the broker listens; no need to wait here.
+            await self._spawn("broker")
+            await self._spawn("bridge")
+            async with asyncio.TaskGroup() as tg:
+                watchers = [
+                    tg.create_task(self._watch(name, stop), name=f"watch-{name}") for name in CHILDREN
+                ]
+                await stop.wait()
+                self._stopping = True
+                logger.info("stopping")
+                await self._stop_children()
+                for w in watchers:
+                    w.cancel()
+        finally:
+            await self._stop_children()
+            for which in CHILDREN:
+                with contextlib.suppress(FileNotFoundError):
+                    (self._run_dir / f"{which}.pid").unlink()
+        return 0
+
+    async def _watch(self, which: str, stop: asyncio.Event) -> None:
+        failures = 0
+        while not self._stopping:
+            proc = self._procs[which]
+            started = time.monotonic()
+            code = await proc.wait()
+            self._mark_dead(proc.pid)
+            if self._stopping:
+                return
+            failures = 1 if time.monotonic() - started > 30 else failures + 1
+            delay = min(RESTART_BACKOFF_MAX_S, 0.25 * 2 ** (failures - 1))
+            logger.error("%s (pid %d) exited with code %s; restarting in %.2fs", which, proc.pid, code, delay)
+            await asyncio.sleep(delay)
+            if not self._stopping:
+                await self._spawn(which)
+
+    def _mark_dead(self, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
+
+    async def _stop_children(self) -> None:
+        # The bridge first, so it finishes in-flight requests while the broker still runs.
+        for which in reversed(CHILDREN):
+            proc = self._procs.get(which)
+            if proc is None or proc.returncode is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                logger.warning("%s did not stop in %.0fs; killing it", which, STOP_GRACE_S)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port (for tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -1,0 +1,169 @@
+"""The ``mqchat`` command: serve, token, and a chat client (chat / send / listen)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from mqchat import __version__
+from mqchat.config import Config, load_config, parse_duration
+from mqchat.errors import ConfigError
+
+logger = logging.getLogger("mqchat")
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (env MQCHAT_CONFIG)")
+    p.add_argument("--data-dir", help="where the database and generated secret live (default ./data)")
+    p.add_argument("--jwt-secret", help="HS256 secret for access tokens (env MQCHAT_JWT_SECRET)")
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    _server_flags(p)
+    p.add_argument("--host", help="broker host (default 127.0.0.1)")
+    p.add_argument("--mqtt-port", type=int, help="broker port (default 1883)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument(
+        "--token",
+        help="access token (env MQCHAT_TOKEN); by default one is signed with the local secret",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mqchat", description="Self-hostable messaging backend for mobile chat."
+    )
+    parser.add_argument("--version", action="version", version=f"mqchat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the broker, the bridge and the HTTP API")
+    _server_flags(serve)
+    serve.add_argument(
+        "--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for phones on the LAN)"
+    )
+    serve.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
+    serve.add_argument("--max-envelope-bytes", help="largest request envelope (default 64KiB)")
+    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+
+    token = sub.add_parser("token", help="print an access token (JWT) for local use")
+    _server_flags(token)
+    token.add_argument("--user", required=True)
+    token.add_argument("--device", required=True)
+    token.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m, 1h, 7d (default 1h)")
+
+    chat = sub.add_parser("chat", help="interactive 1:1 chat")
+    _client_flags(chat)
+    chat.add_argument("--to", required=True, help="the other user")
+
+    send = sub.add_parser("send", help="send one message and print its ack")
+    _client_flags(send)
+    target = send.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", help="the other user (1:1)")
+    target.add_argument("--conv", help="a conversation id")
+    send.add_argument("--body", required=True)
+    send.add_argument("--timeout", type=float, default=10.0)
+
+    listen = sub.add_parser("listen", help="print incoming events as JSON lines")
+    _client_flags(listen)
+    listen.add_argument("--count", type=int, help="stop after this many events")
+    listen.add_argument("--timeout", type=float, help="stop after this many seconds")
+
+    child = sub.add_parser("_child", help=argparse.SUPPRESS)
+    child.add_argument("which", choices=("broker", "bridge"))
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def _client_token(args: argparse.Namespace, config: Config) -> str:
+    import os
+
+    from mqchat.tokens import issue_token
+
+    given = args.token or os.environ.get("MQCHAT_TOKEN")
+    if given:
+        return str(given)
+    return issue_token(secret=config.auth.jwt_secret, user=args.user, device=args.device, ttl_s=3600)
+
+
+def _run_client(args: argparse.Namespace, config: Config) -> int:
+    from clients import cli as client_cli
+    from mqchat.ids import dm_conv
+
+    common = {
+        "host": config.network.host,
+        "port": config.network.mqtt_port,
+        "user": args.user,
+        "device": args.device,
+        "token": _client_token(args, config),
+    }
+    if args.command == "chat":
+        return asyncio.run(client_cli.chat(**common, peer=args.to))
+    if args.command == "send":
+        conv = args.conv or dm_conv(args.user, args.to)
+        return asyncio.run(client_cli.send(**common, conv=conv, body=args.body, timeout=args.timeout))
+    return asyncio.run(client_cli.listen(**common, count=args.count, timeout=args.timeout))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config, generated = load_config(_flags(args))
+    except ConfigError as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
+    if generated:
+        print(
+            f"mqchat: generated a new JWT secret in {config.storage.data_dir / 'jwt_secret'} "
+            "(keep it private; set MQCHAT_JWT_SECRET to use your own)",
+            file=sys.stderr,
+        )
+    try:
+        if args.command == "serve":
+            return _serve(config)
+        if args.command == "token":
+            return _token(args, config)
+        if args.command == "_child":
+            from mqchat.app import run_child
+
+            run_child(args.which, config)
+            return 0
+        return _run_client(args, config)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _token(args: argparse.Namespace, config: Config) -> int:
+    from mqchat.tokens import issue_token
+
+    try:
+        ttl = parse_duration(args.ttl)
+        print(issue_token(secret=config.auth.jwt_secret, user=args.user, device=args.device, ttl_s=int(ttl)))
+    except (ConfigError, ValueError) as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _serve(config: Config) -> int:
+    from mqchat.app import Supervisor, local_host, setup_logging
+
+    setup_logging(config.log_level, "serve")
+    net = config.network
+    logger.info(
+        "mqchat %s: MQTT on %s:%d, HTTP on http://%s:%d, data in %s",
+        __version__,
+        net.host,
+        net.mqtt_port,
+        local_host(net.host),
+        net.http_port,
+        config.storage.data_dir.resolve(),
+    )
+    return asyncio.run(Supervisor(config=config).run())

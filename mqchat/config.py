@@ -1,0 +1,189 @@
+"""Configuration: one frozen dataclass per section, loaded once.
+
+Precedence, highest first: command-line flags, environment (``MQCHAT_*``), a TOML config file
+(``--config`` / ``MQCHAT_CONFIG``; flat keys named like the flags, e.g. ``mqtt_port = 1883``),
+defaults. Sizes ("64KiB") and durations ("1h") are parsed here, once. Each component receives
+only its own section. The JWT secret is never logged; when none is configured one is generated
+into the data dir (file mode 0600) and reused from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mqchat.errors import ConfigError
+
+SECRET_FILE_NAME = "jwt_secret"
+
+_SIZE_RE = re.compile(r"(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``65536``, ``"64KiB"``, ``"1MB"``."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.fullmatch(value.strip())
+    if not m:
+        raise ConfigError(f"not a size: {value!r} (try 65536, 64KiB, 1MiB)")
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from ``3600``, ``"1h"``, ``"30m"``, ``"500ms"``."""
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION_RE.fullmatch(value.strip())
+    if not m:
+        raise ConfigError(f"not a duration: {value!r} (try 30s, 15m, 1h, 7d)")
+    return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()]
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    http_port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    jwt_secret: str = dataclasses.field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    data_dir: Path = Path("data")
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "mqchat.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    max_envelope_bytes: int = 64 * 1024
+    max_inflight: int = 2048  # requests being processed at once (backpressure beyond)
+    history_max_limit: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    network: NetworkConfig
+    auth: AuthConfig
+    storage: StorageConfig
+    bridge: BridgeConfig
+    log_level: str = "INFO"
+
+
+# name → (section, field, parser); flags, env and file all use these names.
+_KEYS: dict[str, tuple[str, str, Any]] = {
+    "host": ("network", "host", str),
+    "mqtt_port": ("network", "mqtt_port", int),
+    "http_port": ("network", "http_port", int),
+    "data_dir": ("storage", "data_dir", Path),
+    "jwt_secret": ("auth", "jwt_secret", str),
+    "max_envelope_bytes": ("bridge", "max_envelope_bytes", parse_size),
+    "max_inflight": ("bridge", "max_inflight", int),
+    "log_level": ("", "log_level", lambda v: str(v).upper()),
+}
+KNOWN_KEYS = frozenset(_KEYS)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - KNOWN_KEYS
+    if unknown:
+        raise ConfigError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+    return data
+
+
+def gather_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Merge defaults < config file < env < flags into one flat dict of raw values."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    config_path = flags.get("config") or env.get("MQCHAT_CONFIG")
+    if config_path:
+        merged.update(_read_file(Path(config_path)))
+    for key in KNOWN_KEYS:
+        value = env.get(f"MQCHAT_{key.upper()}")
+        if value:
+            merged[key] = value
+    merged.update({k: v for k, v in flags.items() if k in KNOWN_KEYS and v is not None})
+    return merged
+
+
+def resolve_jwt_secret(explicit: str | None, data_dir: Path) -> tuple[str, bool]:
+    """The configured secret, else the one stored in the data dir, else a new one stored there.
+
+    Returns (secret, generated_now).
+    """
+    if explicit:
+        return explicit, False
+    path = data_dir / SECRET_FILE_NAME
+    if path.exists():
+        secret = path.read_text().strip()
+        if not secret:
+            raise ConfigError(f"{path} is empty; delete it to generate a new secret")
+        return secret, False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    return secret, True
+
+
+def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> tuple[Config, bool]:
+    """Build the frozen config. Returns (config, jwt_secret_generated_now)."""
+    raw = gather_settings(flags, env)
+    sections: dict[str, dict[str, Any]] = {"network": {}, "storage": {}, "bridge": {}, "": {}}
+    for key, value in raw.items():
+        if key == "jwt_secret":
+            continue
+        section, field, parse = _KEYS[key]
+        try:
+            sections[section][field] = parse(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad value for {key}: {exc}") from None
+    storage = StorageConfig(**sections["storage"])
+    secret, generated = resolve_jwt_secret(raw.get("jwt_secret"), storage.data_dir)
+    for port_key in ("mqtt_port", "http_port"):
+        port = sections["network"].get(port_key, 1)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{port_key} must be 0-65535")
+    config = Config(
+        network=NetworkConfig(**sections["network"]),
+        auth=AuthConfig(jwt_secret=secret),
+        storage=storage,
+        bridge=BridgeConfig(**sections["bridge"]),
+        **sections[""],
+    )
+    return config, generated

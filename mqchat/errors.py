@@ -1,0 +1,68 @@
+"""Errors of mqchat and the stable codes clients see.
+
+Exception tree::
+
+    MqchatError
+    ├── ConfigError            bad or missing configuration (reported once at start-up)
+    ├── AuthError              a token or service credential that does not verify
+    ├── RequestError           a client request refused; carries a stable ErrorCode
+    └── StorageError           a backend failure, translated at the backend boundary
+        └── StorageClosed      the store was used after aclose()
+
+A client never sees a traceback: it sees ``{"type":"error","code":ErrorCode,"message":…}`` on
+MQTT, or an HTTP 4xx/5xx with ``{"error":ErrorCode,"message":…}``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes of wire protocol v1. Extend, never rename."""
+
+    BAD_JSON = "bad_json"  # payload is not a UTF-8 JSON object
+    BAD_REQUEST = "bad_request"  # wrong shape or types, bad ids
+    UNKNOWN_TYPE = "unknown_type"  # "type" is not a request this server knows
+    UNSUPPORTED = "unsupported"  # a known request type this server version does not serve yet
+    BAD_CONV = "bad_conv"  # not a conversation id
+    NOT_MEMBER = "not_member"  # the caller is not a member of the conversation
+    NOT_FOUND = "not_found"  # no such conversation / resource
+    TOO_LARGE = "too_large"  # payload over the configured limit
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"  # no or bad credentials (HTTP 401)
+    FORBIDDEN = "forbidden"  # authenticated but not allowed (HTTP 403)
+    INTERNAL = "internal"  # the server failed; the request may be retried unchanged
+
+
+class MqchatError(Exception):
+    """Base of every mqchat exception."""
+
+
+class ConfigError(MqchatError):
+    """Configuration is missing or invalid."""
+
+
+class AuthError(MqchatError):
+    """A credential did not verify. The message never contains the credential."""
+
+
+class RequestError(MqchatError):
+    """A client request is refused with a stable code and a human-readable reason."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, id: str | None = None, conv: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id  # the request's client message id, when it had a valid one
+        self.conv = conv  # the request's conversation, when it had a valid one
+
+
+class StorageError(MqchatError):
+    """A storage backend failed."""
+
+
+class StorageClosed(StorageError):
+    """The store was used after it was closed."""
