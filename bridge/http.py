@@ -6,6 +6,7 @@ Errors are JSON: ``{"error": <stable code>, "message": <reason>}`` with a 4xx/5x
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -78,8 +79,17 @@ def metrics_payload() -> bytes:
     return generate_latest(REGISTRY)
 
 
-def create_app(*, store: MessageStore, verifier: TokenVerifier, history_max_limit: int = 500) -> FastAPI:
-    """Build the ASGI app over the given store and token verifier."""
+def create_app(
+    *,
+    store: MessageStore,
+    verifier: TokenVerifier,
+    history_max_limit: int = 500,
+    broker_connected: Callable[[], bool] = lambda: True,
+) -> FastAPI:
+    """Build the ASGI app over the given store and token verifier.
+
+    ``broker_connected`` tells /healthz whether the bridge currently reaches the broker.
+    """
     app = FastAPI(
         title="mqchat",
         version=__version__,
@@ -158,9 +168,13 @@ def create_app(*, store: MessageStore, verifier: TokenVerifier, history_max_limi
             "last_seq": last_seq,
         }
 
-    @app.get("/healthz", summary="Liveness")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    @app.get("/healthz", summary="Health: 200 when the bridge reaches the broker, else 503")
+    async def healthz() -> JSONResponse:
+        if broker_connected():
+            return JSONResponse({"status": "ok", "broker": "connected", "version": __version__})
+        return JSONResponse(
+            {"status": "degraded", "broker": "disconnected", "version": __version__}, status_code=503
+        )
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:

@@ -70,6 +70,9 @@ class MqttClientAdapter:
         self._runner.cancel()
         await self._task_group.__aexit__(exc_type, exc, tb)
 
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
     async def wait_connected(self) -> None:
         """Wait until the adapter is connected and subscribed."""
         await self._connected.wait()

@@ -114,22 +114,21 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
     store = await SqliteMessageStore.open(config.storage.sqlite_path)
     try:
         pipeline = Pipeline(store=store, max_envelope_bytes=config.bridge.max_envelope_bytes)
-        app = create_app(
-            store=store,
-            verifier=TokenVerifier(secret=config.auth.jwt_secret),
-            history_max_limit=config.bridge.history_max_limit,
-        )
-        async with (
-            MqttClientAdapter(
-                pipeline=pipeline,
-                host=mqtt_host,
-                port=mqtt_port,
-                service_password=service_password(config.auth.jwt_secret),
-                max_inflight=config.bridge.max_inflight,
-            ) as adapter,
-            serve_http(app, host=config.network.host, port=config.network.http_port) as http,
-        ):
-            yield BridgeHandle(http_port=http.port, adapter=adapter, store=store)
+        async with MqttClientAdapter(
+            pipeline=pipeline,
+            host=mqtt_host,
+            port=mqtt_port,
+            service_password=service_password(config.auth.jwt_secret),
+            max_inflight=config.bridge.max_inflight,
+        ) as adapter:
+            app = create_app(
+                store=store,
+                verifier=TokenVerifier(secret=config.auth.jwt_secret),
+                history_max_limit=config.bridge.history_max_limit,
+                broker_connected=adapter.is_connected,
+            )
+            async with serve_http(app, host=config.network.host, port=config.network.http_port) as http:
+                yield BridgeHandle(http_port=http.port, adapter=adapter, store=store)
     finally:
         await store.aclose()
 

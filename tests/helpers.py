@@ -1,0 +1,114 @@
+"""Test helpers: raw MQTT devices (aiomqtt, no mqchat SDK), unique ids, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+_counter = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """A fresh id for this test run (users, devices, client message ids)."""
+    return f"{prefix}{next(_counter)}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Device:
+    """A raw MQTT device: publishes envelopes, records everything it receives."""
+
+    client: aiomqtt.Client
+    user: str
+    device: str
+    received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def send(self, envelope: dict[str, Any] | bytes, *, topic: str | None = None) -> None:
+        payload = envelope if isinstance(envelope, bytes) else json.dumps(envelope).encode()
+        await self.client.publish(topic or f"u/{self.user}/{self.device}/out", payload, qos=1)
+
+    def envelopes(self, type_: str | None = None) -> list[dict[str, Any]]:
+        return [e for _, e in self.received if type_ is None or e.get("type") == type_]
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], *, count: int = 1, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """Wait until count received envelopes match predicate; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for _, e in self.received if predicate(e)]
+            if len(found) >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"{self.user}/{self.device}: wanted {count} matching envelopes, got {len(found)}; "
+                    f"received: {self.received[-10:]}"
+                )
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    async def _reader(self) -> None:
+        async for message in self.client.messages:
+            payload = message.payload
+            assert isinstance(payload, bytes | bytearray)
+            try:
+                envelope = json.loads(payload)
+            except ValueError:
+                envelope = {"type": "<not json>", "raw": bytes(payload)}
+            self.received.append((message.topic.value, envelope))
+            self._arrived.set()
+
+
+@contextlib.asynccontextmanager
+async def connect_device(
+    port: int,
+    user: str,
+    device: str,
+    token: str,
+    *,
+    subscribe: bool = True,
+    clean_session: bool = True,
+) -> AsyncIterator[Device]:
+    """Connect a device with aiomqtt and subscribe to its two in-topics."""
+    client = aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        username=user,
+        password=token,
+        identifier=device,
+        clean_session=clean_session,
+        keepalive=30,
+        timeout=10,
+    )
+    async with client:
+        dev = Device(client=client, user=user, device=device)
+        if subscribe:
+            await client.subscribe([(f"u/{user}/in", 1), (f"u/{user}/{device}/in", 1)])
+        reader = asyncio.create_task(dev._reader())
+        try:
+            yield dev
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await reader
+
+
+def send_env(conv: str, body: str = "hello", *, id: str | None = None) -> dict[str, Any]:
+    return {"type": "send", "id": id or unique("m"), "conv": conv, "body": body, "kind": "text"}
+
+
+def repo_env() -> dict[str, str]:
+    """Environment for subprocesses: no stray MQCHAT_* settings from the caller."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MQCHAT_", "PROMETHEUS_"))}

@@ -1,0 +1,137 @@
+"""Bad input never crashes the bridge and never writes anything: it gets a clean error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.pipeline import Pipeline
+from mqchat.ids import dm_conv
+from storage.sqlite import SqliteMessageStore
+from tests.conftest import Stack
+from tests.helpers import connect_device, send_env, unique
+
+ALICE, BOB = "alice", "bob"
+CONV = dm_conv(ALICE, BOB)
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"not json", "bad_json"),
+        (b"\xff\xfe\x00", "bad_json"),
+        (b"[1, 2]", "bad_json"),
+        (b'"send"', "bad_json"),
+        (b"{}", "bad_request"),
+        (json.dumps({"type": 7}).encode(), "bad_request"),
+        (json.dumps({"type": "launch", "conv": CONV}).encode(), "unknown_type"),
+        (json.dumps({"type": "send", "id": "x1", "body": "hi"}).encode(), "bad_request"),
+        (json.dumps({"type": "send", "id": "x1", "conv": "dm:bob:alice", "body": "hi"}).encode(), "bad_conv"),
+        (json.dumps({"type": "send", "id": "x1", "conv": "dm:alice", "body": "hi"}).encode(), "bad_conv"),
+        (json.dumps({"type": "send", "id": "x1", "conv": 5, "body": "hi"}).encode(), "bad_conv"),
+        (json.dumps({"type": "send", "id": "x1", "conv": "g:nope", "body": "hi"}).encode(), "bad_conv"),
+        (json.dumps({"type": "send", "id": "bad id!", "conv": CONV, "body": "hi"}).encode(), "bad_request"),
+        (json.dumps({"type": "send", "id": "x" * 65, "conv": CONV, "body": "hi"}).encode(), "bad_request"),
+        (json.dumps({"type": "send", "id": "x1", "conv": CONV, "body": 5}).encode(), "bad_request"),
+        (json.dumps({"type": "send", "id": "x1", "conv": CONV, "body": ""}).encode(), "bad_request"),
+        (json.dumps({"type": "send", "id": "x1", "conv": CONV, "body": "hi", "kind": "gif"}).encode(), "bad_request"),
+        (json.dumps({"type": "send", "id": "x1", "conv": CONV, "kind": "media", "media": []}).encode(), "bad_request"),
+        (json.dumps({"type": "send", "id": "x1", "conv": CONV, "body": "x" * 70_000}).encode(), "too_large"),
+        (
+            json.dumps({"type": "send", "id": "x1", "conv": "g:01ARZ3NDEKTSV4RRFFQ69G5FAV", "body": "hi"}).encode(),
+            "not_found",
+        ),
+        (json.dumps({"type": "read", "conv": CONV, "seq": -1}).encode(), "bad_request"),
+        (json.dumps({"type": "read", "conv": CONV, "seq": True}).encode(), "bad_request"),
+        (json.dumps({"type": "typing", "conv": CONV, "state": "yes"}).encode(), "bad_request"),
+        (b"[" * 100_000, "too_large"),
+        (b"[" * 5000 + b"]" * 5000, "bad_json"),
+    ],
+)
+async def test_each_malformed_request_gets_its_error_over_mqtt(stack: Stack, payload: bytes, code: str) -> None:
+    device = unique("d")
+    async with connect_device(stack.mqtt_port, ALICE, device, stack.token(ALICE, device)) as dev:
+        await dev.send(payload)
+        errors = await dev.wait_for(lambda e: e["type"] == "error")
+    assert errors[0]["code"] == code, errors[0]
+    assert isinstance(errors[0]["message"], str) and errors[0]["message"]
+    assert "Traceback" not in errors[0]["message"]
+    assert await stack.store.last_seq(CONV) == 0
+
+
+async def test_an_error_carries_the_request_id_and_the_bridge_keeps_serving(stack: Stack) -> None:
+    device = unique("d")
+    async with connect_device(stack.mqtt_port, ALICE, device, stack.token(ALICE, device)) as dev:
+        await dev.send({"type": "send", "id": "keep1", "conv": CONV, "body": "hi", "kind": "sticker"})
+        good = send_env(CONV, "still here")
+        await dev.send(b"\x00garbage")
+        await dev.send(good)
+        await dev.wait_for(lambda e: e["type"] == "ack")
+        errors = await dev.wait_for(lambda e: e["type"] == "error", count=2)
+    assert errors[0]["id"] == "keep1" and errors[0]["conv"] == CONV
+    assert "id" not in errors[1]
+
+
+# --- property-based fuzzing of the pipeline (real SQLite store) -------------------------------
+
+ids = st.one_of(st.text(max_size=70), st.sampled_from(["m1", "x.y@z", "a" * 64]), st.integers(), st.none())
+convs = st.one_of(
+    st.sampled_from([CONV, dm_conv(ALICE, "carol"), "dm:bob:alice", "g:01ARZ3NDEKTSV4RRFFQ69G5FAV", "dm::", ""]),
+    st.text(max_size=80),
+    st.integers(),
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+envelopes = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.one_of(st.sampled_from(["send", "recv", "read", "typing", "ack", "msg"]), json_values),
+        "id": ids,
+        "conv": convs,
+        "body": st.one_of(st.text(max_size=200), json_values),
+        "kind": st.one_of(st.sampled_from(["text", "media"]), json_values),
+        "media": st.one_of(st.lists(st.text(max_size=10), max_size=3), json_values),
+        "seq": st.one_of(st.integers(), json_values),
+        "state": json_values,
+    },
+)
+payloads = st.one_of(envelopes.map(lambda e: json.dumps(e).encode()), st.binary(max_size=300))
+
+
+@pytest.fixture(scope="module")
+def fuzz_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz") / "fuzz.sqlite3"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=payloads, user=st.sampled_from([ALICE, BOB, "carol"]))
+async def test_fuzzed_envelopes_never_crash_and_get_exactly_one_reply_kind(
+    fuzz_db: Path, payload: bytes, user: str
+) -> None:
+    store = await SqliteMessageStore.open(fuzz_db)
+    try:
+        pipeline = Pipeline(store=store, max_envelope_bytes=4096)
+        before = await store.last_seq(CONV)
+        out = await pipeline.handle(user, "d1", payload)
+        replies: list[dict[str, Any]] = [json.loads(o.payload) for o in out]
+        assert out, "every request gets a reply"
+        assert out[0].topic == f"u/{user}/d1/in"
+        first = replies[0]
+        assert first["type"] in ("ack", "error")
+        if first["type"] == "error":
+            assert len(out) == 1
+            assert first["code"] != "internal"
+            assert await store.last_seq(CONV) == before
+        else:
+            assert {o.topic for o in out[1:]} <= {f"u/{m}/in" for m in (ALICE, BOB, "carol")}
+            assert all(r["type"] == "msg" and r["seq"] == first["seq"] for r in replies[1:])
+    finally:
+        await store.aclose()
