@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import secrets
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +21,7 @@ from mqchat.app import run_bridge, run_broker
 from mqchat.config import AuthConfig, BridgeConfig, Config, NetworkConfig, StorageConfig
 from mqchat.tokens import issue_token
 from storage.base import MessageStore
+from tests.helpers import repo_env
 
 
 def make_config(data_dir: Path, *, secret: str | None = None, **bridge: int) -> Config:
@@ -48,4 +56,110 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     async with run_broker(config) as broker:
         async with run_bridge(config, mqtt_host="127.0.0.1", mqtt_port=broker.bound_port) as bridge:
             await bridge.adapter.wait_connected()
-            yield Stack(config=config, mqtt_port=broker.bound_port, http_port=bridge.http_port, store=bridge.store)
+            yield Stack(
+                config=config, mqtt_port=broker.bound_port, http_port=bridge.http_port, store=bridge.store
+            )
+
+
+# --- `mqchat serve` as real processes -----------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """A running `python -m mqchat serve` (supervisor + broker + bridge processes)."""
+
+    proc: subprocess.Popen[bytes]
+    data_dir: Path
+    mqtt_port: int
+    http_port: int
+    secret: str
+    log_path: Path
+
+    def token(self, user: str, device: str, ttl_s: int = 3600) -> str:
+        return issue_token(secret=self.secret, user=user, device=device, ttl_s=ttl_s)
+
+    def pid(self, which: str) -> int:
+        return int((self.data_dir / "run" / f"{which}.pid").read_text())
+
+    def http(self, user: str | None = None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.token(user, 'http')}"} if user else {}
+        return httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.http_port}", headers=headers, timeout=10)
+
+    async def wait_healthy(self, timeout: float = 60) -> None:
+        """Until the bridge answers /healthz with 200 (it reaches the broker)."""
+        deadline = time.monotonic() + timeout
+        async with self.http() as http:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, f"mqchat serve exited; log:\n{self.log()}"
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"mqchat serve not healthy in {timeout}s; log:\n{self.log()}")
+
+    async def kill9(self, which: str, timeout: float = 60) -> None:
+        """kill -9 one child; wait until the supervisor restarted it and all is healthy again."""
+        old = self.pid(which)
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if self.pid(which) != old:
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"{which} was not restarted; log:\n{self.log()}")
+        await self.wait_healthy(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+def start_served(data_dir: Path, secret: str, log_path: Path) -> Served:
+    from mqchat.app import free_port
+
+    mqtt_port, http_port = free_port(), free_port()
+    env = repo_env() | {"MQCHAT_JWT_SECRET": secret}
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mqchat",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--mqtt-port",
+                str(mqtt_port),
+                "--http-port",
+                str(http_port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return Served(proc, data_dir, mqtt_port, http_port, secret, log_path)
+
+
+def stop_served(served: Served) -> int:
+    if served.proc.poll() is None:
+        served.proc.send_signal(signal.SIGTERM)
+        try:
+            return served.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            served.proc.kill()
+            served.proc.wait()
+            raise AssertionError(f"mqchat serve did not stop on SIGTERM; log:\n{served.log()}") from None
+    return served.proc.returncode
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    s = start_served(tmp_path / "data", secrets.token_urlsafe(32), tmp_path / "serve.log")
+    try:
+        await s.wait_healthy()
+        yield s
+    finally:
+        stop_served(s)

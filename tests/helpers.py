@@ -112,3 +112,39 @@ def send_env(conv: str, body: str = "hello", *, id: str | None = None) -> dict[s
 def repo_env() -> dict[str, str]:
     """Environment for subprocesses: no stray MQCHAT_* settings from the caller."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("MQCHAT_", "PROMETHEUS_"))}
+
+
+async def send_until_acked(
+    port: int,
+    user: str,
+    device: str,
+    token: str,
+    envelopes: list[dict[str, Any]],
+    *,
+    resend_after: float = 2.0,
+    deadline_s: float = 90.0,
+    on_progress: Callable[[int], Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Behave like a phone's outbox: (re)connect, publish every unacked envelope, re-send
+    with the same ids until each is acked. Returns the acks by client id."""
+    acks: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + deadline_s
+    while len(acks) < len(envelopes):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {len(acks)}/{len(envelopes)} acked in {deadline_s}s")
+        try:
+            async with connect_device(port, user, device, token) as dev:
+                while len(acks) < len(envelopes) and time.monotonic() < deadline:
+                    for env in envelopes:
+                        if env["id"] not in acks:
+                            await dev.send(env)
+                    round_end = time.monotonic() + resend_after
+                    while time.monotonic() < round_end and len(acks) < len(envelopes):
+                        for e in dev.envelopes("ack"):
+                            acks.setdefault(e["id"], e)
+                        if on_progress is not None:
+                            on_progress(len(acks))
+                        await asyncio.sleep(0.05)
+        except aiomqtt.MqttError:
+            await asyncio.sleep(0.3)
+    return acks

@@ -44,10 +44,16 @@ def _token(stack: Stack, **claims: object) -> str:
         ("no_dev_claim", "alice", "a1"),
     ],
 )
-async def test_bad_credentials_get_a_refused_connack(stack: Stack, case: str, username: str, client_id: str) -> None:
+async def test_bad_credentials_get_a_refused_connack(
+    stack: Stack, case: str, username: str, client_id: str
+) -> None:
     password = {
-        "expired": issue_token(secret=stack.config.auth.jwt_secret, user="alice", device="a1", ttl_s=1, now=0),
-        "forged": jwt.encode({"sub": "alice", "dev": "a1", "exp": 2**40}, "not-the-secret-" * 3, algorithm="HS256"),
+        "expired": issue_token(
+            secret=stack.config.auth.jwt_secret, user="alice", device="a1", ttl_s=1, now=0
+        ),
+        "forged": jwt.encode(
+            {"sub": "alice", "dev": "a1", "exp": 2**40}, "not-the-secret-" * 3, algorithm="HS256"
+        ),
         "wrong_user": _token(stack),
         "wrong_device": _token(stack),
         "garbage": "not.a.jwt",
@@ -62,16 +68,28 @@ async def test_bad_credentials_get_a_refused_connack(stack: Stack, case: str, us
 async def test_a_device_token_cannot_pass_as_the_service(stack: Stack) -> None:
     device_token = stack.token("alice", "a1")
     await _connect_refused(
-        stack.mqtt_port, username=SERVICE_USERNAME, password=device_token, client_id=f"{SERVICE_CLIENT_PREFIX}-9"
+        stack.mqtt_port,
+        username=SERVICE_USERNAME,
+        password=device_token,
+        client_id=f"{SERVICE_CLIENT_PREFIX}-9",
     )
     # and a device cannot claim a service-looking client id either
-    await _connect_refused(stack.mqtt_port, username="alice", password=device_token, client_id=SERVICE_CLIENT_PREFIX)
+    await _connect_refused(
+        stack.mqtt_port, username="alice", password=device_token, client_id=SERVICE_CLIENT_PREFIX
+    )
 
 
 async def test_bob_cannot_subscribe_to_alices_topics(stack: Stack) -> None:
     alice, bob = unique("alice"), unique("bob")
     async with connect_device(stack.mqtt_port, bob, "b1", stack.token(bob, "b1"), subscribe=False) as b1:
-        for topic in (f"u/{alice}/in", f"u/{alice}/a1/in", f"u/{alice}/a1/out", "u/+/in", "#", f"u/{bob}/+/in"):
+        for topic in (
+            f"u/{alice}/in",
+            f"u/{alice}/a1/in",
+            f"u/{alice}/a1/out",
+            "u/+/in",
+            "#",
+            f"u/{bob}/+/in",
+        ):
             result = await b1.client.subscribe(topic, qos=1)
             assert result == [128] or [getattr(r, "value", r) for r in result] == [128], topic  # type: ignore[union-attr]
         ok = await b1.client.subscribe(f"u/{bob}/in", qos=1)

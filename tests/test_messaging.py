@@ -17,7 +17,7 @@ async def test_alice_and_bob_chat_with_gapless_seq_and_multi_device(stack: Stack
         connect_device(stack.mqtt_port, alice, "a2", stack.token(alice, "a2")) as a2,
         connect_device(stack.mqtt_port, bob, "b1", stack.token(bob, "b1")) as b1,
     ):
-        sends = [send_env(conv, f"a{i}") for i in range(3)] 
+        sends = [send_env(conv, f"a{i}") for i in range(3)]
         for env in sends:
             await a1.send(env)
         await a1.wait_for(lambda e: e["type"] == "ack", count=3)

@@ -1,0 +1,133 @@
+"""Configuration precedence, secret generation, token issue and verification."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mqchat.config import load_config, parse_duration, parse_size
+from mqchat.errors import AuthError, ConfigError
+from mqchat.tokens import TokenVerifier, issue_token, service_password
+from tests.helpers import repo_env
+
+
+def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "mqchat.toml"
+    cfg.write_text('mqtt_port = 1000\nhttp_port = 1001\nmax_envelope_bytes = "1KiB"\n')
+    env = {"MQCHAT_CONFIG": str(cfg), "MQCHAT_HTTP_PORT": "2001", "MQCHAT_DATA_DIR": str(tmp_path)}
+    config, _ = load_config({"mqtt_port": 3000}, env)
+    assert config.network.mqtt_port == 3000
+    assert config.network.http_port == 2001
+    assert config.bridge.max_envelope_bytes == 1024
+    assert config.storage.data_dir == tmp_path
+
+
+def test_secret_is_generated_once_privately_and_reused(tmp_path: Path) -> None:
+    first, generated = load_config({"data_dir": tmp_path}, {})
+    assert generated
+    mode = stat.S_IMODE((tmp_path / "jwt_secret").stat().st_mode)
+    assert mode == 0o600
+    second, generated_again = load_config({"data_dir": tmp_path}, {})
+    assert not generated_again
+    assert first.auth.jwt_secret == second.auth.jwt_secret
+    assert first.auth.jwt_secret not in repr(first)
+    explicit, _ = load_config({"data_dir": tmp_path}, {"MQCHAT_JWT_SECRET": "s" * 40})
+    assert explicit.auth.jwt_secret == "s" * 40
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mqtt_port": "x"},
+        {"mqtt_port": 70000},
+        {"max_envelope_bytes": "lots"},
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path: Path, bad: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        load_config({"data_dir": tmp_path, **bad}, {})
+
+
+def test_unknown_file_keys_are_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("mqtt_prot = 1\n")
+    with pytest.raises(ConfigError, match="mqtt_prot"):
+        load_config({"config": str(cfg), "data_dir": tmp_path}, {})
+
+
+def test_sizes_and_durations() -> None:
+    assert parse_size("64KiB") == 65536
+    assert parse_size("1MB") == 1_000_000
+    assert parse_duration("1h") == 3600
+    assert parse_duration("500ms") == 0.5
+    with pytest.raises(ConfigError):
+        parse_duration("soon")
+
+
+def test_tokens_verify_and_refuse() -> None:
+    verifier = TokenVerifier(secret="k" * 32)
+    token = issue_token(secret="k" * 32, user="alice", device="phone", ttl_s=60)
+    identity = verifier.verify(token)
+    assert (identity.user, identity.device) == ("alice", "phone")
+    with pytest.raises(AuthError, match="expired"):
+        verifier.verify(issue_token(secret="k" * 32, user="alice", device="phone", ttl_s=1, now=0))
+    with pytest.raises(AuthError):
+        verifier.verify(issue_token(secret="x" * 32, user="alice", device="phone", ttl_s=60))
+    with pytest.raises(ValueError, match="ids"):
+        issue_token(secret="k" * 32, user="al ice", device="phone", ttl_s=60)
+    assert verifier.verify_service(service_password("k" * 32))
+    assert not verifier.verify_service(token)
+    assert not verifier.verify_service(None)
+
+
+def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mqchat",
+            "token",
+            "--user",
+            "alice",
+            "--device",
+            "a1",
+            "--ttl",
+            "2h",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=repo_env(),
+        timeout=60,
+    )
+    token = out.stdout.strip()
+    assert "generated a new JWT secret" in out.stderr
+    assert token not in out.stderr
+    secret = (tmp_path / "jwt_secret").read_text().strip()
+    identity = TokenVerifier(secret=secret).verify(token)
+    assert (identity.user, identity.device) == ("alice", "a1")
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mqchat",
+            "token",
+            "--user",
+            "bad user",
+            "--device",
+            "a1",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=repo_env(),
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "mqchat:" in bad.stderr

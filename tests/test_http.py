@@ -1,0 +1,109 @@
+"""The HTTP API: history and catch-up paging, validation errors as JSON, health, metrics, OpenAPI."""
+
+from __future__ import annotations
+
+import pytest
+
+from mqchat.ids import dm_conv
+from tests.conftest import Stack
+from tests.helpers import connect_device, send_env, unique
+
+
+@pytest.fixture
+async def history(stack: Stack) -> tuple[str, str, str]:
+    """A conversation with 25 messages; returns (alice, bob, conv)."""
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+    async with connect_device(stack.mqtt_port, alice, "a1", stack.token(alice, "a1")) as a1:
+        for i in range(1, 26):
+            await a1.send(send_env(conv, f"m{i}"))
+        await a1.wait_for(lambda e: e["type"] == "ack", count=25)
+    return alice, bob, conv
+
+
+async def test_catch_up_after_seq_pages_ascending(stack: Stack, history: tuple[str, str, str]) -> None:
+    _, bob, conv = history
+    async with stack.http(bob) as http:
+        first = (
+            await http.get(f"/v1/conversations/{conv}/messages", params={"after": 0, "limit": 10})
+        ).json()
+        assert [m["seq"] for m in first["messages"]] == list(range(1, 11))
+        assert first["more"] is True and first["last_seq"] == 25
+        rest = (
+            await http.get(f"/v1/conversations/{conv}/messages", params={"after": 20, "limit": 10})
+        ).json()
+        assert [m["seq"] for m in rest["messages"]] == [21, 22, 23, 24, 25]
+        assert rest["more"] is False
+        m = rest["messages"][0]
+        assert set(m) == {"type", "conv", "seq", "mid", "from", "dev", "id", "ts", "kind", "body"}
+        assert m["body"] == "m21" and m["type"] == "msg"
+
+
+async def test_scrollback_before_seq(stack: Stack, history: tuple[str, str, str]) -> None:
+    alice, _, conv = history
+    async with stack.http(alice) as http:
+        page = (
+            await http.get(f"/v1/conversations/{conv}/messages", params={"before": 26, "limit": 10})
+        ).json()
+        assert [m["seq"] for m in page["messages"]] == list(range(16, 26))
+        assert page["more"] is True
+        oldest = (
+            await http.get(f"/v1/conversations/{conv}/messages", params={"before": 4, "limit": 10})
+        ).json()
+        assert [m["seq"] for m in oldest["messages"]] == [1, 2, 3]
+        assert oldest["more"] is False
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ({"after": -1}, 400, "bad_request"),
+        ({"after": "x"}, 400, "bad_request"),
+        ({"limit": 0}, 400, "bad_request"),
+        ({"limit": 100_000}, 400, "bad_request"),
+        ({"before": 0}, 400, "bad_request"),
+        ({"after": 1, "before": 5}, 400, "bad_request"),
+    ],
+)
+async def test_bad_paging_gets_a_json_4xx(
+    stack: Stack, query: dict[str, object], status: int, code: str
+) -> None:
+    async with stack.http("alice") as http:
+        r = await http.get(f"/v1/conversations/{dm_conv('alice', 'bob')}/messages", params=query)
+    assert r.status_code == status
+    assert r.json()["error"] == code
+    assert r.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("conv", "status", "code"),
+    [
+        ("dm:bob:alice", 400, "bad_conv"),
+        ("nope", 400, "bad_conv"),
+        ("g:01ARZ3NDEKTSV4RRFFQ69G5FAV", 404, "not_found"),
+    ],
+)
+async def test_bad_conversation_ids(stack: Stack, conv: str, status: int, code: str) -> None:
+    async with stack.http("alice") as http:
+        r = await http.get(f"/v1/conversations/{conv}/messages")
+    assert (r.status_code, r.json()["error"]) == (status, code)
+
+
+async def test_unknown_route_is_a_json_404(stack: Stack) -> None:
+    async with stack.http("alice") as http:
+        r = await http.get("/v1/nothing-here")
+    assert r.status_code == 404
+    assert r.json()["error"] == "not_found"
+
+
+async def test_health_metrics_and_openapi(stack: Stack, history: tuple[str, str, str]) -> None:
+    async with stack.http() as http:
+        health = await http.get("/healthz")
+        assert health.status_code == 200
+        assert health.json()["broker"] == "connected"
+        metrics = (await http.get("/metrics")).text
+        assert "mqchat_messages_accepted_total" in metrics
+        assert "mqchat_pipeline_latency_seconds_bucket" in metrics
+        assert "mqchat_broker_connected_clients" in metrics
+        spec = (await http.get("/openapi.json")).json()
+        assert "/v1/conversations/{conv}/messages" in spec["paths"]

@@ -1,0 +1,122 @@
+"""The MessageStore contract, run against every backend (SQLite today)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mqchat.errors import StorageClosed
+from storage.base import MessageStore, NewMessage
+from storage.sqlite import SqliteMessageStore
+
+BACKENDS = ["sqlite"]
+
+
+async def open_store(backend: str, where: Path) -> MessageStore:
+    assert backend == "sqlite"
+    return await SqliteMessageStore.open(where / "store.sqlite3")
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MessageStore]:
+    s = await open_store(request.param, tmp_path)
+    yield s
+    await s.aclose()
+
+
+def new(conv: str, client_id: str, sender: str = "alice", body: str = "hi", ts: int = 1) -> NewMessage:
+    return NewMessage(
+        conv=conv, sender=sender, device="d1", client_id=client_id, kind="text", body=body, media=(), ts=ts
+    )
+
+
+async def test_seq_is_gapless_per_conversation(store: MessageStore) -> None:
+    a = [await store.append(new("dm:alice:bob", f"a{i}")) for i in range(3)]
+    b = [await store.append(new("dm:alice:carol", f"b{i}")) for i in range(2)]
+    assert [r.message.seq for r in a] == [1, 2, 3]
+    assert [r.message.seq for r in b] == [1, 2]
+    assert await store.last_seq("dm:alice:bob") == 3
+    assert await store.last_seq("dm:nobody:else") == 0
+
+
+async def test_dedup_on_sender_and_client_id(store: MessageStore) -> None:
+    first = await store.append(new("dm:alice:bob", "same", body="one"))
+    again = await store.append(new("dm:alice:bob", "same", body="two"))
+    other_sender = await store.append(new("dm:alice:bob", "same", sender="bob"))
+    assert not first.duplicate and again.duplicate and not other_sender.duplicate
+    assert again.message == first.message
+    assert other_sender.message.seq == 2
+    page = await store.fetch_after("dm:alice:bob", 0, 10)
+    assert [m.body for m in page.messages] == ["one", "hi"]
+
+
+async def test_concurrent_appends_keep_call_order_and_share_commits(store: MessageStore) -> None:
+    results = await asyncio.gather(*(store.append(new("dm:alice:bob", f"c{i}")) for i in range(500)))
+    assert [r.message.seq for r in results] == list(range(1, 501))
+    assert [r.message.client_id for r in results] == [f"c{i}" for i in range(500)]
+    stats = store.statistics()
+    assert stats.appended == 500 and stats.queued == 0
+    assert stats.commits < 100
+    mids = [r.message.mid for r in results]
+    assert len(set(mids)) == 500
+
+
+async def test_duplicates_inside_one_batch(store: MessageStore) -> None:
+    results = await asyncio.gather(*(store.append(new("dm:alice:bob", "dup")) for _ in range(20)))
+    assert sum(not r.duplicate for r in results) == 1
+    assert {r.message.seq for r in results} == {1}
+
+
+async def test_paging(store: MessageStore) -> None:
+    for i in range(1, 11):
+        await store.append(new("dm:alice:bob", f"p{i}", body=str(i)))
+    after = await store.fetch_after("dm:alice:bob", 3, 4)
+    assert [m.seq for m in after.messages] == [4, 5, 6, 7] and after.more
+    tail = await store.fetch_after("dm:alice:bob", 7, 4)
+    assert [m.seq for m in tail.messages] == [8, 9, 10] and not tail.more
+    before = await store.fetch_before("dm:alice:bob", 11, 3)
+    assert [m.seq for m in before.messages] == [8, 9, 10] and before.more
+    head = await store.fetch_before("dm:alice:bob", 3, 5)
+    assert [m.seq for m in head.messages] == [1, 2] and not head.more
+    assert (await store.fetch_after("dm:x:y", 0, 5)).messages == ()
+
+
+async def test_media_round_trips(store: MessageStore) -> None:
+    msg = NewMessage(
+        conv="dm:alice:bob",
+        sender="alice",
+        device="d",
+        client_id="m",
+        kind="media",
+        body="",
+        media=("a", "b"),
+        ts=5,
+    )
+    stored = (await store.append(msg)).message
+    assert (await store.fetch_after("dm:alice:bob", 0, 1)).messages[0] == stored
+    assert stored.media == ("a", "b")
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    s = await open_store("sqlite", tmp_path)
+    await s.aclose()
+    with pytest.raises(StorageClosed):
+        await s.append(new("dm:alice:bob", "late"))
+
+
+async def test_reopen_keeps_messages_and_continues_seq(tmp_path: Path) -> None:
+    s = await open_store("sqlite", tmp_path)
+    for i in range(3):
+        await s.append(new("dm:alice:bob", f"r{i}"))
+    await s.aclose()
+    s = await open_store("sqlite", tmp_path)
+    try:
+        again = await s.append(new("dm:alice:bob", "r0"))
+        assert again.duplicate and again.message.seq == 1
+        nxt = await s.append(new("dm:alice:bob", "r3"))
+        assert nxt.message.seq == 4
+    finally:
+        await s.aclose()
