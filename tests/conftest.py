@@ -53,12 +53,12 @@ class Stack:
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     config = make_config(tmp_path)
-    async with run_broker(config) as broker:
-        async with run_bridge(config, mqtt_host="127.0.0.1", mqtt_port=broker.bound_port) as bridge:
-            await bridge.adapter.wait_connected()
-            yield Stack(
-                config=config, mqtt_port=broker.bound_port, http_port=bridge.http_port, store=bridge.store
-            )
+    async with (
+        run_broker(config) as broker,
+        run_bridge(config, mqtt_host="127.0.0.1", mqtt_port=broker.bound_port) as bridge,
+    ):
+        await bridge.adapter.wait_connected()
+        yield Stack(config=config, mqtt_port=broker.bound_port, http_port=bridge.http_port, store=bridge.store)
 
 
 # --- `mqchat serve` as real processes -----------------------------------------------------------

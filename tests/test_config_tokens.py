@@ -130,4 +130,5 @@ def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
         env=repo_env(),
         timeout=60,
     )
-    assert bad.returncode == 2 and "mqchat:" in bad.stderr
+    assert bad.returncode == 2
+    assert "mqchat:" in bad.stderr

@@ -35,7 +35,8 @@ def _assert_exactly_once(
     assert len(ids) == len(set(ids)), "no duplicates stored"
     assert sorted(ids) == sorted(e["id"] for e in sent), "every acked message is stored"
     for m in history:
-        assert acks[m["id"]]["seq"] == m["seq"] and acks[m["id"]]["mid"] == m["mid"]
+        assert acks[m["id"]]["seq"] == m["seq"]
+        assert acks[m["id"]]["mid"] == m["mid"]
 
 
 async def _kill_while_sending(served: Served, which: str, count: int = 300) -> None:

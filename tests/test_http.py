@@ -28,7 +28,8 @@ async def test_catch_up_after_seq_pages_ascending(stack: Stack, history: tuple[s
             await http.get(f"/v1/conversations/{conv}/messages", params={"after": 0, "limit": 10})
         ).json()
         assert [m["seq"] for m in first["messages"]] == list(range(1, 11))
-        assert first["more"] is True and first["last_seq"] == 25
+        assert first["more"] is True
+        assert first["last_seq"] == 25
         rest = (
             await http.get(f"/v1/conversations/{conv}/messages", params={"after": 20, "limit": 10})
         ).json()
@@ -36,7 +37,8 @@ async def test_catch_up_after_seq_pages_ascending(stack: Stack, history: tuple[s
         assert rest["more"] is False
         m = rest["messages"][0]
         assert set(m) == {"type", "conv", "seq", "mid", "from", "dev", "id", "ts", "kind", "body"}
-        assert m["body"] == "m21" and m["type"] == "msg"
+        assert m["body"] == "m21"
+        assert m["type"] == "msg"
 
 
 async def test_scrollback_before_seq(stack: Stack, history: tuple[str, str, str]) -> None:

@@ -69,7 +69,8 @@ async def test_each_malformed_request_gets_its_error_over_mqtt(
         await dev.send(payload)
         errors = await dev.wait_for(lambda e: e["type"] == "error")
     assert errors[0]["code"] == code, errors[0]
-    assert isinstance(errors[0]["message"], str) and errors[0]["message"]
+    assert isinstance(errors[0]["message"], str)
+    assert errors[0]["message"]
     assert "Traceback" not in errors[0]["message"]
     assert await stack.store.last_seq(CONV) == 0
 
@@ -83,7 +84,8 @@ async def test_an_error_carries_the_request_id_and_the_bridge_keeps_serving(stac
         await dev.send(good)
         await dev.wait_for(lambda e: e["type"] == "ack")
         errors = await dev.wait_for(lambda e: e["type"] == "error", count=2)
-    assert errors[0]["id"] == "keep1" and errors[0]["conv"] == CONV
+    assert errors[0]["id"] == "keep1"
+    assert errors[0]["conv"] == CONV
     assert "id" not in errors[1]
 
 

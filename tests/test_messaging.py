@@ -31,7 +31,8 @@ async def test_alice_and_bob_chat_with_gapless_seq_and_multi_device(stack: Stack
     a1_acks = a1.envelopes("ack")
     assert [a["seq"] for a in a1_acks] == [1, 2, 3]
     assert [a["id"] for a in a1_acks] == [s["id"] for s in sends]
-    assert acks[0]["seq"] == 4 and acks[0]["id"] == reply["id"]
+    assert acks[0]["seq"] == 4
+    assert acks[0]["id"] == reply["id"]
     assert [m["seq"] for m in bob_msgs] == [1, 2, 3, 4]
     assert [m["body"] for m in bob_msgs] == ["a0", "a1", "a2", "hi alice"]
     # alice's second device sees what her first device sent, with sender device attribution

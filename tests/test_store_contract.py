@@ -46,7 +46,9 @@ async def test_dedup_on_sender_and_client_id(store: MessageStore) -> None:
     first = await store.append(new("dm:alice:bob", "same", body="one"))
     again = await store.append(new("dm:alice:bob", "same", body="two"))
     other_sender = await store.append(new("dm:alice:bob", "same", sender="bob"))
-    assert not first.duplicate and again.duplicate and not other_sender.duplicate
+    assert not first.duplicate
+    assert again.duplicate
+    assert not other_sender.duplicate
     assert again.message == first.message
     assert other_sender.message.seq == 2
     page = await store.fetch_after("dm:alice:bob", 0, 10)
@@ -58,7 +60,8 @@ async def test_concurrent_appends_keep_call_order_and_share_commits(store: Messa
     assert [r.message.seq for r in results] == list(range(1, 501))
     assert [r.message.client_id for r in results] == [f"c{i}" for i in range(500)]
     stats = store.statistics()
-    assert stats.appended == 500 and stats.queued == 0
+    assert stats.appended == 500
+    assert stats.queued == 0
     assert stats.commits < 100
     mids = [r.message.mid for r in results]
     assert len(set(mids)) == 500
@@ -74,13 +77,17 @@ async def test_paging(store: MessageStore) -> None:
     for i in range(1, 11):
         await store.append(new("dm:alice:bob", f"p{i}", body=str(i)))
     after = await store.fetch_after("dm:alice:bob", 3, 4)
-    assert [m.seq for m in after.messages] == [4, 5, 6, 7] and after.more
+    assert [m.seq for m in after.messages] == [4, 5, 6, 7]
+    assert after.more
     tail = await store.fetch_after("dm:alice:bob", 7, 4)
-    assert [m.seq for m in tail.messages] == [8, 9, 10] and not tail.more
+    assert [m.seq for m in tail.messages] == [8, 9, 10]
+    assert not tail.more
     before = await store.fetch_before("dm:alice:bob", 11, 3)
-    assert [m.seq for m in before.messages] == [8, 9, 10] and before.more
+    assert [m.seq for m in before.messages] == [8, 9, 10]
+    assert before.more
     head = await store.fetch_before("dm:alice:bob", 3, 5)
-    assert [m.seq for m in head.messages] == [1, 2] and not head.more
+    assert [m.seq for m in head.messages] == [1, 2]
+    assert not head.more
     assert (await store.fetch_after("dm:x:y", 0, 5)).messages == ()
 
 
@@ -115,7 +122,8 @@ async def test_reopen_keeps_messages_and_continues_seq(tmp_path: Path) -> None:
     s = await open_store("sqlite", tmp_path)
     try:
         again = await s.append(new("dm:alice:bob", "r0"))
-        assert again.duplicate and again.message.seq == 1
+        assert again.duplicate
+        assert again.message.seq == 1
         nxt = await s.append(new("dm:alice:bob", "r3"))
         assert nxt.message.seq == 4
     finally:
