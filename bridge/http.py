@@ -95,9 +95,7 @@ def create_app(
         version=__version__,
         description="HTTP API of mqchat: history and catch-up. The MQTT side is in docs/protocol.md.",
     )
-    error_responses: dict[int | str, dict[str, Any]] = {
-        s: {"model": ErrorBody} for s in (400, 401, 403, 404, 503)
-    }
+    error_responses: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 503)}
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -119,9 +117,7 @@ def create_app(
     @app.exception_handler(StorageError)
     async def on_storage_error(_: Request, exc: StorageError) -> JSONResponse:
         logger.error("storage failed during an HTTP request: %s", exc)
-        return JSONResponse(
-            {"error": "unavailable", "message": "storage unavailable; retry"}, status_code=503
-        )
+        return JSONResponse({"error": "unavailable", "message": "storage unavailable; retry"}, status_code=503)
 
     async def identity(request: Request) -> Identity:
         header = request.headers.get("authorization", "")
@@ -172,9 +168,7 @@ def create_app(
     async def healthz() -> JSONResponse:
         if broker_connected():
             return JSONResponse({"status": "ok", "broker": "connected", "version": __version__})
-        return JSONResponse(
-            {"status": "degraded", "broker": "disconnected", "version": __version__}, status_code=503
-        )
+        return JSONResponse({"status": "degraded", "broker": "disconnected", "version": __version__}, status_code=503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:

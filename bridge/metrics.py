@@ -10,9 +10,7 @@ MESSAGES_ACCEPTED = Counter(
 MESSAGES_DUPLICATE = Counter(
     "mqchat_messages_duplicate_total", "Sends of an already stored (sender, client id): re-acknowledged"
 )
-REQUESTS_REJECTED = Counter(
-    "mqchat_requests_rejected_total", "Requests answered with an error envelope", ["code"]
-)
+REQUESTS_REJECTED = Counter("mqchat_requests_rejected_total", "Requests answered with an error envelope", ["code"])
 PIPELINE_LATENCY = Histogram(
     "mqchat_pipeline_latency_seconds",
     "Time from a request reaching the bridge to its replies being ready (includes the durable commit)",

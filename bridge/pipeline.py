@@ -77,23 +77,15 @@ class Pipeline:
                 )
         except RequestError as exc:
             metrics.REQUESTS_REJECTED.labels(code=str(exc.code)).inc()
-            return [
-                Outgoing(reply_topic, encode(error_envelope(exc.code, exc.message, id=exc.id, conv=exc.conv)))
-            ]
+            return [Outgoing(reply_topic, encode(error_envelope(exc.code, exc.message, id=exc.id, conv=exc.conv)))]
         except StorageError:
             logger.exception("storage failed while handling a request from %s/%s", user, device)
             metrics.REQUESTS_REJECTED.labels(code=str(ErrorCode.INTERNAL)).inc()
-            return [
-                Outgoing(
-                    reply_topic, encode(error_envelope(ErrorCode.INTERNAL, "storage unavailable; retry"))
-                )
-            ]
+            return [Outgoing(reply_topic, encode(error_envelope(ErrorCode.INTERNAL, "storage unavailable; retry")))]
         except Exception:
             logger.exception("unexpected failure handling a request from %s/%s", user, device)
             metrics.REQUESTS_REJECTED.labels(code=str(ErrorCode.INTERNAL)).inc()
-            return [
-                Outgoing(reply_topic, encode(error_envelope(ErrorCode.INTERNAL, "internal error; retry")))
-            ]
+            return [Outgoing(reply_topic, encode(error_envelope(ErrorCode.INTERNAL, "internal error; retry")))]
         metrics.PIPELINE_LATENCY.observe(time.perf_counter() - started)
         return out
 
@@ -122,9 +114,7 @@ class Pipeline:
             metrics.MESSAGES_DUPLICATE.inc()
         else:
             metrics.MESSAGES_ACCEPTED.inc()
-        ack = encode(
-            ack_envelope(id=stored.client_id, conv=stored.conv, seq=stored.seq, mid=stored.mid, ts=stored.ts)
-        )
+        ack = encode(ack_envelope(id=stored.client_id, conv=stored.conv, seq=stored.seq, mid=stored.mid, ts=stored.ts))
         out = [Outgoing(device_in_topic(user, device), ack)]
         # A duplicate is fanned out again: the first attempt may have been cut between commit
         # and publish, and clients dedup msg events on (conv, seq).

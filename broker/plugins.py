@@ -24,9 +24,7 @@ CONNECTED_CLIENTS = Gauge(
     "mqchat_broker_connected_clients", "MQTT clients connected to the broker", multiprocess_mode="livesum"
 )
 CONNECTS_REFUSED = Counter("mqchat_broker_connects_refused_total", "CONNECTs refused", ["reason"])
-ACL_DENIED = Counter(
-    "mqchat_broker_acl_denied_total", "Publishes and subscribes refused by the ACL", ["action"]
-)
+ACL_DENIED = Counter("mqchat_broker_acl_denied_total", "Publishes and subscribes refused by the ACL", ["action"])
 
 
 def session_identity(session: Session | None) -> Identity | None:
@@ -136,9 +134,7 @@ class TopicAclPlugin(BaseTopicPlugin):
             allowed = topic in (f"u/{identity.user}/in", f"u/{identity.user}/{identity.device}/in")
         if not allowed:
             ACL_DENIED.labels(action=str(action)).inc()
-            logger.info(
-                "ACL refused %s on %s for %s/%s", action, _short(topic), identity.user, identity.device
-            )
+            logger.info("ACL refused %s on %s for %s/%s", action, _short(topic), identity.user, identity.device)
             if action == Action.PUBLISH:
                 await self.context.broadcast_message(
                     device_in_topic(identity.user, identity.device),

@@ -171,9 +171,7 @@ def run_child(which: str, config: Config) -> None:
             await asyncio.Event().wait()
 
     async def bridge_body() -> None:
-        async with run_bridge(
-            config, mqtt_host=local_host(config.network.host), mqtt_port=config.network.mqtt_port
-        ):
+        async with run_bridge(config, mqtt_host=local_host(config.network.host), mqtt_port=config.network.mqtt_port):
             await asyncio.Event().wait()
 
     _run_until_signalled(broker_body if which == "broker" else bridge_body)
@@ -250,9 +248,7 @@ class Supervisor:
             await self._spawn("broker")
             await self._spawn("bridge")
             async with asyncio.TaskGroup() as tg:
-                watchers = [
-                    tg.create_task(self._watch(name, stop), name=f"watch-{name}") for name in CHILDREN
-                ]
+                watchers = [tg.create_task(self._watch(name, stop), name=f"watch-{name}") for name in CHILDREN]
                 await stop.wait()
                 self._stopping = True
                 logger.info("stopping")

@@ -34,17 +34,13 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mqchat", description="Self-hostable messaging backend for mobile chat."
-    )
+    parser = argparse.ArgumentParser(prog="mqchat", description="Self-hostable messaging backend for mobile chat.")
     parser.add_argument("--version", action="version", version=f"mqchat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the broker, the bridge and the HTTP API")
     _server_flags(serve)
-    serve.add_argument(
-        "--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for phones on the LAN)"
-    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for phones on the LAN)")
     serve.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883)")
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
     serve.add_argument("--max-envelope-bytes", help="largest request envelope (default 64KiB)")

@@ -50,9 +50,7 @@ class AuthError(MqchatError):
 class RequestError(MqchatError):
     """A client request is refused with a stable code and a human-readable reason."""
 
-    def __init__(
-        self, code: ErrorCode, message: str, *, id: str | None = None, conv: str | None = None
-    ) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, id: str | None = None, conv: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -168,9 +168,7 @@ def ack_envelope(*, id: str, conv: str, seq: int, mid: str, ts: int) -> dict[str
     return {"type": "ack", "id": id, "conv": conv, "seq": seq, "mid": mid, "ts": ts}
 
 
-def error_envelope(
-    code: ErrorCode, message: str, *, id: str | None = None, conv: str | None = None
-) -> dict[str, Any]:
+def error_envelope(code: ErrorCode, message: str, *, id: str | None = None, conv: str | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {"type": "error", "code": str(code), "message": message}
     if id is not None:
         env["id"] = id

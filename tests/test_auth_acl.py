@@ -16,9 +16,7 @@ from tests.helpers import connect_device, send_env, unique
 
 
 async def _connect_refused(port: int, *, username: str, password: str, client_id: str) -> None:
-    client = aiomqtt.Client(
-        "127.0.0.1", port, username=username, password=password, identifier=client_id, timeout=10
-    )
+    client = aiomqtt.Client("127.0.0.1", port, username=username, password=password, identifier=client_id, timeout=10)
     with pytest.raises(aiomqtt.MqttCodeError) as refused:
         async with client:
             pass
@@ -44,16 +42,10 @@ def _token(stack: Stack, **claims: object) -> str:
         ("no_dev_claim", "alice", "a1"),
     ],
 )
-async def test_bad_credentials_get_a_refused_connack(
-    stack: Stack, case: str, username: str, client_id: str
-) -> None:
+async def test_bad_credentials_get_a_refused_connack(stack: Stack, case: str, username: str, client_id: str) -> None:
     password = {
-        "expired": issue_token(
-            secret=stack.config.auth.jwt_secret, user="alice", device="a1", ttl_s=1, now=0
-        ),
-        "forged": jwt.encode(
-            {"sub": "alice", "dev": "a1", "exp": 2**40}, "not-the-secret-" * 3, algorithm="HS256"
-        ),
+        "expired": issue_token(secret=stack.config.auth.jwt_secret, user="alice", device="a1", ttl_s=1, now=0),
+        "forged": jwt.encode({"sub": "alice", "dev": "a1", "exp": 2**40}, "not-the-secret-" * 3, algorithm="HS256"),
         "wrong_user": _token(stack),
         "wrong_device": _token(stack),
         "garbage": "not.a.jwt",
@@ -74,9 +66,7 @@ async def test_a_device_token_cannot_pass_as_the_service(stack: Stack) -> None:
         client_id=f"{SERVICE_CLIENT_PREFIX}-9",
     )
     # and a device cannot claim a service-looking client id either
-    await _connect_refused(
-        stack.mqtt_port, username="alice", password=device_token, client_id=SERVICE_CLIENT_PREFIX
-    )
+    await _connect_refused(stack.mqtt_port, username="alice", password=device_token, client_id=SERVICE_CLIENT_PREFIX)
 
 
 async def test_bob_cannot_subscribe_to_alices_topics(stack: Stack) -> None:

@@ -18,18 +18,14 @@ async def _history(served: Served, user: str, conv: str) -> list[dict[str, Any]]
     async with served.http(user) as http:
         after = 0
         while True:
-            page = (
-                await http.get(f"/v1/conversations/{conv}/messages", params={"after": after, "limit": 500})
-            ).json()
+            page = (await http.get(f"/v1/conversations/{conv}/messages", params={"after": after, "limit": 500})).json()
             messages.extend(page["messages"])
             if not page["more"]:
                 return messages
             after = messages[-1]["seq"]
 
 
-def _assert_exactly_once(
-    history: list[dict[str, Any]], sent: list[dict[str, Any]], acks: dict[str, Any]
-) -> None:
+def _assert_exactly_once(history: list[dict[str, Any]], sent: list[dict[str, Any]], acks: dict[str, Any]) -> None:
     assert [m["seq"] for m in history] == list(range(1, len(history) + 1)), "seq is gapless"
     ids = [m["id"] for m in history]
     assert len(ids) == len(set(ids)), "no duplicates stored"

@@ -24,15 +24,11 @@ async def history(stack: Stack) -> tuple[str, str, str]:
 async def test_catch_up_after_seq_pages_ascending(stack: Stack, history: tuple[str, str, str]) -> None:
     _, bob, conv = history
     async with stack.http(bob) as http:
-        first = (
-            await http.get(f"/v1/conversations/{conv}/messages", params={"after": 0, "limit": 10})
-        ).json()
+        first = (await http.get(f"/v1/conversations/{conv}/messages", params={"after": 0, "limit": 10})).json()
         assert [m["seq"] for m in first["messages"]] == list(range(1, 11))
         assert first["more"] is True
         assert first["last_seq"] == 25
-        rest = (
-            await http.get(f"/v1/conversations/{conv}/messages", params={"after": 20, "limit": 10})
-        ).json()
+        rest = (await http.get(f"/v1/conversations/{conv}/messages", params={"after": 20, "limit": 10})).json()
         assert [m["seq"] for m in rest["messages"]] == [21, 22, 23, 24, 25]
         assert rest["more"] is False
         m = rest["messages"][0]
@@ -44,14 +40,10 @@ async def test_catch_up_after_seq_pages_ascending(stack: Stack, history: tuple[s
 async def test_scrollback_before_seq(stack: Stack, history: tuple[str, str, str]) -> None:
     alice, _, conv = history
     async with stack.http(alice) as http:
-        page = (
-            await http.get(f"/v1/conversations/{conv}/messages", params={"before": 26, "limit": 10})
-        ).json()
+        page = (await http.get(f"/v1/conversations/{conv}/messages", params={"before": 26, "limit": 10})).json()
         assert [m["seq"] for m in page["messages"]] == list(range(16, 26))
         assert page["more"] is True
-        oldest = (
-            await http.get(f"/v1/conversations/{conv}/messages", params={"before": 4, "limit": 10})
-        ).json()
+        oldest = (await http.get(f"/v1/conversations/{conv}/messages", params={"before": 4, "limit": 10})).json()
         assert [m["seq"] for m in oldest["messages"]] == [1, 2, 3]
         assert oldest["more"] is False
 
@@ -67,9 +59,7 @@ async def test_scrollback_before_seq(stack: Stack, history: tuple[str, str, str]
         ({"after": 1, "before": 5}, 400, "bad_request"),
     ],
 )
-async def test_bad_paging_gets_a_json_4xx(
-    stack: Stack, query: dict[str, object], status: int, code: str
-) -> None:
+async def test_bad_paging_gets_a_json_4xx(stack: Stack, query: dict[str, object], status: int, code: str) -> None:
     async with stack.http("alice") as http:
         r = await http.get(f"/v1/conversations/{dm_conv('alice', 'bob')}/messages", params=query)
     assert r.status_code == status

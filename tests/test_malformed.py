@@ -49,9 +49,7 @@ CONV = dm_conv(ALICE, BOB)
         ),
         (json.dumps({"type": "send", "id": "x1", "conv": CONV, "body": "x" * 70_000}).encode(), "too_large"),
         (
-            json.dumps(
-                {"type": "send", "id": "x1", "conv": "g:01ARZ3NDEKTSV4RRFFQ69G5FAV", "body": "hi"}
-            ).encode(),
+            json.dumps({"type": "send", "id": "x1", "conv": "g:01ARZ3NDEKTSV4RRFFQ69G5FAV", "body": "hi"}).encode(),
             "not_found",
         ),
         (json.dumps({"type": "read", "conv": CONV, "seq": -1}).encode(), "bad_request"),
@@ -61,9 +59,7 @@ CONV = dm_conv(ALICE, BOB)
         (b"[" * 5000 + b"]" * 5000, "bad_json"),
     ],
 )
-async def test_each_malformed_request_gets_its_error_over_mqtt(
-    stack: Stack, payload: bytes, code: str
-) -> None:
+async def test_each_malformed_request_gets_its_error_over_mqtt(stack: Stack, payload: bytes, code: str) -> None:
     device = unique("d")
     async with connect_device(stack.mqtt_port, ALICE, device, stack.token(ALICE, device)) as dev:
         await dev.send(payload)
@@ -93,9 +89,7 @@ async def test_an_error_carries_the_request_id_and_the_bridge_keeps_serving(stac
 
 ids = st.one_of(st.text(max_size=70), st.sampled_from(["m1", "x.y@z", "a" * 64]), st.integers(), st.none())
 convs = st.one_of(
-    st.sampled_from(
-        [CONV, dm_conv(ALICE, "carol"), "dm:bob:alice", "g:01ARZ3NDEKTSV4RRFFQ69G5FAV", "dm::", ""]
-    ),
+    st.sampled_from([CONV, dm_conv(ALICE, "carol"), "dm:bob:alice", "g:01ARZ3NDEKTSV4RRFFQ69G5FAV", "dm::", ""]),
     st.text(max_size=80),
     st.integers(),
 )
