@@ -1,0 +1,124 @@
+"""Clients nobody here wrote: mosquitto_pub / mosquitto_sub and paho-mqtt, against `mqchat serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from mqchat.ids import dm_conv
+from tests.conftest import Served
+from tests.helpers import repo_env, unique
+
+needs_mosquitto_clients = pytest.mark.skipif(
+    shutil.which("mosquitto_pub") is None and "CI" not in os.environ,
+    reason="mosquitto-clients not installed (make test installs it)",
+)
+
+
+def _cli_token(served: Served, user: str, device: str) -> str:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mqchat",
+            "token",
+            "--user",
+            user,
+            "--device",
+            device,
+            "--data-dir",
+            str(served.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=repo_env() | {"MQCHAT_JWT_SECRET": served.secret},
+        timeout=60,
+    )
+    return out.stdout.strip()
+
+
+@needs_mosquitto_clients
+async def test_mosquitto_clients_chat_and_the_message_survives_kill9(served: Served) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+    port = str(served.mqtt_port)
+    sub = await asyncio.create_subprocess_exec(
+        "mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-i", "b1", "-u", bob, "-P", _cli_token(served, bob, "b1"),
+        "-q", "1", "-t", f"u/{bob}/in", "-C", "1", "-W", "30",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(1.0)  # let the subscription land
+    send = {"type": "send", "id": "mosq-1", "conv": conv, "body": "hello from mosquitto_pub"}
+    pub = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-i", "a1", "-u", alice, "-P", _cli_token(served, alice, "a1"),
+        "-q", "1", "-t", f"u/{alice}/a1/out", "-m", json.dumps(send),
+    )  # fmt: skip
+    assert await asyncio.wait_for(pub.wait(), 30) == 0
+    out, err = await asyncio.wait_for(sub.communicate(), 40)
+    assert sub.returncode == 0, err
+    msg = json.loads(out)
+    assert msg["type"] == "msg"
+    assert (msg["conv"], msg["seq"], msg["from"], msg["dev"], msg["id"]) == (conv, 1, alice, "a1", "mosq-1")
+    assert msg["body"] == "hello from mosquitto_pub"
+
+    await served.kill9("bridge")
+    await served.kill9("broker")
+    async with served.http(bob) as http:
+        page = (await http.get(f"/v1/conversations/{conv}/messages", params={"after": 0})).json()
+    assert [(m["seq"], m["id"], m["body"]) for m in page["messages"]] == [(1, "mosq-1", "hello from mosquitto_pub")]
+
+
+@needs_mosquitto_clients
+async def test_mosquitto_sub_with_a_bad_token_is_refused(served: Served) -> None:
+    sub = await asyncio.create_subprocess_exec(
+        "mosquitto_sub", "-h", "127.0.0.1", "-p", str(served.mqtt_port), "-i", "b1", "-u", "bob", "-P", "forged",
+        "-t", "u/bob/in", "-C", "1", "-W", "10",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(sub.communicate(), 20)
+    assert sub.returncode != 0
+    assert b"not authori" in err.lower()
+
+
+def test_paho_client_sends_and_receives(served: Served) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+    received: list[dict[str, object]] = []
+
+    def on_message(_c: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
+        received.append(json.loads(message.payload))
+
+    clients = []
+    for user, device in ((alice, "a1"), (bob, "b1")):
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=device, clean_session=True)
+        c.username_pw_set(user, served.token(user, device))
+        c.on_message = on_message
+        c.connect("127.0.0.1", served.mqtt_port, keepalive=30)
+        c.loop_start()
+        c.subscribe([(f"u/{user}/in", 1), (f"u/{user}/{device}/in", 1)])
+        clients.append(c)
+    try:
+        time.sleep(0.5)
+        info = clients[0].publish(
+            f"u/{alice}/a1/out", json.dumps({"type": "send", "id": "paho-1", "conv": conv, "body": "hi"}), qos=1
+        )
+        info.wait_for_publish(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len([r for r in received if r["type"] in ("ack", "msg")]) < 3:
+            time.sleep(0.05)
+    finally:
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
+    kinds = sorted(str(r["type"]) for r in received)
+    assert kinds == ["ack", "msg", "msg"]  # alice's ack, alice's own copy, bob's copy
