@@ -35,6 +35,7 @@ _STATUS = {
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
 }
 
 
@@ -117,7 +118,7 @@ def create_app(
     @app.exception_handler(StorageError)
     async def on_storage_error(_: Request, exc: StorageError) -> JSONResponse:
         logger.error("storage failed during an HTTP request: %s", exc)
-        return JSONResponse({"error": "unavailable", "message": "storage unavailable; retry"}, status_code=503)
+        return _error(ErrorCode.UNAVAILABLE, "storage unavailable; retry")
 
     async def identity(request: Request) -> Identity:
         header = request.headers.get("authorization", "")

@@ -12,9 +12,8 @@ from mqchat.errors import ErrorCode, RequestError, StorageError
 from mqchat.ids import Conv
 from mqchat.protocol import (
     DEFAULT_MAX_ENVELOPE_BYTES,
+    Request,
     SendRequest,
-    TypingRequest,
-    WatermarkRequest,
     ack_envelope,
     device_in_topic,
     encode,
@@ -65,29 +64,43 @@ class Pipeline:
         """Process one request from (user, device); never raises for bad input."""
         started = time.perf_counter()
         reply_topic = device_in_topic(user, device)
+        request: Request | None = None
         try:
             request = parse_request(payload, max_bytes=self._max_envelope_bytes)
             if isinstance(request, SendRequest):
                 out = await self._send(user, device, request)
-            elif isinstance(request, WatermarkRequest | TypingRequest):
+            else:
                 raise RequestError(
                     ErrorCode.UNSUPPORTED,
                     f"{type(request).__name__} is not served by this server version yet",
                     conv=request.conv.id,
                 )
         except RequestError as exc:
-            metrics.REQUESTS_REJECTED.labels(code=str(exc.code)).inc()
-            return [Outgoing(reply_topic, encode(error_envelope(exc.code, exc.message, id=exc.id, conv=exc.conv)))]
+            return [self._error(reply_topic, exc.code, exc.message, id=exc.id, conv=exc.conv)]
         except StorageError:
             logger.exception("storage failed while handling a request from %s/%s", user, device)
-            metrics.REQUESTS_REJECTED.labels(code=str(ErrorCode.INTERNAL)).inc()
-            return [Outgoing(reply_topic, encode(error_envelope(ErrorCode.INTERNAL, "storage unavailable; retry")))]
+            return [self._error(reply_topic, ErrorCode.INTERNAL, "storage unavailable; retry", request=request)]
         except Exception:
             logger.exception("unexpected failure handling a request from %s/%s", user, device)
-            metrics.REQUESTS_REJECTED.labels(code=str(ErrorCode.INTERNAL)).inc()
-            return [Outgoing(reply_topic, encode(error_envelope(ErrorCode.INTERNAL, "internal error; retry")))]
+            return [self._error(reply_topic, ErrorCode.INTERNAL, "internal error; retry", request=request)]
         metrics.PIPELINE_LATENCY.observe(time.perf_counter() - started)
         return out
+
+    @staticmethod
+    def _error(
+        topic: str,
+        code: ErrorCode,
+        message: str,
+        *,
+        id: str | None = None,
+        conv: str | None = None,
+        request: Request | None = None,
+    ) -> Outgoing:
+        if request is not None:
+            conv = request.conv.id
+            id = request.id if isinstance(request, SendRequest) else None
+        metrics.REQUESTS_REJECTED.labels(code=str(code)).inc()
+        return Outgoing(topic, encode(error_envelope(code, message, id=id, conv=conv)))
 
     async def _send(self, user: str, device: str, req: SendRequest) -> list[Outgoing]:
         if req.conv.kind != "dm":
@@ -110,6 +123,13 @@ class Pipeline:
             )
         )
         stored = result.message
+        if result.duplicate and stored.conv != req.conv.id:
+            raise RequestError(
+                ErrorCode.ID_REUSED,
+                "this id already names a message in another conversation; use a fresh id per message",
+                id=req.id,
+                conv=req.conv.id,
+            )
         if result.duplicate:
             metrics.MESSAGES_DUPLICATE.inc()
         else:
@@ -119,7 +139,7 @@ class Pipeline:
         # A duplicate is fanned out again: the first attempt may have been cut between commit
         # and publish, and clients dedup msg events on (conv, seq).
         event = encode(message_event(stored))
-        out.extend(Outgoing(user_in_topic(member), event) for member in members_of(req.conv))
+        out.extend(Outgoing(user_in_topic(member), event) for member in members_of(req.conv))  # req.conv is stored.conv here
         return out
 
 

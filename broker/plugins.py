@@ -12,7 +12,7 @@ from amqtt.session import Session
 from prometheus_client import Counter, Gauge
 
 from mqchat.errors import AuthError, ErrorCode
-from mqchat.protocol import device_in_topic, encode, error_envelope
+from mqchat.protocol import device_in_topic, encode, error_envelope, out_topic
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, Identity, TokenVerifier
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,11 @@ class JwtAuthPlugin(BaseAuthPlugin):
                 _short(username),
                 _short(client_id),
             )
+            return False
+        if session.will_flag and session.will_topic != out_topic(identity.user, identity.device):
+            # amqtt publishes a will without consulting the ACL: refuse what the device may not publish.
+            CONNECTS_REFUSED.labels(reason="will_topic").inc()
+            logger.info("refused connect: will on a topic the device may not publish (client %s)", _short(client_id))
             return False
         session.attributes[IDENTITY_KEY] = identity
         return True

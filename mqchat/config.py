@@ -106,6 +106,7 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "jwt_secret": ("auth", "jwt_secret", str),
     "max_envelope_bytes": ("bridge", "max_envelope_bytes", parse_size),
     "max_inflight": ("bridge", "max_inflight", int),
+    "history_max_limit": ("bridge", "history_max_limit", int),
     "log_level": ("", "log_level", lambda v: str(v).upper()),
 }
 KNOWN_KEYS = frozenset(_KEYS)

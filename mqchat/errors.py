@@ -32,7 +32,9 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     UNAUTHORIZED = "unauthorized"  # no or bad credentials (HTTP 401)
     FORBIDDEN = "forbidden"  # authenticated but not allowed (HTTP 403)
+    ID_REUSED = "id_reused"  # the client message id already names a message in another conversation
     INTERNAL = "internal"  # the server failed; the request may be retried unchanged
+    UNAVAILABLE = "unavailable"  # a backend is unreachable right now; retry later (HTTP 503)
 
 
 class MqchatError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiomqtt
@@ -138,3 +139,34 @@ async def test_http_requires_a_valid_bearer_token(stack: Stack) -> None:
         r = await http.get(url, headers={"Authorization": f"Bearer {expired}"})
         assert r.status_code == 401
         assert "nope" not in r.text
+
+
+async def test_a_will_on_someone_elses_topic_is_refused(stack: Stack) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+    forged = json.dumps(send_env(conv, "sent by bob's will as alice")).encode()
+    client = aiomqtt.Client(
+        "127.0.0.1",
+        stack.mqtt_port,
+        username=bob,
+        password=stack.token(bob, "b1"),
+        identifier="b1",
+        will=aiomqtt.Will(topic=f"u/{alice}/a1/out", payload=forged, qos=1),
+        timeout=10,
+    )
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with client:
+            pass
+    # a will on one's own out topic is fine
+    own = aiomqtt.Client(
+        "127.0.0.1",
+        stack.mqtt_port,
+        username=bob,
+        password=stack.token(bob, "b1"),
+        identifier="b1",
+        will=aiomqtt.Will(topic=f"u/{bob}/b1/out", payload=b"{}", qos=1),
+        timeout=10,
+    )
+    async with own:
+        pass
+    assert await stack.store.last_seq(conv) == 0

@@ -70,3 +70,22 @@ async def test_one_devices_sends_keep_their_order_under_load(stack: Stack) -> No
     stats = stack.store.statistics()
     assert stats.appended == 200
     assert stats.commits < 200  # concurrent sends shared fsyncs
+
+
+async def test_reusing_an_id_in_another_conversation_is_refused_and_leaks_nothing(stack: Stack) -> None:
+    alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
+    first = send_env(dm_conv(alice, bob), "for bob only", id="reused-1")
+    second = send_env(dm_conv(alice, carol), "for carol", id="reused-1")
+    async with (
+        connect_device(stack.mqtt_port, alice, "a1", stack.token(alice, "a1")) as a1,
+        connect_device(stack.mqtt_port, carol, "c1", stack.token(carol, "c1")) as c1,
+    ):
+        await a1.send(first)
+        await a1.wait_for(lambda e: e["type"] == "ack")
+        await a1.send(second)
+        errors = await a1.wait_for(lambda e: e["type"] == "error")
+        await asyncio.sleep(0.3)
+    assert errors[0]["code"] == "id_reused"
+    assert errors[0]["id"] == "reused-1"
+    assert c1.envelopes() == []
+    assert await stack.store.last_seq(dm_conv(alice, carol)) == 0
