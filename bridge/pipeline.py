@@ -139,7 +139,7 @@ class Pipeline:
         # A duplicate is fanned out again: the first attempt may have been cut between commit
         # and publish, and clients dedup msg events on (conv, seq).
         event = encode(message_event(stored))
-        out.extend(Outgoing(user_in_topic(member), event) for member in members_of(req.conv))  # req.conv is stored.conv here
+        out.extend(Outgoing(user_in_topic(member), event) for member in members_of(req.conv))
         return out
 
 

@@ -54,9 +54,9 @@ class JwtAuthPlugin(BaseAuthPlugin):
         self._verifier = TokenVerifier(secret=self.config.secret)
 
     async def authenticate(self, *, session: Session) -> bool | None:
+        # Nothing on the session changes unless the connect is accepted: amqtt hands us the
+        # *existing* session object when a persistent session with this client id exists.
         username, client_id = session.username, session.client_id
-        session.attributes.pop(IDENTITY_KEY, None)
-        session.attributes.pop(SERVICE_KEY, None)
         if username == SERVICE_USERNAME:
             if (
                 isinstance(client_id, str)
@@ -65,34 +65,32 @@ class JwtAuthPlugin(BaseAuthPlugin):
             ):
                 session.attributes[SERVICE_KEY] = True
                 return True
-            CONNECTS_REFUSED.labels(reason="service_credential").inc()
-            logger.warning("refused a service connect with a wrong credential (client %s)", _short(client_id))
-            return False
+            return self._refuse("service_credential", "a service connect with a wrong credential", client_id)
         if not isinstance(session.password, str) or not session.password:
-            CONNECTS_REFUSED.labels(reason="no_token").inc()
-            logger.info("refused connect without a token (client %s)", _short(client_id))
-            return False
+            return self._refuse("no_token", "connect without a token", client_id)
         try:
             identity = self._verifier.verify(session.password)
         except AuthError as exc:
-            CONNECTS_REFUSED.labels(reason="bad_token").inc()
-            logger.info("refused connect (client %s): %s", _short(client_id), exc)
-            return False
+            return self._refuse("bad_token", str(exc), client_id)
         if identity.user != username or identity.device != client_id:
-            CONNECTS_REFUSED.labels(reason="mismatch").inc()
-            logger.info(
-                "refused connect: token is for another user or device (username %s, client %s)",
-                _short(username),
-                _short(client_id),
+            return self._refuse(
+                "mismatch", f"token is for another user or device (username {_short(username)})", client_id
             )
-            return False
         if session.will_flag and session.will_topic != out_topic(identity.user, identity.device):
             # amqtt publishes a will without consulting the ACL: refuse what the device may not publish.
-            CONNECTS_REFUSED.labels(reason="will_topic").inc()
-            logger.info("refused connect: will on a topic the device may not publish (client %s)", _short(client_id))
-            return False
+            return self._refuse("will_topic", "will on a topic the device may not publish", client_id)
+        previous = session_identity(session)
+        if is_service(session) or (previous is not None and previous.user != identity.user):
+            # amqtt would hand this user another user's persistent session (and its subscriptions).
+            return self._refuse("device_id_taken", "device id belongs to another user's session", client_id)
         session.attributes[IDENTITY_KEY] = identity
         return True
+
+    @staticmethod
+    def _refuse(reason: str, why: str, client_id: object) -> bool:
+        CONNECTS_REFUSED.labels(reason=reason).inc()
+        logger.info("refused connect (client %s): %s", _short(client_id), why)
+        return False
 
 
 def _service_may_publish(topic: str) -> bool:

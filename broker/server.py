@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.session import Session
 
@@ -15,12 +17,32 @@ from broker.plugins import is_service
 logger = logging.getLogger(__name__)
 
 
+class ClosingStreamWriter(StreamWriterAdapter):
+    """amqtt's stream writer drains before it closes; when the peer already hung up the drain
+    raises and the socket is never closed (a file descriptor leaked per such disconnect). This
+    one closes the socket whatever the drain does."""
+
+    async def close(self) -> None:
+        if self.is_closed:
+            return
+        try:
+            await super().close()
+        except (ConnectionError, OSError):
+            self._writer.close()
+
+
 class MqchatBroker(Broker):
     """amqtt's broker with mqchat's policies.
 
     - Only the service (the bridge) may leave retained messages: a device's retained publish
       is routed but not retained, so it can never be replayed to other connections.
+    - Client sockets are always closed (see ClosingStreamWriter).
     """
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        await self._client_connected(listener_name, StreamReaderAdapter(reader), ClosingStreamWriter(writer))
 
     async def retain_message(
         self,

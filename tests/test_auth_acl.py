@@ -170,3 +170,32 @@ async def test_a_will_on_someone_elses_topic_is_refused(stack: Stack) -> None:
     async with own:
         pass
     assert await stack.store.last_seq(conv) == 0
+
+
+async def test_a_device_id_held_by_another_users_session_is_refused(stack: Stack) -> None:
+    """amqtt reuses a persistent session by client id alone; it must never go to another user."""
+    alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
+    device = unique("phone")
+    bob_client = aiomqtt.Client(
+        "127.0.0.1", stack.mqtt_port, username=bob, password=stack.token(bob, device),
+        identifier=device, clean_session=False, timeout=10,
+    )  # fmt: skip
+    async with bob_client:
+        await bob_client.subscribe(f"u/{bob}/in", qos=1)
+    await _connect_refused_persistent(stack, alice, device)
+    async with connect_device(stack.mqtt_port, carol, "c1", stack.token(carol, "c1")) as c1:
+        await c1.send(send_env(dm_conv(bob, carol), "for bob only"))
+        await c1.wait_for(lambda e: e["type"] == "ack")
+    # bob, not alice, still owns the device id
+    async with connect_device(stack.mqtt_port, bob, device, stack.token(bob, device), clean_session=False):
+        pass
+
+
+async def _connect_refused_persistent(stack: Stack, user: str, device: str) -> None:
+    client = aiomqtt.Client(
+        "127.0.0.1", stack.mqtt_port, username=user, password=stack.token(user, device),
+        identifier=device, clean_session=False, timeout=10,
+    )  # fmt: skip
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with client:
+            pytest.fail("connected with another user's session")

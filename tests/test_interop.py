@@ -122,3 +122,30 @@ def test_paho_client_sends_and_receives(served: Served) -> None:
             c.disconnect()
     kinds = sorted(str(r["type"]) for r in received)
     assert kinds == ["ack", "msg", "msg"]  # alice's ack, alice's own copy, bob's copy
+
+
+async def test_cli_send_and_listen_commands(served: Served) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    env = repo_env() | {"MQCHAT_JWT_SECRET": served.secret}
+    common = ["--data-dir", str(served.data_dir), "--mqtt-port", str(served.mqtt_port)]
+    listen = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mqchat", "listen", "--user", bob, "--device", "bob-cli",
+        "--count", "1", "--timeout", "30", *common,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(2.0)  # the listener subscribes
+    send = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mqchat", "send", "--user", alice, "--device", "alice-cli",
+        "--to", bob, "--body", "via CLI", *common,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    send_out, send_err = await asyncio.wait_for(send.communicate(), 60)
+    assert send.returncode == 0, send_err
+    ack = json.loads(send_out)
+    assert ack["type"] == "ack"
+    assert ack["conv"] == dm_conv(alice, bob)
+    assert ack["seq"] == 1
+    listen_out, listen_err = await asyncio.wait_for(listen.communicate(), 60)
+    assert listen.returncode == 0, listen_err
+    event = json.loads(listen_out.splitlines()[0])
+    assert (event["type"], event["from"], event["body"], event["seq"]) == ("msg", alice, "via CLI", 1)

@@ -1,0 +1,44 @@
+"""Errors the SDK raises, on top of :mod:`mqchat.errors`.
+
+Exception tree::
+
+    MqchatError                 (mqchat.errors)
+    └── ClientError             anything the SDK raises itself
+        ├── AuthFailed          the broker refused CONNACK: bad or expired credentials; not retried
+        ├── SendFailed          the server answered a send with an ``error`` reply (``.reply``)
+        ├── ConnectionFailed    the first connect failed, or the connection dropped with reconnect off
+        └── ClientClosed        the client was used after ``aclose()`` / ``close()``
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mqchat.errors import MqchatError
+
+if TYPE_CHECKING:
+    from clients.events import ErrorReply
+
+
+class ClientError(MqchatError):
+    """Base of the SDK's own exceptions."""
+
+
+class AuthFailed(ClientError):
+    """The broker refused the connection for bad credentials. The message never holds the token."""
+
+
+class SendFailed(ClientError):
+    """The server refused a send; ``reply`` is its ``error`` envelope, ``reply.code`` a stable code."""
+
+    def __init__(self, reply: ErrorReply) -> None:
+        super().__init__(f"{reply.code}: {reply.message}")
+        self.reply = reply
+
+
+class ConnectionFailed(ClientError):
+    """The broker could not be reached, or the connection dropped and the client does not reconnect."""
+
+
+class ClientClosed(ClientError):
+    """The client was used after it was closed."""
