@@ -35,7 +35,7 @@ from bridge.http import create_app
 from bridge.mqtt_adapter import MqttClientAdapter
 from bridge.pipeline import Pipeline
 from broker.server import MqchatBroker, serve_broker
-from mqchat.config import Config
+from mqchat.config import Config, config_to_env
 from mqchat.tokens import TokenVerifier, service_password
 from storage.base import MessageStore
 from storage.sqlite import SqliteMessageStore
@@ -181,21 +181,9 @@ def run_child(which: str, config: Config) -> None:
 
 
 def child_env(config: Config, metrics_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "MQCHAT_HOST": config.network.host,
-            "MQCHAT_MQTT_PORT": str(config.network.mqtt_port),
-            "MQCHAT_HTTP_PORT": str(config.network.http_port),
-            "MQCHAT_DATA_DIR": str(config.storage.data_dir.resolve()),
-            "MQCHAT_JWT_SECRET": config.auth.jwt_secret,
-            "MQCHAT_MAX_ENVELOPE_BYTES": str(config.bridge.max_envelope_bytes),
-            "MQCHAT_MAX_INFLIGHT": str(config.bridge.max_inflight),
-            "MQCHAT_LOG_LEVEL": config.log_level,
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        }
-    )
-    env.pop("MQCHAT_CONFIG", None)
+    env = {k: v for k, v in os.environ.items() if k != "MQCHAT_CONFIG"}
+    env.update(config_to_env(config))
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     return env
 
 

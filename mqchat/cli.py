@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883)")
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
     serve.add_argument("--max-envelope-bytes", help="largest request envelope (default 64KiB)")
+    serve.add_argument(
+        "--adapter", choices=("mqtt", "inbroker"), help="how requests reach the bridge pipeline (default mqtt)"
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
 
     token = sub.add_parser("token", help="print an access token (JWT) for local use")

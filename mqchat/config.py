@@ -81,8 +81,18 @@ class StorageConfig:
         return self.data_dir / "mqchat.sqlite3"
 
 
+ADAPTERS = ("mqtt", "inbroker")
+
+
+def parse_adapter(value: str) -> str:
+    if value not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
+    adapter: str = "mqtt"  # how requests reach the pipeline: MQTT-client adapter or in-broker hook
     max_envelope_bytes: int = 64 * 1024
     max_inflight: int = 2048  # requests being processed at once (backpressure beyond)
     history_max_limit: int = 500
@@ -104,12 +114,22 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "http_port": ("network", "http_port", int),
     "data_dir": ("storage", "data_dir", Path),
     "jwt_secret": ("auth", "jwt_secret", str),
+    "adapter": ("bridge", "adapter", parse_adapter),
     "max_envelope_bytes": ("bridge", "max_envelope_bytes", parse_size),
     "max_inflight": ("bridge", "max_inflight", int),
     "history_max_limit": ("bridge", "history_max_limit", int),
     "log_level": ("", "log_level", lambda v: str(v).upper()),
 }
 KNOWN_KEYS = frozenset(_KEYS)
+
+
+def config_to_env(config: Config) -> dict[str, str]:
+    """The ``MQCHAT_*`` environment that reproduces config (the secret included) in a child process."""
+    env: dict[str, str] = {}
+    for key, (section, field, _) in _KEYS.items():
+        value = getattr(getattr(config, section) if section else config, field)
+        env[f"MQCHAT_{key.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
+    return env
 
 
 def _read_file(path: Path) -> dict[str, Any]:
