@@ -54,8 +54,7 @@ class JwtAuthPlugin(BaseAuthPlugin):
         self._verifier = TokenVerifier(secret=self.config.secret)
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        # Nothing on the session changes unless the connect is accepted: amqtt hands us the
-        # *existing* session object when a persistent session with this client id exists.
+        # MqchatBroker calls this with the incoming session, before any existing one is touched.
         username, client_id = session.username, session.client_id
         if username == SERVICE_USERNAME:
             if (
@@ -79,10 +78,6 @@ class JwtAuthPlugin(BaseAuthPlugin):
         if session.will_flag and session.will_topic != out_topic(identity.user, identity.device):
             # amqtt publishes a will without consulting the ACL: refuse what the device may not publish.
             return self._refuse("will_topic", "will on a topic the device may not publish", client_id)
-        previous = session_identity(session)
-        if is_service(session) or (previous is not None and previous.user != identity.user):
-            # amqtt would hand this user another user's persistent session (and its subscriptions).
-            return self._refuse("device_id_taken", "device id belongs to another user's session", client_id)
         session.attributes[IDENTITY_KEY] = identity
         return True
 

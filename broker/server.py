@@ -1,20 +1,96 @@
-"""The broker process's core: an amqtt ``Broker`` subclass and its configuration."""
+"""The broker process's core: ``MqchatBroker``, amqtt 0.12.1 made fit for mobile chat.
+
+::
+
+    TCP accept ─▶ limits (connections, connects/s per IP) ─▶ read CONNECT (timeout, size limit)
+        ─▶ authenticate the *incoming* session ──✗──▶ CONNACK refused; nothing else changes
+        ─▶ resolve the session (clean: new; persistent: the device's own, never another user's)
+        ─▶ take over an older connection of the same device ─▶ CONNACK ─▶ queued messages
+        ─▶ retained messages for this session's own subscriptions only
+        ─▶ message loop (keepalive enforced) ─▶ on exit: route every PUBACKed publish still queued
+
+    routing: SubscriptionIndex (exact dict + wildcard trie) instead of a scan of every filter;
+             per-session bounded queues (slow consumers lose messages, never the broker's memory)
+
+amqtt stays a pinned dependency; these are overrides of its methods, written against 0.12.1
+(``check_amqtt_version`` refuses to start on another version).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+import amqtt
+from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import SERVER_UNAVAILABLE, ConnackPacket
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.session import Session
+from prometheus_client import Counter
 
-from broker.plugins import is_service
+from broker.handler import LimitedReader, MqchatProtocolHandler
+from broker.plugins import IDENTITY_KEY, SERVICE_KEY, is_service, session_identity
+from broker.routing import SubscriptionIndex
 
 logger = logging.getLogger(__name__)
+
+AMQTT_VERSION = "0.12.1"
+"""The amqtt release whose internals ``MqchatBroker`` overrides."""
+
+DROPPED = Counter("mqchat_broker_messages_dropped_total", "Messages a session could not take", ["reason"])
+CONNECTS_LIMITED = Counter("mqchat_broker_connects_limited_total", "Connections refused by a limit", ["limit"])
+
+
+def check_amqtt_version(version: str = amqtt.__version__) -> None:
+    if version != AMQTT_VERSION:
+        raise RuntimeError(
+            f"mqchat's broker overrides amqtt {AMQTT_VERSION} internals but amqtt {version} is installed; "
+            f"install amqtt=={AMQTT_VERSION}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerLimits:
+    max_packet_bytes: int = 256 * 1024
+    max_queued_per_session: int = 1000  # messages waiting for one session (online in flight or offline)
+    max_connections: int = 0  # 0: unlimited
+    connects_per_ip_per_s: float = 0.0  # 0: unlimited; a burst of 5 × the rate is allowed
+    connect_timeout_s: float = 10.0  # a new connection must send CONNECT within this
+    keepalive_factor: float = 1.5
+    max_keepalive_s: int = 1200  # clients asking for none or more get this
+
+
+class _RateLimiter:
+    """Token bucket per remote address."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._burst = max(1.0, rate * 5)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str) -> bool:
+        if self._rate <= 0:
+            return True
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1, now)
+        if len(self._buckets) > 100_000:  # forget idle addresses
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
+        return True
 
 
 class ClosingStreamWriter(StreamWriterAdapter):
@@ -32,17 +108,227 @@ class ClosingStreamWriter(StreamWriterAdapter):
 
 
 class MqchatBroker(Broker):
-    """amqtt's broker with mqchat's policies.
+    """amqtt's broker with mqchat's fixes and policies (see the module docstring)."""
 
-    - Only the service (the bridge) may leave retained messages: a device's retained publish
-      is routed but not retained, so it can never be replayed to other connections.
-    - Client sockets are always closed (see ClosingStreamWriter).
-    """
+    def __init__(self, config: Any = None, *, limits: BrokerLimits | None = None, **kwargs: Any) -> None:
+        check_amqtt_version()
+        super().__init__(config, **kwargs)
+        self.limits = limits or BrokerLimits()
+        self._subscriptions: SubscriptionIndex = SubscriptionIndex()
+        self._connect_rate = _RateLimiter(self.limits.connects_per_ip_per_s)
+        self._open_connections = 0
+
+    @property
+    def bound_port(self) -> int:
+        """The TCP port of the default listener (useful with port 0)."""
+        server = self._servers["default"]
+        port: int = server.instance.sockets[0].getsockname()[1]
+        return port
+
+    # --- connect ---------------------------------------------------------------------------------
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        await self._client_connected(listener_name, StreamReaderAdapter(reader), ClosingStreamWriter(writer))
+        await self._client_connected(
+            listener_name,
+            LimitedReader(reader, max_packet_bytes=self.limits.max_packet_bytes),
+            ClosingStreamWriter(writer),
+        )
+
+    async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
+        server = self._servers.get(listener_name)
+        if server is None:
+            await writer.close()
+            return
+        peer = writer.get_peer_info()
+        if peer is None:
+            await writer.close()
+            return
+        self._open_connections += 1
+        await server.acquire_connection()
+        try:
+            await self._serve_connection(listener_name, reader, writer, peer[0])
+        except (AMQTTError, MQTTError, NoDataError, ConnectionError, OSError) as exc:
+            logger.debug("connection from %s ended: %s", peer[0], exc)
+        finally:
+            server.release_connection()
+            self._open_connections -= 1
+
+    async def _serve_connection(self, listener_name: str, reader: Any, writer: Any, address: str) -> None:
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout_s):
+                handler, incoming = await MqchatProtocolHandler.init_from_connect(
+                    reader, writer, self.plugins_manager, loop=self._loop
+                )
+        except Exception as exc:
+            logger.debug("no valid CONNECT from %s: %s", address, exc)
+            await writer.close()
+            return
+
+        limit = self._connection_limit(address)
+        if limit is not None:
+            CONNECTS_LIMITED.labels(limit=limit).inc()
+            logger.warning("refused a connection from %s: %s limit", address, limit)
+            await self._refuse(handler, incoming, reader, writer, code=SERVER_UNAVAILABLE)
+            return
+
+        # Authenticate the incoming session before anything existing is looked at or changed.
+        authenticated = await self._authenticate(incoming, self.listeners_config[listener_name])
+        previous = self._sessions.get(incoming.client_id) if incoming.client_id else None
+        session = self._resolve_session(incoming) if authenticated else None
+        if session is None:
+            await self._refuse(handler, incoming, reader, writer)
+            return
+
+        client_id = session.client_id
+        assert client_id is not None
+        if previous is not None and previous[0].transitions.is_connected():
+            logger.info("client %s connected again; closing its previous connection", client_id)
+            await previous[1].handle_connection_closed()
+            await previous[1].stop()
+        for _ in range(100):  # the old connection finishes its disconnect
+            try:
+                session.transitions.connect()
+                break
+            except Exception:
+                await asyncio.sleep(0.01)
+        else:
+            await self._refuse(handler, session, reader, writer, code=SERVER_UNAVAILABLE)
+            return
+
+        ka = (
+            session.keep_alive if 0 < session.keep_alive <= self.limits.max_keepalive_s else self.limits.max_keepalive_s
+        )
+        session.keep_alive = math.ceil(ka * self.limits.keepalive_factor)
+
+        handler.attach(session, reader, writer)
+        self._sessions[client_id] = (session, handler)
+        await handler.mqtt_connack_authorize(True)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
+        )
+        await handler.start()
+        await self._publish_session_retained_messages(session)
+        for topic_filter in self._subscriptions.filters_of(client_id):  # only its own subscriptions
+            subscribers = self._subscriptions.get(topic_filter, [])
+            qos = next((q for s, q in subscribers if s.client_id == client_id), 0)
+            await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
+        await self._client_message_loop(session, handler)
+
+    def _connection_limit(self, address: str) -> str | None:
+        if self.limits.max_connections and self._open_connections > self.limits.max_connections:
+            return "max_connections"
+        if not self._connect_rate.allow(address):
+            return "connect_rate"
+        return None
+
+    async def _refuse(
+        self, handler: Any, session: Session, reader: Any, writer: Any, *, code: int | None = None
+    ) -> None:
+        """CONNACK refused (not authorised, or ``code``), then close: no existing state changes."""
+        handler.attach(session, reader, writer)
+        try:
+            if code is None:
+                await handler.mqtt_connack_authorize(False)
+            else:
+                await handler._send_packet(ConnackPacket.build(0, code))
+        finally:
+            await writer.close()
+
+    def _resolve_session(self, incoming: Session) -> Session | None:
+        """The session an authenticated CONNECT gets; None to refuse it."""
+        client_id = incoming.client_id
+        existing = self._sessions.get(client_id) if client_id else None
+        if existing is not None:
+            old = existing[0]
+            if is_service(old) != is_service(incoming) or (
+                session_identity(old) is not None
+                and session_identity(incoming) is not None
+                and session_identity(old).user != session_identity(incoming).user  # type: ignore[union-attr]
+            ):
+                logger.info("refused connect: client id %s belongs to another user's session", client_id)
+                return None
+        if incoming.clean_session or existing is None:
+            if existing is not None:
+                self._drop_session(existing[0])
+            incoming.parent = 0
+            return incoming
+        session = existing[0]
+        for field in (
+            "will_flag",
+            "will_message",
+            "will_topic",
+            "will_qos",
+            "will_retain",
+            "keep_alive",
+            "username",
+            "password",
+            "remote_address",
+            "remote_port",
+            "clean_session",
+        ):
+            setattr(session, field, getattr(incoming, field))
+        session.attributes[IDENTITY_KEY] = incoming.attributes.get(IDENTITY_KEY)
+        session.attributes[SERVICE_KEY] = incoming.attributes.get(SERVICE_KEY)
+        session.parent = 1
+        return session
+
+    def _drop_session(self, session: Session) -> None:
+        client_id = session.client_id
+        if client_id is None:
+            return
+        self._sessions.pop(client_id, None)
+        self._remove_all_subscriptions(session)
+        session.clear_queues()
+
+    async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        current = self._sessions.get(client_session.client_id) if client_session.client_id else None
+        if client_session.clean_session and current is not None and current[0] is client_session:
+            self._drop_session(client_session)  # a clean session ends with its connection
+
+    # --- messages ----------------------------------------------------------------------------
+
+    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
+        await super()._client_message_loop(client_session, handler)
+        # Publishes already PUBACKed but not yet routed when the connection ended: route them now.
+        queue = client_session.delivered_message_queue
+        while not queue.empty():
+            message = queue.get_nowait()
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(message)
+            await self._handle_message_delivery(client_session, handler, done)
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        """Deliver one message to the sessions whose filters match, found through the index.
+
+        No RECEIVE check per recipient: what a session may receive is decided by the ACL when
+        it subscribes (amqtt would start one plugin task per recipient per message)."""
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for topic_filter in list(self._subscriptions.matching_filters(topic)):
+            for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
+                qos = broadcast.get("qos", sub_qos)
+                connected = target.transitions.state == "connected"
+                if not connected:
+                    if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
+                        if target.retained_messages.qsize() >= self.limits.max_queued_per_session:
+                            DROPPED.labels(reason="offline_queue_full").inc()
+                            continue
+                        await self._retain_broadcast_message(broadcast, qos, target)
+                    continue
+                handler = self._get_handler(target)
+                if handler is None:
+                    continue
+                pending = target.attributes.get("mqchat.pending", 0)
+                if pending >= self.limits.max_queued_per_session:
+                    DROPPED.labels(reason="slow_consumer").inc()
+                    continue
+                target.attributes["mqchat.pending"] = pending + 1
+                task = asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
+                task.add_done_callback(lambda _t, s=target: _release(s))
+                running_tasks.append(task)
 
     async def retain_message(
         self,
@@ -51,17 +337,41 @@ class MqchatBroker(Broker):
         data: bytes | bytearray | None,
         qos: int | None = None,
     ) -> None:
+        """Only the service (the bridge) may leave retained messages: a device's retained
+        publish is routed but not retained, so it can never be replayed to other connections."""
         if source_session is not None and not is_service(source_session):
             logger.info("ignored a retained publish from device %s", source_session.client_id)
             return
         await super().retain_message(source_session, topic_name, data, qos)
 
-    @property
-    def bound_port(self) -> int:
-        """The TCP port of the default listener (useful with port 0)."""
-        server = self._servers["default"]
-        port: int = server.instance.sockets[0].getsockname()[1]
-        return port
+    # --- subscriptions: keep the per-client index ------------------------------------------
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        result: int = await super().add_subscription(subscription, session)
+        if result != 0x80 and session.client_id is not None:
+            self._subscriptions.remember(session.client_id, subscription[0])
+        return result
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted: int = super()._del_subscription(a_filter, session)
+        if session.client_id is not None:
+            self._subscriptions.forget(session.client_id, a_filter)
+            if a_filter in self._subscriptions and not self._subscriptions[a_filter]:
+                del self._subscriptions[a_filter]
+        return deleted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        self._remove_all_subscriptions(session)
+
+    def _remove_all_subscriptions(self, session: Session) -> None:
+        if session.client_id is None:
+            return
+        for topic_filter in self._subscriptions.filters_of(session.client_id):
+            self._del_subscription(topic_filter, session)
+
+
+def _release(session: Session) -> None:
+    session.attributes["mqchat.pending"] = max(0, session.attributes.get("mqchat.pending", 1) - 1)
 
 
 def broker_config(*, host: str, port: int, secret: str, max_connections: int = 0) -> dict[str, Any]:
@@ -79,12 +389,15 @@ def broker_config(*, host: str, port: int, secret: str, max_connections: int = 0
 
 
 @asynccontextmanager
-async def serve_broker(*, host: str, port: int, secret: str) -> AsyncIterator[MqchatBroker]:
+async def serve_broker(
+    *, host: str, port: int, secret: str, limits: BrokerLimits | None = None
+) -> AsyncIterator[MqchatBroker]:
     """Run the broker until the block exits."""
-    broker = MqchatBroker(broker_config(host=host, port=port, secret=secret))
+    broker = MqchatBroker(broker_config(host=host, port=port, secret=secret), limits=limits)
     await broker.start()
     logger.info("MQTT broker listening on %s:%d", host, broker.bound_port)
     try:
         yield broker
     finally:
-        await broker.shutdown()
+        with contextlib.suppress(Exception):
+            await broker.shutdown()

@@ -1,0 +1,71 @@
+"""The per-connection protocol handler and reader, with mqchat's fixes to amqtt 0.12.
+
+- Keepalive is enforced: no packet within the allowance (1.5 × the client's keepalive, see
+  ``MqchatBroker``) closes the connection as a network failure, so the will is published and
+  the disconnect hook fires. amqtt only logs the read timeout and keeps waiting forever.
+- Outgoing QoS 1 messages stay in flight until PUBACKed: while connected there is no timeout
+  (MQTT 3.1.1 resends only on reconnect), and a message not acked when the connection drops is
+  kept in the persistent session and resent with DUP on reconnect. amqtt gives up after 5 s
+  and forgets the message.
+- A packet larger than the configured maximum closes the connection before it is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from amqtt.adapters import StreamReaderAdapter
+from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import OUTGOING
+
+logger = logging.getLogger(__name__)
+
+
+class PacketTooLarge(Exception):
+    """A client sent a packet over the size limit; its connection is closed."""
+
+
+class LimitedReader(StreamReaderAdapter):
+    """Refuses to read a packet body larger than ``max_packet_bytes``."""
+
+    def __init__(self, reader: Any, *, max_packet_bytes: int) -> None:
+        super().__init__(reader)
+        self._max = max_packet_bytes
+
+    async def read(self, n: int = -1) -> bytes:
+        if n > self._max:
+            raise PacketTooLarge(f"packet of {n} bytes over the limit of {self._max}")
+        data: bytes = await super().read(n)
+        return data
+
+
+class MqchatProtocolHandler(BrokerProtocolHandler):
+    def handle_read_timeout(self) -> None:
+        session = self.session
+        logger.info("keepalive expired for client %s; closing the connection", session.client_id if session else None)
+        waiter = self._disconnect_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # as if the network failed: the will is published
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        if app_message.direction != OUTGOING or self.session is None or app_message.qos != QOS_1:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        packet_id = app_message.packet_id
+        self.session.inflight_out[packet_id] = app_message
+        retry = app_message.publish_packet is not None
+        publish_packet = app_message.build_publish_packet(dup=retry)
+        await self._send_packet(publish_packet)
+        app_message.publish_packet = publish_packet
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            app_message.puback_packet = await waiter
+        finally:
+            self._puback_waiters.pop(packet_id, None)
+        # Only an acknowledged message leaves the session; a cancelled wait (the connection
+        # closed) keeps it for redelivery when the persistent session reconnects.
+        self.session.inflight_out.pop(packet_id, None)
