@@ -283,22 +283,20 @@ class MqchatBroker(Broker):
         session.clear_queues()
 
     async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:
-        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
-        current = self._sessions.get(client_session.client_id) if client_session.client_id else None
-        if client_session.clean_session and current is not None and current[0] is client_session:
-            self._drop_session(client_session)  # a clean session ends with its connection
-
-    # --- messages ----------------------------------------------------------------------------
-
-    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
-        await super()._client_message_loop(client_session, handler)
-        # Publishes already PUBACKed but not yet routed when the connection ended: route them now.
+        # Publishes already PUBACKed but not yet routed when the connection ended: route them
+        # before the session's queues are cleared.
         queue = client_session.delivered_message_queue
         while not queue.empty():
             message = queue.get_nowait()
             done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             done.set_result(message)
             await self._handle_message_delivery(client_session, handler, done)
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        current = self._sessions.get(client_session.client_id) if client_session.client_id else None
+        if client_session.clean_session and current is not None and current[0] is client_session:
+            self._drop_session(client_session)  # a clean session ends with its connection
+
+    # --- messages ----------------------------------------------------------------------------
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
         """Deliver one message to the sessions whose filters match, found through the index.
