@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test lint typecheck pytest install install-test system-deps bench clean
+.PHONY: serve test lint typecheck pytest install install-test install-bench system-deps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ typecheck: install-test
 
 pytest: install-test
 	$(BIN)/pytest $(ARGS)
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $@ $(VENV)/.installed
+
+install-bench: $(VENV)/.installed-bench
+
+## Benchmark against stock amqtt and Mosquitto (ARGS="--quick" for a short run); results in bench/results/.
+bench: install-bench
+	$(BIN)/mqchat bench all $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

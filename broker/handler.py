@@ -28,16 +28,43 @@ class PacketTooLarge(Exception):
     """A client sent a packet over the size limit; its connection is closed."""
 
 
+class InboundQueue(asyncio.Queue[Any]):
+    """A session's bounded queue of received publishes that can be waited on until not full."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self._not_full = asyncio.Event()
+        self._not_full.set()
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        if self.full():
+            self._not_full.clear()
+
+    def _get(self) -> Any:
+        item = super()._get()
+        self._not_full.set()
+        return item
+
+    async def wait_not_full(self) -> None:
+        await self._not_full.wait()
+
+
 class LimitedReader(StreamReaderAdapter):
-    """Refuses to read a packet body larger than ``max_packet_bytes``."""
+    """Refuses to read a packet body larger than ``max_packet_bytes``, and stops reading while
+    the session's inbound queue is full, so a flooding publisher is slowed down by TCP instead
+    of growing the broker's memory (its PUBACKs wait too)."""
 
     def __init__(self, reader: Any, *, max_packet_bytes: int) -> None:
         super().__init__(reader)
         self._max = max_packet_bytes
+        self.inbound: InboundQueue | None = None  # set once the session is known
 
     async def read(self, n: int = -1) -> bytes:
         if n > self._max:
             raise PacketTooLarge(f"packet of {n} bytes over the limit of {self._max}")
+        if self.inbound is not None:
+            await self.inbound.wait_not_full()
         data: bytes = await super().read(n)
         return data
 

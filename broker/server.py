@@ -8,6 +8,7 @@
         ─▶ take over an older connection of the same device ─▶ CONNACK ─▶ queued messages
         ─▶ retained messages for this session's own subscriptions only
         ─▶ message loop (keepalive enforced) ─▶ on exit: route every PUBACKed publish still queued
+           a device's request on its own out topic ─▶ inbound hook (the in-broker bridge adapter)
 
     routing: SubscriptionIndex (exact dict + wildcard trie) instead of a scan of every filter;
              per-session bounded queues (slow consumers lose messages, never the broker's memory)
@@ -23,7 +24,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.session import Session
 from prometheus_client import Counter
 
-from broker.handler import LimitedReader, MqchatProtocolHandler
+from broker.handler import InboundQueue, LimitedReader, MqchatProtocolHandler
 from broker.plugins import IDENTITY_KEY, SERVICE_KEY, is_service, session_identity
 from broker.routing import SubscriptionIndex
 
@@ -62,10 +63,12 @@ def check_amqtt_version(version: str = amqtt.__version__) -> None:
 @dataclass(frozen=True, slots=True)
 class BrokerLimits:
     max_packet_bytes: int = 256 * 1024
-    max_queued_per_session: int = 1000  # messages waiting for one session (online in flight or offline)
+    max_queued_per_session: int = 1000  # messages waiting for one device session (in flight or offline)
+    max_queued_service: int = 200_000  # the same for the bridge's session, which carries everyone's requests
     max_connections: int = 0  # 0: unlimited
     connects_per_ip_per_s: float = 0.0  # 0: unlimited; a burst of 5 × the rate is allowed
     connect_timeout_s: float = 10.0  # a new connection must send CONNECT within this
+    max_inbound_per_session: int = 256  # received publishes waiting to be routed (then TCP pushes back)
     keepalive_factor: float = 1.5
     max_keepalive_s: int = 1200  # clients asking for none or more get this
 
@@ -107,13 +110,29 @@ class ClosingStreamWriter(StreamWriterAdapter):
             self._writer.close()
 
 
-class MqchatBroker(Broker):
-    """amqtt's broker with mqchat's fixes and policies (see the module docstring)."""
+InboundHook = Callable[[str, str, bytes], Awaitable[None]]
+"""Takes (user, device, payload) of a device's request on its own ``u/{user}/{device}/out``."""
 
-    def __init__(self, config: Any = None, *, limits: BrokerLimits | None = None, **kwargs: Any) -> None:
+
+class MqchatBroker(Broker):
+    """amqtt's broker with mqchat's fixes and policies (see the module docstring).
+
+    With an inbound hook set, a device's publish on its own out topic goes to the hook (awaited:
+    a slow hook slows that device down) instead of being routed to subscribers.
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        limits: BrokerLimits | None = None,
+        inbound_hook: InboundHook | None = None,
+        **kwargs: Any,
+    ) -> None:
         check_amqtt_version()
         super().__init__(config, **kwargs)
         self.limits = limits or BrokerLimits()
+        self.inbound_hook = inbound_hook
         self._subscriptions: SubscriptionIndex = SubscriptionIndex()
         self._connect_rate = _RateLimiter(self.limits.connects_per_ip_per_s)
         self._open_connections = 0
@@ -201,6 +220,15 @@ class MqchatBroker(Broker):
             session.keep_alive if 0 < session.keep_alive <= self.limits.max_keepalive_s else self.limits.max_keepalive_s
         )
         session.keep_alive = math.ceil(ka * self.limits.keepalive_factor)
+
+        inbound = session.delivered_message_queue
+        if not isinstance(inbound, InboundQueue):
+            bounded = InboundQueue(self.limits.max_inbound_per_session)
+            while not inbound.empty() and not bounded.full():
+                bounded.put_nowait(inbound.get_nowait())
+            session.delivered_message_queue = bounded
+        if isinstance(reader, LimitedReader):
+            reader.inbound = session.delivered_message_queue
 
         handler.attach(session, reader, writer)
         self._sessions[client_id] = (session, handler)
@@ -298,6 +326,21 @@ class MqchatBroker(Broker):
 
     # --- messages ----------------------------------------------------------------------------
 
+    async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
+        hook = self.inbound_hook
+        message = wait_deliver.result()
+        identity = session_identity(client_session)
+        if (
+            hook is not None
+            and message is not None
+            and identity is not None
+            and message.topic == f"u/{identity.user}/{identity.device}/out"
+        ):
+            await hook(identity.user, identity.device, bytes(message.data))
+            return True
+        result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return result
+
     async def _run_broadcast(self, running_tasks: Any) -> None:
         """Deliver one message to the sessions whose filters match, found through the index.
 
@@ -320,7 +363,8 @@ class MqchatBroker(Broker):
                 if handler is None:
                     continue
                 pending = target.attributes.get("mqchat.pending", 0)
-                if pending >= self.limits.max_queued_per_session:
+                limit = self.limits.max_queued_service if is_service(target) else self.limits.max_queued_per_session
+                if pending >= limit:
                     DROPPED.labels(reason="slow_consumer").inc()
                     continue
                 target.attributes["mqchat.pending"] = pending + 1
@@ -388,10 +432,15 @@ def broker_config(*, host: str, port: int, secret: str, max_connections: int = 0
 
 @asynccontextmanager
 async def serve_broker(
-    *, host: str, port: int, secret: str, limits: BrokerLimits | None = None
+    *,
+    host: str,
+    port: int,
+    secret: str,
+    limits: BrokerLimits | None = None,
+    inbound_hook: InboundHook | None = None,
 ) -> AsyncIterator[MqchatBroker]:
     """Run the broker until the block exits."""
-    broker = MqchatBroker(broker_config(host=host, port=port, secret=secret), limits=limits)
+    broker = MqchatBroker(broker_config(host=host, port=port, secret=secret), limits=limits, inbound_hook=inbound_hook)
     await broker.start()
     logger.info("MQTT broker listening on %s:%d", host, broker.bound_port)
     try:

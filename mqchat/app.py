@@ -3,13 +3,17 @@
 ::
 
     mqchat serve ──▶ Supervisor ──spawn/restart──▶ [broker]  amqtt + plugins        :mqtt_port
-                                       │
-                                       └──────────▶ [bridge]  MQTT-client adapter ──▶ Pipeline ──▶ SQLite
+                         (--adapter mqtt)  └──────▶ [bridge]  MQTT-client adapter ──▶ Pipeline ──▶ SQLite
                                                               HTTP API (uvicorn)      :http_port
 
-Two processes so both cores work; the supervisor restarts a crashed one (logged) and stops both
-cleanly on Ctrl-C / SIGTERM. Children get their settings as ``MQCHAT_*`` environment variables
-and write Prometheus samples to a shared directory, so ``/metrics`` covers both.
+                         (--adapter inbroker) ────▶ [node]    broker ──inbound hook──▶ Pipeline ──▶ SQLite
+                                                              HTTP API
+
+The MQTT-client adapter runs beside any broker (here in its own process, so both cores work);
+the in-broker adapter saves the MQTT hop between broker and bridge. The supervisor restarts a
+crashed child (logged) and stops them cleanly on Ctrl-C / SIGTERM. Children get their settings
+as ``MQCHAT_*`` environment variables and write Prometheus samples to a shared directory, so
+``/metrics`` covers every process.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 
 from bridge.http import create_app
+from bridge.inbroker_adapter import InBrokerAdapter
 from bridge.mqtt_adapter import MqttClientAdapter
 from bridge.pipeline import Pipeline
 from broker.server import MqchatBroker, serve_broker
@@ -42,7 +47,12 @@ from storage.sqlite import SqliteMessageStore
 
 logger = logging.getLogger(__name__)
 
-CHILDREN = ("broker", "bridge")
+
+def children_for(config: Config) -> tuple[str, ...]:
+    """The processes `serve` runs: broker and bridge apart (MQTT-client adapter) or one node."""
+    return ("node",) if config.bridge.adapter == "inbroker" else ("broker", "bridge")
+
+
 RESTART_BACKOFF_MAX_S = 10.0
 STOP_GRACE_S = 10.0
 
@@ -101,36 +111,54 @@ async def serve_http(app: Any, *, host: str, port: int) -> AsyncIterator[HttpHan
 # --- bridge ----------------------------------------------------------------------------------
 
 
+class Adapter(Protocol):
+    def is_connected(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeHandle:
     http_port: int
-    adapter: MqttClientAdapter
+    adapter: Adapter
     store: MessageStore
+    mqtt_port: int = 0  # set when the broker runs in the same process (in-broker adapter)
+
+
+@asynccontextmanager
+async def _bridge_core(config: Config) -> AsyncIterator[tuple[MessageStore, Pipeline]]:
+    store = await SqliteMessageStore.open(config.storage.sqlite_path)
+    try:
+        yield store, Pipeline(store=store, max_envelope_bytes=config.bridge.max_envelope_bytes)
+    finally:
+        await store.aclose()
+
+
+@asynccontextmanager
+async def _serve_api(config: Config, store: MessageStore, adapter: Adapter) -> AsyncIterator[HttpHandle]:
+    app = create_app(
+        store=store,
+        verifier=TokenVerifier(secret=config.auth.jwt_secret),
+        history_max_limit=config.bridge.history_max_limit,
+        broker_connected=adapter.is_connected,
+    )
+    async with serve_http(app, host=config.network.host, port=config.network.http_port) as http:
+        yield http
 
 
 @asynccontextmanager
 async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> AsyncIterator[BridgeHandle]:
-    """The bridge: store + pipeline + MQTT-client adapter + HTTP API, until the block exits."""
-    store = await SqliteMessageStore.open(config.storage.sqlite_path)
-    try:
-        pipeline = Pipeline(store=store, max_envelope_bytes=config.bridge.max_envelope_bytes)
-        async with MqttClientAdapter(
+    """The bridge beside a broker: store + pipeline + MQTT-client adapter + HTTP API."""
+    async with (
+        _bridge_core(config) as (store, pipeline),
+        MqttClientAdapter(
             pipeline=pipeline,
             host=mqtt_host,
             port=mqtt_port,
             service_password=service_password(config.auth.jwt_secret),
             max_inflight=config.bridge.max_inflight,
-        ) as adapter:
-            app = create_app(
-                store=store,
-                verifier=TokenVerifier(secret=config.auth.jwt_secret),
-                history_max_limit=config.bridge.history_max_limit,
-                broker_connected=adapter.is_connected,
-            )
-            async with serve_http(app, host=config.network.host, port=config.network.http_port) as http:
-                yield BridgeHandle(http_port=http.port, adapter=adapter, store=store)
-    finally:
-        await store.aclose()
+        ) as adapter,
+        _serve_api(config, store, adapter) as http,
+    ):
+        yield BridgeHandle(http_port=http.port, adapter=adapter, store=store)
 
 
 @asynccontextmanager
@@ -139,6 +167,30 @@ async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
         host=config.network.host, port=config.network.mqtt_port, secret=config.auth.jwt_secret
     ) as broker:
         yield broker
+
+
+@asynccontextmanager
+async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
+    """Broker and bridge in one process: the in-broker adapter, no MQTT hop between them."""
+    async with _bridge_core(config) as (store, pipeline):
+        # The adapter publishes through the broker, and the broker feeds the adapter.
+        broker_box: list[MqchatBroker] = []
+
+        async def publish(topic: str, payload: bytes, qos: int) -> None:
+            await broker_box[0].internal_message_broadcast(topic, payload, qos)
+
+        async with (
+            InBrokerAdapter(pipeline=pipeline, publish=publish, max_inflight=config.bridge.max_inflight) as adapter,
+            serve_broker(
+                host=config.network.host,
+                port=config.network.mqtt_port,
+                secret=config.auth.jwt_secret,
+                inbound_hook=adapter.submit,
+            ) as broker,
+        ):
+            broker_box.append(broker)
+            async with _serve_api(config, store, adapter) as http:
+                yield BridgeHandle(http_port=http.port, adapter=adapter, store=store, mqtt_port=broker.bound_port)
 
 
 # --- child processes -------------------------------------------------------------------------
@@ -163,8 +215,12 @@ def _run_until_signalled(body: Callable[[], Awaitable[None]]) -> None:
 
 
 def run_child(which: str, config: Config) -> None:
-    """Entry point of a child process (``python -m mqchat _child broker|bridge``)."""
+    """Entry point of a child process (``python -m mqchat _child broker|bridge|node``)."""
     setup_logging(config.log_level, which)
+
+    async def node_body() -> None:
+        async with run_node(config):
+            await asyncio.Event().wait()
 
     async def broker_body() -> None:
         async with run_broker(config):
@@ -174,7 +230,7 @@ def run_child(which: str, config: Config) -> None:
         async with run_bridge(config, mqtt_host=local_host(config.network.host), mqtt_port=config.network.mqtt_port):
             await asyncio.Event().wait()
 
-    _run_until_signalled(broker_body if which == "broker" else bridge_body)
+    _run_until_signalled({"broker": broker_body, "bridge": bridge_body, "node": node_body}[which])
 
 
 # --- supervisor ------------------------------------------------------------------------------
@@ -204,6 +260,7 @@ class Supervisor:
         self._run_dir = config.storage.data_dir / "run"
         self._metrics_dir = self._run_dir / "metrics"
         self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._children = children_for(config)
         self._stopping = False
 
     async def _spawn(self, which: str) -> asyncio.subprocess.Process:
@@ -233,10 +290,10 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         try:
             # The bridge retries until the broker listens; no need to wait here.
-            await self._spawn("broker")
-            await self._spawn("bridge")
+            for which in self._children:
+                await self._spawn(which)
             async with asyncio.TaskGroup() as tg:
-                watchers = [tg.create_task(self._watch(name, stop), name=f"watch-{name}") for name in CHILDREN]
+                watchers = [tg.create_task(self._watch(name, stop), name=f"watch-{name}") for name in self._children]
                 await stop.wait()
                 self._stopping = True
                 logger.info("stopping")
@@ -245,7 +302,7 @@ class Supervisor:
                     w.cancel()
         finally:
             await self._stop_children()
-            for which in CHILDREN:
+            for which in self._children:
                 with contextlib.suppress(FileNotFoundError):
                     (self._run_dir / f"{which}.pid").unlink()
         return 0
@@ -273,7 +330,7 @@ class Supervisor:
 
     async def _stop_children(self) -> None:
         # The bridge first, so it finishes in-flight requests while the broker still runs.
-        for which in reversed(CHILDREN):
+        for which in reversed(self._children):
             proc = self._procs.get(which)
             if proc is None or proc.returncode is not None:
                 continue

@@ -1,4 +1,4 @@
-"""The ``mqchat`` command: serve, token, and a chat client (chat / send / listen)."""
+"""The ``mqchat`` command: serve, token, a chat client (chat / send / listen) and bench."""
 
 from __future__ import annotations
 
@@ -72,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, help="stop after this many events")
     listen.add_argument("--timeout", type=float, help="stop after this many seconds")
 
+    bench = sub.add_parser(
+        "bench", help="benchmark against stock amqtt and Mosquitto (see `mqchat bench --help`)", add_help=False
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
     child = sub.add_parser("_child", help=argparse.SUPPRESS)
-    child.add_argument("which", choices=("broker", "bridge"))
+    child.add_argument("which", choices=("broker", "bridge", "node"))
     return parser
 
 
@@ -112,6 +117,11 @@ def _run_client(args: argparse.Namespace, config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own flags; no config: it starts its own servers with their own secrets
+        from mqchat.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config, generated = load_config(_flags(args))

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mqchat.app import run_bridge, run_broker
+from bridge.mqtt_adapter import MqttClientAdapter
+from mqchat.app import run_bridge, run_broker, run_node
 from mqchat.config import AuthConfig, BridgeConfig, Config, NetworkConfig, StorageConfig
 from mqchat.tokens import issue_token
 from storage.base import MessageStore
@@ -51,14 +52,24 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    """Broker + bridge wired as `mqchat serve` does; parametrize indirectly with "inbroker" for
+    the in-broker adapter (default: the MQTT-client adapter)."""
     config = make_config(tmp_path)
+    if getattr(request, "param", "mqtt") == "inbroker":
+        async with run_node(config) as node:
+            yield Stack(config=config, mqtt_port=node.mqtt_port, http_port=node.http_port, store=node.store)
+        return
     async with (
         run_broker(config) as broker,
         run_bridge(config, mqtt_host="127.0.0.1", mqtt_port=broker.bound_port) as bridge,
     ):
+        assert isinstance(bridge.adapter, MqttClientAdapter)
         await bridge.adapter.wait_connected()
         yield Stack(config=config, mqtt_port=broker.bound_port, http_port=bridge.http_port, store=bridge.store)
+
+
+both_adapters = pytest.mark.parametrize("stack", ["mqtt", "inbroker"], indirect=True)
 
 
 # --- `mqchat serve` as real processes -----------------------------------------------------------
@@ -117,7 +128,7 @@ class Served:
         return self.log_path.read_text(errors="replace")[-6000:]
 
 
-def start_served(data_dir: Path, secret: str, log_path: Path) -> Served:
+def start_served(data_dir: Path, secret: str, log_path: Path, *, adapter: str = "mqtt") -> Served:
     from mqchat.app import free_port
 
     mqtt_port, http_port = free_port(), free_port()
@@ -135,6 +146,8 @@ def start_served(data_dir: Path, secret: str, log_path: Path) -> Served:
                 str(mqtt_port),
                 "--http-port",
                 str(http_port),
+                "--adapter",
+                adapter,
             ],
             env=env,
             stdout=log,
@@ -156,8 +169,10 @@ def stop_served(served: Served) -> int:
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    s = start_served(tmp_path / "data", secrets.token_urlsafe(32), tmp_path / "serve.log")
+async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    """`mqchat serve` as processes; parametrize indirectly with "inbroker" for the one-node mode."""
+    adapter = getattr(request, "param", "mqtt")
+    s = start_served(tmp_path / "data", secrets.token_urlsafe(32), tmp_path / "serve.log", adapter=adapter)
     try:
         await s.wait_healthy()
         yield s

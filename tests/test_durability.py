@@ -8,6 +8,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mqchat.ids import dm_conv
 from tests.conftest import Served, start_served, stop_served
 from tests.helpers import send_env, send_until_acked, unique
@@ -65,6 +67,11 @@ async def test_kill9_bridge_mid_stream_loses_no_acked_message(served: Served) ->
 
 async def test_kill9_broker_mid_stream_loses_no_acked_message(served: Served) -> None:
     await _kill_while_sending(served, "broker")
+
+
+@pytest.mark.parametrize("served", ["inbroker"], indirect=True)
+async def test_kill9_of_the_single_node_mid_stream_loses_no_acked_message(served: Served) -> None:
+    await _kill_while_sending(served, "node")
 
 
 async def test_kill9_of_every_process_then_restart(tmp_path: Path) -> None:

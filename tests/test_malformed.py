@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from bridge.pipeline import Pipeline
 from mqchat.ids import dm_conv
 from storage.sqlite import SqliteMessageStore
-from tests.conftest import Stack
+from tests.conftest import Stack, both_adapters
 from tests.helpers import connect_device, send_env, unique
 
 ALICE, BOB = "alice", "bob"
@@ -71,6 +71,7 @@ async def test_each_malformed_request_gets_its_error_over_mqtt(stack: Stack, pay
     assert await stack.store.last_seq(CONV) == 0
 
 
+@both_adapters
 async def test_an_error_carries_the_request_id_and_the_bridge_keeps_serving(stack: Stack) -> None:
     device = unique("d")
     async with connect_device(stack.mqtt_port, ALICE, device, stack.token(ALICE, device)) as dev:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from mqchat.ids import dm_conv
-from tests.conftest import Stack
+from tests.conftest import Stack, both_adapters
 from tests.helpers import connect_device, send_env, unique
 
 
+@both_adapters
 async def test_alice_and_bob_chat_with_gapless_seq_and_multi_device(stack: Stack) -> None:
     alice, bob = unique("alice"), unique("bob")
     conv = dm_conv(alice, bob)
@@ -43,6 +44,7 @@ async def test_alice_and_bob_chat_with_gapless_seq_and_multi_device(stack: Stack
     assert a2.envelopes("ack") == []
 
 
+@both_adapters
 async def test_duplicate_send_is_stored_once_and_acked_identically(stack: Stack) -> None:
     alice, bob = unique("alice"), unique("bob")
     conv = dm_conv(alice, bob)
@@ -58,6 +60,7 @@ async def test_duplicate_send_is_stored_once_and_acked_identically(stack: Stack)
     assert stack.store.statistics().duplicates == 2
 
 
+@both_adapters
 async def test_one_devices_sends_keep_their_order_under_load(stack: Stack) -> None:
     alice, bob = unique("alice"), unique("bob")
     conv = dm_conv(alice, bob)
@@ -72,6 +75,7 @@ async def test_one_devices_sends_keep_their_order_under_load(stack: Stack) -> No
     assert stats.commits < 200  # concurrent sends shared fsyncs
 
 
+@both_adapters
 async def test_reusing_an_id_in_another_conversation_is_refused_and_leaks_nothing(stack: Stack) -> None:
     alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
     first = send_env(dm_conv(alice, bob), "for bob only", id="reused-1")

@@ -1,0 +1,79 @@
+"""The in-broker adapter: requests come straight from the broker, results go straight back.
+
+::
+
+    broker: device PUBLISH on its own out topic ──submit(user, device, payload)──▶ bounded queue
+        (awaited: when the queue is full the device's connection stops being read)      │
+                                                                                       ▼
+    dispatcher ──task per request, in arrival order──▶ Pipeline.handle ──▶ publish(topic, payload, qos)
+                                                                           (the broker's own routing)
+
+No MQTT hop between broker and bridge: they share one process and one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from bridge.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes, int], Awaitable[None]]
+
+
+class InBrokerAdapter:
+    """Feeds the pipeline from the broker's inbound hook; an async context manager."""
+
+    def __init__(
+        self, *, pipeline: Pipeline, publish: Publish, max_queue: int = 4096, max_inflight: int = 2048
+    ) -> None:
+        self._pipeline = pipeline
+        self._publish = publish
+        self._queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue(maxsize=max_queue)
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._task_group: asyncio.TaskGroup | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    async def submit(self, user: str, device: str, payload: bytes) -> None:
+        """The broker's inbound hook: waits while the queue is full (backpressure)."""
+        await self._queue.put((user, device, payload))
+
+    def is_connected(self) -> bool:
+        return self._dispatcher is not None and not self._dispatcher.done()
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def __aenter__(self) -> InBrokerAdapter:
+        self._task_group = asyncio.TaskGroup()
+        await self._task_group.__aenter__()
+        self._dispatcher = self._task_group.create_task(self._dispatch(), name="inbroker-dispatcher")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._task_group is not None
+        assert self._dispatcher is not None
+        self._dispatcher.cancel()
+        await self._task_group.__aexit__(exc_type, exc, tb)
+
+    async def _dispatch(self) -> None:
+        assert self._task_group is not None
+        while True:
+            user, device, payload = await self._queue.get()
+            await self._slots.acquire()
+            self._task_group.create_task(self._process(user, device, payload))
+
+    async def _process(self, user: str, device: str, payload: bytes) -> None:
+        try:
+            for out in await self._pipeline.handle(user, device, payload):
+                await self._publish(out.topic, out.payload, out.qos)
+        except Exception:
+            logger.exception("publishing results for %s/%s failed", user, device)
+        finally:
+            self._slots.release()
