@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
     serve.add_argument("--max-envelope-bytes", help="largest request envelope (default 64KiB)")
     serve.add_argument(
-        "--adapter", choices=("mqtt", "inbroker"), help="how requests reach the bridge pipeline (default mqtt)"
+        "--adapter", choices=("mqtt", "inbroker"), help="how requests reach the bridge pipeline (default inbroker)"
     )
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
 

@@ -92,7 +92,9 @@ def parse_adapter(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
-    adapter: str = "mqtt"  # how requests reach the pipeline: MQTT-client adapter or in-broker hook
+    # How requests reach the pipeline: "inbroker" (broker and bridge in one process, no MQTT hop;
+    # the faster, by `mqchat bench chat`) or "mqtt" (the bridge as an MQTT client of any broker).
+    adapter: str = "inbroker"
     max_envelope_bytes: int = 64 * 1024
     max_inflight: int = 2048  # requests being processed at once (backpressure beyond)
     history_max_limit: int = 500

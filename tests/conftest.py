@@ -89,6 +89,10 @@ class Served:
     def token(self, user: str, device: str, ttl_s: int = 3600) -> str:
         return issue_token(secret=self.secret, user=user, device=device, ttl_s=ttl_s)
 
+    def processes(self) -> list[str]:
+        """The supervised children: broker and bridge, or the one node."""
+        return sorted(p.stem for p in (self.data_dir / "run").glob("*.pid"))
+
     def pid(self, which: str) -> int:
         return int((self.data_dir / "run" / f"{which}.pid").read_text())
 

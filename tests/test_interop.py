@@ -48,6 +48,7 @@ def _cli_token(served: Served, user: str, device: str) -> str:
 
 
 @needs_mosquitto_clients
+@pytest.mark.parametrize("served", ["inbroker", "mqtt"], indirect=True)
 async def test_mosquitto_clients_chat_and_the_message_survives_kill9(served: Served) -> None:
     alice, bob = unique("alice"), unique("bob")
     conv = dm_conv(alice, bob)
@@ -71,8 +72,8 @@ async def test_mosquitto_clients_chat_and_the_message_survives_kill9(served: Ser
     assert (msg["conv"], msg["seq"], msg["from"], msg["dev"], msg["id"]) == (conv, 1, alice, "a1", "mosq-1")
     assert msg["body"] == "hello from mosquitto_pub"
 
-    await served.kill9("bridge")
-    await served.kill9("broker")
+    for process in served.processes():
+        await served.kill9(process)
     async with served.http(bob) as http:
         page = (await http.get(f"/v1/conversations/{conv}/messages", params={"after": 0})).json()
     assert [(m["seq"], m["id"], m["body"]) for m in page["messages"]] == [(1, "mosq-1", "hello from mosquitto_pub")]
