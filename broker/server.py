@@ -244,6 +244,22 @@ class MqchatBroker(Broker):
             await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
         await self._client_message_loop(session, handler)
 
+    async def _authenticate(self, session: Session, _listener: Any) -> bool:
+        """amqtt's rule (every plugin that answers says yes, and at least one answers), with the
+        plugins awaited in turn instead of one task each plus a gather per connect."""
+        answers = [await p.authenticate(session=session) for p in self.plugins_manager._auth_plugins]
+        decided = [a for a in answers if a is not None]
+        return bool(decided) and all(decided)
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Any) -> bool:
+        """amqtt's rule (every topic plugin says yes; None is no), awaited in turn."""
+        if not self.plugins_manager.is_topic_filtering_enabled():
+            return True
+        for plugin in self.plugins_manager._topic_plugins:
+            if not await plugin.topic_filtering(session=session, topic=topic, action=action):
+                return False
+        return True
+
     def _connection_limit(self, address: str) -> str | None:
         if self.limits.max_connections and self._open_connections > self.limits.max_connections:
             return "max_connections"
