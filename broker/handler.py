@@ -32,6 +32,8 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import OUTGOING, Session
 from transitions import MachineError
 
+from broker.queues import LeanQueue
+
 MQTT_3_1_1 = 4
 
 logger = logging.getLogger(__name__)
@@ -41,26 +43,8 @@ class PacketTooLarge(Exception):
     """A client sent a packet over the size limit; its connection is closed."""
 
 
-class InboundQueue(asyncio.Queue[Any]):
-    """A session's bounded queue of received publishes that can be waited on until not full."""
-
-    def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize)
-        self._not_full = asyncio.Event()
-        self._not_full.set()
-
-    def _put(self, item: Any) -> None:
-        super()._put(item)
-        if self.full():
-            self._not_full.clear()
-
-    def _get(self) -> Any:
-        item = super()._get()
-        self._not_full.set()
-        return item
-
-    async def wait_not_full(self) -> None:
-        await self._not_full.wait()
+class InboundQueue(LeanQueue):
+    """A session's bounded queue of received publishes (its reader waits while it is full)."""
 
 
 class LimitedReader(StreamReaderAdapter):
@@ -106,11 +90,21 @@ class SessionStates:
 
 
 class MqchatSession(Session):
+    def __init__(self) -> None:
+        super().__init__()
+        self.retained_messages = LeanQueue()
+        self.delivered_message_queue = LeanQueue()
+
     def _init_states(self) -> None:
         self.transitions = SessionStates(self)
 
 
 class MqchatProtocolHandler(BrokerProtocolHandler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_subscriptions = LeanQueue()
+        self._pending_unsubscriptions = LeanQueue()
+
     @classmethod
     async def init_from_connect(
         cls, reader: Any, writer: Any, plugins_manager: Any, loop: asyncio.AbstractEventLoop | None = None
