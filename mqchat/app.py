@@ -236,10 +236,12 @@ def run_child(which: str, config: Config) -> None:
 # --- supervisor ------------------------------------------------------------------------------
 
 
-def child_env(config: Config, metrics_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MQCHAT_CONFIG"}
+def child_env(config: Config, metrics_dir: Path | None) -> dict[str, str]:
+    """Settings for a child; with metrics_dir, Prometheus samples are shared across children."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MQCHAT_CONFIG", "PROMETHEUS_MULTIPROC_DIR")}
     env.update(config_to_env(config))
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    if metrics_dir is not None:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     return env
 
 
@@ -272,7 +274,9 @@ class Supervisor:
             "mqchat",
             "_child",
             which,
-            env=child_env(self._config, self._metrics_dir),
+            # One child serves its own metrics; several share them through files (which costs a
+            # pid check on every sample update).
+            env=child_env(self._config, self._metrics_dir if len(self._children) > 1 else None),
             process_group=0,
             preexec_fn=_die_with_parent,
         )

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -150,3 +151,32 @@ async def test_cli_send_and_listen_commands(served: Served) -> None:
     assert listen.returncode == 0, listen_err
     event = json.loads(listen_out.splitlines()[0])
     assert (event["type"], event["from"], event["body"], event["seq"]) == ("msg", alice, "via CLI", 1)
+
+
+@pytest.mark.parametrize("served", ["inbroker", "mqtt"], indirect=True)
+def test_metrics_cover_every_process(served: Served) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="a1")
+    c.username_pw_set(alice, served.token(alice, "a1"))
+    acked: list[bytes] = []
+    c.on_message = lambda _c, _u, m: acked.append(m.payload)
+    c.connect("127.0.0.1", served.mqtt_port)
+    c.loop_start()
+    try:
+        c.subscribe(f"u/{alice}/a1/in", qos=1)
+        time.sleep(0.5)
+        body = json.dumps({"type": "send", "id": "met-1", "conv": dm_conv(alice, bob), "body": "x"})
+        c.publish(f"u/{alice}/a1/out", body, qos=1)
+        deadline = time.monotonic() + 10
+        while not acked and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = httpx.get(f"http://127.0.0.1:{served.http_port}/metrics", timeout=10).text
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    assert acked, "no ack"
+    samples = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#") and " " in line
+    )
+    assert float(samples["mqchat_messages_accepted_total"]) == 1.0
+    assert float(samples["mqchat_broker_connected_clients"]) >= 1.0
