@@ -4,6 +4,7 @@ Every ``/v1`` call takes ``Authorization: Bearer <access token>`` (the same JWT 
 Errors are JSON: ``{"error": <stable code>, "message": <reason>}`` with a 4xx/5xx status.
 """
 
+import base64
 import logging
 import os
 from collections.abc import Callable
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400,
     ErrorCode.BAD_CONV: 400,
+    ErrorCode.BAD_CURSOR: 400,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_MEMBER: 403,
@@ -56,6 +58,41 @@ class MessageOut(BaseModel):
     kind: str
     body: str
     media: list[str] | None = None
+
+
+class ConversationOut(BaseModel):
+    conv: str
+    kind: str
+    last_seq: int
+    delivered: int = Field(description="your delivered watermark")
+    read: int = Field(description="your read watermark")
+    unread: int = Field(description="last_seq - read")
+    updated_at: int = Field(description="ms since the epoch of the last change")
+    messages: list[MessageOut] | None = Field(
+        default=None, description="with include_messages=N: the newest N messages, ascending"
+    )
+    messages_more: bool | None = Field(default=None, description="older messages exist before `messages`")
+
+
+class ConversationsPage(BaseModel):
+    conversations: list[ConversationOut]
+    cursor: str = Field(description="pass as `since` next time")
+    more: bool = Field(description="more changes wait: call again with the new cursor now")
+
+
+def encode_cursor(version: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{version}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int | None:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    prefix, _, number = raw.partition(":")
+    if prefix != "v1" or not number.isdigit() or len(number) > 19:
+        return None
+    return int(number)
 
 
 class MessagesPage(BaseModel):
@@ -164,6 +201,44 @@ def create_app(
             "more": page.more,
             "last_seq": last_seq,
         }
+
+    @app.get(
+        "/v1/conversations",
+        response_model=ConversationsPage,
+        response_model_exclude_none=True,
+        responses=error_responses,
+        summary="What changed for you since a cursor (sync): conversations with your watermarks and unread",
+    )
+    async def conversations(
+        who: Annotated[Identity, Depends(identity)],
+        since: Annotated[str | None, Query(max_length=64, description="the cursor of your last sync")] = None,
+        limit: Annotated[int, Query(ge=1, le=history_max_limit)] = 100,
+        include_messages: Annotated[int, Query(ge=0, le=100)] = 0,
+    ) -> dict[str, Any]:
+        after = 0
+        if since is not None:
+            decoded = decode_cursor(since)
+            if decoded is None or decoded > await store.current_version():
+                raise RequestError(ErrorCode.BAD_CURSOR, "not a cursor from this server; sync again without one")
+            after = decoded
+        page = await store.changes_since(user=who.user, version=after, limit=limit)
+        out: list[dict[str, Any]] = []
+        for state in page.states:
+            item: dict[str, Any] = {
+                "conv": state.conv,
+                "kind": state.kind,
+                "last_seq": state.last_seq,
+                "delivered": state.delivered,
+                "read": state.read,
+                "unread": state.unread,
+                "updated_at": state.updated_at,
+            }
+            if include_messages:
+                recent = await store.fetch_before(state.conv, state.last_seq + 1, include_messages)
+                item["messages"] = [message_event(m) for m in recent.messages]
+                item["messages_more"] = recent.more
+            out.append(item)
+        return {"conversations": out, "cursor": encode_cursor(page.version), "more": page.more}
 
     @app.get("/healthz", summary="Health: 200 when the bridge reaches the broker, else 503")
     async def healthz() -> JSONResponse:

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+from bridge.outgoing import Outgoing
 from bridge.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -69,10 +70,13 @@ class InBrokerAdapter:
             await self._slots.acquire()
             self._task_group.create_task(self._process(user, device, payload))
 
+    async def publish(self, outgoing: list[Outgoing]) -> None:
+        for out in outgoing:
+            await self._publish(out.topic, out.payload, out.qos)
+
     async def _process(self, user: str, device: str, payload: bytes) -> None:
         try:
-            for out in await self._pipeline.handle(user, device, payload):
-                await self._publish(out.topic, out.payload, out.qos)
+            await self.publish(await self._pipeline.handle(user, device, payload))
         except Exception:
             logger.exception("publishing results for %s/%s failed", user, device)
         finally:

@@ -54,6 +54,7 @@ class MqttClientAdapter:
         self._backoff_cap_s = backoff_cap_s
         self._task_group: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
 
     async def __aenter__(self) -> MqttClientAdapter:
@@ -111,6 +112,7 @@ class MqttClientAdapter:
         ) as client:
             await client.subscribe(OUT_TOPIC_FILTER, qos=1)
             logger.info("bridge connected to the broker at %s:%d", self._host, self._port)
+            self._client = client
             self._connected.set()
             async with asyncio.TaskGroup() as requests:
                 try:
@@ -123,8 +125,15 @@ class MqttClientAdapter:
                         requests.create_task(self._process(client, origin[0], origin[1], bytes(payload)))
                 except aiomqtt.MqttError as exc:
                     lost = exc  # let in-flight requests finish (their publishes fail quietly)
+        self._client = None
         if lost is not None:
             raise lost
+
+    async def publish(self, outgoing: list[Outgoing]) -> None:
+        """Publish events made outside a request (coalesced receipts); dropped while disconnected:
+        devices read the same state from the sync endpoint."""
+        if self._client is not None:
+            await publish_all(self._client, outgoing)
 
     async def _process(self, client: aiomqtt.Client, user: str, device: str, payload: bytes) -> None:
         try:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from bridge import metrics
+from bridge.outgoing import Outgoing
+from bridge.receipts import ReceiptCoalescer, receipt_outgoing
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import ErrorCode, RequestError, StorageError
 from mqchat.ids import Conv
@@ -14,6 +15,7 @@ from mqchat.protocol import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     Request,
     SendRequest,
+    WatermarkRequest,
     ack_envelope,
     device_in_topic,
     encode,
@@ -22,18 +24,11 @@ from mqchat.protocol import (
     parse_request,
     user_in_topic,
 )
-from storage.base import MessageStore, NewMessage, StoredMessage
+from storage.base import MessageStore, NewMessage, SeqBeyondEnd, StoredMessage
+
+__all__ = ["Outgoing", "Pipeline", "members_of", "message_event"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One publish the adapter must make."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
 
 
 def members_of(conv: Conv) -> tuple[str, ...]:
@@ -53,10 +48,12 @@ class Pipeline:
         self,
         *,
         store: MessageStore,
+        receipts: ReceiptCoalescer | None = None,
         max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
+        self._receipts = receipts  # None: receipt events go out at once, uncoalesced
         self._max_envelope_bytes = max_envelope_bytes
         self._clock = clock
 
@@ -69,6 +66,8 @@ class Pipeline:
             request = parse_request(payload, max_bytes=self._max_envelope_bytes)
             if isinstance(request, SendRequest):
                 out = await self._send(user, device, request)
+            elif isinstance(request, WatermarkRequest):
+                out = await self._watermark(user, request)
             else:
                 raise RequestError(
                     ErrorCode.UNSUPPORTED,
@@ -102,17 +101,39 @@ class Pipeline:
         metrics.REQUESTS_REJECTED.labels(code=str(code)).inc()
         return Outgoing(topic, encode(error_envelope(code, message, id=id, conv=conv)))
 
-    async def _send(self, user: str, device: str, req: SendRequest) -> list[Outgoing]:
-        if req.conv.kind != "dm":
-            raise RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=req.id, conv=req.conv.id)
-        members = members_of(req.conv)
+    @staticmethod
+    def _members(user: str, conv: Conv, id: str | None = None) -> tuple[str, ...]:
+        """The conversation's members, after checking that user is one of them."""
+        if conv.kind != "dm":
+            raise RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=id, conv=conv.id)
+        members = members_of(conv)
         if user not in members:
-            raise RequestError(
-                ErrorCode.NOT_MEMBER, "you are not a member of this conversation", id=req.id, conv=req.conv.id
+            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation", id=id, conv=conv.id)
+        return members
+
+    async def _watermark(self, user: str, req: WatermarkRequest) -> list[Outgoing]:
+        members = self._members(user, req.conv)
+        is_read = req.type == "read"
+        try:
+            result = await self._store.set_watermark(
+                conv=req.conv.id, user=user, delivered=None if is_read else req.seq, read=req.seq if is_read else None
             )
+        except SeqBeyondEnd as exc:
+            raise RequestError(ErrorCode.BAD_SEQ, str(exc), conv=req.conv.id) from None
+        if not result.changed:
+            return []  # monotonic: a lower or repeated watermark changes nothing
+        state = result.state
+        if self._receipts is None:
+            return receipt_outgoing(state.conv, user, state.delivered, state.read, members)
+        self._receipts.note(conv=state.conv, user=user, delivered=state.delivered, read=state.read, members=members)
+        return []
+
+    async def _send(self, user: str, device: str, req: SendRequest) -> list[Outgoing]:
+        members = self._members(user, req.conv, req.id)
         result = await self._store.append(
             NewMessage(
                 conv=req.conv.id,
+                members=members,
                 sender=user,
                 device=device,
                 client_id=req.id,

@@ -38,7 +38,9 @@ import uvicorn
 from bridge.http import create_app
 from bridge.inbroker_adapter import InBrokerAdapter
 from bridge.mqtt_adapter import MqttClientAdapter
+from bridge.outgoing import Outgoing
 from bridge.pipeline import Pipeline
+from bridge.receipts import ReceiptCoalescer
 from broker.server import MqchatBroker, serve_broker
 from mqchat.config import Config, config_to_env
 from mqchat.tokens import TokenVerifier, service_password
@@ -114,6 +116,19 @@ async def serve_http(app: Any, *, host: str, port: int) -> AsyncIterator[HttpHan
 class Adapter(Protocol):
     def is_connected(self) -> bool: ...
 
+    async def publish(self, outgoing: list[Outgoing]) -> None: ...
+
+
+class _LateAdapter:
+    """Stands for the adapter in what must exist before it (the pipeline's receipt coalescer)."""
+
+    def __init__(self) -> None:
+        self.target: Adapter | None = None
+
+    async def publish(self, outgoing: list[Outgoing]) -> None:
+        if self.target is not None:
+            await self.target.publish(outgoing)
+
 
 @dataclass(frozen=True, slots=True)
 class BridgeHandle:
@@ -124,10 +139,13 @@ class BridgeHandle:
 
 
 @asynccontextmanager
-async def _bridge_core(config: Config) -> AsyncIterator[tuple[MessageStore, Pipeline]]:
+async def _bridge_core(config: Config) -> AsyncIterator[tuple[MessageStore, Pipeline, _LateAdapter]]:
     store = await SqliteMessageStore.open(config.storage.sqlite_path)
+    late = _LateAdapter()
     try:
-        yield store, Pipeline(store=store, max_envelope_bytes=config.bridge.max_envelope_bytes)
+        async with ReceiptCoalescer(publish=late.publish, window_s=config.bridge.receipt_window_s) as receipts:
+            pipeline = Pipeline(store=store, receipts=receipts, max_envelope_bytes=config.bridge.max_envelope_bytes)
+            yield store, pipeline, late
     finally:
         await store.aclose()
 
@@ -148,7 +166,7 @@ async def _serve_api(config: Config, store: MessageStore, adapter: Adapter) -> A
 async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> AsyncIterator[BridgeHandle]:
     """The bridge beside a broker: store + pipeline + MQTT-client adapter + HTTP API."""
     async with (
-        _bridge_core(config) as (store, pipeline),
+        _bridge_core(config) as (store, pipeline, late),
         MqttClientAdapter(
             pipeline=pipeline,
             host=mqtt_host,
@@ -158,6 +176,7 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
         ) as adapter,
         _serve_api(config, store, adapter) as http,
     ):
+        late.target = adapter
         yield BridgeHandle(http_port=http.port, adapter=adapter, store=store)
 
 
@@ -172,7 +191,7 @@ async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
 @asynccontextmanager
 async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
     """Broker and bridge in one process: the in-broker adapter, no MQTT hop between them."""
-    async with _bridge_core(config) as (store, pipeline):
+    async with _bridge_core(config) as (store, pipeline, late):
         # The adapter publishes through the broker, and the broker feeds the adapter.
         broker_box: list[MqchatBroker] = []
 
@@ -189,6 +208,7 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
             ) as broker,
         ):
             broker_box.append(broker)
+            late.target = adapter
             async with _serve_api(config, store, adapter) as http:
                 yield BridgeHandle(http_port=http.port, adapter=adapter, store=store, mqtt_port=broker.bound_port)
 

@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     BAD_CONV = "bad_conv"  # not a conversation id
     NOT_MEMBER = "not_member"  # the caller is not a member of the conversation
     NOT_FOUND = "not_found"  # no such conversation / resource
+    BAD_SEQ = "bad_seq"  # a watermark beyond the conversation's last seq
+    BAD_CURSOR = "bad_cursor"  # a sync cursor this server did not issue
     TOO_LARGE = "too_large"  # payload over the configured limit
     RATE_LIMITED = "rate_limited"
     UNAUTHORIZED = "unauthorized"  # no or bad credentials (HTTP 401)

@@ -11,6 +11,10 @@ transaction:
   transaction; a distributed store takes the seq from a sequencer (Redis ``INCR`` per
   conversation or a Cassandra LWT counter) and then inserts with ``IF NOT EXISTS``.
 - Dedup is keyed by sender, not by conversation, so it is its own partition at scale.
+- Each member has a per-conversation state row (delivered/read watermarks, last change),
+  indexed by (user, change version): a sync answers "what changed for me since version V"
+  at a cost proportional to what changed, not to how many conversations the user is in.
+  Watermarks are monotonic; ``unread`` is derived (``last_seq - read``), never counted.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class NewMessage:
     """A message the bridge has validated and wants stored."""
 
     conv: str
+    members: tuple[str, ...]  # the conversation's members: their state rows change with it
     sender: str
     device: str
     client_id: str
@@ -63,6 +68,40 @@ class Page:
 
 
 @dataclass(frozen=True, slots=True)
+class ConvState:
+    """One member's view of one conversation."""
+
+    conv: str
+    kind: str
+    last_seq: int
+    delivered: int  # highest seq the user's devices have received
+    read: int  # highest seq the user has read
+    updated_at: int  # ms since the epoch of the last change
+    version: int  # the store-wide change counter at the last change (the sync cursor orders by it)
+
+    @property
+    def unread(self) -> int:
+        return max(0, self.last_seq - self.read)
+
+
+@dataclass(frozen=True, slots=True)
+class WatermarkResult:
+    state: ConvState
+    changed: bool  # False: the new value was not above the stored one (monotonic: ignored)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesPage:
+    states: tuple[ConvState, ...]  # ascending by version
+    version: int  # resume after this version
+    more: bool
+
+
+class SeqBeyondEnd(ValueError):
+    """A watermark above the conversation's last seq."""
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStatistics:
     appended: int
     duplicates: int
@@ -89,6 +128,23 @@ class MessageStore(ABC):
     @abstractmethod
     async def last_seq(self, conv: str) -> int:
         """The highest seq of conv (0 when empty)."""
+
+    @abstractmethod
+    async def set_watermark(self, *, conv: str, user: str, delivered: int | None, read: int | None) -> WatermarkResult:
+        """Raise the user's delivered/read watermarks of conv (reading implies delivery).
+        Lower values are ignored; a value above the last seq raises SeqBeyondEnd."""
+
+    @abstractmethod
+    async def conversation_state(self, *, conv: str, user: str) -> ConvState | None:
+        """The user's state of conv; None when the user has no state there yet."""
+
+    @abstractmethod
+    async def changes_since(self, *, user: str, version: int, limit: int) -> ChangesPage:
+        """The user's conversation states changed after version, oldest change first."""
+
+    @abstractmethod
+    async def current_version(self) -> int:
+        """The store-wide change counter now (a cursor beyond it is invalid)."""
 
     @abstractmethod
     def statistics(self) -> StoreStatistics: ...

@@ -22,17 +22,30 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from mqchat.errors import StorageClosed, StorageError
 from mqchat.ids import new_mid
-from storage.base import AppendResult, MessageStore, NewMessage, Page, StoredMessage, StoreStatistics
+from storage.base import (
+    AppendResult,
+    ChangesPage,
+    ConvState,
+    MessageStore,
+    NewMessage,
+    Page,
+    SeqBeyondEnd,
+    StoredMessage,
+    StoreStatistics,
+    WatermarkResult,
+)
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_BATCH = 1024
 
 _SCHEMA = """
@@ -56,11 +69,26 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (conv, seq)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender_client_id ON messages (sender, client_id);
+CREATE TABLE IF NOT EXISTS user_convs (
+    user TEXT NOT NULL,
+    conv TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    read INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (user, conv)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS user_convs_by_version ON user_convs (user, version);
 """
+
+_STATE_COLUMNS = "u.conv, u.kind, COALESCE(c.last_seq, 0), u.delivered, u.read, u.updated_at, u.version"
+_STATE_FROM = "user_convs u LEFT JOIN conversations c ON c.conv = u.conv"
+_STATE_ONE = f"SELECT {_STATE_COLUMNS} FROM {_STATE_FROM} WHERE u.user = ? AND u.conv = ?"
 
 _COLUMNS = "conv, seq, mid, sender, device, client_id, ts, kind, body, media"
 
-_Job = tuple[NewMessage, "asyncio.Future[AppendResult]"]
+_Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -85,6 +113,47 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
         body=body,
         media=tuple(json.loads(media)) if media else (),
     )
+
+
+def _next_version(conn: sqlite3.Connection) -> int:
+    (version,) = conn.execute(
+        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'change_version' RETURNING value"
+    ).fetchone()
+    return int(version)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _kind(conv: str) -> str:
+    return "dm" if conv.startswith("dm:") else "group"
+
+
+def _last_seq(conn: sqlite3.Connection, conv: str) -> int:
+    row = conn.execute("SELECT last_seq FROM conversations WHERE conv = ?", (conv,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _state(conn: sqlite3.Connection, user: str, conv: str) -> ConvState | None:
+    row = conn.execute(
+        f"SELECT {_STATE_COLUMNS} FROM {_STATE_FROM} WHERE u.user = ? AND u.conv = ?", (user, conv)
+    ).fetchone()
+    return ConvState(*row) if row else None
+
+
+def _migrate_to_v2(conn: sqlite3.Connection) -> None:
+    """Schema 1 → 2: give every member of every existing 1:1 conversation a state row."""
+    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('change_version', '0')")
+    for conv, updated_at in conn.execute("SELECT conv, updated_at FROM conversations").fetchall():
+        parts = conv.split(":")
+        if len(parts) != 3 or parts[0] != "dm":
+            continue
+        for member in dict.fromkeys(parts[1:]):
+            conn.execute(
+                "INSERT OR IGNORE INTO user_convs (user, conv, kind, version, updated_at) VALUES (?, ?, 'dm', ?, ?)",
+                (member, conv, _next_version(conn), updated_at),
+            )
 
 
 class SqliteMessageStore(MessageStore):
@@ -127,12 +196,18 @@ class SqliteMessageStore(MessageStore):
             try:
                 conn.executescript(_SCHEMA)
                 row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) > SCHEMA_VERSION:
+                if row is not None and int(row[0]) > SCHEMA_VERSION:
                     raise StorageError(
                         f"{self._path} has schema version {row[0]}, newer than this mqchat ({SCHEMA_VERSION})"
                     )
+                if row is not None and int(row[0]) < 2:
+                    _migrate_to_v2(conn)
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(SCHEMA_VERSION),),
+                )
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('change_version', '0')")
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -140,13 +215,22 @@ class SqliteMessageStore(MessageStore):
 
     # --- writes --------------------------------------------------------------------------------
 
-    async def append(self, message: NewMessage) -> AppendResult:
+    async def _write(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run job in the writer's next transaction (in call order); wait until it is durable."""
         if self._closed or self._loop is None:
             raise StorageClosed("message store is closed")
-        future: asyncio.Future[AppendResult] = self._loop.create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._queued += 1
-        self._jobs.put((message, future))
+        self._jobs.put((job, future))
         return await future
+
+    async def append(self, message: NewMessage) -> AppendResult:
+        result: AppendResult = await self._write(lambda conn: self._append_one(conn, message))
+        return result
+
+    async def set_watermark(self, *, conv: str, user: str, delivered: int | None, read: int | None) -> WatermarkResult:
+        result: WatermarkResult = await self._write(lambda conn: self._set_watermark(conn, conv, user, delivered, read))
+        return result
 
     def _write_loop(self) -> None:
         conn = _connect(self._path)
@@ -173,19 +257,25 @@ class SqliteMessageStore(MessageStore):
             conn.close()
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        results: list[AppendResult | BaseException] = []
+        results: list[Any] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for message, _ in batch:
+            for job, _ in batch:
+                conn.execute("SAVEPOINT job")
                 try:
-                    results.append(self._append_one(conn, message))
+                    results.append(job(conn))
+                except SeqBeyondEnd as exc:
+                    conn.execute("ROLLBACK TO job")
+                    results.append(exc)
                 except sqlite3.Error as exc:
-                    logger.exception("append failed for conversation %s", message.conv)
-                    results.append(StorageError(f"append failed: {exc}"))
+                    conn.execute("ROLLBACK TO job")
+                    logger.exception("a write failed")
+                    results.append(StorageError(f"write failed: {exc}"))
+                conn.execute("RELEASE job")
             conn.execute("COMMIT")
             self._commits += 1
         except sqlite3.Error as exc:
-            logger.exception("group commit of %d messages failed", len(batch))
+            logger.exception("group commit of %d writes failed", len(batch))
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             results = [StorageError(f"commit failed: {exc}") for _ in batch]
@@ -198,59 +288,89 @@ class SqliteMessageStore(MessageStore):
         ).fetchone()
         if row is not None:
             return AppendResult(_row_to_message(row), duplicate=True)
-        conn.execute("SAVEPOINT one")
-        try:
-            (seq,) = conn.execute(
-                "INSERT INTO conversations (conv, last_seq, updated_at) VALUES (?, 1, ?) "
-                "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + 1, updated_at = excluded.updated_at "
-                "RETURNING last_seq",
-                (m.conv, m.ts),
-            ).fetchone()
-            stored = StoredMessage(
-                conv=m.conv,
-                seq=seq,
-                mid=new_mid(),
-                sender=m.sender,
-                device=m.device,
-                client_id=m.client_id,
-                ts=m.ts,
-                kind=m.kind,
-                body=m.body,
-                media=m.media,
-            )
+        (seq,) = conn.execute(
+            "INSERT INTO conversations (conv, last_seq, updated_at) VALUES (?, 1, ?) "
+            "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + 1, updated_at = excluded.updated_at "
+            "RETURNING last_seq",
+            (m.conv, m.ts),
+        ).fetchone()
+        stored = StoredMessage(
+            conv=m.conv,
+            seq=seq,
+            mid=new_mid(),
+            sender=m.sender,
+            device=m.device,
+            client_id=m.client_id,
+            ts=m.ts,
+            kind=m.kind,
+            body=m.body,
+            media=m.media,
+        )
+        conn.execute(
+            f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                stored.conv,
+                stored.seq,
+                stored.mid,
+                stored.sender,
+                stored.device,
+                stored.client_id,
+                stored.ts,
+                stored.kind,
+                stored.body,
+                json.dumps(list(stored.media)) if stored.media else None,
+            ),
+        )
+        kind = "dm" if m.conv.startswith("dm:") else "group"
+        for member in dict.fromkeys(m.members):
+            # The sender has read (and so received) what they sent.
+            own = seq if member == m.sender else 0
             conn.execute(
-                f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    stored.conv,
-                    stored.seq,
-                    stored.mid,
-                    stored.sender,
-                    stored.device,
-                    stored.client_id,
-                    stored.ts,
-                    stored.kind,
-                    stored.body,
-                    json.dumps(list(stored.media)) if stored.media else None,
-                ),
+                "INSERT INTO user_convs (user, conv, kind, delivered, read, version, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user, conv) DO UPDATE SET "
+                "delivered = MAX(delivered, excluded.delivered), read = MAX(read, excluded.read), "
+                "version = excluded.version, updated_at = excluded.updated_at",
+                (member, m.conv, kind, own, own, _next_version(conn), m.ts),
             )
-        except BaseException:
-            conn.execute("ROLLBACK TO one")
-            conn.execute("RELEASE one")
-            raise
-        conn.execute("RELEASE one")
         return AppendResult(stored, duplicate=False)
 
-    def _resolve(self, batch: list[_Job], results: list[AppendResult | BaseException]) -> None:
+    def _set_watermark(
+        self, conn: sqlite3.Connection, conv: str, user: str, delivered: int | None, read: int | None
+    ) -> WatermarkResult:
+        state = _state(conn, user, conv)
+        last_seq = state.last_seq if state is not None else _last_seq(conn, conv)
+        wanted = max(delivered or 0, read or 0)
+        if wanted > last_seq:
+            raise SeqBeyondEnd(f"seq {wanted} is beyond the conversation's last seq {last_seq}")
+        if state is None:
+            if wanted == 0:
+                return WatermarkResult(ConvState(conv, _kind(conv), last_seq, 0, 0, 0, 0), changed=False)
+            raise SeqBeyondEnd("no state for this conversation")  # pragma: no cover - last_seq > 0 implies a row
+        new_read = max(state.read, read or 0)
+        new_delivered = max(state.delivered, delivered or 0, new_read)
+        if (new_delivered, new_read) == (state.delivered, state.read):
+            return WatermarkResult(state, changed=False)
+        version = _next_version(conn)
+        now = _now_ms()
+        conn.execute(
+            "UPDATE user_convs SET delivered = ?, read = ?, version = ?, updated_at = ? WHERE user = ? AND conv = ?",
+            (new_delivered, new_read, version, now, user, conv),
+        )
+        changed = ConvState(conv, state.kind, state.last_seq, new_delivered, new_read, now, version)
+        return WatermarkResult(changed, changed=True)
+
+    def _resolve(self, batch: list[_Job], results: list[Any]) -> None:
         self._queued -= len(batch)
         for (_, future), result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 if not future.done():
                     future.set_exception(result)
                 continue
-            if result.duplicate:
-                self._duplicates += 1
-            else:
-                self._appended += 1
+            if isinstance(result, AppendResult):
+                if result.duplicate:
+                    self._duplicates += 1
+                else:
+                    self._appended += 1
             if not future.done():
                 future.set_result(result)
 
@@ -295,6 +415,24 @@ class SqliteMessageStore(MessageStore):
 
     async def last_seq(self, conv: str) -> int:
         rows = await self._read("SELECT last_seq FROM conversations WHERE conv = ?", (conv,))
+        return int(rows[0][0]) if rows else 0
+
+    async def conversation_state(self, *, conv: str, user: str) -> ConvState | None:
+        rows = await self._read(
+            f"SELECT {_STATE_COLUMNS} FROM {_STATE_FROM} WHERE u.user = ? AND u.conv = ?", (user, conv)
+        )
+        return ConvState(*rows[0]) if rows else None
+
+    async def changes_since(self, *, user: str, version: int, limit: int) -> ChangesPage:
+        rows = await self._read(
+            f"SELECT {_STATE_COLUMNS} FROM {_STATE_FROM} WHERE u.user = ? AND u.version > ? ORDER BY u.version LIMIT ?",
+            (user, version, limit + 1),
+        )
+        states = tuple(ConvState(*r) for r in rows[:limit])
+        return ChangesPage(states, version=states[-1].version if states else version, more=len(rows) > limit)
+
+    async def current_version(self) -> int:
+        rows = await self._read("SELECT value FROM meta WHERE key = 'change_version'", ())
         return int(rows[0][0]) if rows else 0
 
     def statistics(self) -> StoreStatistics:

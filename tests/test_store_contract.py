@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mqchat.errors import StorageClosed
-from storage.base import MessageStore, NewMessage
+from storage.base import MessageStore, NewMessage, SeqBeyondEnd
 from storage.sqlite import SqliteMessageStore
 
 BACKENDS = ["sqlite"]
@@ -28,8 +28,17 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 def new(conv: str, client_id: str, sender: str = "alice", body: str = "hi", ts: int = 1) -> NewMessage:
+    members = tuple(conv.split(":")[1:]) if conv.startswith("dm:") else (sender,)
     return NewMessage(
-        conv=conv, sender=sender, device="d1", client_id=client_id, kind="text", body=body, media=(), ts=ts
+        conv=conv,
+        members=members,
+        sender=sender,
+        device="d1",
+        client_id=client_id,
+        kind="text",
+        body=body,
+        media=(),
+        ts=ts,
     )
 
 
@@ -94,6 +103,7 @@ async def test_paging(store: MessageStore) -> None:
 async def test_media_round_trips(store: MessageStore) -> None:
     msg = NewMessage(
         conv="dm:alice:bob",
+        members=("alice", "bob"),
         sender="alice",
         device="d",
         client_id="m",
@@ -128,3 +138,48 @@ async def test_reopen_keeps_messages_and_continues_seq(tmp_path: Path) -> None:
         assert nxt.message.seq == 4
     finally:
         await s.aclose()
+
+
+async def test_watermarks_are_monotonic_and_bounded(store: MessageStore) -> None:
+    for i in range(5):
+        await store.append(new("dm:alice:bob", f"w{i}"))
+    r = await store.set_watermark(conv="dm:alice:bob", user="bob", delivered=3, read=None)
+    assert r.changed
+    assert (r.state.delivered, r.state.read, r.state.unread) == (3, 0, 5)
+    r = await store.set_watermark(conv="dm:alice:bob", user="bob", delivered=2, read=None)
+    assert not r.changed  # lower: ignored
+    assert r.state.delivered == 3
+    r = await store.set_watermark(conv="dm:alice:bob", user="bob", delivered=None, read=4)
+    assert (r.state.delivered, r.state.read, r.state.unread) == (4, 4, 1)  # reading implies delivery
+    with pytest.raises(SeqBeyondEnd):
+        await store.set_watermark(conv="dm:alice:bob", user="bob", delivered=None, read=6)
+    state = await store.conversation_state(conv="dm:alice:bob", user="bob")
+    assert state is not None
+    assert (state.read, state.last_seq) == (4, 5)
+    alice = await store.conversation_state(conv="dm:alice:bob", user="alice")
+    assert alice is not None
+    assert alice.read == 5  # the sender has read what they sent
+    assert await store.conversation_state(conv="dm:alice:bob", user="carol") is None
+
+
+async def test_changes_since_returns_only_what_changed_in_order(store: MessageStore) -> None:
+    for i in range(50):
+        await store.append(new(f"dm:alice:u{i:02d}", f"c{i}", sender="u30" if i == 30 else "alice"))
+    everything = await store.changes_since(user="alice", version=0, limit=100)
+    assert len(everything.states) == 50
+    assert not everything.more
+    cursor = everything.version
+    assert cursor <= await store.current_version()
+    assert (await store.changes_since(user="alice", version=cursor, limit=10)).states == ()
+    await store.append(new("dm:alice:u07", "later", sender="u07"))
+    await store.set_watermark(conv="dm:alice:u30", user="alice", delivered=None, read=1)
+    await store.append(new("dm:u40:u41", "not alice's", sender="u40"))
+    changed = await store.changes_since(user="alice", version=cursor, limit=10)
+    assert [s.conv for s in changed.states] == ["dm:alice:u07", "dm:alice:u30"]
+    assert [(s.last_seq, s.unread) for s in changed.states] == [(2, 1), (1, 0)]
+    paged = await store.changes_since(user="alice", version=0, limit=20)
+    assert len(paged.states) == 20
+    assert paged.more
+    rest = await store.changes_since(user="alice", version=paged.version, limit=100)
+    assert len(paged.states) + len(rest.states) == 50
+    assert {s.conv for s in paged.states}.isdisjoint({s.conv for s in rest.states})

@@ -1,0 +1,189 @@
+"""Receipts (monotonic watermarks, coalesced events, multi-device) and the sync endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.http import encode_cursor
+from mqchat.ids import dm_conv
+from tests.conftest import Stack, make_config
+from tests.helpers import connect_device, send_env, unique
+
+
+async def _sync(stack: Stack, user: str, **params: Any) -> dict[str, Any]:
+    async with stack.http(user) as http:
+        r = await http.get("/v1/conversations", params=params)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def test_receipts_are_monotonic_coalesced_and_reach_every_device(stack: Stack) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+    async with (
+        connect_device(stack.mqtt_port, alice, "a1", stack.token(alice, "a1")) as a1,
+        connect_device(stack.mqtt_port, bob, "b1", stack.token(bob, "b1")) as b1,
+        connect_device(stack.mqtt_port, bob, "b2", stack.token(bob, "b2")) as b2,
+    ):
+        for i in range(5):
+            await a1.send(send_env(conv, f"m{i}"))
+        await a1.wait_for(lambda e: e["type"] == "ack", count=5)
+        # out of order and duplicated, as a flaky network delivers them
+        for kind, seq in [("recv", 2), ("recv", 5), ("recv", 3), ("read", 1), ("read", 4), ("read", 2), ("read", 4)]:
+            await b1.send({"type": kind, "conv": conv, "seq": seq})
+        receipts = await a1.wait_for(lambda e: e["type"] == "receipt", timeout=5)
+        await asyncio.sleep(1.2)  # any further window would have closed
+        own = await b2.wait_for(lambda e: e["type"] == "receipt")
+    final = {"type": "receipt", "conv": conv, "user": bob, "delivered": 5, "read": 4}
+    assert a1.envelopes("receipt") == [final]  # one event for the burst, with the highest values
+    assert receipts == [final]
+    assert own[-1] == final  # bob's other device learns he read up to 4, to clear notifications
+    state = await stack.store.conversation_state(conv=conv, user=bob)
+    assert state is not None
+    assert (state.delivered, state.read, state.unread) == (5, 4, 1)
+
+
+async def test_watermark_errors(stack: Stack) -> None:
+    alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
+    conv = dm_conv(alice, bob)
+    async with connect_device(stack.mqtt_port, alice, "a1", stack.token(alice, "a1")) as a1:
+        await a1.send(send_env(conv, "one"))
+        await a1.wait_for(lambda e: e["type"] == "ack")
+        await a1.send({"type": "read", "conv": conv, "seq": 2})
+        await a1.send({"type": "read", "conv": dm_conv(bob, carol), "seq": 1})
+        await a1.send({"type": "recv", "conv": conv, "seq": "1"})
+        errors = await a1.wait_for(lambda e: e["type"] == "error", count=3)
+    assert [(e["code"], e.get("conv")) for e in errors] == [
+        ("bad_seq", conv),
+        ("not_member", dm_conv(bob, carol)),
+        ("bad_request", conv),
+    ]
+
+
+async def test_unread_counts_follow_a_scripted_conversation(stack: Stack) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+
+    async def unread(user: str) -> int:
+        body = await _sync(stack, user)
+        [item] = [c for c in body["conversations"] if c["conv"] == conv]
+        assert item["unread"] == item["last_seq"] - item["read"]
+        return int(item["unread"])
+
+    async with (
+        connect_device(stack.mqtt_port, alice, "a1", stack.token(alice, "a1")) as a1,
+        connect_device(stack.mqtt_port, bob, "b1", stack.token(bob, "b1")) as b1,
+    ):
+        script: list[tuple[str, Any, int, int]] = [
+            ("alice sends", a1, 0, 1),
+            ("alice sends", a1, 0, 2),
+            ("bob reads 1", b1, 0, 1),
+            ("bob sends", b1, 1, 0),  # replying marks what came before as read
+            ("alice reads 3", a1, 0, 0),
+            ("alice sends", a1, 0, 1),
+            ("alice sends", a1, 0, 2),
+            ("bob reads 4", b1, 0, 1),
+            ("bob reads 2 (late)", b1, 0, 1),  # lower: ignored
+            ("bob reads 5", b1, 0, 0),
+        ]
+        for index, (step, dev, want_alice, want_bob) in enumerate(script):
+            if "sends" in step:
+                body = f"{index}: {step}"
+                await dev.send(send_env(conv, body))
+                await dev.wait_for(lambda e, b=body: e["type"] == "msg" and e["body"] == b)
+            else:
+                seq = int(step.split("reads ")[1].split()[0])
+                await dev.send({"type": "read", "conv": conv, "seq": seq})
+                await asyncio.sleep(0.2)
+            assert (await unread(alice), await unread(bob)) == (want_alice, want_bob), step
+
+
+async def test_a_device_away_for_the_whole_exchange_catches_up_with_one_sync(stack: Stack) -> None:
+    away, peers = unique("away"), [unique("p") for _ in range(6)]
+    sent: dict[str, list[str]] = {}
+    first = await _sync(stack, away)
+    assert first["conversations"] == []
+    cursor = first["cursor"]
+    for i, peer in enumerate(peers):
+        conv = dm_conv(away, peer)
+        async with connect_device(stack.mqtt_port, peer, f"{peer}-d", stack.token(peer, f"{peer}-d")) as dev:
+            bodies = [f"{peer}-{k}" for k in range(i % 3 + 1)]
+            for body in bodies:
+                await dev.send(send_env(conv, body))
+            await dev.wait_for(lambda e: e["type"] == "ack", count=len(bodies))
+        sent[conv] = bodies
+    requests = 0
+    got: dict[str, list[str]] = {}
+    while True:
+        body = await _sync(stack, away, since=cursor, include_messages=50, limit=4)
+        requests += 1
+        for item in body["conversations"]:
+            got[item["conv"]] = [m["body"] for m in item["messages"]]
+            assert item["unread"] == len(sent[item["conv"]])
+            assert item["messages_more"] is False
+        cursor = body["cursor"]
+        if not body["more"]:
+            break
+    assert got == sent
+    assert requests == 2  # 6 changed conversations, 4 per page: exactly what changed, nothing else
+    again = await _sync(stack, away, since=cursor)
+    assert again["conversations"] == []
+    assert again["more"] is False
+
+
+@pytest.mark.parametrize("cursor", ["garbage", "djE6LTE", encode_cursor(10**12), "", "v1:5"])
+async def test_bad_cursors_are_a_clean_400(stack: Stack, cursor: str) -> None:
+    async with stack.http("alice") as http:
+        r = await http.get("/v1/conversations", params={"since": cursor})
+    assert r.status_code == 400
+    assert r.json()["error"] == "bad_cursor"
+
+
+@pytest.mark.parametrize(
+    "query", [{"limit": 0}, {"limit": 10_000}, {"include_messages": -1}, {"include_messages": 101}]
+)
+async def test_bad_sync_parameters_are_a_clean_400(stack: Stack, query: dict[str, int]) -> None:
+    async with stack.http("alice") as http:
+        r = await http.get("/v1/conversations", params=query)
+    assert r.status_code == 400
+    assert r.json()["error"] == "bad_request"
+
+
+async def test_sync_needs_a_token(stack: Stack) -> None:
+    async with stack.http() as http:
+        r = await http.get("/v1/conversations")
+    assert r.status_code == 401
+
+
+async def test_an_old_database_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    from storage.sqlite import SqliteMessageStore
+
+    config = make_config(tmp_path)
+    path = config.storage.sqlite_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE conversations (conv TEXT PRIMARY KEY, last_seq INTEGER NOT NULL, updated_at INTEGER NOT NULL)
+            WITHOUT ROWID;
+        INSERT INTO conversations VALUES ('dm:alice:bob', 3, 1000);
+        """
+    )
+    conn.commit()
+    conn.close()
+    store = await SqliteMessageStore.open(path)
+    try:
+        state = await store.conversation_state(conv="dm:alice:bob", user="bob")
+        assert state is not None
+        assert (state.last_seq, state.unread) == (3, 3)
+    finally:
+        await store.aclose()
