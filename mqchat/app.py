@@ -41,7 +41,7 @@ from bridge.mqtt_adapter import MqttClientAdapter
 from bridge.outgoing import Outgoing
 from bridge.pipeline import Pipeline
 from bridge.receipts import ReceiptCoalescer
-from broker.server import MqchatBroker, serve_broker
+from broker.server import MqchatBroker, serve_broker, tune_gc
 from mqchat.config import Config, config_to_env
 from mqchat.tokens import TokenVerifier, service_password
 from storage.base import MessageStore
@@ -237,6 +237,8 @@ def _run_until_signalled(body: Callable[[], Awaitable[None]]) -> None:
 def run_child(which: str, config: Config) -> None:
     """Entry point of a child process (``python -m mqchat _child broker|bridge|node``)."""
     setup_logging(config.log_level, which)
+    if which != "bridge":
+        tune_gc()
 
     async def node_body() -> None:
         async with run_node(config):

@@ -171,7 +171,9 @@ def _python_broker_child(kind: str, port: int, secret: str, ready: Connection) -
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         listeners = {"default": {"type": "tcp", "bind": f"{HOST}:{port}", "max_connections": 0}}
         if kind == "ours":
-            from broker.server import serve_broker
+            from broker.server import serve_broker, tune_gc
+
+            tune_gc()
 
             async with serve_broker(host=HOST, port=port, secret=secret):
                 ready.send(port)
