@@ -12,6 +12,12 @@ Data flow::
                     └─ u/{user}/in          : msg, receipt, typing, conv
                                                            ▼
                                   parse_event ─► dedup msg on (conv, seq) ─► events() iterator
+                                                           ▲   (with http_url: OrderingBuffer,
+    HTTP (http_url) ── GET /v1/conversations?since=cursor ─┤    seq order per conversation)
+                    └─ GET …/{conv}/messages?after=last ───┘   after every connect and per gap
+
+    events() ─► the app ─► recv watermark (auto_recv) ─► MQTT;  mark_read() ─► read watermark
+    state_path (SQLite): SqliteOutbox + the sync cursor + the last seq the app took per conversation
 
 ``clients.aio.ChatClient`` is the asyncio client (aiomqtt); ``clients.blocking.BlockingChatClient``
 the same for scripts (paho-mqtt, no event loop); ``clients.cli`` the ``mqchat chat|send|listen``
@@ -21,9 +27,11 @@ server, so it ships on its own.
 
 from clients.aio import ChatClient, ClientStatistics, Clock, backoff_delay
 from clients.blocking import BlockingChatClient
-from clients.errors import AuthFailed, ClientClosed, ClientError, ConnectionFailed, SendFailed
-from clients.events import Ack, ErrorReply, Event, Message, OtherEvent, parse_event
-from clients.outbox import MemoryOutbox, Outbox, PendingSend
+from clients.errors import AuthFailed, ClientClosed, ClientError, ConnectionFailed, HistoryFailed, SendFailed
+from clients.events import Ack, ErrorReply, Event, Message, OtherEvent, parse_envelope, parse_event
+from clients.ordering import OrderingBuffer
+from clients.outbox import MemoryOutbox, Outbox, PendingSend, SqliteOutbox
+from clients.state import ClientState, MemoryState, SqliteState
 
 __all__ = [
     "Ack",
@@ -32,17 +40,24 @@ __all__ = [
     "ChatClient",
     "ClientClosed",
     "ClientError",
+    "ClientState",
     "ClientStatistics",
     "Clock",
     "ConnectionFailed",
     "ErrorReply",
     "Event",
+    "HistoryFailed",
     "MemoryOutbox",
+    "MemoryState",
     "Message",
+    "OrderingBuffer",
     "OtherEvent",
     "Outbox",
     "PendingSend",
     "SendFailed",
+    "SqliteOutbox",
+    "SqliteState",
     "backoff_delay",
+    "parse_envelope",
     "parse_event",
 ]

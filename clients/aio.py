@@ -1,11 +1,28 @@
-"""The asyncio client: one device's connection, outbox and event stream.
+"""The asyncio client: one device's connection, outbox, catch-up and event stream.
 
-``ChatClient`` is an async context manager owning a ``TaskGroup`` with two tasks::
+``ChatClient`` is an async context manager owning a ``TaskGroup`` with these tasks::
 
     connection  connect → subscribe u/{user}/in + u/{user}/{device}/in (QoS 1) → re-publish the
-                outbox → read until the connection drops → back off (1 s doubling to 30 s, full
-                jitter) → connect again; a CONNACK refused for credentials ends it (AuthFailed)
+                outbox → ask for a sync → read until the connection drops → back off (1 s
+                doubling to 30 s, full jitter) → connect again; a CONNACK refused for credentials
+                ends it (AuthFailed). The *first* connect is not retried: ``async with`` raises
+                ConnectionFailed, so a caller learns at once that the server is unreachable.
     resend      every resend_after / 2 s: re-publish outbox entries unacked for resend_after s
+    watermarks  publish ``recv`` for what the app took from events() (one per conversation per
+                RECV_COALESCE s) and ``read``s of mark_read() made while offline
+    sync        (http_url only) after every connect: GET /v1/conversations?since=<cursor> with
+                include_messages=50 while ``more``, then …/messages?after=<last> per conversation
+                until complete; the cursor is saved once the app has taken everything it covers
+    gaps        (http_url only) a gap that outlives gap_grace_s is fetched with …/messages?after=
+
+Messages take one of two paths to ``events()``::
+
+    http_url None   msg ─► dedup on (conv, seq) ─► events()          (arrival order)
+    http_url set    msg ─┬─► OrderingBuffer ─► events()              (seq order per conversation,
+    HTTP pages ──────────┘   held behind gaps                          each (conv, seq) once)
+
+The last seq the app took per conversation, the sync cursor and (as ``SqliteOutbox``) the outbox
+live in ``state_path`` when given, so a restarted app neither loses nor repeats messages.
 
 ``send`` puts an entry in the outbox before publishing it, so nothing is lost while offline; the
 ``ack`` removes it. Waiters of ``send_and_wait`` / ``wait_acked`` are resolved from the reader.
@@ -20,16 +37,22 @@ import random
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
 import aiomqtt
+import httpx
 
 from clients._mqtt import is_auth_refusal_code
-from clients.errors import AuthFailed, ClientClosed, ConnectionFailed, SendFailed
+from clients.errors import AuthFailed, ClientClosed, ConnectionFailed, HistoryFailed, SendFailed
 from clients.events import Ack, ErrorReply, Event, Message, OtherEvent, SeenMessages, parse_event
-from clients.outbox import MemoryOutbox, Outbox, PendingSend
+from clients.history import ConversationSummary, HistoryClient
+from clients.ordering import OrderingBuffer
+from clients.outbox import MemoryOutbox, Outbox, PendingSend, SqliteOutbox
+from clients.state import ClientState, MemoryState, SqliteState
 from mqchat.ids import is_valid_id, parse_conv
 from mqchat.protocol import device_in_topic, encode, out_topic, user_in_topic
 
@@ -37,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 30.0
+RECV_COALESCE = 0.2  # at most one recv per conversation per this many seconds
+SYNC_INCLUDE_MESSAGES = 50
 _REMEMBERED_RESULTS = 4096
 
 
@@ -73,6 +98,10 @@ class ClientStatistics:
     reconnects: int  # successful connections after the first
     resends: int  # outbox entries re-published
     events_dropped: int  # events discarded because the app did not read them
+    gaps_detected: int = 0  # live msgs that arrived ahead of a missing seq (http_url only)
+    gap_fetches: int = 0  # gaps that outlived gap_grace_s and were fetched over HTTP
+    sync_requests: int = 0  # GET /v1/conversations requests made (retries included)
+    delivered_in_order: int = 0  # messages released by the per-conversation ordering (http_url only)
 
 
 class _EventStream:
@@ -89,11 +118,23 @@ class _EventStream:
             if self._client._fatal is not None:
                 raise self._client._fatal
             raise StopAsyncIteration
+        if isinstance(event, Message):
+            self._client._handed_over(event)
         return event
 
 
 class ChatClient:
-    """One device of one user, connected over MQTT 3.1.1. Use as ``async with ChatClient(...)``."""
+    """One device of one user, connected over MQTT 3.1.1. Use as ``async with ChatClient(...)``.
+
+    ``http_url`` (e.g. ``"http://127.0.0.1:8080"``) turns on catch-up over the HTTP API and
+    per-conversation ordering; without it messages arrive as MQTT delivers them (deduplicated).
+    ``state_path`` keeps the outbox, the sync cursor and the last seq the app took per
+    conversation in a local SQLite file (one file per device). ``auto_recv`` publishes ``recv``
+    for what the app took from :meth:`events`. ``gap_grace_s`` is how long a message that jumps
+    ahead is held before the missing range is fetched. ``http_transport`` replaces httpx's
+    network transport (tests use ``httpx.MockTransport``). HTTP calls are bounded by
+    ``connect_timeout`` seconds each and retried with backoff when the failure is transient.
+    """
 
     def __init__(
         self,
@@ -111,11 +152,18 @@ class ChatClient:
         rng: random.Random | None = None,
         max_buffered_events: int = 10_000,
         connect_timeout: float = 10.0,
+        http_url: str | None = None,
+        state_path: Path | None = None,
+        auto_recv: bool = True,
+        gap_grace_s: float = 1.0,
+        http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not (is_valid_id(user) and is_valid_id(device)):
             raise ValueError("user and device ids must be 1-64 characters of [A-Za-z0-9_.@-]")
         if resend_after <= 0:
             raise ValueError("resend_after must be positive")
+        if gap_grace_s < 0:
+            raise ValueError("gap_grace_s must not be negative")
         self._host = host
         self._port = port
         self._user = user
@@ -123,7 +171,14 @@ class ChatClient:
         self._token = token
         self._keepalive = keepalive
         self._resend_after = resend_after
-        self._outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
+        self._owned_outbox: Outbox | None = None
+        if outbox is None:
+            outbox = self._owned_outbox = SqliteOutbox(state_path) if state_path is not None else MemoryOutbox()
+        self._outbox: Outbox = outbox
+        self._state: ClientState = SqliteState(state_path, user=user) if state_path is not None else MemoryState()
+        self._http_url = http_url
+        self._http_transport = http_transport
+        self._auto_recv = auto_recv
         self._reconnect = reconnect
         self._clock = clock if clock is not None else Clock()
         self._rng = rng if rng is not None else random.Random()
@@ -144,11 +199,29 @@ class ChatClient:
         self._started = False
         self._closed = False
 
+        # What the app took from events(), per conversation (persisted in the state).
+        self._handed: dict[str, int] = self._state.delivered()
+        self._ordering = OrderingBuffer(grace=gap_grace_s, start=self._handed) if http_url is not None else None
+        self._http: httpx.AsyncClient | None = None
+        self._history: HistoryClient | None = None
+        self._http_lock = asyncio.Lock()  # one catch-up at a time: sync and gap repairs
+        self._sync_wanted = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._gap_opened = asyncio.Event()
+        # Sync cursors waiting for the app to take what they cover: (cursor, {conv: seq}).
+        self._pending_cursors: list[tuple[str, dict[str, int]]] = []
+        self._recv_due: dict[str, int] = {}
+        self._read_due: dict[str, int] = {}  # mark_read() calls made while offline
+        self._watermarks_due = asyncio.Event()
+
         self._received = 0
         self._duplicates = 0
         self._reconnects = 0
         self._resends = 0
         self._events_dropped = 0
+        self._gaps_detected = 0
+        self._gap_fetches = 0
+        self._delivered_in_order = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -161,8 +234,22 @@ class ChatClient:
         await tg.__aenter__()
         self._tg = tg
         name = f"mqchat-client:{self._user}/{self._device}"
+        if self._http_url is not None:
+            self._http = httpx.AsyncClient(
+                base_url=self._http_url, transport=self._http_transport, timeout=self._connect_timeout
+            )
+            self._history = HistoryClient(
+                http=self._http,
+                token=self._token,
+                timeout=self._connect_timeout,
+                sleep=self._clock.sleep,
+                backoff=lambda attempt: backoff_delay(attempt, rng=self._rng),
+            )
+            self._tasks.append(tg.create_task(self._run_sync(), name=f"{name}:sync"))
+            self._tasks.append(tg.create_task(self._run_gaps(), name=f"{name}:gaps"))
         self._tasks.append(tg.create_task(self._run_connection(), name=f"{name}:connection"))
         self._tasks.append(tg.create_task(self._run_resends(), name=f"{name}:resend"))
+        self._tasks.append(tg.create_task(self._run_watermarks(), name=f"{name}:watermarks"))
         try:
             await self._first_connect
         except BaseException:
@@ -191,6 +278,14 @@ class ChatClient:
         finally:
             self._mqtt = None
             self._end(None)
+            http, self._http = self._http, None
+            try:
+                if http is not None:
+                    await http.aclose()
+            finally:
+                self._state.close()
+                if self._owned_outbox is not None:
+                    self._owned_outbox.close()
 
     def _end(self, fatal: BaseException | None) -> None:
         """Wake everyone waiting: waiters fail (with the fatal error, if any) and the stream ends."""
@@ -300,12 +395,39 @@ class ChatClient:
         for entry in self._outbox.pending():
             await self._publish(entry)
 
+    async def mark_read(self, conv: str, seq: int) -> None:
+        """Tell the server (and so the user's other devices and the peers, as a ``receipt``) that
+        the user has read ``conv`` up to ``seq``. Made while offline, it is sent after reconnecting."""
+        self._check_open()
+        if parse_conv(conv) is None:
+            raise ValueError("conv must be a conversation id: dm:{a}:{b} (sorted) or g:{ulid}")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValueError("seq must be a non-negative integer")
+        if not await self._publish_watermark("read", conv, seq):
+            self._read_due[conv] = max(seq, self._read_due.get(conv, 0))
+
+    async def _publish_watermark(self, kind: Literal["recv", "read"], conv: str, seq: int) -> bool:
+        """Publish a recv/read; False when offline or the publish failed."""
+        mqtt = self._mqtt
+        if mqtt is None:
+            return False
+        try:
+            await mqtt.publish(self._out_topic, encode({"type": kind, "conv": conv, "seq": seq}), qos=1)
+        except aiomqtt.MqttError as exc:
+            logger.debug("%s for %s deferred: %s", kind, conv, exc)
+            return False
+        return True
+
     # --- receiving ----------------------------------------------------------------------------
 
     def events(self) -> _EventStream:
-        """Async iterator of incoming events: Message (deduplicated on (conv, seq)), Ack,
-        ErrorReply, OtherEvent. Ends when the client closes; raises AuthFailed / ConnectionFailed
-        when the connection ends for good. Each event goes to one reader."""
+        """Async iterator of incoming events: Message (deduplicated on (conv, seq); with http_url
+        also strictly in seq order per conversation, live and caught-up ones alike), Ack,
+        ErrorReply, OtherEvent (``receipt`` …). Ends when the client closes; raises AuthFailed /
+        ConnectionFailed when the connection ends for good. Each event goes to one reader. A
+        Message counts as delivered (persisted, and acknowledged with ``recv``) when it is taken
+        from here; if the app stops reading and events are dropped (``events_dropped``), those
+        messages are not repeated."""
         return _EventStream(self)
 
     def _dispatch(self, payload: bytes) -> None:
@@ -314,6 +436,9 @@ class ChatClient:
             logger.debug("dropped an unreadable envelope of %d bytes", len(payload))
             return
         if isinstance(event, Message):
+            if self._ordering is not None:
+                self._offer([event], live=True)
+                return
             if not self._seen.first_time(event.conv, event.seq):
                 self._duplicates += 1
                 return
@@ -332,6 +457,51 @@ class ChatClient:
                 if not fut.done():
                     fut.set_exception(SendFailed(event))
         self._enqueue(event)
+
+    def _offer(self, messages: Iterable[Message], *, live: bool) -> None:
+        """Pass messages (live or fetched) through the ordering buffer to the event queue."""
+        assert self._ordering is not None
+        now = self._clock.monotonic()
+        for msg in messages:
+            offered = self._ordering.offer(msg, now=now)
+            if offered.duplicate:
+                if live:
+                    self._duplicates += 1
+                continue
+            if offered.gap_opened:
+                if live:
+                    self._gaps_detected += 1
+                    logger.debug("%s: seq %d arrived ahead of a gap; holding it", msg.conv, msg.seq)
+                self._gap_opened.set()
+            self._deliver(offered.ready)
+
+    def _deliver(self, ready: list[Message]) -> None:
+        for msg in ready:
+            self._received += 1
+            self._delivered_in_order += 1
+            self._enqueue(msg)
+
+    def _handed_over(self, msg: Message) -> None:
+        """The app took ``msg`` from events(): remember it, schedule a recv, maybe save a cursor."""
+        if msg.seq > self._handed.get(msg.conv, 0):
+            self._handed[msg.conv] = msg.seq
+            if not self._closed:  # the state file closes with the client
+                self._state.set_delivered(msg.conv, msg.seq)
+            if self._auto_recv:
+                self._recv_due[msg.conv] = msg.seq
+                self._watermarks_due.set()
+        if self._pending_cursors:
+            self._save_cursors()
+
+    def _save_cursors(self) -> None:
+        """Save each sync cursor whose conversations the app has taken up to what the sync saw."""
+        while self._pending_cursors:
+            cursor, covered = self._pending_cursors[0]
+            if any(self._handed.get(conv, 0) < seq for conv, seq in covered.items()):
+                return
+            self._pending_cursors.pop(0)
+            if not self._closed:
+                self._state.set_cursor(cursor)
 
     def _settle(self, id: str, result: Ack | ErrorReply) -> None:
         self._outbox.remove(id)
@@ -383,6 +553,11 @@ class ChatClient:
                         self._first_connect.set_result(None)
                         logger.info("connected to %s:%d as %s", self._host, self._port, self._device)
                     await self._publish_all()
+                    if self._history is not None:
+                        self._synced.clear()
+                        self._sync_wanted.set()
+                    if self._recv_due or self._read_due:
+                        self._watermarks_due.set()
                     async for message in mqtt.messages:
                         if isinstance(message.payload, bytes | bytearray):
                             self._dispatch(bytes(message.payload))
@@ -425,6 +600,125 @@ class ChatClient:
                     logger.debug("re-publishing unacked send %s", entry.id)
                     await self._publish(entry)
 
+    async def _run_watermarks(self) -> None:
+        while True:
+            await self._watermarks_due.wait()
+            self._watermarks_due.clear()
+            if self._mqtt is None:
+                continue  # set again after the next connect
+            reads, self._read_due = self._read_due, {}
+            for conv, seq in reads.items():
+                if not await self._publish_watermark("read", conv, seq):
+                    self._read_due[conv] = max(seq, self._read_due.get(conv, 0))
+            recvs, self._recv_due = self._recv_due, {}
+            for conv, seq in recvs.items():
+                if not await self._publish_watermark("recv", conv, seq):
+                    self._recv_due[conv] = max(seq, self._recv_due.get(conv, 0))
+            await self._clock.sleep(RECV_COALESCE)
+
+    async def _run_sync(self) -> None:
+        while True:
+            await self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            try:
+                await self._sync()
+            except HistoryFailed as exc:
+                logger.warning("catching up over HTTP failed: %s", exc)
+            except Exception:
+                logger.exception("catching up over HTTP failed")
+            finally:
+                if not self._sync_wanted.is_set():
+                    self._synced.set()
+
+    async def _sync(self) -> None:
+        """Catch up every conversation changed since the saved cursor (section 8 of the protocol)."""
+        assert self._history is not None
+        assert self._ordering is not None
+        async with self._http_lock:
+            cursor = self._state.cursor()
+            while True:
+                try:
+                    page = await self._history.sync(cursor, include_messages=SYNC_INCLUDE_MESSAGES)
+                except HistoryFailed as exc:
+                    if exc.code != "bad_cursor" or cursor is None:
+                        raise
+                    logger.warning("the server does not know the saved sync cursor; syncing from the start")
+                    self._pending_cursors.clear()
+                    self._state.set_cursor(None)
+                    cursor = None
+                    continue
+                covered: dict[str, int] = {}
+                for summary in page.conversations:
+                    await self._catch_up(summary)
+                    covered[summary.conv] = self._ordering.last(summary.conv)
+                self._pending_cursors.append((page.cursor, covered))
+                self._save_cursors()
+                cursor = page.cursor
+                if not page.more:
+                    return
+
+    async def _catch_up(self, summary: ConversationSummary) -> None:
+        assert self._ordering is not None
+        included = summary.messages
+        if included and included[0].seq <= self._ordering.last(summary.conv) + 1:
+            self._offer(included, live=False)
+        if self._ordering.last(summary.conv) < summary.last_seq:
+            await self._fetch_after(summary.conv)
+
+    async def _fetch_after(self, conv: str) -> None:
+        """Fetch ``messages?after=<last released>`` pages until the server has no more."""
+        assert self._history is not None
+        assert self._ordering is not None
+        while True:
+            after = self._ordering.last(conv)
+            page = await self._history.messages_after(conv, after)
+            self._offer(page.messages, live=False)
+            if not page.more or self._ordering.last(conv) <= after:
+                return
+
+    async def _run_gaps(self) -> None:
+        assert self._ordering is not None
+        while True:
+            self._gap_opened.clear()
+            deadline = self._ordering.next_deadline()
+            if deadline is None:
+                await self._gap_opened.wait()
+                continue
+            delay = deadline - self._clock.monotonic()
+            if delay > 0:
+                await self._clock.sleep(delay)
+                continue
+            for conv in self._ordering.gaps_due(self._clock.monotonic()):
+                self._gap_fetches += 1
+                try:
+                    await self._repair_gap(conv)
+                except Exception:
+                    logger.exception("repairing a gap of %s failed", conv)
+                    self._ordering.rearm(conv, now=self._clock.monotonic())
+
+    async def _repair_gap(self, conv: str) -> None:
+        assert self._ordering is not None
+        async with self._http_lock:
+            if not self._ordering.has_gap(conv):
+                return  # a sync or a late msg filled it meanwhile
+            try:
+                await self._fetch_after(conv)
+            except HistoryFailed as exc:
+                logger.warning("cannot fetch the gap of %s (%s); delivering what follows it", conv, exc)
+                self._deliver(self._ordering.skip_gap(conv, now=self._clock.monotonic()))
+                return
+            # Still open: the missing msg was stored after our read and is in flight. Wait again.
+            self._ordering.rearm(conv, now=self._clock.monotonic())
+
+    async def wait_synced(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until the catch-up after the latest (re)connect has finished or given up (at once without
+        http_url). The caught-up messages are then in events()."""
+        self._check_open()
+        if self._history is None:
+            return
+        async with asyncio.timeout(timeout):
+            await self._synced.wait()
+
     # --- introspection ------------------------------------------------------------------------
 
     @property
@@ -444,4 +738,8 @@ class ChatClient:
             reconnects=self._reconnects,
             resends=self._resends,
             events_dropped=self._events_dropped,
+            gaps_detected=self._gaps_detected,
+            gap_fetches=self._gap_fetches,
+            sync_requests=self._history.sync_requests if self._history is not None else 0,
+            delivered_in_order=self._delivered_in_order,
         )

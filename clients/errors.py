@@ -7,6 +7,7 @@ Exception tree::
         ├── AuthFailed          the broker refused CONNACK: bad or expired credentials; not retried
         ├── SendFailed          the server answered a send with an ``error`` reply (``.reply``)
         ├── ConnectionFailed    the first connect failed, or the connection dropped with reconnect off
+        ├── HistoryFailed       the HTTP API refused a sync/history call for good (``.code``)
         └── ClientClosed        the client was used after ``aclose()`` / ``close()``
 """
 
@@ -38,6 +39,15 @@ class SendFailed(ClientError):
 
 class ConnectionFailed(ClientError):
     """The broker could not be reached, or the connection dropped and the client does not reconnect."""
+
+
+class HistoryFailed(ClientError):
+    """The HTTP API answered a call with a final error; ``code`` is its stable ``error`` code
+    (``bad_cursor``, ``not_member``, ``unauthorized`` …) or ``bad_response`` for an unreadable answer."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
 
 
 class ClientClosed(ClientError):

@@ -1,8 +1,9 @@
 """What a device receives: typed views of the server's envelopes.
 
 ``parse_event`` turns one MQTT payload from ``u/{user}/in`` or ``u/{user}/{device}/in`` into a
-:class:`Message`, :class:`Ack`, :class:`ErrorReply` or :class:`OtherEvent`; it returns None for
-anything it cannot read and never raises, since the network is not trusted.
+:class:`Message`, :class:`Ack`, :class:`ErrorReply` or :class:`OtherEvent`; ``parse_envelope`` does
+the same for an already decoded JSON object (the ``messages`` of the HTTP API). Both return None
+for anything they cannot read and never raise, since the network is not trusted.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ def parse_event(payload: bytes) -> Event | None:
         obj = decode_object(payload)
     except RequestError:
         return None
+    return parse_envelope(obj)
+
+
+def parse_envelope(obj: dict[str, Any]) -> Event | None:
+    """Parse one decoded envelope (an element of an HTTP history page, say); None when malformed."""
     kind = _str(obj, "type")
     if kind is None:
         return None

@@ -1,0 +1,194 @@
+"""The HTTP side of catching up: sync and history pages, with timeouts and retries.
+
+::
+
+    sync(since)              GET /v1/conversations?since=&limit=&include_messages=  ─► SyncPage
+    messages_after(conv, n)  GET /v1/conversations/{conv}/messages?after=n&limit=   ─► MessagesPage
+
+Every call is bounded by ``timeout`` seconds. Transport failures, timeouts and 429/5xx answers
+are retried with the same full-jitter backoff as MQTT reconnects; any other answer raises
+:class:`clients.errors.HistoryFailed` with the server's stable ``error`` code (``bad_cursor``,
+``not_member``, ``unauthorized`` …). The bearer token is the device's MQTT token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from clients.errors import HistoryFailed
+from clients.events import Message, parse_envelope
+
+logger = logging.getLogger(__name__)
+
+_RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_HISTORY_LIMIT = 500  # the server's default cap; an operator may set a lower one
+_HISTORY_LIMIT_FALLBACK = 100  # the server's default page size, always accepted
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    """One conversation of a sync page: the user's state there and its newest messages."""
+
+    conv: str
+    kind: str
+    last_seq: int
+    delivered: int
+    read: int
+    unread: int
+    updated_at: int
+    messages: tuple[Message, ...] = ()  # ascending
+    messages_more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPage:
+    conversations: tuple[ConversationSummary, ...]
+    cursor: str
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesPage:
+    conv: str
+    messages: tuple[Message, ...]  # ascending
+    more: bool
+    last_seq: int
+
+
+def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = obj.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HistoryFailed("bad_response", f"{key!r} is not an integer")
+    return value
+
+
+def _messages(raw: object) -> tuple[Message, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise HistoryFailed("bad_response", "'messages' is not a list")
+    messages = []
+    for item in raw:
+        msg = parse_envelope(item) if isinstance(item, dict) else None
+        if not isinstance(msg, Message):
+            raise HistoryFailed("bad_response", "an element of 'messages' is not a msg envelope")
+        messages.append(msg)
+    return tuple(messages)
+
+
+def _summary(obj: object) -> ConversationSummary:
+    if not isinstance(obj, dict) or not isinstance(obj.get("conv"), str):
+        raise HistoryFailed("bad_response", "a conversation without 'conv'")
+    return ConversationSummary(
+        conv=obj["conv"],
+        kind=str(obj.get("kind", "")),
+        last_seq=_int(obj, "last_seq"),
+        delivered=_int(obj, "delivered", 0),
+        read=_int(obj, "read", 0),
+        unread=_int(obj, "unread", 0),
+        updated_at=_int(obj, "updated_at", 0),
+        messages=_messages(obj.get("messages")),
+        messages_more=bool(obj.get("messages_more", False)),
+    )
+
+
+class HistoryClient:
+    """Sync and history calls of one user over an ``httpx.AsyncClient`` the caller owns."""
+
+    def __init__(
+        self,
+        *,
+        http: httpx.AsyncClient,
+        token: str,
+        timeout: float,
+        sleep: Callable[[float], Awaitable[None]],  # the client's injected clock
+        backoff: Callable[[int], float],  # retry attempt (0-based) -> seconds
+    ) -> None:
+        self._http = http
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._timeout = timeout
+        self._sleep = sleep
+        self._backoff = backoff
+        self._history_limit = _HISTORY_LIMIT
+        self.sync_requests = 0  # GET /v1/conversations requests, retries included
+        self.history_requests = 0  # GET …/messages requests, retries included
+
+    async def sync(self, since: str | None, *, limit: int = 100, include_messages: int = 50) -> SyncPage:
+        params: dict[str, str | int] = {"limit": limit, "include_messages": include_messages}
+        if since is not None:
+            params["since"] = since
+        body = await self._get("/v1/conversations", params, sync=True)
+        raw = body.get("conversations")
+        cursor = body.get("cursor")
+        if not isinstance(raw, list) or not isinstance(cursor, str):
+            raise HistoryFailed("bad_response", "a sync page without 'conversations' or 'cursor'")
+        return SyncPage(
+            conversations=tuple(_summary(c) for c in raw), cursor=cursor, more=bool(body.get("more", False))
+        )
+
+    async def messages_after(self, conv: str, after: int) -> MessagesPage:
+        """Messages of ``conv`` with ``seq > after``, ascending, one page of up to 500."""
+        path = f"/v1/conversations/{quote(conv, safe=':@')}/messages"
+        while True:
+            try:
+                body = await self._get(path, {"after": after, "limit": self._history_limit})
+                break
+            except HistoryFailed as exc:
+                if exc.code != "bad_request" or self._history_limit == _HISTORY_LIMIT_FALLBACK:
+                    raise
+                logger.info("the server caps history pages below %d; using %d", _HISTORY_LIMIT, _HISTORY_LIMIT_FALLBACK)
+                self._history_limit = _HISTORY_LIMIT_FALLBACK
+        return MessagesPage(
+            conv=conv,
+            messages=_messages(body.get("messages")),
+            more=bool(body.get("more", False)),
+            last_seq=_int(body, "last_seq", 0),
+        )
+
+    async def _get(self, path: str, params: dict[str, str | int], *, sync: bool = False) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            if sync:
+                self.sync_requests += 1
+            else:
+                self.history_requests += 1
+            try:
+                async with asyncio.timeout(self._timeout):
+                    response = await self._http.get(path, params=params, headers=self._headers)
+                    await response.aread()
+            except (httpx.TransportError, TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    try:
+                        body = response.json()
+                    except ValueError:
+                        body = None
+                    if not isinstance(body, dict):
+                        raise HistoryFailed("bad_response", f"GET {path}: the answer is not a JSON object")
+                    return body
+                code, message = self._error_of(response)
+                if response.status_code not in _RETRYABLE_STATUS:
+                    raise HistoryFailed(code, f"GET {path}: {response.status_code} {message}")
+                problem = f"{response.status_code} {code}"
+            delay = self._backoff(attempt)
+            attempt += 1
+            logger.warning("GET %s failed (%s); retrying in %.1f s", path, problem, delay)
+            await self._sleep(delay)
+
+    @staticmethod
+    def _error_of(response: httpx.Response) -> tuple[str, str]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            return body["error"], str(body.get("message", ""))
+        return "http_" + str(response.status_code), ""
