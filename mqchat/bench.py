@@ -82,6 +82,7 @@ class Options:
     messages: int | None = None
     rates: tuple[float, ...] | None = None
     connections: int | None = None
+    netem: str | None = None  # chat: a lossy-network preset between the phones and the server
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -333,6 +334,45 @@ def run_load(fn: str, kwargs: dict[str, Any], *, label: str, limit_s: float) -> 
     if status != "ok":
         raise BenchError(f"{label}: {value}")
     return value
+
+
+def _netem_child(target_port: int, preset: str, seed: int, ready: Connection) -> None:
+    """A lossy proxy (clients.netem) in its own process, pinned with the load generator."""
+    _child_setup(LOAD_CPU)
+    import asyncio
+
+    from clients.netem import PRESETS, LossyProxy
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        async with LossyProxy(target_port=target_port, profile=PRESETS[preset], seed=seed) as proxy:
+            ready.send(proxy.port)
+            await stop.wait()
+
+    _run_async(main())
+
+
+@contextlib.contextmanager
+def netem_proxy(target_port: int, preset: str | None) -> Iterator[int]:
+    """The port phones should use: the server's own, or a lossy proxy in front of it."""
+    if preset is None:
+        yield target_port
+        return
+    parent, child = _CTX.Pipe(duplex=False)
+    p = _CTX.Process(target=_netem_child, args=(target_port, preset, 1, child), name="netem")
+    p.start()
+    child.close()
+    try:
+        if not parent.poll(15):
+            raise BenchError("the lossy proxy did not start")
+        yield int(parent.recv())
+    finally:
+        p.terminate()
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
 
 
 def progress(line: str) -> None:
@@ -1091,6 +1131,7 @@ def bench_chat(opts: Options, workdir: Path) -> dict[str, Any]:
         "body_bytes": PAYLOAD_BYTES,
         "sustainable": "highest rate with send->ack and send->delivery p99 < 100 ms and nothing lost",
         "placement": "the whole server (supervisor, broker, bridge) on CPU 0; load generator on CPU 1",
+        "netem": opts.netem or "none",
     }
     results: dict[str, Any] = {}
     for adapter in ("mqtt", "inbroker"):
@@ -1110,21 +1151,22 @@ def bench_chat(opts: Options, workdir: Path) -> dict[str, Any]:
                 ta = issue_token(secret=secret, user=a, device=f"{a}-dev", ttl_s=3600)
                 tb = issue_token(secret=secret, user=b, device=f"{b}-dev", ttl_s=3600)
                 pairs.append((a, Creds(f"{a}-dev", a, ta), b, Creds(f"{b}-dev", b, tb)))
-            steps = run_load(
-                "chat_run",
-                {
-                    "host": HOST,
-                    "port": mqtt_port,
-                    "pairs": pairs,
-                    "rates": params["rates"],
-                    "duration": params["seconds_per_rate"],
-                    "id_prefix": f"b{secrets.token_hex(3)}",
-                    "drain_s": params["drain_s"],
-                    "body_size": PAYLOAD_BYTES,
-                },
-                label=f"chat {adapter}",
-                limit_s=len(params["rates"]) * (params["seconds_per_rate"] * 3 + params["drain_s"] + 10) + 60,
-            )
+            with netem_proxy(mqtt_port, opts.netem) as phone_port:
+                steps = run_load(
+                    "chat_run",
+                    {
+                        "host": HOST,
+                        "port": phone_port,
+                        "pairs": pairs,
+                        "rates": params["rates"],
+                        "duration": params["seconds_per_rate"],
+                        "id_prefix": f"b{secrets.token_hex(3)}",
+                        "drain_s": params["drain_s"],
+                        "body_size": PAYLOAD_BYTES,
+                    },
+                    label=f"chat {adapter}",
+                    limit_s=len(params["rates"]) * (params["seconds_per_rate"] * 3 + params["drain_s"] + 10) + 60,
+                )
             entry["steps"] = steps
             ok = [
                 s["rate"]
@@ -1300,6 +1342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", type=int, help="relay: messages per throughput test")
     p.add_argument("--rates", help="relay/chat: comma-separated offered rates, messages/s")
     p.add_argument("--connections", type=int, help="connections: how many idle devices (default 20000)")
+    p.add_argument(
+        "--netem",
+        choices=("perfect", "good_4g", "flaky_3g", "chaos"),
+        help="chat: put a lossy-network proxy between the phones and the server (the load generator does not "
+        "reconnect, so with cuts a cut connection's messages count as lost: use good_4g for latency)",
+    )
     return p
 
 
@@ -1324,6 +1372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         messages=args.messages,
         rates=rates,
         connections=args.connections,
+        netem=args.netem,
     )
     _pin(LOAD_CPU)  # keep the orchestrator off the brokers' CPU
     _raise_nofile()
