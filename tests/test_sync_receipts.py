@@ -187,3 +187,50 @@ async def test_an_old_database_is_migrated(tmp_path: Path) -> None:
         assert (state.last_seq, state.unread) == (3, 3)
     finally:
         await store.aclose()
+
+
+async def test_sync_cost_follows_what_changed_not_how_many_conversations(tmp_path: Path) -> None:
+    """5,000 conversations, 3 new messages: the answer holds 3, found through the (user, version) index."""
+    import sqlite3
+
+    from storage.base import NewMessage
+    from storage.sqlite import SqliteMessageStore
+
+    path = tmp_path / "many.sqlite3"
+    store = await SqliteMessageStore.open(path)
+    try:
+
+        def msg(conv: str, sender: str, i: int) -> NewMessage:
+            return NewMessage(
+                conv=conv,
+                members=tuple(conv.split(":")[1:]),
+                sender=sender,
+                device="d",
+                client_id=f"{sender}-{i}",
+                kind="text",
+                body="x",
+                media=(),
+                ts=1,
+            )
+
+        await asyncio.gather(*(store.append(msg(dm_conv("busy", f"p{i:04d}"), "busy", i)) for i in range(5000)))
+        cursor = (await store.changes_since(user="busy", version=0, limit=5000)).version
+        for i in (7, 700, 4000):
+            await store.append(msg(dm_conv("busy", f"p{i:04d}"), f"p{i:04d}", i))
+        page = await store.changes_since(user="busy", version=cursor, limit=100)
+        assert [s.conv for s in page.states] == [dm_conv("busy", f"p{i:04d}") for i in (7, 700, 4000)]
+        assert [s.unread for s in page.states] == [1, 1, 1]
+    finally:
+        await store.aclose()
+    conn = sqlite3.connect(path)
+    plan = " ".join(
+        str(row[-1])
+        for row in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT u.conv FROM user_convs u LEFT JOIN conversations c ON c.conv = u.conv "
+            "WHERE u.user = ? AND u.version > ? ORDER BY u.version LIMIT 100",
+            ("busy", cursor),
+        )
+    )
+    conn.close()
+    assert "user_convs_by_version" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan  # no sort of the user's whole list
