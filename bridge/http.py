@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bridge.pipeline import members_of, message_event
+from bridge.pipeline import message_event, require_member
 from mqchat import __version__
 from mqchat.errors import AuthError, ErrorCode, RequestError, StorageError
 from mqchat.ids import parse_conv
@@ -184,10 +184,7 @@ def create_app(
         parsed = parse_conv(conv)
         if parsed is None:
             raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
-        if parsed.kind != "dm":
-            raise RequestError(ErrorCode.NOT_FOUND, "no such conversation")
-        if who.user not in members_of(parsed):
-            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation")
+        require_member(who.user, parsed)
         if after is not None and before is not None:
             raise RequestError(ErrorCode.BAD_REQUEST, "give after or before, not both")
         if before is not None:

@@ -26,7 +26,7 @@ from mqchat.protocol import (
 )
 from storage.base import MessageStore, NewMessage, SeqBeyondEnd, StoredMessage
 
-__all__ = ["Outgoing", "Pipeline", "members_of", "message_event"]
+__all__ = ["Outgoing", "Pipeline", "members_of", "message_event", "require_member"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,17 @@ logger = logging.getLogger(__name__)
 def members_of(conv: Conv) -> tuple[str, ...]:
     """Members of a conversation, as far as the pipeline knows them (dm: from the id)."""
     return conv.members
+
+
+def require_member(user: str, conv: Conv, *, id: str | None = None) -> tuple[str, ...]:
+    """The conversation's members, after checking that it exists and user is one of them
+    (RequestError not_found / not_member otherwise). Every read and write goes through here."""
+    if conv.kind != "dm":
+        raise RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=id, conv=conv.id)
+    members = members_of(conv)
+    if user not in members:
+        raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation", id=id, conv=conv.id)
+    return members
 
 
 class Pipeline:
@@ -101,18 +112,8 @@ class Pipeline:
         metrics.REQUESTS_REJECTED.labels(code=str(code)).inc()
         return Outgoing(topic, encode(error_envelope(code, message, id=id, conv=conv)))
 
-    @staticmethod
-    def _members(user: str, conv: Conv, id: str | None = None) -> tuple[str, ...]:
-        """The conversation's members, after checking that user is one of them."""
-        if conv.kind != "dm":
-            raise RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=id, conv=conv.id)
-        members = members_of(conv)
-        if user not in members:
-            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation", id=id, conv=conv.id)
-        return members
-
     async def _watermark(self, user: str, req: WatermarkRequest) -> list[Outgoing]:
-        members = self._members(user, req.conv)
+        members = require_member(user, req.conv)
         is_read = req.type == "read"
         try:
             result = await self._store.set_watermark(
@@ -129,7 +130,7 @@ class Pipeline:
         return []
 
     async def _send(self, user: str, device: str, req: SendRequest) -> list[Outgoing]:
-        members = self._members(user, req.conv, req.id)
+        members = require_member(user, req.conv, id=req.id)
         result = await self._store.append(
             NewMessage(
                 conv=req.conv.id,
@@ -160,7 +161,7 @@ class Pipeline:
         # A duplicate is fanned out again: the first attempt may have been cut between commit
         # and publish, and clients dedup msg events on (conv, seq).
         event = encode(message_event(stored))
-        out.extend(Outgoing(user_in_topic(member), event) for member in members_of(req.conv))
+        out.extend(Outgoing(user_in_topic(member), event) for member in members)
         return out
 
 
