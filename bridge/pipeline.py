@@ -15,6 +15,7 @@ from mqchat.protocol import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     Request,
     SendRequest,
+    TypingRequest,
     WatermarkRequest,
     ack_envelope,
     device_in_topic,
@@ -61,10 +62,16 @@ class Pipeline:
         store: MessageStore,
         receipts: ReceiptCoalescer | None = None,
         max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+        typing_interval_s: float = 1.0,
+        typing_per_minute: int = 120,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
         self._receipts = receipts  # None: receipt events go out at once, uncoalesced
+        self._typing_interval_s = typing_interval_s
+        self._typing_per_minute = typing_per_minute
+        self._typing_last: dict[tuple[str, str, str], tuple[float, bool]] = {}  # (user, device, conv)
+        self._typing_budget: dict[tuple[str, str], tuple[float, float]] = {}  # (user, device) -> tokens, at
         self._max_envelope_bytes = max_envelope_bytes
         self._clock = clock
 
@@ -80,11 +87,7 @@ class Pipeline:
             elif isinstance(request, WatermarkRequest):
                 out = await self._watermark(user, request)
             else:
-                raise RequestError(
-                    ErrorCode.UNSUPPORTED,
-                    f"{type(request).__name__} is not served by this server version yet",
-                    conv=request.conv.id,
-                )
+                out = self._typing(user, device, request)
         except RequestError as exc:
             return [self._error(reply_topic, exc.code, exc.message, id=exc.id, conv=exc.conv)]
         except StorageError:
@@ -111,6 +114,27 @@ class Pipeline:
             id = request.id if isinstance(request, SendRequest) else None
         metrics.REQUESTS_REJECTED.labels(code=str(code)).inc()
         return Outgoing(topic, encode(error_envelope(code, message, id=id, conv=conv)))
+
+    def _typing(self, user: str, device: str, req: TypingRequest) -> list[Outgoing]:
+        """Relay to the other members, QoS 0, never stored. A repeat of the same state within the
+        interval is dropped quietly; a device over its per-minute budget gets rate_limited."""
+        members = require_member(user, req.conv)
+        now = self._clock.monotonic()
+        key = (user, device, req.conv.id)
+        last = self._typing_last.get(key)
+        if last is not None and last[1] == req.state and now - last[0] < self._typing_interval_s:
+            return []
+        tokens, at = self._typing_budget.get((user, device), (float(self._typing_per_minute), now))
+        tokens = min(float(self._typing_per_minute), tokens + (now - at) * self._typing_per_minute / 60.0)
+        if tokens < 1:
+            self._typing_budget[(user, device)] = (tokens, now)
+            raise RequestError(ErrorCode.RATE_LIMITED, "too many typing notifications", conv=req.conv.id)
+        self._typing_budget[(user, device)] = (tokens - 1, now)
+        if len(self._typing_last) > 100_000:  # forget stale entries
+            self._typing_last = {k: v for k, v in self._typing_last.items() if now - v[0] < 60}
+        self._typing_last[key] = (now, req.state)
+        event = encode({"type": "typing", "conv": req.conv.id, "user": user, "state": req.state})
+        return [Outgoing(user_in_topic(m), event, qos=0) for m in members if m != user]
 
     async def _watermark(self, user: str, req: WatermarkRequest) -> list[Outgoing]:
         members = require_member(user, req.conv)

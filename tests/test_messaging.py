@@ -93,3 +93,20 @@ async def test_reusing_an_id_in_another_conversation_is_refused_and_leaks_nothin
     assert errors[0]["id"] == "reused-1"
     assert c1.envelopes() == []
     assert await stack.store.last_seq(dm_conv(alice, carol)) == 0
+
+
+@both_adapters
+async def test_typing_reaches_the_other_member_only(stack: Stack) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+    async with (
+        connect_device(stack.mqtt_port, alice, "a1", stack.token(alice, "a1")) as a1,
+        connect_device(stack.mqtt_port, alice, "a2", stack.token(alice, "a2")) as a2,
+        connect_device(stack.mqtt_port, bob, "b1", stack.token(bob, "b1")) as b1,
+    ):
+        await a1.send({"type": "typing", "conv": conv, "state": True})
+        got = await b1.wait_for(lambda e: e["type"] == "typing")
+        await asyncio.sleep(0.3)
+    assert got == [{"type": "typing", "conv": conv, "user": alice, "state": True}]
+    assert a2.envelopes("typing") == []
+    assert a1.envelopes() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,43 @@ async def test_sync_cost_follows_what_changed_not_how_many_conversations(tmp_pat
     conn.close()
     assert "user_convs_by_version" in plan, plan
     assert "TEMP B-TREE" not in plan, plan  # no sort of the user's whole list
+
+
+async def test_typing_is_relayed_to_the_others_rate_limited_and_never_stored(tmp_path: Path) -> None:
+    from bridge.pipeline import Pipeline
+    from mqchat.clock import Clock
+    from storage.sqlite import SqliteMessageStore
+
+    class FakeClock(Clock):
+        def __init__(self) -> None:
+            self.now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = FakeClock()
+    store = await SqliteMessageStore.open(tmp_path / "t.sqlite3")
+    try:
+        pipeline = Pipeline(store=store, typing_interval_s=1.0, typing_per_minute=3, clock=clock)
+        conv = dm_conv("alice", "bob")
+
+        async def typing(state: bool, user: str = "alice", c: str = conv) -> list[Any]:
+            out = await pipeline.handle(user, "a1", json.dumps({"type": "typing", "conv": c, "state": state}).encode())
+            return [(o.topic, o.qos, json.loads(o.payload)) for o in out]
+
+        first = await typing(True)
+        assert first == [("u/bob/in", 0, {"type": "typing", "conv": conv, "user": "alice", "state": True})]
+        assert await typing(True) == []  # the same state again within the interval: dropped
+        assert (await typing(False))[0][2]["state"] is False  # a change goes through at once
+        clock.now += 2
+        assert len(await typing(True)) == 1
+        limited = await typing(False)
+        assert limited[0][2]["code"] == "rate_limited"  # 3 per minute
+        clock.now += 60
+        assert len(await typing(False)) == 1
+        refused = await typing(True, user="carol")
+        assert refused[0][2]["code"] == "not_member"
+        assert await store.last_seq(conv) == 0  # never stored
+        assert (await store.changes_since(user="alice", version=0, limit=10)).states == ()
+    finally:
+        await store.aclose()
