@@ -7,7 +7,7 @@ Errors are JSON: ``{"error": <stable code>, "message": <reason>}`` with a 4xx/5x
 import base64
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -17,12 +17,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bridge.outgoing import Outgoing
 from bridge.pipeline import message_event, require_member
 from mqchat import __version__
+from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import AuthError, ErrorCode, RequestError, StorageError
-from mqchat.ids import parse_conv
+from mqchat.ids import ID_PATTERN, new_group_id, parse_conv
+from mqchat.protocol import encode, user_in_topic
 from mqchat.tokens import Identity, TokenVerifier
-from storage.base import MessageStore
+from storage.base import Group, MessageStore
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ _STATUS = {
     ErrorCode.BAD_CURSOR: 400,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.UNSUPPORTED: 400,
     ErrorCode.NOT_MEMBER: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.TOO_LARGE: 413,
@@ -117,16 +121,49 @@ def metrics_payload() -> bytes:
     return generate_latest(REGISTRY)
 
 
+class GroupIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(default_factory=list, max_length=100_000)
+    kind: str = Field(default="group", pattern="^(group|channel)$")
+
+
+class MembersIn(BaseModel):
+    members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(min_length=1, max_length=100_000)
+
+
+class GroupMemberOut(BaseModel):
+    user: str
+    role: str
+    joined_seq: int = Field(description="the first seq this member can read")
+
+
+class GroupOut(BaseModel):
+    conv: str
+    name: str
+    kind: str
+    creator: str
+    created_at: int
+    members: list[GroupMemberOut]
+
+
+async def _no_publish(outgoing: list[Outgoing]) -> None:
+    return None
+
+
 def create_app(
     *,
     store: MessageStore,
     verifier: TokenVerifier,
     history_max_limit: int = 500,
+    max_group_members: int = 1000,
     broker_connected: Callable[[], bool] = lambda: True,
+    publish: Callable[[list[Outgoing]], Awaitable[None]] = _no_publish,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> FastAPI:
     """Build the ASGI app over the given store and token verifier.
 
-    ``broker_connected`` tells /healthz whether the bridge currently reaches the broker.
+    ``broker_connected`` tells /healthz whether the bridge currently reaches the broker;
+    ``publish`` sends events (membership changes) to devices through the adapter.
     """
     app = FastAPI(
         title="mqchat",
@@ -184,18 +221,28 @@ def create_app(
         parsed = parse_conv(conv)
         if parsed is None:
             raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
-        require_member(who.user, parsed)
+        await require_member(store, who.user, parsed)
         if after is not None and before is not None:
             raise RequestError(ErrorCode.BAD_REQUEST, "give after or before, not both")
+        first = 1  # a group member reads from the seq they joined at
+        if parsed.kind == "group":
+            group = await store.group(parsed.id)
+            member = group.member(who.user) if group is not None else None
+            if member is None:
+                raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation")
+            first = member.joined_seq
         if before is not None:
             page = await store.fetch_before(parsed.id, before, limit)
+            visible = [m for m in page.messages if m.seq >= first]
+            more = page.more and len(visible) == len(page.messages)
         else:
-            page = await store.fetch_after(parsed.id, after or 0, limit)
+            page = await store.fetch_after(parsed.id, max(after or 0, first - 1), limit)
+            visible, more = list(page.messages), page.more
         last_seq = await store.last_seq(parsed.id)
         return {
             "conv": parsed.id,
-            "messages": [message_event(m) for m in page.messages],
-            "more": page.more,
+            "messages": [message_event(m) for m in visible],
+            "more": more,
             "last_seq": last_seq,
         }
 
@@ -231,11 +278,117 @@ def create_app(
                 "updated_at": state.updated_at,
             }
             if include_messages:
+                first = 1
+                if state.kind == "group":
+                    group = await store.group(state.conv)
+                    member = group.member(who.user) if group is not None else None
+                    first = member.joined_seq if member is not None else state.last_seq + 1
                 recent = await store.fetch_before(state.conv, state.last_seq + 1, include_messages)
-                item["messages"] = [message_event(m) for m in recent.messages]
-                item["messages_more"] = recent.more
+                visible = [m for m in recent.messages if m.seq >= first]
+                item["messages"] = [message_event(m) for m in visible]
+                item["messages_more"] = recent.more and len(visible) == len(recent.messages)
             out.append(item)
         return {"conversations": out, "cursor": encode_cursor(page.version), "more": page.more}
+
+    def group_out(group: Group) -> dict[str, Any]:
+        return {
+            "conv": group.conv,
+            "name": group.name,
+            "kind": group.kind,
+            "creator": group.creator,
+            "created_at": group.created_at,
+            "members": [{"user": m.user, "role": m.role, "joined_seq": m.joined_seq} for m in group.members],
+        }
+
+    async def announce(group: Group, event: str, users: list[str], by: str, extra: tuple[str, ...] = ()) -> None:
+        """A `conv` event to every member (and to those just removed)."""
+        payload = encode({"type": "conv", "conv": group.conv, "event": event, "users": users, "by": by})
+        await publish([Outgoing(user_in_topic(u), payload) for u in dict.fromkeys((*group.users, *extra))])
+
+    async def admin_group(conv: str, who: Identity) -> Group:
+        parsed = parse_conv(conv)
+        if parsed is None:
+            raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
+        group = await store.group(parsed.id) if parsed.kind == "group" else None
+        if group is None:
+            raise RequestError(ErrorCode.NOT_FOUND, "no such group")
+        member = group.member(who.user)
+        if member is None:
+            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
+        if member.role != "admin":
+            raise RequestError(ErrorCode.FORBIDDEN, "only the group's admins may do this")
+        return group
+
+    @app.post("/v1/groups", status_code=201, response_model=GroupOut, responses=error_responses, summary="New group")
+    async def create_group(body: GroupIn, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+        if body.kind == "channel":
+            raise RequestError(ErrorCode.UNSUPPORTED, "channels are not served by this server version yet")
+        members = tuple(dict.fromkeys((who.user, *body.members)))
+        if len(members) > max_group_members:
+            raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {max_group_members} members")
+        group = await store.create_group(
+            conv=new_group_id(), name=body.name, kind=body.kind, creator=who.user, members=members, ts=clock.time_ms()
+        )
+        await announce(group, "created", list(group.users), who.user)
+        return group_out(group)
+
+    @app.get("/v1/groups/{conv}", response_model=GroupOut, responses=error_responses, summary="A group you are in")
+    async def get_group(conv: str, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+        parsed = parse_conv(conv)
+        if parsed is None:
+            raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
+        group = await store.group(parsed.id) if parsed.kind == "group" else None
+        if group is None:
+            raise RequestError(ErrorCode.NOT_FOUND, "no such group")
+        if group.member(who.user) is None:
+            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
+        return group_out(group)
+
+    @app.post("/v1/groups/{conv}/members", response_model=GroupOut, responses=error_responses, summary="Add members")
+    async def add_members(conv: str, body: MembersIn, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+        group = await admin_group(conv, who)
+        new = [u for u in dict.fromkeys(body.members) if group.member(u) is None]
+        if len(group.members) + len(new) > max_group_members:
+            raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {max_group_members} members")
+        group = await store.add_members(conv=group.conv, users=tuple(new), ts=clock.time_ms())
+        if new:
+            await announce(group, "members_added", new, who.user)
+        return group_out(group)
+
+    @app.delete(
+        "/v1/groups/{conv}/members/{user}",
+        response_model=GroupOut,
+        responses=error_responses,
+        summary="Remove a member (admins), or leave (yourself)",
+    )
+    async def remove_member(conv: str, user: str, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+        if user == who.user:
+            group = await require_group_member(conv, who)
+        else:
+            group = await admin_group(conv, who)
+        if group.member(user) is None:
+            raise RequestError(ErrorCode.NOT_FOUND, "no such member")
+        group = await store.remove_member(conv=group.conv, user=user)
+        await announce(group, "members_removed", [user], who.user, extra=(user,))
+        return group_out(group)
+
+    @app.post("/v1/groups/{conv}/admins/{user}", response_model=GroupOut, responses=error_responses, summary="Promote")
+    async def promote(conv: str, user: str, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+        group = await admin_group(conv, who)
+        if group.member(user) is None:
+            raise RequestError(ErrorCode.NOT_FOUND, "no such member")
+        group = await store.set_role(conv=group.conv, user=user, role="admin")
+        await announce(group, "admin_added", [user], who.user)
+        return group_out(group)
+
+    async def require_group_member(conv: str, who: Identity) -> Group:
+        parsed = parse_conv(conv)
+        group = await store.group(parsed.id) if parsed is not None and parsed.kind == "group" else None
+        if group is None:
+            raise RequestError(ErrorCode.NOT_FOUND, "no such group")
+        if group.member(who.user) is None:
+            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
+        return group
 
     @app.get("/healthz", summary="Health: 200 when the bridge reaches the broker, else 503")
     async def healthz() -> JSONResponse:

@@ -25,7 +25,7 @@ from mqchat.protocol import (
     parse_request,
     user_in_topic,
 )
-from storage.base import MessageStore, NewMessage, SeqBeyondEnd, StoredMessage
+from storage.base import MessageStore, NewMessage, NoSuchConversation, NotMember, SeqBeyondEnd, StoredMessage
 
 __all__ = ["Outgoing", "Pipeline", "members_of", "message_event", "require_member"]
 
@@ -37,14 +37,27 @@ def members_of(conv: Conv) -> tuple[str, ...]:
     return conv.members
 
 
-def require_member(user: str, conv: Conv, *, id: str | None = None) -> tuple[str, ...]:
+def not_member(conv: str, id: str | None = None) -> RequestError:
+    return RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation", id=id, conv=conv)
+
+
+def no_such_conversation(conv: str, id: str | None = None) -> RequestError:
+    return RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=id, conv=conv)
+
+
+async def require_member(store: MessageStore, user: str, conv: Conv, *, id: str | None = None) -> tuple[str, ...]:
     """The conversation's members, after checking that it exists and user is one of them
-    (RequestError not_found / not_member otherwise). Every read and write goes through here."""
-    if conv.kind != "dm":
-        raise RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=id, conv=conv.id)
-    members = members_of(conv)
+    (RequestError not_found / not_member otherwise). Every read goes through here; writes are
+    checked again inside the store's transaction, in order with membership changes."""
+    if conv.kind == "dm":
+        members = members_of(conv)
+    else:
+        group = await store.group(conv.id)
+        if group is None:
+            raise no_such_conversation(conv.id, id)
+        members = group.users
     if user not in members:
-        raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation", id=id, conv=conv.id)
+        raise not_member(conv.id, id)
     return members
 
 
@@ -87,9 +100,17 @@ class Pipeline:
             elif isinstance(request, WatermarkRequest):
                 out = await self._watermark(user, request)
             else:
-                out = self._typing(user, device, request)
+                out = await self._typing(user, device, request)
         except RequestError as exc:
             return [self._error(reply_topic, exc.code, exc.message, id=exc.id, conv=exc.conv)]
+        except NotMember:
+            return [
+                self._error(
+                    reply_topic, ErrorCode.NOT_MEMBER, "you are not a member of this conversation", request=request
+                )
+            ]
+        except NoSuchConversation:
+            return [self._error(reply_topic, ErrorCode.NOT_FOUND, "no such conversation", request=request)]
         except StorageError:
             logger.exception("storage failed while handling a request from %s/%s", user, device)
             return [self._error(reply_topic, ErrorCode.INTERNAL, "storage unavailable; retry", request=request)]
@@ -115,10 +136,10 @@ class Pipeline:
         metrics.REQUESTS_REJECTED.labels(code=str(code)).inc()
         return Outgoing(topic, encode(error_envelope(code, message, id=id, conv=conv)))
 
-    def _typing(self, user: str, device: str, req: TypingRequest) -> list[Outgoing]:
+    async def _typing(self, user: str, device: str, req: TypingRequest) -> list[Outgoing]:
         """Relay to the other members, QoS 0, never stored. A repeat of the same state within the
         interval is dropped quietly; a device over its per-minute budget gets rate_limited."""
-        members = require_member(user, req.conv)
+        members = await require_member(self._store, user, req.conv)
         now = self._clock.monotonic()
         key = (user, device, req.conv.id)
         last = self._typing_last.get(key)
@@ -137,7 +158,7 @@ class Pipeline:
         return [Outgoing(user_in_topic(m), event, qos=0) for m in members if m != user]
 
     async def _watermark(self, user: str, req: WatermarkRequest) -> list[Outgoing]:
-        members = require_member(user, req.conv)
+        members = await require_member(self._store, user, req.conv)
         is_read = req.type == "read"
         try:
             result = await self._store.set_watermark(
@@ -154,11 +175,14 @@ class Pipeline:
         return []
 
     async def _send(self, user: str, device: str, req: SendRequest) -> list[Outgoing]:
-        members = require_member(user, req.conv, id=req.id)
+        # No await before append (ordering): 1:1 membership is in the id, a group's is checked
+        # by the store inside the transaction that sequences the message.
+        if req.conv.kind == "dm" and user not in members_of(req.conv):
+            raise not_member(req.conv.id, req.id)
         result = await self._store.append(
             NewMessage(
                 conv=req.conv.id,
-                members=members,
+                members=members_of(req.conv),
                 sender=user,
                 device=device,
                 client_id=req.id,
@@ -185,7 +209,7 @@ class Pipeline:
         # A duplicate is fanned out again: the first attempt may have been cut between commit
         # and publish, and clients dedup msg events on (conv, seq).
         event = encode(message_event(stored))
-        out.extend(Outgoing(user_in_topic(member), event) for member in members)
+        out.extend(Outgoing(user_in_topic(member), event) for member in result.members)
         return out
 
 

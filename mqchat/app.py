@@ -156,7 +156,9 @@ async def _serve_api(config: Config, store: MessageStore, adapter: Adapter) -> A
         store=store,
         verifier=TokenVerifier(secret=config.auth.jwt_secret),
         history_max_limit=config.bridge.history_max_limit,
+        max_group_members=config.bridge.max_group_members,
         broker_connected=adapter.is_connected,
+        publish=adapter.publish,
     )
     async with serve_http(app, host=config.network.host, port=config.network.http_port) as http:
         yield http

@@ -98,6 +98,7 @@ class BridgeConfig:
     max_envelope_bytes: int = 64 * 1024
     max_inflight: int = 2048  # requests being processed at once (backpressure beyond)
     history_max_limit: int = 500
+    max_group_members: int = 1000
     receipt_window_s: float = 0.5  # at most one receipt event per conversation and user per window
 
 
@@ -121,6 +122,7 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "max_envelope_bytes": ("bridge", "max_envelope_bytes", parse_size),
     "max_inflight": ("bridge", "max_inflight", int),
     "history_max_limit": ("bridge", "history_max_limit", int),
+    "max_group_members": ("bridge", "max_group_members", int),
     "receipt_window": ("bridge", "receipt_window_s", parse_duration),
     "log_level": ("", "log_level", lambda v: str(v).upper()),
 }

@@ -59,6 +59,31 @@ class StoredMessage:
 class AppendResult:
     message: StoredMessage
     duplicate: bool  # True: (sender, client_id) was stored before; nothing was written now
+    members: tuple[str, ...] = ()  # who the message goes to (for groups: the members at that seq)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMember:
+    user: str
+    role: str  # "admin" | "member"
+    joined_seq: int  # the first seq this member may read (history from the join point)
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    conv: str
+    name: str
+    kind: str  # "group"
+    creator: str
+    created_at: int
+    members: tuple[GroupMember, ...]
+
+    def member(self, user: str) -> GroupMember | None:
+        return next((m for m in self.members if m.user == user), None)
+
+    @property
+    def users(self) -> tuple[str, ...]:
+        return tuple(m.user for m in self.members)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +122,20 @@ class ChangesPage:
     more: bool
 
 
-class SeqBeyondEnd(ValueError):
+class StoreRefusal(Exception):
+    """A write the store refuses for a reason the client must hear (not a failure)."""
+
+
+class SeqBeyondEnd(StoreRefusal, ValueError):
     """A watermark above the conversation's last seq."""
+
+
+class NotMember(StoreRefusal):
+    """A write into a conversation by someone who is not (or no longer) a member."""
+
+
+class NoSuchConversation(StoreRefusal):
+    """A group that does not exist."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +182,26 @@ class MessageStore(ABC):
     @abstractmethod
     async def current_version(self) -> int:
         """The store-wide change counter now (a cursor beyond it is invalid)."""
+
+    @abstractmethod
+    async def create_group(
+        self, *, conv: str, name: str, kind: str, creator: str, members: tuple[str, ...], ts: int
+    ) -> Group:
+        """A new group; the creator is its first admin."""
+
+    @abstractmethod
+    async def group(self, conv: str) -> Group | None: ...
+
+    @abstractmethod
+    async def add_members(self, *, conv: str, users: tuple[str, ...], ts: int) -> Group:
+        """Add users (they read history from the next seq on); existing members are kept as they are."""
+
+    @abstractmethod
+    async def remove_member(self, *, conv: str, user: str) -> Group:
+        """Remove user: no further messages, no history, no state row."""
+
+    @abstractmethod
+    async def set_role(self, *, conv: str, user: str, role: str) -> Group: ...
 
     @abstractmethod
     def statistics(self) -> StoreStatistics: ...

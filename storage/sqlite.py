@@ -34,11 +34,16 @@ from storage.base import (
     AppendResult,
     ChangesPage,
     ConvState,
+    Group,
+    GroupMember,
     MessageStore,
     NewMessage,
+    NoSuchConversation,
+    NotMember,
     Page,
     SeqBeyondEnd,
     StoredMessage,
+    StoreRefusal,
     StoreStatistics,
     WatermarkResult,
 )
@@ -80,6 +85,20 @@ CREATE TABLE IF NOT EXISTS user_convs (
     PRIMARY KEY (user, conv)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS user_convs_by_version ON user_convs (user, version);
+CREATE TABLE IF NOT EXISTS groups (
+    conv TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    creator TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_members (
+    conv TEXT NOT NULL,
+    user TEXT NOT NULL,
+    role TEXT NOT NULL,
+    joined_seq INTEGER NOT NULL,
+    PRIMARY KEY (conv, user)
+) WITHOUT ROWID;
 """
 
 _STATE_COLUMNS = "u.conv, u.kind, COALESCE(c.last_seq, 0), u.delivered, u.read, u.updated_at, u.version"
@@ -140,6 +159,40 @@ def _state(conn: sqlite3.Connection, user: str, conv: str) -> ConvState | None:
         f"SELECT {_STATE_COLUMNS} FROM {_STATE_FROM} WHERE u.user = ? AND u.conv = ?", (user, conv)
     ).fetchone()
     return ConvState(*row) if row else None
+
+
+def _members(conn: sqlite3.Connection, conv: str, dm_members: tuple[str, ...]) -> tuple[str, ...]:
+    """The conversation's members now: from the id for 1:1, from the table for groups."""
+    if not conv.startswith("g:"):
+        return dm_members
+    rows = conn.execute("SELECT user FROM group_members WHERE conv = ? ORDER BY user", (conv,)).fetchall()
+    if not rows:
+        raise NoSuchConversation(conv)
+    return tuple(r[0] for r in rows)
+
+
+def _load_group(conn: sqlite3.Connection, conv: str) -> Group:
+    row = conn.execute("SELECT conv, name, kind, creator, created_at FROM groups WHERE conv = ?", (conv,)).fetchone()
+    if row is None:
+        raise NoSuchConversation(conv)
+    members = tuple(
+        GroupMember(*r)
+        for r in conn.execute(
+            "SELECT user, role, joined_seq FROM group_members WHERE conv = ? ORDER BY user", (conv,)
+        ).fetchall()
+    )
+    conv_id, name, kind, creator, created_at = row
+    return Group(conv=conv_id, name=name, kind=kind, creator=creator, created_at=created_at, members=members)
+
+
+def _touch(conn: sqlite3.Connection, conv: str, users: tuple[str, ...], ts: int) -> None:
+    """Give users a state row in conv (new members) or move it up the change index."""
+    for user in users:
+        conn.execute(
+            "INSERT INTO user_convs (user, conv, kind, version, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (user, conv) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+            (user, conv, _kind(conv), _next_version(conn), ts),
+        )
 
 
 def _migrate_to_v2(conn: sqlite3.Connection) -> None:
@@ -264,7 +317,7 @@ class SqliteMessageStore(MessageStore):
                 conn.execute("SAVEPOINT job")
                 try:
                     results.append(job(conn))
-                except SeqBeyondEnd as exc:
+                except StoreRefusal as exc:
                     conn.execute("ROLLBACK TO job")
                     results.append(exc)
                 except sqlite3.Error as exc:
@@ -286,8 +339,11 @@ class SqliteMessageStore(MessageStore):
         row = conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE sender = ? AND client_id = ?", (m.sender, m.client_id)
         ).fetchone()
+        members = _members(conn, m.conv, m.members)
         if row is not None:
-            return AppendResult(_row_to_message(row), duplicate=True)
+            return AppendResult(_row_to_message(row), duplicate=True, members=members)
+        if m.sender not in members:
+            raise NotMember(f"{m.sender} is not a member of {m.conv}")
         (seq,) = conn.execute(
             "INSERT INTO conversations (conv, last_seq, updated_at) VALUES (?, 1, ?) "
             "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + 1, updated_at = excluded.updated_at "
@@ -321,8 +377,8 @@ class SqliteMessageStore(MessageStore):
                 json.dumps(list(stored.media)) if stored.media else None,
             ),
         )
-        kind = "dm" if m.conv.startswith("dm:") else "group"
-        for member in dict.fromkeys(m.members):
+        kind = _kind(m.conv)
+        for member in dict.fromkeys(members):
             # The sender has read (and so received) what they sent.
             own = seq if member == m.sender else 0
             conn.execute(
@@ -332,11 +388,13 @@ class SqliteMessageStore(MessageStore):
                 "version = excluded.version, updated_at = excluded.updated_at",
                 (member, m.conv, kind, own, own, _next_version(conn), m.ts),
             )
-        return AppendResult(stored, duplicate=False)
+        return AppendResult(stored, duplicate=False, members=members)
 
     def _set_watermark(
         self, conn: sqlite3.Connection, conv: str, user: str, delivered: int | None, read: int | None
     ) -> WatermarkResult:
+        if user not in _members(conn, conv, (user,)):
+            raise NotMember(f"{user} is not a member of {conv}")
         state = _state(conn, user, conv)
         last_seq = state.last_seq if state is not None else _last_seq(conn, conv)
         wanted = max(delivered or 0, read or 0)
@@ -434,6 +492,91 @@ class SqliteMessageStore(MessageStore):
     async def current_version(self) -> int:
         rows = await self._read("SELECT value FROM meta WHERE key = 'change_version'", ())
         return int(rows[0][0]) if rows else 0
+
+    # --- groups ---------------------------------------------------------------------------------
+
+    async def create_group(
+        self, *, conv: str, name: str, kind: str, creator: str, members: tuple[str, ...], ts: int
+    ) -> Group:
+        def job(conn: sqlite3.Connection) -> Group:
+            conn.execute(
+                "INSERT INTO groups (conv, name, kind, creator, created_at) VALUES (?, ?, ?, ?, ?)",
+                (conv, name, kind, creator, ts),
+            )
+            everyone = tuple(dict.fromkeys((creator, *members)))
+            for user in everyone:
+                role = "admin" if user == creator else "member"
+                conn.execute(
+                    "INSERT INTO group_members (conv, user, role, joined_seq) VALUES (?, ?, ?, 1)", (conv, user, role)
+                )
+            _touch(conn, conv, everyone, ts)
+            return _load_group(conn, conv)
+
+        group: Group = await self._write(job)
+        return group
+
+    async def group(self, conv: str) -> Group | None:
+        def run(conn: sqlite3.Connection) -> Group | None:
+            try:
+                return _load_group(conn, conv)
+            except NoSuchConversation:
+                return None
+
+        if self._closed:
+            raise StorageClosed("message store is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._readers, lambda: run(self._reader()))
+        except sqlite3.Error as exc:
+            raise StorageError(f"read failed: {exc}") from exc
+
+    async def add_members(self, *, conv: str, users: tuple[str, ...], ts: int) -> Group:
+        def job(conn: sqlite3.Connection) -> Group:
+            _load_group(conn, conv)
+            joined = _last_seq(conn, conv) + 1
+            added = []
+            for user in dict.fromkeys(users):
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO group_members (conv, user, role, joined_seq) VALUES (?, ?, 'member', ?)",
+                    (conv, user, joined),
+                )
+                if cur.rowcount:
+                    added.append(user)
+            # a new member's watermarks start at the join point: nothing before it is unread
+            for user in added:
+                conn.execute(
+                    "INSERT INTO user_convs (user, conv, kind, delivered, read, version, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user, conv) DO UPDATE SET "
+                    "delivered = excluded.delivered, read = excluded.read, version = excluded.version, "
+                    "updated_at = excluded.updated_at",
+                    (user, conv, _kind(conv), joined - 1, joined - 1, _next_version(conn), ts),
+                )
+            return _load_group(conn, conv)
+
+        group: Group = await self._write(job)
+        return group
+
+    async def remove_member(self, *, conv: str, user: str) -> Group:
+        def job(conn: sqlite3.Connection) -> Group:
+            _load_group(conn, conv)
+            cur = conn.execute("DELETE FROM group_members WHERE conv = ? AND user = ?", (conv, user))
+            if not cur.rowcount:
+                raise NotMember(f"{user} is not a member of {conv}")
+            conn.execute("DELETE FROM user_convs WHERE conv = ? AND user = ?", (conv, user))
+            return _load_group(conn, conv)
+
+        group: Group = await self._write(job)
+        return group
+
+    async def set_role(self, *, conv: str, user: str, role: str) -> Group:
+        def job(conn: sqlite3.Connection) -> Group:
+            _load_group(conn, conv)
+            cur = conn.execute("UPDATE group_members SET role = ? WHERE conv = ? AND user = ?", (role, conv, user))
+            if not cur.rowcount:
+                raise NotMember(f"{user} is not a member of {conv}")
+            return _load_group(conn, conv)
+
+        group: Group = await self._write(job)
+        return group
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
