@@ -615,6 +615,81 @@ async def fanout_run(
     }
 
 
+async def group_fanout_run(
+    *,
+    host: str,
+    port: int,
+    conv: str,
+    sender: tuple[Creds, str],
+    members: Sequence[tuple[Creds, str]],
+    repeats: int,
+    pause_s: float = 0.3,
+    time_limit: float = 120.0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Send ``repeats`` messages into a group through the full pipeline; each time, measure from
+    the send until the last member has the ``msg`` event on its ``u/{user}/in``."""
+    deadline = time.monotonic() + time_limit
+    got = [0] * repeats
+    last = [0] * repeats
+    done: dict[int, asyncio.Future[None]] = {}
+
+    def on_message(t: str, payload: bytes, q: int) -> None:
+        try:
+            env = json.loads(payload)
+            r = int(env["body"]) if env.get("type") == "msg" and env.get("conv") == conv else -1
+        except (ValueError, KeyError, TypeError):
+            return
+        if not 0 <= r < repeats:
+            return
+        got[r] += 1
+        last[r] = time.monotonic_ns()
+        fut = done.get(r)
+        if got[r] >= len(members) and fut is not None and not fut.done():
+            fut.set_result(None)
+
+    ticker = _Ticker(progress)
+    clients: list[MqttClient] = []
+    times: list[float] = []
+    incomplete = 0
+    try:
+        for creds, user in members:
+            c = await connect(host, port, creds, on_message=on_message)
+            clients.append(c)
+            await c.subscribe([(f"u/{user}/in", 1)])
+            ticker(lambda: f"members connected {len(clients)}/{len(members)}")
+        sender_creds, sender_user = sender
+        pub = await connect(host, port, sender_creds)
+        clients.append(pub)
+        loop = asyncio.get_running_loop()
+        out = f"u/{sender_user}/{sender_creds.client_id}/out"
+        for r in range(repeats):
+            if time.monotonic() > deadline:
+                break
+            done[r] = loop.create_future()
+            t0 = time.monotonic_ns()
+            envelope = {"type": "send", "id": f"gf-{t0}-{r}", "conv": conv, "body": str(r)}
+            pub.publish(out, json.dumps(envelope).encode(), 1)
+            try:
+                async with asyncio.timeout(max(0.1, min(10.0, deadline - time.monotonic()))):
+                    await done[r]
+                times.append((last[r] - t0) / 1e6)
+            except TimeoutError:
+                incomplete += 1
+            ticker(functools.partial("group send {}/{}".format, r + 1, repeats))
+            await asyncio.sleep(pause_s)
+    finally:
+        await _close_all(clients)
+    return {
+        "subscribers": len(members),
+        "repeats": len(times) + incomplete,
+        "complete": len(times),
+        "incomplete": incomplete,
+        "min_delivered": min(got[: len(times) + incomplete], default=0),
+        **percentiles(times),
+    }
+
+
 # --- idle connections --------------------------------------------------------------------------
 
 
