@@ -547,6 +547,55 @@ async def relay_run(
 # --- fan-out: one publish → many subscribers ---------------------------------------------------
 
 
+class _Rounds:
+    """Publish round r, wait until ``expected`` receivers have it; the time to the last one."""
+
+    def __init__(self, *, repeats: int, expected: int) -> None:
+        self.repeats = repeats
+        self.expected = expected
+        self.got = [0] * repeats
+        self.last = [0] * repeats
+        self.done: dict[int, asyncio.Future[None]] = {}
+
+    def received(self, r: int) -> None:
+        if not 0 <= r < self.repeats:
+            return
+        self.got[r] += 1
+        self.last[r] = time.monotonic_ns()
+        fut = self.done.get(r)
+        if self.got[r] >= self.expected and fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def run(
+        self, publish: Callable[[int, int], None], *, pause_s: float, deadline: float, ticker: _Ticker, label: str
+    ) -> dict[str, Any]:
+        times: list[float] = []
+        incomplete = 0
+        loop = asyncio.get_running_loop()
+        for r in range(self.repeats):
+            if time.monotonic() > deadline:
+                break
+            self.done[r] = loop.create_future()
+            t0 = time.monotonic_ns()
+            publish(r, t0)
+            try:
+                async with asyncio.timeout(max(0.1, min(10.0, deadline - time.monotonic()))):
+                    await self.done[r]
+                times.append((self.last[r] - t0) / 1e6)
+            except TimeoutError:
+                incomplete += 1
+            ticker(functools.partial("{} {}/{}".format, label, r + 1, self.repeats))
+            await asyncio.sleep(pause_s)
+        return {
+            "subscribers": self.expected,
+            "repeats": len(times) + incomplete,
+            "complete": len(times),
+            "incomplete": incomplete,
+            "min_delivered": min(self.got[: len(times) + incomplete], default=0),
+            **percentiles(times),
+        }
+
+
 async def fanout_run(
     *,
     host: str,
@@ -562,57 +611,31 @@ async def fanout_run(
 ) -> dict[str, Any]:
     """Publish one message ``repeats`` times; each time, measure until the last subscriber has it."""
     deadline = time.monotonic() + time_limit
-    got = [0] * repeats
-    last = [0] * repeats
-    done: dict[int, asyncio.Future[None]] = {}
+    rounds = _Rounds(repeats=repeats, expected=subscribers)
 
     def on_message(t: str, payload: bytes, q: int) -> None:
         _intended, seq = _STAMP.unpack_from(payload)
-        if seq >= repeats:
-            return
-        got[seq] += 1
-        last[seq] = time.monotonic_ns()
-        fut = done.get(seq)
-        if got[seq] >= subscribers and fut is not None and not fut.done():
-            fut.set_result(None)
+        rounds.received(seq)
 
     ticker = _Ticker(progress)
-    subs: list[MqttClient] = []
-    pub: MqttClient | None = None
-    times: list[float] = []
-    incomplete = 0
+    clients: list[MqttClient] = []
     try:
         for i in range(subscribers):
             c = await connect(host, port, Creds(f"{client_prefix}-s{i}"), on_message=on_message)
-            subs.append(c)
+            clients.append(c)
             await c.subscribe([(topic, qos)])
-            ticker(lambda: f"subscribed {len(subs)}/{subscribers}")
+            ticker(lambda: f"subscribed {len(clients)}/{subscribers}")
         pub = await connect(host, port, Creds(f"{client_prefix}-pub"))
-        loop = asyncio.get_running_loop()
-        for r in range(repeats):
-            if time.monotonic() > deadline:
-                break
-            done[r] = loop.create_future()
-            t0 = time.monotonic_ns()
-            pub.publish(topic, _stamp(t0, r, 100), qos)
-            try:
-                async with asyncio.timeout(max(0.1, min(10.0, deadline - time.monotonic()))):
-                    await done[r]
-                times.append((last[r] - t0) / 1e6)
-            except TimeoutError:
-                incomplete += 1
-            ticker(functools.partial("publish {}/{}".format, r + 1, repeats))
-            await asyncio.sleep(pause_s)
+        clients.append(pub)
+        return await rounds.run(
+            lambda r, t0: pub.publish(topic, _stamp(t0, r, 100), qos),
+            pause_s=pause_s,
+            deadline=deadline,
+            ticker=ticker,
+            label="publish",
+        )
     finally:
-        await _close_all([*subs, *([pub] if pub else [])])
-    return {
-        "subscribers": subscribers,
-        "repeats": len(times) + incomplete,
-        "complete": len(times),
-        "incomplete": incomplete,
-        "min_delivered": min(got[: len(times) + incomplete], default=0),
-        **percentiles(times),
-    }
+        await _close_all(clients)
 
 
 async def group_fanout_run(
@@ -630,28 +653,18 @@ async def group_fanout_run(
     """Send ``repeats`` messages into a group through the full pipeline; each time, measure from
     the send until the last member has the ``msg`` event on its ``u/{user}/in``."""
     deadline = time.monotonic() + time_limit
-    got = [0] * repeats
-    last = [0] * repeats
-    done: dict[int, asyncio.Future[None]] = {}
+    rounds = _Rounds(repeats=repeats, expected=len(members))
 
     def on_message(t: str, payload: bytes, q: int) -> None:
         try:
             env = json.loads(payload)
-            r = int(env["body"]) if env.get("type") == "msg" and env.get("conv") == conv else -1
+            if env.get("type") == "msg" and env.get("conv") == conv:
+                rounds.received(int(env["body"]))
         except (ValueError, KeyError, TypeError):
             return
-        if not 0 <= r < repeats:
-            return
-        got[r] += 1
-        last[r] = time.monotonic_ns()
-        fut = done.get(r)
-        if got[r] >= len(members) and fut is not None and not fut.done():
-            fut.set_result(None)
 
     ticker = _Ticker(progress)
     clients: list[MqttClient] = []
-    times: list[float] = []
-    incomplete = 0
     try:
         for creds, user in members:
             c = await connect(host, port, creds, on_message=on_message)
@@ -661,33 +674,15 @@ async def group_fanout_run(
         sender_creds, sender_user = sender
         pub = await connect(host, port, sender_creds)
         clients.append(pub)
-        loop = asyncio.get_running_loop()
         out = f"u/{sender_user}/{sender_creds.client_id}/out"
-        for r in range(repeats):
-            if time.monotonic() > deadline:
-                break
-            done[r] = loop.create_future()
-            t0 = time.monotonic_ns()
+
+        def send(r: int, t0: int) -> None:
             envelope = {"type": "send", "id": f"gf-{t0}-{r}", "conv": conv, "body": str(r)}
             pub.publish(out, json.dumps(envelope).encode(), 1)
-            try:
-                async with asyncio.timeout(max(0.1, min(10.0, deadline - time.monotonic()))):
-                    await done[r]
-                times.append((last[r] - t0) / 1e6)
-            except TimeoutError:
-                incomplete += 1
-            ticker(functools.partial("group send {}/{}".format, r + 1, repeats))
-            await asyncio.sleep(pause_s)
+
+        return await rounds.run(send, pause_s=pause_s, deadline=deadline, ticker=ticker, label="group send")
     finally:
         await _close_all(clients)
-    return {
-        "subscribers": len(members),
-        "repeats": len(times) + incomplete,
-        "complete": len(times),
-        "incomplete": incomplete,
-        "min_delivered": min(got[: len(times) + incomplete], default=0),
-        **percentiles(times),
-    }
 
 
 # --- idle connections --------------------------------------------------------------------------
