@@ -99,7 +99,41 @@ class MqchatSession(Session):
         self.transitions = SessionStates(self)
 
 
+def publish_bytes(topic: bytes, payload: bytes, qos: int, packet_id: int) -> bytes:
+    """One PUBLISH packet, encoded directly (no packet objects)."""
+    body_len = 2 + len(topic) + (2 if qos else 0) + len(payload)
+    header = bytearray([0x30 | (qos << 1)])
+    n = body_len
+    while True:
+        byte, n = n % 128, n // 128
+        header.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    header += len(topic).to_bytes(2, "big") + topic
+    if qos:
+        header += packet_id.to_bytes(2, "big")
+    return bytes(header) + payload
+
+
 class MqchatProtocolHandler(BrokerProtocolHandler):
+    def write_publish(self, data: bytes) -> bool:
+        """Queue an encoded PUBLISH on the socket now; False when the connection is gone."""
+        writer = self.writer
+        if writer is None or getattr(writer, "is_closed", False):
+            return False
+        try:
+            writer.write(data)
+        except (ConnectionError, OSError, RuntimeError):
+            return False
+        return True
+
+    async def handle_puback(self, puback: Any) -> None:
+        packet_id = puback.variable_header.packet_id if puback.variable_header is not None else None
+        if packet_id is not None and packet_id not in self._puback_waiters and self.session is not None:
+            self.session.inflight_out.pop(packet_id, None)  # a message sent by the broker's fast path
+            return
+        await super().handle_puback(puback)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pending_subscriptions = LeanQueue()

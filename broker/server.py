@@ -32,15 +32,15 @@ from typing import Any
 
 import amqtt
 from amqtt.adapters import StreamWriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
-from amqtt.session import Session
+from amqtt.session import OutgoingApplicationMessage, Session
 from prometheus_client import Counter
 
-from broker.handler import InboundQueue, LimitedReader, MqchatProtocolHandler
+from broker.handler import InboundQueue, LimitedReader, MqchatProtocolHandler, publish_bytes
 from broker.plugins import IDENTITY_KEY, SERVICE_KEY, is_service, session_identity
 from broker.routing import SubscriptionIndex
 
@@ -359,35 +359,53 @@ class MqchatBroker(Broker):
         return result
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
+        broadcast = await self._broadcast_queue.get()
+        self._deliver(broadcast["topic"], broadcast["data"], broadcast.get("qos"))
+
+    async def internal_message_broadcast(self, topic: str, data: bytes, qos: int | None = None) -> None:
+        """Publishes made inside the broker (the in-broker adapter's replies) are routed at once."""
+        self._deliver(topic, data, qos)
+
+    def _deliver(self, topic: str, data: bytes | bytearray, forced_qos: int | None) -> None:
         """Deliver one message to the sessions whose filters match, found through the index.
 
-        No RECEIVE check per recipient: what a session may receive is decided by the ACL when
-        it subscribes (amqtt would start one plugin task per recipient per message)."""
-        broadcast = await self._broadcast_queue.get()
-        topic = broadcast["topic"]
+        Synchronous: each PUBLISH is encoded once per QoS and written straight to the socket; a
+        QoS 1 message stays in the session's in-flight table until its PUBACK (and is resent
+        with DUP on reconnect). No RECEIVE check per recipient: what a session may receive is
+        decided by the ACL when it subscribes."""
+        raw_topic = topic.encode()
+        payload = bytes(data)
+        qos0: bytes | None = None
         for topic_filter in list(self._subscriptions.matching_filters(topic)):
             for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
-                qos = broadcast.get("qos", sub_qos)
-                connected = target.transitions.state == "connected"
-                if not connected:
-                    if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
-                        if target.retained_messages.qsize() >= self.limits.max_queued_per_session:
-                            DROPPED.labels(reason="offline_queue_full").inc()
-                            continue
-                        await self._retain_broadcast_message(broadcast, qos, target)
+                qos = sub_qos if forced_qos is None else forced_qos
+                if target.transitions.state != "connected":
+                    self._queue_offline(target, topic, payload, qos)
                     continue
                 handler = self._get_handler(target)
-                if handler is None:
+                if not isinstance(handler, MqchatProtocolHandler):
                     continue
-                pending = target.attributes.get("mqchat.pending", 0)
+                if qos == 0:
+                    qos0 = qos0 or publish_bytes(raw_topic, payload, 0, 0)
+                    handler.write_publish(qos0)
+                    continue
                 limit = self.limits.max_queued_service if is_service(target) else self.limits.max_queued_per_session
-                if pending >= limit:
+                if len(target.inflight_out) >= limit:
                     DROPPED.labels(reason="slow_consumer").inc()
                     continue
-                target.attributes["mqchat.pending"] = pending + 1
-                task = asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
-                task.add_done_callback(lambda _t, s=target: _release(s))
-                running_tasks.append(task)
+                packet_id = target.next_packet_id
+                message = OutgoingApplicationMessage(packet_id, topic, QOS_1, payload, False)
+                message.publish_packet = message.build_publish_packet()  # marks it sent: a resend sets DUP
+                target.inflight_out[packet_id] = message
+                handler.write_publish(publish_bytes(raw_topic, payload, QOS_1, packet_id))
+
+    def _queue_offline(self, target: Session, topic: str, payload: bytes, qos: int) -> None:
+        if target.clean_session or qos not in (QOS_1, QOS_2) or target.is_anonymous:
+            return
+        if target.retained_messages.qsize() >= self.limits.max_queued_per_session:
+            DROPPED.labels(reason="offline_queue_full").inc()
+            return
+        target.retained_messages.put_nowait(RetainedApplicationMessage(None, topic, payload, qos))
 
     async def retain_message(
         self,
@@ -427,10 +445,6 @@ class MqchatBroker(Broker):
             return
         for topic_filter in self._subscriptions.filters_of(session.client_id):
             self._del_subscription(topic_filter, session)
-
-
-def _release(session: Session) -> None:
-    session.attributes["mqchat.pending"] = max(0, session.attributes.get("mqchat.pending", 1) - 1)
 
 
 def broker_config(*, host: str, port: int, secret: str, max_connections: int = 0) -> dict[str, Any]:
