@@ -25,7 +25,7 @@ from mqchat.errors import AuthError, ErrorCode, RequestError, StorageError
 from mqchat.ids import ID_PATTERN, new_group_id, parse_conv
 from mqchat.protocol import encode, user_in_topic
 from mqchat.tokens import Identity, TokenVerifier
-from storage.base import Group, MessageStore
+from storage.base import Group, GroupMember, MessageStore
 
 logger = logging.getLogger(__name__)
 
@@ -221,16 +221,14 @@ def create_app(
         parsed = parse_conv(conv)
         if parsed is None:
             raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
-        await require_member(store, who.user, parsed)
-        if after is not None and before is not None:
-            raise RequestError(ErrorCode.BAD_REQUEST, "give after or before, not both")
         first = 1  # a group member reads from the seq they joined at
         if parsed.kind == "group":
-            group = await store.group(parsed.id)
-            member = group.member(who.user) if group is not None else None
-            if member is None:
-                raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation")
+            _, member = await member_group(conv, who)
             first = member.joined_seq
+        else:
+            await require_member(store, who.user, parsed)
+        if after is not None and before is not None:
+            raise RequestError(ErrorCode.BAD_REQUEST, "give after or before, not both")
         if before is not None:
             page = await store.fetch_before(parsed.id, before, limit)
             visible = [m for m in page.messages if m.seq >= first]
@@ -305,7 +303,8 @@ def create_app(
         payload = encode({"type": "conv", "conv": group.conv, "event": event, "users": users, "by": by})
         await publish([Outgoing(user_in_topic(u), payload) for u in dict.fromkeys((*group.users, *extra))])
 
-    async def admin_group(conv: str, who: Identity) -> Group:
+    async def member_group(conv: str, who: Identity) -> tuple[Group, GroupMember]:
+        """The group named by conv and the caller's membership in it (bad_conv / not_found / not_member)."""
         parsed = parse_conv(conv)
         if parsed is None:
             raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
@@ -315,6 +314,10 @@ def create_app(
         member = group.member(who.user)
         if member is None:
             raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
+        return group, member
+
+    async def admin_group(conv: str, who: Identity) -> Group:
+        group, member = await member_group(conv, who)
         if member.role != "admin":
             raise RequestError(ErrorCode.FORBIDDEN, "only the group's admins may do this")
         return group
@@ -334,14 +337,7 @@ def create_app(
 
     @app.get("/v1/groups/{conv}", response_model=GroupOut, responses=error_responses, summary="A group you are in")
     async def get_group(conv: str, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
-        parsed = parse_conv(conv)
-        if parsed is None:
-            raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
-        group = await store.group(parsed.id) if parsed.kind == "group" else None
-        if group is None:
-            raise RequestError(ErrorCode.NOT_FOUND, "no such group")
-        if group.member(who.user) is None:
-            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
+        group, _ = await member_group(conv, who)
         return group_out(group)
 
     @app.post("/v1/groups/{conv}/members", response_model=GroupOut, responses=error_responses, summary="Add members")
@@ -363,7 +359,7 @@ def create_app(
     )
     async def remove_member(conv: str, user: str, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
         if user == who.user:
-            group = await require_group_member(conv, who)
+            group, _ = await member_group(conv, who)
         else:
             group = await admin_group(conv, who)
         if group.member(user) is None:
@@ -380,15 +376,6 @@ def create_app(
         group = await store.set_role(conv=group.conv, user=user, role="admin")
         await announce(group, "admin_added", [user], who.user)
         return group_out(group)
-
-    async def require_group_member(conv: str, who: Identity) -> Group:
-        parsed = parse_conv(conv)
-        group = await store.group(parsed.id) if parsed is not None and parsed.kind == "group" else None
-        if group is None:
-            raise RequestError(ErrorCode.NOT_FOUND, "no such group")
-        if group.member(who.user) is None:
-            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
-        return group
 
     @app.get("/healthz", summary="Health: 200 when the bridge reaches the broker, else 503")
     async def healthz() -> JSONResponse:
