@@ -515,19 +515,22 @@ def bench_relay(opts: Options, workdir: Path) -> dict[str, Any]:
             entry: dict[str, Any] = {"label": b.label}
             for qos in (0, 1):
                 count = params["throughput_messages"]
+                endpoints = {
+                    "host": HOST,
+                    "port": b.port,
+                    "publishers": pubs,
+                    "subscriber": sub,
+                    "sub_filters": ["u/+/+/out"],
+                    "qos": qos,
+                    "payload_size": PAYLOAD_BYTES,
+                }
                 cpu0 = b.cpu_seconds()
                 tp = run_load(
                     "relay_run",
                     {
-                        "host": HOST,
-                        "port": b.port,
-                        "publishers": pubs,
-                        "subscriber": sub,
-                        "sub_filters": ["u/+/+/out"],
-                        "qos": qos,
+                        **endpoints,
                         "count": count,
                         "rate": None,
-                        "payload_size": PAYLOAD_BYTES,
                         "time_limit": 120.0,
                         "window": params["qos1_window_per_publisher"],
                     },
@@ -544,15 +547,9 @@ def bench_relay(opts: Options, workdir: Path) -> dict[str, Any]:
                     r = run_load(
                         "relay_run",
                         {
-                            "host": HOST,
-                            "port": b.port,
-                            "publishers": pubs,
-                            "subscriber": sub,
-                            "sub_filters": ["u/+/+/out"],
-                            "qos": qos,
+                            **endpoints,
                             "count": n,
                             "rate": rate,
-                            "payload_size": PAYLOAD_BYTES,
                             "time_limit": params["seconds_per_rate"] * 2 + 10,
                         },
                         label=f"{system} qos{qos} @{rate:g}/s",
