@@ -7,7 +7,7 @@ Errors are JSON: ``{"error": <stable code>, "message": <reason>}`` with a 4xx/5x
 import base64
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -22,10 +22,14 @@ from bridge.pipeline import message_event, require_member
 from mqchat import __version__
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import AuthError, ErrorCode, RequestError, StorageError
-from mqchat.ids import ID_PATTERN, new_group_id, parse_conv
-from mqchat.protocol import encode, user_in_topic
+from mqchat.ids import ID_PATTERN, is_valid_id, new_group_id, parse_conv
+from mqchat.protocol import MEMBERSHIP_TOPIC, channel_topic, encode, user_in_topic
 from mqchat.tokens import Identity, TokenVerifier
 from storage.base import Group, GroupMember, MessageStore
+from storage.presence import Presence
+
+PresenceLookup = Callable[[list[str]], Awaitable[dict[str, Presence]]]
+MAX_PRESENCE_USERS = 200
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +150,16 @@ class GroupOut(BaseModel):
     members: list[GroupMemberOut]
 
 
+class PresenceOut(BaseModel):
+    user: str
+    state: str = Field(description="online | offline")
+    last_seen: int | None = Field(description="ms since the epoch: online since, or last seen; null: never seen")
+
+
+class PresencePage(BaseModel):
+    users: list[PresenceOut]
+
+
 async def _no_publish(outgoing: list[Outgoing]) -> None:
     return None
 
@@ -158,12 +172,14 @@ def create_app(
     max_group_members: int = 1000,
     broker_connected: Callable[[], bool] = lambda: True,
     publish: Callable[[list[Outgoing]], Awaitable[None]] = _no_publish,
+    presence: PresenceLookup | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> FastAPI:
     """Build the ASGI app over the given store and token verifier.
 
     ``broker_connected`` tells /healthz whether the bridge currently reaches the broker;
-    ``publish`` sends events (membership changes) to devices through the adapter.
+    ``publish`` sends events (membership changes) to devices through the adapter;
+    ``presence`` answers ``GET /v1/presence`` (None: 503).
     """
     app = FastAPI(
         title="mqchat",
@@ -223,8 +239,7 @@ def create_app(
             raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
         first = 1  # a group member reads from the seq they joined at
         if parsed.kind == "group":
-            _, member = await member_group(conv, who)
-            first = member.joined_seq
+            first = (await membership(conv, who)).joined_seq
         else:
             await require_member(store, who.user, parsed)
         if after is not None and before is not None:
@@ -277,9 +292,9 @@ def create_app(
             }
             if include_messages:
                 first = 1
-                if state.kind == "group":
-                    group = await store.group(state.conv)
-                    member = group.member(who.user) if group is not None else None
+                if state.kind != "dm":
+                    standing = await store.membership(conv=state.conv, user=who.user)
+                    member = standing.member if standing is not None else None
                     first = member.joined_seq if member is not None else state.last_seq + 1
                 recent = await store.fetch_before(state.conv, state.last_seq + 1, include_messages)
                 visible = [m for m in recent.messages if m.seq >= first]
@@ -298,10 +313,40 @@ def create_app(
             "members": [{"user": m.user, "role": m.role, "joined_seq": m.joined_seq} for m in group.members],
         }
 
-    async def announce(group: Group, event: str, users: list[str], by: str, extra: tuple[str, ...] = ()) -> None:
-        """A `conv` event to every member (and to those just removed)."""
+    async def announce(
+        group: Group,
+        event: str,
+        users: list[str],
+        by: str,
+        *,
+        added: Sequence[str] = (),
+        removed: Sequence[str] = (),
+    ) -> None:
+        """A `conv` event to every member of a group; for a channel, once on its topic and to the
+        users it names (so a new member learns to subscribe and a removed one to stop). Then the
+        membership change to the broker, which drops its cached answers and a removed member's
+        channel subscription."""
         payload = encode({"type": "conv", "conv": group.conv, "event": event, "users": users, "by": by})
-        await publish([Outgoing(user_in_topic(u), payload) for u in dict.fromkeys((*group.users, *extra))])
+        if group.kind == "channel":
+            out = [Outgoing(channel_topic(group.conv), payload)]
+            out += [Outgoing(user_in_topic(u), payload) for u in dict.fromkeys((*users, by))]
+        else:
+            out = [Outgoing(user_in_topic(u), payload) for u in dict.fromkeys((*group.users, *removed))]
+        change = {"conv": group.conv, "kind": group.kind, "added": list(added), "removed": list(removed)}
+        out.append(Outgoing(MEMBERSHIP_TOPIC, encode(change)))
+        await publish(out)
+
+    async def membership(conv: str, who: Identity) -> GroupMember:
+        """The caller's membership of group or channel conv, without loading its member list."""
+        parsed = parse_conv(conv)
+        if parsed is None:
+            raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
+        standing = await store.membership(conv=parsed.id, user=who.user) if parsed.kind == "group" else None
+        if standing is None:
+            raise RequestError(ErrorCode.NOT_FOUND, "no such group")
+        if standing.member is None:
+            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
+        return standing.member
 
     async def member_group(conv: str, who: Identity) -> tuple[Group, GroupMember]:
         """The group named by conv and the caller's membership in it (bad_conv / not_found / not_member)."""
@@ -324,15 +369,13 @@ def create_app(
 
     @app.post("/v1/groups", status_code=201, response_model=GroupOut, responses=error_responses, summary="New group")
     async def create_group(body: GroupIn, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
-        if body.kind == "channel":
-            raise RequestError(ErrorCode.UNSUPPORTED, "channels are not served by this server version yet")
         members = tuple(dict.fromkeys((who.user, *body.members)))
-        if len(members) > max_group_members:
+        if body.kind == "group" and len(members) > max_group_members:
             raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {max_group_members} members")
         group = await store.create_group(
             conv=new_group_id(), name=body.name, kind=body.kind, creator=who.user, members=members, ts=clock.time_ms()
         )
-        await announce(group, "created", list(group.users), who.user)
+        await announce(group, "created", list(group.users), who.user, added=list(group.users))
         return group_out(group)
 
     @app.get("/v1/groups/{conv}", response_model=GroupOut, responses=error_responses, summary="A group you are in")
@@ -344,11 +387,11 @@ def create_app(
     async def add_members(conv: str, body: MembersIn, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
         group = await admin_group(conv, who)
         new = [u for u in dict.fromkeys(body.members) if group.member(u) is None]
-        if len(group.members) + len(new) > max_group_members:
+        if group.kind == "group" and len(group.members) + len(new) > max_group_members:
             raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {max_group_members} members")
         group = await store.add_members(conv=group.conv, users=tuple(new), ts=clock.time_ms())
         if new:
-            await announce(group, "members_added", new, who.user)
+            await announce(group, "members_added", new, who.user, added=new)
         return group_out(group)
 
     @app.delete(
@@ -365,7 +408,7 @@ def create_app(
         if group.member(user) is None:
             raise RequestError(ErrorCode.NOT_FOUND, "no such member")
         group = await store.remove_member(conv=group.conv, user=user)
-        await announce(group, "members_removed", [user], who.user, extra=(user,))
+        await announce(group, "members_removed", [user], who.user, removed=[user])
         return group_out(group)
 
     @app.post("/v1/groups/{conv}/admins/{user}", response_model=GroupOut, responses=error_responses, summary="Promote")
@@ -376,6 +419,29 @@ def create_app(
         group = await store.set_role(conv=group.conv, user=user, role="admin")
         await announce(group, "admin_added", [user], who.user)
         return group_out(group)
+
+    @app.get(
+        "/v1/presence",
+        response_model=PresencePage,
+        responses=error_responses,
+        summary="Online state and last seen of users you share a conversation with (and yourself)",
+    )
+    async def get_presence(
+        who: Annotated[Identity, Depends(identity)],
+        users: Annotated[str, Query(min_length=1, max_length=64 * MAX_PRESENCE_USERS, description="a,b,c")],
+    ) -> dict[str, Any]:
+        wanted = list(dict.fromkeys(u for u in users.split(",") if u))
+        if not wanted or len(wanted) > MAX_PRESENCE_USERS or not all(is_valid_id(u) for u in wanted):
+            raise RequestError(ErrorCode.BAD_REQUEST, f"users: 1 to {MAX_PRESENCE_USERS} user ids, comma-separated")
+        hidden = [u for u in wanted if u != who.user and not await store.shares_conversation(who.user, u)]
+        if hidden:
+            raise RequestError(
+                ErrorCode.FORBIDDEN, f"you share no conversation with {', '.join(hidden[:5])}; presence is private"
+            )
+        if presence is None:
+            raise RequestError(ErrorCode.UNAVAILABLE, "presence is not available on this server")
+        found = await presence(wanted)
+        return {"users": [{"user": u, **found[u].envelope()} for u in wanted]}
 
     @app.get("/healthz", summary="Health: 200 when the bridge reaches the broker, else 503")
     async def healthz() -> JSONResponse:

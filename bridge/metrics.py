@@ -16,3 +16,6 @@ PIPELINE_LATENCY = Histogram(
     "Time from a request reaching the bridge to its replies being ready (includes the durable commit)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+CHANNEL_PUBLISHES = Counter(
+    "mqchat_channel_publishes_total", "Channel messages published (once each, to c/{conv}/in: fan-out on read)"
+)

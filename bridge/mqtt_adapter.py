@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from types import TracebackType
 
 import aiomqtt
 
 from bridge.pipeline import Outgoing, Pipeline
 from mqchat.clock import SYSTEM_CLOCK, Clock
-from mqchat.protocol import OUT_TOPIC_FILTER, parse_out_topic
+from mqchat.protocol import OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER, parse_out_topic
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class MqttClientAdapter:
         max_inflight: int = 2048,
         clock: Clock = SYSTEM_CLOCK,
         backoff_cap_s: float = 5.0,
+        on_presence: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._host = host
@@ -56,6 +58,7 @@ class MqttClientAdapter:
         self._runner: asyncio.Task[None] | None = None
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
+        self._on_presence = on_presence  # set: also follow every user's retained p/{user}
 
     async def __aenter__(self) -> MqttClientAdapter:
         self._task_group = asyncio.TaskGroup()
@@ -111,15 +114,23 @@ class MqttClientAdapter:
             max_inflight_messages=1000,
         ) as client:
             await client.subscribe(OUT_TOPIC_FILTER, qos=1)
+            if self._on_presence is not None:
+                await client.subscribe(PRESENCE_TOPIC_FILTER, qos=1)
             logger.info("bridge connected to the broker at %s:%d", self._host, self._port)
             self._client = client
             self._connected.set()
             async with asyncio.TaskGroup() as requests:
                 try:
                     async for message in client.messages:
-                        origin = parse_out_topic(message.topic.value)
+                        topic = message.topic.value
                         payload = message.payload
-                        if origin is None or not isinstance(payload, bytes | bytearray):
+                        if not isinstance(payload, bytes | bytearray):
+                            continue
+                        if self._on_presence is not None and topic.startswith("p/"):
+                            self._on_presence(topic, bytes(payload))
+                            continue
+                        origin = parse_out_topic(topic)
+                        if origin is None:
                             continue
                         await self._slots.acquire()
                         requests.create_task(self._process(client, origin[0], origin[1], bytes(payload)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from bridge import metrics
 from bridge.outgoing import Outgoing
@@ -18,6 +19,7 @@ from mqchat.protocol import (
     TypingRequest,
     WatermarkRequest,
     ack_envelope,
+    channel_topic,
     device_in_topic,
     encode,
     error_envelope,
@@ -27,7 +29,7 @@ from mqchat.protocol import (
 )
 from storage.base import MessageStore, NewMessage, NoSuchConversation, NotMember, SeqBeyondEnd, StoredMessage
 
-__all__ = ["Outgoing", "Pipeline", "members_of", "message_event", "require_member"]
+__all__ = ["Audience", "Outgoing", "Pipeline", "members_of", "message_event", "require_member"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +47,34 @@ def no_such_conversation(conv: str, id: str | None = None) -> RequestError:
     return RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=id, conv=conv)
 
 
-async def require_member(store: MessageStore, user: str, conv: Conv, *, id: str | None = None) -> tuple[str, ...]:
-    """The conversation's members, after checking that it exists and user is one of them
+@dataclass(frozen=True, slots=True)
+class Audience:
+    """Who hears about a conversation's events: its members, or (a channel) only the asking
+    user — a channel's messages go to ``c/{conv}/in`` and its receipts stay with the reader."""
+
+    kind: str  # "dm" | "group" | "channel"
+    members: tuple[str, ...]
+
+
+async def require_member(store: MessageStore, user: str, conv: Conv, *, id: str | None = None) -> Audience:
+    """The conversation's audience, after checking that it exists and user is a member
     (RequestError not_found / not_member otherwise). Every read goes through here; writes are
     checked again inside the store's transaction, in order with membership changes."""
     if conv.kind == "dm":
-        members = members_of(conv)
-    else:
-        group = await store.group(conv.id)
-        if group is None:
-            raise no_such_conversation(conv.id, id)
-        members = group.users
-    if user not in members:
+        if user not in conv.members:
+            raise not_member(conv.id, id)
+        return Audience("dm", members_of(conv))
+    membership = await store.membership(conv=conv.id, user=user)
+    if membership is None:
+        raise no_such_conversation(conv.id, id)
+    if membership.member is None:
         raise not_member(conv.id, id)
-    return members
+    if membership.kind == "channel":
+        return Audience("channel", (user,))
+    group = await store.group(conv.id)
+    if group is None:
+        raise no_such_conversation(conv.id, id)
+    return Audience(membership.kind, group.users)
 
 
 class Pipeline:
@@ -139,7 +155,9 @@ class Pipeline:
     async def _typing(self, user: str, device: str, req: TypingRequest) -> list[Outgoing]:
         """Relay to the other members, QoS 0, never stored. A repeat of the same state within the
         interval is dropped quietly; a device over its per-minute budget gets rate_limited."""
-        members = await require_member(self._store, user, req.conv)
+        audience = await require_member(self._store, user, req.conv)
+        if audience.kind == "channel":
+            raise RequestError(ErrorCode.UNSUPPORTED, "typing is not relayed in channels", conv=req.conv.id)
         now = self._clock.monotonic()
         key = (user, device, req.conv.id)
         last = self._typing_last.get(key)
@@ -155,10 +173,10 @@ class Pipeline:
             self._typing_last = {k: v for k, v in self._typing_last.items() if now - v[0] < 60}
         self._typing_last[key] = (now, req.state)
         event = encode({"type": "typing", "conv": req.conv.id, "user": user, "state": req.state})
-        return [Outgoing(user_in_topic(m), event, qos=0) for m in members if m != user]
+        return [Outgoing(user_in_topic(m), event, qos=0) for m in audience.members if m != user]
 
     async def _watermark(self, user: str, req: WatermarkRequest) -> list[Outgoing]:
-        members = await require_member(self._store, user, req.conv)
+        members = (await require_member(self._store, user, req.conv)).members
         is_read = req.type == "read"
         try:
             result = await self._store.set_watermark(
@@ -209,7 +227,11 @@ class Pipeline:
         # A duplicate is fanned out again: the first attempt may have been cut between commit
         # and publish, and clients dedup msg events on (conv, seq).
         event = encode(message_event(stored))
-        out.extend(Outgoing(user_in_topic(member), event) for member in result.members)
+        if result.kind == "channel":
+            metrics.CHANNEL_PUBLISHES.inc()
+            out.append(Outgoing(channel_topic(stored.conv), event))
+        else:
+            out.extend(Outgoing(user_in_topic(member), event) for member in result.members)
         return out
 
 

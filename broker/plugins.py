@@ -11,8 +11,18 @@ from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 from prometheus_client import Counter, Gauge
 
+from broker.membership import MembershipCache
 from mqchat.errors import AuthError, ErrorCode
-from mqchat.protocol import device_in_topic, encode, error_envelope, out_topic
+from mqchat.ids import is_valid_id, parse_conv
+from mqchat.protocol import (
+    MEMBERSHIP_TOPIC,
+    OUT_TOPIC_FILTER,
+    PRESENCE_TOPIC_FILTER,
+    device_in_topic,
+    encode,
+    error_envelope,
+    out_topic,
+)
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, Identity, TokenVerifier
 
 logger = logging.getLogger(__name__)
@@ -89,6 +99,8 @@ class JwtAuthPlugin(BaseAuthPlugin):
 
 
 def _service_may_publish(topic: str) -> bool:
+    if topic == MEMBERSHIP_TOPIC:
+        return True
     parts = topic.split("/")
     if parts[0] == "u":
         return (len(parts) == 3 and parts[2] == "in") or (len(parts) == 4 and parts[3] == "in")
@@ -102,10 +114,15 @@ def _service_may_publish(topic: str) -> bool:
 class TopicAclPlugin(BaseTopicPlugin):
     """The topic table of wire protocol v1.
 
-    A device publishes only to ``u/{self}/{device}/out`` and subscribes only to ``u/{self}/in``
-    and ``u/{self}/{device}/in``. The service subscribes to out topics and publishes replies
-    and events. A refused publish is dropped and answered with an ``error`` envelope (code
-    ``forbidden``) on the device's own in topic; a refused subscribe gets SUBACK 0x80.
+    A device publishes only to ``u/{self}/{device}/out`` and subscribes only to ``u/{self}/in``,
+    ``u/{self}/{device}/in``, ``p/{user}`` when it is the user or shares a conversation with
+    them, and ``c/{conv}/in`` when it is a member of channel conv (wildcards never). The
+    service subscribes to out topics and presence, and publishes replies and events. A refused
+    publish is dropped and answered with an ``error`` envelope (code ``forbidden``) on the
+    device's own in topic; a refused subscribe gets SUBACK 0x80.
+
+    Membership answers come from the broker's ``MembershipCache`` (``MqchatBroker.membership``;
+    without one, presence and channel subscriptions are refused).
     """
 
     @dataclass
@@ -122,14 +139,16 @@ class TopicAclPlugin(BaseTopicPlugin):
         if is_service(session):
             if action == Action.PUBLISH:
                 return _service_may_publish(topic)
-            return topic == "u/+/+/out"
+            return topic in (OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER)
         identity = session_identity(session)
         if identity is None:
             return False
         if action == Action.PUBLISH:
             allowed = topic == f"u/{identity.user}/{identity.device}/out"
         else:
-            allowed = topic in (f"u/{identity.user}/in", f"u/{identity.user}/{identity.device}/in")
+            allowed = topic in (f"u/{identity.user}/in", f"u/{identity.user}/{identity.device}/in") or (
+                await self._may_read(identity, topic)
+            )
         if not allowed:
             ACL_DENIED.labels(action=str(action)).inc()
             logger.info("ACL refused %s on %s for %s/%s", action, _short(topic), identity.user, identity.device)
@@ -140,6 +159,20 @@ class TopicAclPlugin(BaseTopicPlugin):
                     qos=1,
                 )
         return allowed
+
+    async def _may_read(self, identity: Identity, topic: str) -> bool:
+        # amqtt gives each plugin a copy of the broker's context, made before MqchatBroker's own
+        # __init__ finishes; the broker itself is reachable from it.
+        membership = getattr(getattr(self.context, "_broker_instance", None), "membership", None)
+        if not isinstance(membership, MembershipCache):
+            return False
+        parts = topic.split("/")
+        if len(parts) == 2 and parts[0] == "p" and is_valid_id(parts[1]):
+            return await membership.shares_conversation(identity.user, parts[1])
+        if len(parts) == 3 and parts[0] == "c" and parts[2] == "in":
+            conv = parse_conv(parts[1])
+            return conv is not None and conv.kind == "group" and await membership.is_member(conv.id, identity.user)
+        return False
 
 
 class MetricsPlugin(BasePlugin[Any]):

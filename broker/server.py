@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
+import json
 import logging
 import math
 import time
@@ -41,8 +43,11 @@ from amqtt.session import OutgoingApplicationMessage, Session
 from prometheus_client import Counter
 
 from broker.handler import InboundQueue, LimitedReader, MqchatProtocolHandler, publish_bytes
+from broker.membership import MembershipCache
 from broker.plugins import IDENTITY_KEY, SERVICE_KEY, is_service, session_identity
-from broker.routing import SubscriptionIndex
+from broker.routing import SubscriptionIndex, is_wildcard
+from mqchat.protocol import MEMBERSHIP_TOPIC, channel_topic, encode, presence_topic
+from storage.presence import Presence, PresenceRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +125,13 @@ class MqchatBroker(Broker):
 
     With an inbound hook set, a device's publish on its own out topic goes to the hook (awaited:
     a slow hook slows that device down) instead of being routed to subscribers.
+
+    With a presence registry, every device connection and its end (graceful, keepalive
+    timeout, cut) are reported to it, in order, off the connect path; every transition the
+    registry announces (from this broker or, with a shared registry, any other) becomes the
+    retained ``p/{user}``. With a membership cache, the ACL can answer presence and channel
+    subscriptions; the bridge's membership changes (``MEMBERSHIP_TOPIC``) invalidate it and
+    end a removed member's channel subscription.
     """
 
     def __init__(
@@ -128,6 +140,8 @@ class MqchatBroker(Broker):
         *,
         limits: BrokerLimits | None = None,
         inbound_hook: InboundHook | None = None,
+        presence: PresenceRegistry | None = None,
+        membership: MembershipCache | None = None,
         **kwargs: Any,
     ) -> None:
         check_amqtt_version()
@@ -137,6 +151,27 @@ class MqchatBroker(Broker):
         self._subscriptions: SubscriptionIndex = SubscriptionIndex()
         self._connect_rate = _RateLimiter(self.limits.connects_per_ip_per_s)
         self._open_connections = 0
+        self.presence = presence
+        self.membership = membership
+        self._connections = itertools.count(1)
+        self._presence_events: asyncio.Queue[tuple[bool, str, str, str]] = asyncio.Queue()
+        self._presence_worker: asyncio.Task[None] | None = None
+        if presence is not None:
+            presence.listen(self._on_presence)
+
+    async def start(self) -> None:
+        await super().start()
+        if self.presence is not None:
+            self._presence_worker = asyncio.create_task(self._report_presence(), name="presence-reports")
+
+    async def shutdown(self) -> None:
+        try:
+            await super().shutdown()
+        finally:
+            if self._presence_worker is not None:
+                self._presence_worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._presence_worker
 
     @property
     def bound_port(self) -> int:
@@ -238,12 +273,20 @@ class MqchatBroker(Broker):
             BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
         )
         await handler.start()
-        await self._publish_session_retained_messages(session)
-        for topic_filter in self._subscriptions.filters_of(client_id):  # only its own subscriptions
-            subscribers = self._subscriptions.get(topic_filter, [])
-            qos = next((q for s, q in subscribers if s.client_id == client_id), 0)
-            await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
-        await self._client_message_loop(session, handler)
+        identity = session_identity(session)
+        connection = f"{next(self._connections)}"
+        if identity is not None and self.presence is not None:
+            self._presence_events.put_nowait((True, identity.user, identity.device, connection))
+        try:
+            await self._publish_session_retained_messages(session)
+            for topic_filter in self._subscriptions.filters_of(client_id):  # only its own subscriptions
+                subscribers = self._subscriptions.get(topic_filter, [])
+                qos = next((q for s, q in subscribers if s.client_id == client_id), 0)
+                await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
+            await self._client_message_loop(session, handler)
+        finally:
+            if identity is not None and self.presence is not None:
+                self._presence_events.put_nowait((False, identity.user, identity.device, connection))
 
     async def _authenticate(self, session: Session, _listener: Any) -> bool:
         """amqtt's rule (every plugin that answers says yes, and at least one answers), with the
@@ -341,11 +384,77 @@ class MqchatBroker(Broker):
         if client_session.clean_session and current is not None and current[0] is client_session:
             self._drop_session(client_session)  # a clean session ends with its connection
 
+    # --- presence --------------------------------------------------------------------------------
+
+    async def _report_presence(self) -> None:
+        """Connects and disconnects go to the registry one by one, in the order they happened
+        (a device's connect is never overtaken by its own earlier disconnect)."""
+        assert self.presence is not None
+        while True:
+            connected, user, device, connection = await self._presence_events.get()
+            try:
+                if connected:
+                    await self.presence.connected(user, device, connection)
+                else:
+                    await self.presence.disconnected(user, device, connection)
+            except Exception:
+                logger.exception("presence registry unavailable; %s/%s not reported", user, device)
+
+    def _on_presence(self, presence: Presence) -> None:
+        topic = presence_topic(presence.user)
+        payload = encode(presence.envelope())
+        self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, QOS_1)
+        self._deliver(topic, payload, None)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """amqtt walks every retained message for every SUBSCRIBE (one per user's presence);
+        an exact filter is one lookup. A presence topic without a retained state yet (this
+        broker started after the user's last change) gets it from the registry."""
+        topic_filter, qos = subscription
+        if is_wildcard(topic_filter):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+            return
+        retained = self._retained_messages.get(topic_filter)
+        if retained is None and self.presence is not None and topic_filter.startswith("p/"):
+            user = topic_filter[2:]
+            self._on_presence((await self.presence.lookup([user]))[user])
+            return  # delivered to every subscriber of the topic, this one included
+        handler = self._get_handler(session)
+        if retained is not None and retained.data and handler is not None:
+            await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+
+    # --- membership changes --------------------------------------------------------------------
+
+    def _membership_changed(self, payload: bytes) -> None:
+        try:
+            change = json.loads(payload)
+            conv, kind = str(change["conv"]), str(change["kind"])
+            added = [str(u) for u in change.get("added", ())]
+            removed = {str(u) for u in change.get("removed", ())}
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignored a malformed membership change")
+            return
+        if self.membership is not None:
+            self.membership.changed(conv, [*added, *removed])
+        if kind != "channel" or not removed:
+            return
+        topic = channel_topic(conv)
+        for target, _ in list(self._subscriptions.get(topic, ())):
+            identity = session_identity(target)
+            if identity is not None and identity.user in removed:
+                self._del_subscription(topic, target)
+                logger.info("ended %s's subscription to %s: no longer a member", identity.user, topic)
+
     # --- messages ----------------------------------------------------------------------------
 
     async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
         hook = self.inbound_hook
         message = wait_deliver.result()
+        if message is not None and message.topic == MEMBERSHIP_TOPIC and is_service(client_session):
+            self._membership_changed(bytes(message.data))
+            return True
         identity = session_identity(client_session)
         if (
             hook is not None
@@ -364,6 +473,9 @@ class MqchatBroker(Broker):
 
     async def internal_message_broadcast(self, topic: str, data: bytes, qos: int | None = None) -> None:
         """Publishes made inside the broker (the in-broker adapter's replies) are routed at once."""
+        if topic == MEMBERSHIP_TOPIC:
+            self._membership_changed(bytes(data))
+            return
         self._deliver(topic, data, qos)
 
     def _deliver(self, topic: str, data: bytes | bytearray, forced_qos: int | None) -> None:
@@ -478,9 +590,17 @@ async def serve_broker(
     secret: str,
     limits: BrokerLimits | None = None,
     inbound_hook: InboundHook | None = None,
+    presence: PresenceRegistry | None = None,
+    membership: MembershipCache | None = None,
 ) -> AsyncIterator[MqchatBroker]:
     """Run the broker until the block exits."""
-    broker = MqchatBroker(broker_config(host=host, port=port, secret=secret), limits=limits, inbound_hook=inbound_hook)
+    broker = MqchatBroker(
+        broker_config(host=host, port=port, secret=secret),
+        limits=limits,
+        inbound_hook=inbound_hook,
+        presence=presence,
+        membership=membership,
+    )
     await broker.start()
     logger.info("MQTT broker listening on %s:%d", host, broker.bound_port)
     try:

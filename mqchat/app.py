@@ -35,16 +35,20 @@ from typing import Any, Protocol
 
 import uvicorn
 
-from bridge.http import create_app
+from bridge.http import PresenceLookup, create_app
 from bridge.inbroker_adapter import InBrokerAdapter
 from bridge.mqtt_adapter import MqttClientAdapter
 from bridge.outgoing import Outgoing
 from bridge.pipeline import Pipeline
+from bridge.presence import PresenceMirror
 from bridge.receipts import ReceiptCoalescer
+from broker.membership import MembershipCache
 from broker.server import MqchatBroker, serve_broker, tune_gc
 from mqchat.config import Config, config_to_env
+from mqchat.errors import ConfigError
 from mqchat.tokens import TokenVerifier, service_password
 from storage.base import MessageStore
+from storage.presence import MemoryPresence, PresenceRegistry
 from storage.sqlite import SqliteMessageStore
 
 logger = logging.getLogger(__name__)
@@ -110,6 +114,30 @@ async def serve_http(app: Any, *, host: str, port: int) -> AsyncIterator[HttpHan
         await task
 
 
+# --- presence --------------------------------------------------------------------------------
+
+
+def redis_location(url: str) -> str:
+    """host:port of a Redis URL, for logs (never the password)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}" if parts.scheme != "unix" else parts.path
+
+
+def presence_registry(config: Config) -> PresenceRegistry:
+    """The configured registry: in memory (one process) or Redis (shared by every process)."""
+    settings = config.presence
+    if not settings.redis_url:
+        return MemoryPresence(grace_s=settings.grace_s)
+    try:
+        from storage.redis_presence import RedisPresence
+    except ImportError:
+        raise ConfigError("--redis-url needs the redis extra: pip install 'mqchat[redis]'") from None
+    logger.info("presence shared through Redis at %s", redis_location(settings.redis_url))
+    return RedisPresence(settings.redis_url, grace_s=settings.grace_s, ttl_s=settings.ttl_s)
+
+
 # --- bridge ----------------------------------------------------------------------------------
 
 
@@ -151,8 +179,11 @@ async def _bridge_core(config: Config) -> AsyncIterator[tuple[MessageStore, Pipe
 
 
 @asynccontextmanager
-async def _serve_api(config: Config, store: MessageStore, adapter: Adapter) -> AsyncIterator[HttpHandle]:
+async def _serve_api(
+    config: Config, store: MessageStore, adapter: Adapter, presence: PresenceLookup
+) -> AsyncIterator[HttpHandle]:
     app = create_app(
+        presence=presence,
         store=store,
         verifier=TokenVerifier(secret=config.auth.jwt_secret),
         history_max_limit=config.bridge.history_max_limit,
@@ -166,34 +197,52 @@ async def _serve_api(config: Config, store: MessageStore, adapter: Adapter) -> A
 
 @asynccontextmanager
 async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> AsyncIterator[BridgeHandle]:
-    """The bridge beside a broker: store + pipeline + MQTT-client adapter + HTTP API."""
-    async with (
-        _bridge_core(config) as (store, pipeline, late),
-        MqttClientAdapter(
-            pipeline=pipeline,
-            host=mqtt_host,
-            port=mqtt_port,
-            service_password=service_password(config.auth.jwt_secret),
-            max_inflight=config.bridge.max_inflight,
-        ) as adapter,
-        _serve_api(config, store, adapter) as http,
-    ):
+    """The bridge beside a broker: store + pipeline + MQTT-client adapter + HTTP API. Presence
+    comes from the shared registry (Redis) or, without one, from the broker's retained states."""
+    async with contextlib.AsyncExitStack() as stack:
+        store, pipeline, late = await stack.enter_async_context(_bridge_core(config))
+        mirror: PresenceMirror | None = None
+        if config.presence.redis_url:
+            lookup: PresenceLookup = (await stack.enter_async_context(presence_registry(config))).lookup
+        else:
+            mirror = PresenceMirror()
+            lookup = mirror.lookup
+        adapter = await stack.enter_async_context(
+            MqttClientAdapter(
+                pipeline=pipeline,
+                host=mqtt_host,
+                port=mqtt_port,
+                service_password=service_password(config.auth.jwt_secret),
+                max_inflight=config.bridge.max_inflight,
+                on_presence=mirror.update if mirror is not None else None,
+            )
+        )
+        http = await stack.enter_async_context(_serve_api(config, store, adapter, lookup))
         late.target = adapter
         yield BridgeHandle(http_port=http.port, adapter=adapter, store=store)
 
 
 @asynccontextmanager
 async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
-    async with serve_broker(
-        host=config.network.host, port=config.network.mqtt_port, secret=config.auth.jwt_secret
-    ) as broker:
+    """The broker alone; it reads the store only for its ACL's membership answers."""
+    async with (
+        await SqliteMessageStore.open(config.storage.sqlite_path) as store,
+        presence_registry(config) as presence,
+        serve_broker(
+            host=config.network.host,
+            port=config.network.mqtt_port,
+            secret=config.auth.jwt_secret,
+            presence=presence,
+            membership=MembershipCache(store),
+        ) as broker,
+    ):
         yield broker
 
 
 @asynccontextmanager
 async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
     """Broker and bridge in one process: the in-broker adapter, no MQTT hop between them."""
-    async with _bridge_core(config) as (store, pipeline, late):
+    async with _bridge_core(config) as (store, pipeline, late), presence_registry(config) as presence:
         # The adapter publishes through the broker, and the broker feeds the adapter.
         broker_box: list[MqchatBroker] = []
 
@@ -207,11 +256,13 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
                 port=config.network.mqtt_port,
                 secret=config.auth.jwt_secret,
                 inbound_hook=adapter.submit,
+                presence=presence,
+                membership=MembershipCache(store),
             ) as broker,
         ):
             broker_box.append(broker)
             late.target = adapter
-            async with _serve_api(config, store, adapter) as http:
+            async with _serve_api(config, store, adapter, presence.lookup) as http:
                 yield BridgeHandle(http_port=http.port, adapter=adapter, store=store, mqtt_port=broker.bound_port)
 
 

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", choices=("mqtt", "inbroker"), help="how requests reach the bridge pipeline (default inbroker)"
     )
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+    serve.add_argument(
+        "--redis-url",
+        help="share presence through Redis (redis://host:6379/0) across processes; default: in memory",
+    )
+    serve.add_argument("--presence-grace", help="reconnects within this never show offline (default 5s)")
 
     token = sub.add_parser("token", help="print an access token (JWT) for local use")
     _server_flags(token)

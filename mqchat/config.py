@@ -102,12 +102,27 @@ class BridgeConfig:
     receipt_window_s: float = 0.5  # at most one receipt event per conversation and user per window
 
 
+def parse_redis_url(value: str) -> str:
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceConfig:
+    # Empty: the in-memory registry (one process); else the shared Redis registry.
+    redis_url: str = dataclasses.field(default="", repr=False)  # may carry a password
+    grace_s: float = 5.0  # a user who drops and reconnects within this never appears offline
+    ttl_s: float = 15.0  # Redis: a process silent this long is dead; its devices go offline
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     network: NetworkConfig
     auth: AuthConfig
     storage: StorageConfig
     bridge: BridgeConfig
+    presence: PresenceConfig = PresenceConfig()
     log_level: str = "INFO"
 
 
@@ -124,6 +139,9 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "history_max_limit": ("bridge", "history_max_limit", int),
     "max_group_members": ("bridge", "max_group_members", int),
     "receipt_window": ("bridge", "receipt_window_s", parse_duration),
+    "redis_url": ("presence", "redis_url", parse_redis_url),
+    "presence_grace": ("presence", "grace_s", parse_duration),
+    "presence_ttl": ("presence", "ttl_s", parse_duration),
     "log_level": ("", "log_level", lambda v: str(v).upper()),
 }
 KNOWN_KEYS = frozenset(_KEYS)
@@ -191,7 +209,7 @@ def resolve_jwt_secret(explicit: str | None, data_dir: Path) -> tuple[str, bool]
 def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> tuple[Config, bool]:
     """Build the frozen config. Returns (config, jwt_secret_generated_now)."""
     raw = gather_settings(flags, env)
-    sections: dict[str, dict[str, Any]] = {"network": {}, "storage": {}, "bridge": {}, "": {}}
+    sections: dict[str, dict[str, Any]] = {"network": {}, "storage": {}, "bridge": {}, "presence": {}, "": {}}
     for key, value in raw.items():
         if key == "jwt_secret":
             continue
@@ -211,6 +229,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         auth=AuthConfig(jwt_secret=secret),
         storage=storage,
         bridge=BridgeConfig(**sections["bridge"]),
+        presence=PresenceConfig(**sections["presence"]),
         **sections[""],
     )
     return config, generated

@@ -21,6 +21,14 @@ MAX_MEDIA_PER_MESSAGE = 32
 OUT_TOPIC_FILTER = "u/+/+/out"
 """What the bridge subscribes to: every device's request topic."""
 
+PRESENCE_TOPIC_FILTER = "p/+"
+"""Every user's retained presence (the bridge's view of who is online, without a shared registry)."""
+
+MEMBERSHIP_TOPIC = "$mqchat/membership"
+"""Bridge → broker only: a group's or channel's membership changed, as
+``{"conv", "kind", "added": [users], "removed": [users]}``. The broker drops its cached
+membership answers and a removed member's channel subscription; it routes this to no one."""
+
 
 # --- topics -----------------------------------------------------------------------------------
 

@@ -59,7 +59,8 @@ class StoredMessage:
 class AppendResult:
     message: StoredMessage
     duplicate: bool  # True: (sender, client_id) was stored before; nothing was written now
-    members: tuple[str, ...] = ()  # who the message goes to (for groups: the members at that seq)
+    members: tuple[str, ...] = ()  # who the message goes to (for groups: the members at that seq; channels: none)
+    kind: str = "dm"  # "dm" | "group" | "channel" (a channel's message is published once, to c/{conv}/in)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +74,7 @@ class GroupMember:
 class Group:
     conv: str
     name: str
-    kind: str  # "group"
+    kind: str  # "group" | "channel"
     creator: str
     created_at: int
     members: tuple[GroupMember, ...]
@@ -84,6 +85,14 @@ class Group:
     @property
     def users(self) -> tuple[str, ...]:
         return tuple(m.user for m in self.members)
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """One user's standing in a group or channel."""
+
+    kind: str  # "group" | "channel"
+    member: GroupMember | None  # None: not a member
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +208,15 @@ class MessageStore(ABC):
     @abstractmethod
     async def remove_member(self, *, conv: str, user: str) -> Group:
         """Remove user: no further messages, no history, no state row."""
+
+    @abstractmethod
+    async def membership(self, *, conv: str, user: str) -> Membership | None:
+        """The user's standing in group conv without loading every member (channels are large);
+        None when there is no such group."""
+
+    @abstractmethod
+    async def shares_conversation(self, a: str, b: str) -> bool:
+        """Whether users a and b are both in some conversation (a 1:1 once it has a message)."""
 
     @abstractmethod
     async def set_role(self, *, conv: str, user: str, role: str) -> Group: ...

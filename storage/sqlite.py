@@ -36,6 +36,7 @@ from storage.base import (
     ConvState,
     Group,
     GroupMember,
+    Membership,
     MessageStore,
     NewMessage,
     NoSuchConversation,
@@ -50,7 +51,7 @@ from storage.base import (
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_BATCH = 1024
 
 _SCHEMA = """
@@ -58,7 +59,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 CREATE TABLE IF NOT EXISTS conversations (
     conv TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    updated_at INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0  -- channels: the change version of the last message
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS messages (
     conv TEXT NOT NULL,
@@ -85,6 +87,7 @@ CREATE TABLE IF NOT EXISTS user_convs (
     PRIMARY KEY (user, conv)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS user_convs_by_version ON user_convs (user, version);
+CREATE INDEX IF NOT EXISTS user_convs_channels ON user_convs (user) WHERE kind = 'channel';
 CREATE TABLE IF NOT EXISTS groups (
     conv TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -101,9 +104,18 @@ CREATE TABLE IF NOT EXISTS group_members (
 ) WITHOUT ROWID;
 """
 
-_STATE_COLUMNS = "u.conv, u.kind, COALESCE(c.last_seq, 0), u.delivered, u.read, u.updated_at, u.version"
+# A channel's new messages do not touch its members' rows (fan-out on read): its state changes
+# with the conversation's own version, so a row's version is the later of the two.
+_STATE_COLUMNS = (
+    "u.conv, u.kind, COALESCE(c.last_seq, 0), u.delivered, u.read, MAX(u.updated_at, COALESCE(c.updated_at, 0)), "
+    "MAX(u.version, COALESCE(c.version, 0)) AS v"
+)
 _STATE_FROM = "user_convs u LEFT JOIN conversations c ON c.conv = u.conv"
-_STATE_ONE = f"SELECT {_STATE_COLUMNS} FROM {_STATE_FROM} WHERE u.user = ? AND u.conv = ?"
+_CHANGES = (
+    f"SELECT {_STATE_COLUMNS} FROM {_STATE_FROM} WHERE u.user = ? AND u.version > ? "
+    f"UNION SELECT {_STATE_COLUMNS} FROM {_STATE_FROM} WHERE u.user = ? AND u.kind = 'channel' AND c.version > ? "
+    "ORDER BY v LIMIT ?"
+)
 
 _COLUMNS = "conv, seq, mid, sender, device, client_id, ts, kind, body, media"
 
@@ -145,8 +157,18 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _kind(conv: str) -> str:
-    return "dm" if conv.startswith("dm:") else "group"
+def _kind(conn: sqlite3.Connection, conv: str) -> str:
+    """dm, group or channel (NoSuchConversation for an unknown group)."""
+    if conv.startswith("dm:"):
+        return "dm"
+    row = conn.execute("SELECT kind FROM groups WHERE conv = ?", (conv,)).fetchone()
+    if row is None:
+        raise NoSuchConversation(conv)
+    return str(row[0])
+
+
+def _is_member(conn: sqlite3.Connection, conv: str, user: str) -> bool:
+    return conn.execute("SELECT 1 FROM group_members WHERE conv = ? AND user = ?", (conv, user)).fetchone() is not None
 
 
 def _last_seq(conn: sqlite3.Connection, conv: str) -> int:
@@ -187,12 +209,20 @@ def _load_group(conn: sqlite3.Connection, conv: str) -> Group:
 
 def _touch(conn: sqlite3.Connection, conv: str, users: tuple[str, ...], ts: int) -> None:
     """Give users a state row in conv (new members) or move it up the change index."""
+    kind = _kind(conn, conv)
     for user in users:
         conn.execute(
             "INSERT INTO user_convs (user, conv, kind, version, updated_at) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (user, conv) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-            (user, conv, _kind(conv), _next_version(conn), ts),
+            (user, conv, kind, _next_version(conn), ts),
         )
+
+
+def _migrate_to_v3(conn: sqlite3.Connection) -> None:
+    """Schema 2 → 3: conversations get a change version (channels change without touching members)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(conversations)")}
+    if "version" not in columns:
+        conn.execute("ALTER TABLE conversations ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
 
 
 def _migrate_to_v2(conn: sqlite3.Connection) -> None:
@@ -248,6 +278,7 @@ class SqliteMessageStore(MessageStore):
             conn = _connect(self._path)
             try:
                 conn.executescript(_SCHEMA)
+                conn.execute("BEGIN IMMEDIATE")  # another process (broker, bridge) may be opening it too
                 row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is not None and int(row[0]) > SCHEMA_VERSION:
                     raise StorageError(
@@ -255,12 +286,15 @@ class SqliteMessageStore(MessageStore):
                     )
                 if row is not None and int(row[0]) < 2:
                     _migrate_to_v2(conn)
+                if row is not None and int(row[0]) < 3:
+                    _migrate_to_v3(conn)
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (str(SCHEMA_VERSION),),
                 )
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('change_version', '0')")
+                conn.execute("COMMIT")
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -339,16 +373,19 @@ class SqliteMessageStore(MessageStore):
         row = conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE sender = ? AND client_id = ?", (m.sender, m.client_id)
         ).fetchone()
-        members = _members(conn, m.conv, m.members)
+        kind = _kind(conn, m.conv)
+        channel = kind == "channel"
+        # A channel's members are not listed per message (fan-out on read): only the sender is checked.
+        members = () if channel else _members(conn, m.conv, m.members)
         if row is not None:
-            return AppendResult(_row_to_message(row), duplicate=True, members=members)
-        if m.sender not in members:
+            return AppendResult(_row_to_message(row), duplicate=True, members=members, kind=kind)
+        if not (_is_member(conn, m.conv, m.sender) if channel else m.sender in members):
             raise NotMember(f"{m.sender} is not a member of {m.conv}")
         (seq,) = conn.execute(
-            "INSERT INTO conversations (conv, last_seq, updated_at) VALUES (?, 1, ?) "
-            "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + 1, updated_at = excluded.updated_at "
-            "RETURNING last_seq",
-            (m.conv, m.ts),
+            "INSERT INTO conversations (conv, last_seq, updated_at, version) VALUES (?, 1, ?, ?) "
+            "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + 1, updated_at = excluded.updated_at, "
+            "version = excluded.version RETURNING last_seq",
+            (m.conv, m.ts, _next_version(conn) if channel else 0),
         ).fetchone()
         stored = StoredMessage(
             conv=m.conv,
@@ -377,8 +414,7 @@ class SqliteMessageStore(MessageStore):
                 json.dumps(list(stored.media)) if stored.media else None,
             ),
         )
-        kind = _kind(m.conv)
-        for member in dict.fromkeys(members):
+        for member in (m.sender,) if channel else dict.fromkeys(members):
             # The sender has read (and so received) what they sent.
             own = seq if member == m.sender else 0
             conn.execute(
@@ -388,12 +424,13 @@ class SqliteMessageStore(MessageStore):
                 "version = excluded.version, updated_at = excluded.updated_at",
                 (member, m.conv, kind, own, own, _next_version(conn), m.ts),
             )
-        return AppendResult(stored, duplicate=False, members=members)
+        return AppendResult(stored, duplicate=False, members=members, kind=kind)
 
     def _set_watermark(
         self, conn: sqlite3.Connection, conv: str, user: str, delivered: int | None, read: int | None
     ) -> WatermarkResult:
-        if user not in _members(conn, conv, (user,)):
+        kind = _kind(conn, conv)
+        if not (user in conv.split(":")[1:] if kind == "dm" else _is_member(conn, conv, user)):
             raise NotMember(f"{user} is not a member of {conv}")
         state = _state(conn, user, conv)
         last_seq = state.last_seq if state is not None else _last_seq(conn, conv)
@@ -402,7 +439,7 @@ class SqliteMessageStore(MessageStore):
             raise SeqBeyondEnd(f"seq {wanted} is beyond the conversation's last seq {last_seq}")
         if state is None:
             if wanted == 0:
-                return WatermarkResult(ConvState(conv, _kind(conv), last_seq, 0, 0, 0, 0), changed=False)
+                return WatermarkResult(ConvState(conv, kind, last_seq, 0, 0, 0, 0), changed=False)
             raise SeqBeyondEnd("no state for this conversation")  # pragma: no cover - last_seq > 0 implies a row
         new_read = max(state.read, read or 0)
         new_delivered = max(state.delivered, delivered or 0, new_read)
@@ -414,7 +451,7 @@ class SqliteMessageStore(MessageStore):
             "UPDATE user_convs SET delivered = ?, read = ?, version = ?, updated_at = ? WHERE user = ? AND conv = ?",
             (new_delivered, new_read, version, now, user, conv),
         )
-        changed = ConvState(conv, state.kind, state.last_seq, new_delivered, new_read, now, version)
+        changed = ConvState(conv, state.kind, state.last_seq, new_delivered, new_read, now, max(version, state.version))
         return WatermarkResult(changed, changed=True)
 
     def _resolve(self, batch: list[_Job], results: list[Any]) -> None:
@@ -482,10 +519,7 @@ class SqliteMessageStore(MessageStore):
         return ConvState(*rows[0]) if rows else None
 
     async def changes_since(self, *, user: str, version: int, limit: int) -> ChangesPage:
-        rows = await self._read(
-            f"SELECT {_STATE_COLUMNS} FROM {_STATE_FROM} WHERE u.user = ? AND u.version > ? ORDER BY u.version LIMIT ?",
-            (user, version, limit + 1),
-        )
+        rows = await self._read(_CHANGES, (user, version, user, version, limit + 1))
         states = tuple(ConvState(*r) for r in rows[:limit])
         return ChangesPage(states, version=states[-1].version if states else version, more=len(rows) > limit)
 
@@ -531,7 +565,7 @@ class SqliteMessageStore(MessageStore):
 
     async def add_members(self, *, conv: str, users: tuple[str, ...], ts: int) -> Group:
         def job(conn: sqlite3.Connection) -> Group:
-            _load_group(conn, conv)
+            kind = _load_group(conn, conv).kind
             joined = _last_seq(conn, conv) + 1
             added = []
             for user in dict.fromkeys(users):
@@ -548,7 +582,7 @@ class SqliteMessageStore(MessageStore):
                     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user, conv) DO UPDATE SET "
                     "delivered = excluded.delivered, read = excluded.read, version = excluded.version, "
                     "updated_at = excluded.updated_at",
-                    (user, conv, _kind(conv), joined - 1, joined - 1, _next_version(conn), ts),
+                    (user, conv, kind, joined - 1, joined - 1, _next_version(conn), ts),
                 )
             return _load_group(conn, conv)
 
@@ -566,6 +600,24 @@ class SqliteMessageStore(MessageStore):
 
         group: Group = await self._write(job)
         return group
+
+    async def membership(self, *, conv: str, user: str) -> Membership | None:
+        rows = await self._read(
+            "SELECT g.kind, m.role, m.joined_seq FROM groups g "
+            "LEFT JOIN group_members m ON m.conv = g.conv AND m.user = ? WHERE g.conv = ?",
+            (user, conv),
+        )
+        if not rows:
+            return None
+        kind, role, joined_seq = rows[0]
+        return Membership(kind, GroupMember(user, role, joined_seq) if role is not None else None)
+
+    async def shares_conversation(self, a: str, b: str) -> bool:
+        rows = await self._read(
+            "SELECT 1 FROM user_convs x JOIN user_convs y ON y.user = ? AND y.conv = x.conv WHERE x.user = ? LIMIT 1",
+            (b, a),
+        )
+        return bool(rows)
 
     async def set_role(self, *, conv: str, user: str, role: str) -> Group:
         def job(conn: sqlite3.Connection) -> Group:

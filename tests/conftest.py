@@ -19,18 +19,21 @@ import pytest
 
 from bridge.mqtt_adapter import MqttClientAdapter
 from mqchat.app import run_bridge, run_broker, run_node
-from mqchat.config import AuthConfig, BridgeConfig, Config, NetworkConfig, StorageConfig
+from mqchat.config import AuthConfig, BridgeConfig, Config, NetworkConfig, PresenceConfig, StorageConfig
 from mqchat.tokens import issue_token
 from storage.base import MessageStore
 from tests.helpers import repo_env
 
 
-def make_config(data_dir: Path, *, secret: str | None = None, **bridge: int) -> Config:
+def make_config(
+    data_dir: Path, *, secret: str | None = None, presence: PresenceConfig | None = None, **bridge: int
+) -> Config:
     return Config(
         network=NetworkConfig(host="127.0.0.1", mqtt_port=0, http_port=0),
         auth=AuthConfig(jwt_secret=secret or secrets.token_urlsafe(32)),
         storage=StorageConfig(data_dir=data_dir),
         bridge=BridgeConfig(**bridge),
+        presence=presence or PresenceConfig(),
     )
 
 
@@ -51,12 +54,11 @@ class Stack:
         return httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.http_port}", headers=headers, timeout=10)
 
 
-@pytest.fixture
-async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
-    """Broker + bridge wired as `mqchat serve` does; parametrize indirectly with "inbroker" for
-    the in-broker adapter (default: the MQTT-client adapter)."""
-    config = make_config(tmp_path)
-    if getattr(request, "param", "mqtt") == "inbroker":
+@contextlib.asynccontextmanager
+async def open_stack(config: Config, adapter: str = "mqtt") -> AsyncIterator[Stack]:
+    """Broker + bridge wired as `mqchat serve` does: one node (adapter "inbroker") or the broker
+    and the MQTT-client bridge (here in one event loop)."""
+    if adapter == "inbroker":
         async with run_node(config) as node:
             yield Stack(config=config, mqtt_port=node.mqtt_port, http_port=node.http_port, store=node.store)
         return
@@ -67,6 +69,14 @@ async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
         assert isinstance(bridge.adapter, MqttClientAdapter)
         await bridge.adapter.wait_connected()
         yield Stack(config=config, mqtt_port=broker.bound_port, http_port=bridge.http_port, store=bridge.store)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    """`open_stack` with default settings; parametrize indirectly with "inbroker" for the
+    in-broker adapter (default: the MQTT-client adapter)."""
+    async with open_stack(make_config(tmp_path), getattr(request, "param", "mqtt")) as stack:
+        yield stack
 
 
 both_adapters = pytest.mark.parametrize("stack", ["mqtt", "inbroker"], indirect=True)
