@@ -9,7 +9,8 @@
 
 Scenarios: ``relay`` (raw publish → subscriber throughput and open-loop latency), ``chat`` (the
 full pipeline through ``mqchat serve``, per adapter), ``fanout`` (one publish → 500 subscribers),
-``connections`` (a ramp of idle authenticated devices: connect rate, memory, latency under load).
+``connections`` (a ramp of idle authenticated devices: connect rate, memory, latency under load),
+``acl`` (the cost of the presence/channel ACL's membership answers, cached and not).
 Comparisons are ratios measured side by side in the same run: the machine is shared and noisy,
 so absolute numbers from different runs do not compare. See ``bench/README.md``.
 """
@@ -48,7 +49,7 @@ from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, issue_token, 
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS = ("relay", "chat", "fanout", "connections")
+SCENARIOS = ("relay", "chat", "fanout", "connections", "acl")
 SYSTEMS = ("ours", "stock", "mosquitto")
 LABELS = {
     "ours": "ours (mqchat broker)",
@@ -1339,11 +1340,66 @@ def _save(fig: Any, path: Path, data: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+# --- acl -----------------------------------------------------------------------------------------
+
+
+def bench_acl(opts: Options, workdir: Path) -> dict[str, Any]:
+    from mqchat import bench_acl as acl
+
+    return acl.run(workdir, quick=opts.quick, progress=progress)
+
+
+def table_acl(data: dict[str, Any]) -> None:
+    rows = [
+        [
+            s["label"],
+            s["shares"]["mean_us"],
+            s["shares"]["p99_us"],
+            s["member"]["mean_us"],
+            s["member"]["p99_us"],
+            s["subscribes_per_s"],
+        ]
+        for s in data["systems"].values()
+    ]
+    print_table(
+        "acl: membership answers for presence (shares a conversation?) and channel (member?) subscriptions",
+        ["answered by", "shares mean us", "shares p99 us", "member mean us", "member p99 us", "SUBSCRIBE/s"],
+        rows,
+    )
+    for key, value in data["ratios"].items():
+        print(f"ratio {key}: {value}")
+    for note in data["notes"]:
+        print(f"note: {note}")
+
+
+def plot_acl(data: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    systems = list(data["systems"].values())
+    width = 0.38
+    for k, question in enumerate(("shares", "member")):
+        vals = [s[question]["mean_us"] for s in systems]
+        bars = left.bar([i + (k - 0.5) * width for i in range(len(systems))], vals, width, label=question)
+        left.bar_label(bars, labels=[f"{v:.1f}" for v in vals], fontsize=8)
+    left.set_xticks(range(len(systems)), [s["label"] for s in systems], fontsize=8)
+    left.set_ylabel("µs per answer (mean)")
+    _logy(left)
+    left.legend()
+    left.set_title("One membership question")
+    rates = [s["subscribes_per_s"] for s in systems]
+    bars = right.bar(["uncached (store)", "cached"], [rates[0], rates[1]])
+    right.bar_label(bars, labels=[f"{v:,.0f}" for v in rates], fontsize=8)
+    right.set_ylabel("SUBSCRIBE/s (one client, sequential)")
+    right.set_title(f"{data['parameters']['topics']} SUBSCRIBEs via the broker")
+    _save(fig, path, data)
+
+
 RUNNERS: dict[str, tuple[Callable[[Options, Path], dict[str, Any]], Callable[..., None], Callable[..., None]]] = {
     "relay": (bench_relay, table_relay, plot_relay),
     "chat": (bench_chat, table_chat, plot_chat),
     "fanout": (bench_fanout, table_fanout, plot_fanout),
     "connections": (bench_connections, table_connections, plot_connections),
+    "acl": (bench_acl, table_acl, plot_acl),
 }
 
 

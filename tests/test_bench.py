@@ -46,3 +46,16 @@ def test_relay_smoke(tmp_path: Path) -> None:
             assert step["p99_ms"] >= step["p50_ms"]
     assert data["ratios"]["qos1_throughput_ours_vs_stock"] > 0
     assert (tmp_path / "relay.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(90)
+def test_acl_smoke(tmp_path: Path) -> None:
+    assert main(["acl", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "acl.json").read_text())
+    assert set(data["systems"]) == {"store", "cache"}
+    for system in data["systems"].values():
+        assert system["shares"]["answers"] == data["parameters"]["pairs"] > 0
+        assert system["member"]["answers"] == data["parameters"]["users"]
+        assert system["subscribes_per_s"] > 0
+    assert data["ratios"]["member_store_vs_cache_mean"] > 0
+    assert (tmp_path / "acl.png").stat().st_size > 0
