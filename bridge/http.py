@@ -27,6 +27,7 @@ from mqchat.protocol import MEMBERSHIP_TOPIC, channel_topic, encode, user_in_top
 from mqchat.tokens import Identity, TokenVerifier
 from storage.base import Group, GroupMember, MessageStore
 from storage.presence import Presence
+from storage.push_store import DeviceToken, SqlitePushStore
 
 PresenceLookup = Callable[[list[str]], Awaitable[dict[str, Presence]]]
 MAX_PRESENCE_USERS = 200
@@ -160,6 +161,34 @@ class PresencePage(BaseModel):
     users: list[PresenceOut]
 
 
+class PushTokenIn(BaseModel):
+    platform: str = Field(pattern="^(apns|fcm)$")
+    token: str = Field(min_length=1, max_length=4096, pattern=r"^[\x21-\x7e]+$")
+    topic: str | None = Field(
+        default=None, max_length=255, description="APNs: the app's bundle id, if not the server's"
+    )
+    sandbox: bool = Field(default=False, description="APNs: a development build (Apple's sandbox)")
+
+
+class PushTokenOut(BaseModel):
+    device: str
+    platform: str
+    sandbox: bool
+
+
+class SettingsIn(BaseModel):
+    muted: bool | None = Field(default=None, description="yours: no alert for this conversation (badge still updates)")
+    e2e: bool | None = Field(
+        default=None, description="the conversation's: bodies are ciphertext, pushes carry no text (groups: admins)"
+    )
+
+
+class SettingsOut(BaseModel):
+    conv: str
+    muted: bool
+    e2e: bool
+
+
 async def _no_publish(outgoing: list[Outgoing]) -> None:
     return None
 
@@ -173,6 +202,7 @@ def create_app(
     broker_connected: Callable[[], bool] = lambda: True,
     publish: Callable[[list[Outgoing]], Awaitable[None]] = _no_publish,
     presence: PresenceLookup | None = None,
+    push_store: SqlitePushStore | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> FastAPI:
     """Build the ASGI app over the given store and token verifier.
@@ -442,6 +472,61 @@ def create_app(
             raise RequestError(ErrorCode.UNAVAILABLE, "presence is not available on this server")
         found = await presence(wanted)
         return {"users": [{"user": u, **found[u].envelope()} for u in wanted]}
+
+    def pushes() -> SqlitePushStore:
+        if push_store is None:
+            raise RequestError(ErrorCode.UNAVAILABLE, "push is not available on this server")
+        return push_store
+
+    @app.put(
+        "/v1/devices/{device}/push",
+        response_model=PushTokenOut,
+        responses=error_responses,
+        summary="Register this device's APNs/FCM token (a token moves with its latest registration)",
+    )
+    async def put_push_token(
+        device: str, body: PushTokenIn, who: Annotated[Identity, Depends(identity)]
+    ) -> dict[str, Any]:
+        if device != who.device:
+            raise RequestError(ErrorCode.FORBIDDEN, "register the push token of your own device (the token's device)")
+        await pushes().put_token(
+            DeviceToken(who.user, device, body.platform, body.token, body.topic, body.sandbox, clock.time_ms())
+        )
+        return {"device": device, "platform": body.platform, "sandbox": body.sandbox}
+
+    @app.delete(
+        "/v1/devices/{device}/push", status_code=204, responses=error_responses, summary="Stop pushing to this device"
+    )
+    async def delete_push_token(device: str, who: Annotated[Identity, Depends(identity)]) -> Response:
+        if device != who.device:
+            raise RequestError(ErrorCode.FORBIDDEN, "remove the push token of your own device")
+        if not await pushes().delete_device_token(who.user, device):
+            raise RequestError(ErrorCode.NOT_FOUND, "no push token for this device")
+        return Response(status_code=204)
+
+    @app.put(
+        "/v1/conversations/{conv}/settings",
+        response_model=SettingsOut,
+        responses=error_responses,
+        summary="Mute a conversation (yours) or mark it end-to-end encrypted (everyone's)",
+    )
+    async def put_settings(conv: str, body: SettingsIn, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+        parsed = parse_conv(conv)
+        if parsed is None:
+            raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
+        store_ = pushes()
+        if parsed.kind == "group":
+            member = await membership(conv, who)
+            if body.e2e is not None and member.role != "admin":
+                raise RequestError(ErrorCode.FORBIDDEN, "only the group's admins may change its encryption flag")
+        else:
+            await require_member(store, who.user, parsed)
+        if body.muted is not None:
+            await store_.set_muted(who.user, parsed.id, body.muted)
+        if body.e2e is not None:
+            await store_.set_e2e(parsed.id, body.e2e)
+        muted, e2e = await store_.settings(who.user, parsed.id)
+        return {"conv": parsed.id, "muted": muted, "e2e": e2e}
 
     @app.get("/healthz", summary="Health: 200 when the bridge reaches the broker, else 503")
     async def healthz() -> JSONResponse:

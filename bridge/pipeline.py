@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bridge import metrics
@@ -94,8 +95,10 @@ class Pipeline:
         typing_interval_s: float = 1.0,
         typing_per_minute: int = 120,
         clock: Clock = SYSTEM_CLOCK,
+        on_stored: Callable[[StoredMessage, tuple[str, ...]], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_stored = on_stored  # new (not duplicate) group and 1:1 messages, with their members: push
         self._receipts = receipts  # None: receipt events go out at once, uncoalesced
         self._typing_interval_s = typing_interval_s
         self._typing_per_minute = typing_per_minute
@@ -222,6 +225,8 @@ class Pipeline:
             metrics.MESSAGES_DUPLICATE.inc()
         else:
             metrics.MESSAGES_ACCEPTED.inc()
+            if self._on_stored is not None and result.kind != "channel":
+                self._on_stored(stored, result.members)
         ack = encode(ack_envelope(id=stored.client_id, conv=stored.conv, seq=stored.seq, mid=stored.mid, ts=stored.ts))
         out = [Outgoing(device_in_topic(user, device), ack)]
         # A duplicate is fanned out again: the first attempt may have been cut between commit

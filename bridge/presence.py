@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 from storage.presence import OFFLINE, ONLINE, Presence
 
@@ -37,3 +37,17 @@ class PresenceMirror:
 
     async def lookup(self, users: Iterable[str]) -> dict[str, Presence]:
         return {u: self._known.get(u) or Presence(u, OFFLINE, None) for u in users}
+
+    async def devices(self, user: str) -> Container[str]:
+        """The retained state is per user, not per device: while the user is online, every one of
+        their devices counts as connected (push then waits until the user is away everywhere)."""
+        known = self._known.get(user)
+        return _EVERY_DEVICE if known is not None and known.online else frozenset()
+
+
+class _EveryDevice:
+    def __contains__(self, device: object) -> bool:
+        return True
+
+
+_EVERY_DEVICE = _EveryDevice()

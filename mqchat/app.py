@@ -47,8 +47,11 @@ from broker.server import MqchatBroker, serve_broker, tune_gc
 from mqchat.config import Config, config_to_env
 from mqchat.errors import ConfigError
 from mqchat.tokens import TokenVerifier, service_password
+from push.dispatcher import ConnectedDevices, PushDispatcher
+from push.providers import ApnsProvider, FcmProvider, LogProvider, PushConfigError, PushProvider
 from storage.base import MessageStore
 from storage.presence import MemoryPresence, PresenceRegistry
+from storage.push_store import SqlitePushStore
 from storage.sqlite import SqliteMessageStore
 
 logger = logging.getLogger(__name__)
@@ -133,9 +136,63 @@ def presence_registry(config: Config) -> PresenceRegistry:
     try:
         from storage.redis_presence import RedisPresence
     except ImportError:
-        raise ConfigError("--redis-url needs the redis extra: pip install 'mqchat[redis]'") from None
+        raise ConfigError("--redis-url needs redis-py: pip install 'mqchat[redis]'") from None
     logger.info("presence shared through Redis at %s", redis_location(settings.redis_url))
     return RedisPresence(settings.redis_url, grace_s=settings.grace_s, ttl_s=settings.ttl_s)
+
+
+# --- push ------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def push_providers(config: Config) -> AsyncIterator[dict[str, PushProvider]]:
+    """The configured providers, started; a platform without settings only logs its pushes. A
+    provider that cannot work is reported once, loudly, and its platform is left out."""
+    settings = config.push
+    chosen: dict[str, PushProvider] = {}
+    try:
+        if settings.apns_configured:
+            chosen["apns"] = ApnsProvider(
+                key_file=settings.apns_key_file or None,
+                key_id=settings.apns_key_id,
+                team_id=settings.apns_team_id,
+                topic=settings.apns_topic,
+                use_sandbox=True if settings.apns_sandbox else None,  # else per token, as registered
+                host=settings.apns_host or None,
+                sandbox_host=settings.apns_host or None,
+                port=settings.apns_port,
+                ca_file=settings.apns_ca_file or None,
+            )
+        else:
+            chosen["apns"] = LogProvider("apns")
+    except PushConfigError as exc:
+        logger.error("PUSH MISCONFIGURED: APNs disabled: %s", exc)
+    try:
+        if settings.fcm_credentials:
+            chosen["fcm"] = FcmProvider(
+                service_account_file=settings.fcm_credentials,
+                project_id=settings.fcm_project_id or None,
+                endpoint=settings.fcm_endpoint,
+            )
+        else:
+            chosen["fcm"] = LogProvider("fcm")
+    except PushConfigError as exc:
+        logger.error("PUSH MISCONFIGURED: FCM disabled: %s", exc)
+    started: dict[str, PushProvider] = {}
+    try:
+        for platform, provider in chosen.items():
+            try:
+                await provider.start()
+                started[platform] = provider
+            except PushConfigError as exc:
+                logger.error("PUSH MISCONFIGURED: %s disabled: %s", platform, exc)
+                await provider.aclose()
+        logger.info("push: %s", ", ".join(f"{p} via {type(v).__name__}" for p, v in started.items()) or "off")
+        yield started
+    finally:
+        for provider in started.values():
+            with contextlib.suppress(Exception):
+                await provider.aclose()
 
 
 # --- bridge ----------------------------------------------------------------------------------
@@ -166,24 +223,54 @@ class BridgeHandle:
     mqtt_port: int = 0  # set when the broker runs in the same process (in-broker adapter)
 
 
+@dataclass(frozen=True, slots=True)
+class _Core:
+    store: MessageStore
+    pipeline: Pipeline
+    late: _LateAdapter
+    push_store: SqlitePushStore
+
+
 @asynccontextmanager
-async def _bridge_core(config: Config) -> AsyncIterator[tuple[MessageStore, Pipeline, _LateAdapter]]:
-    store = await SqliteMessageStore.open(config.storage.sqlite_path)
-    late = _LateAdapter()
-    try:
-        async with ReceiptCoalescer(publish=late.publish, window_s=config.bridge.receipt_window_s) as receipts:
-            pipeline = Pipeline(store=store, receipts=receipts, max_envelope_bytes=config.bridge.max_envelope_bytes)
-            yield store, pipeline, late
-    finally:
-        await store.aclose()
+async def _bridge_core(config: Config, connected_devices: ConnectedDevices) -> AsyncIterator[_Core]:
+    """Store, push (store, providers, dispatcher), receipts and the pipeline."""
+    async with contextlib.AsyncExitStack() as stack:
+        store = await SqliteMessageStore.open(config.storage.sqlite_path)
+        stack.push_async_callback(store.aclose)
+        push_store = await SqlitePushStore.open(config.storage.data_dir / "push.sqlite3")
+        stack.push_async_callback(push_store.aclose)
+        providers = await stack.enter_async_context(push_providers(config))
+        dispatcher = await stack.enter_async_context(
+            PushDispatcher(
+                store=store,
+                push_store=push_store,
+                connected_devices=connected_devices,
+                providers=providers,
+                window_s=config.push.window_s,
+                max_per_s=config.push.max_per_s,
+            )
+        )
+        late = _LateAdapter()
+        receipts = await stack.enter_async_context(
+            ReceiptCoalescer(publish=late.publish, window_s=config.bridge.receipt_window_s)
+        )
+        pipeline = Pipeline(
+            store=store,
+            receipts=receipts,
+            max_envelope_bytes=config.bridge.max_envelope_bytes,
+            on_stored=dispatcher.notify,
+        )
+        yield _Core(store, pipeline, late, push_store)
 
 
 @asynccontextmanager
 async def _serve_api(
-    config: Config, store: MessageStore, adapter: Adapter, presence: PresenceLookup
+    config: Config, core: _Core, adapter: Adapter, presence: PresenceLookup
 ) -> AsyncIterator[HttpHandle]:
+    store = core.store
     app = create_app(
         presence=presence,
+        push_store=core.push_store,
         store=store,
         verifier=TokenVerifier(secret=config.auth.jwt_secret),
         history_max_limit=config.bridge.history_max_limit,
@@ -200,16 +287,18 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
     """The bridge beside a broker: store + pipeline + MQTT-client adapter + HTTP API. Presence
     comes from the shared registry (Redis) or, without one, from the broker's retained states."""
     async with contextlib.AsyncExitStack() as stack:
-        store, pipeline, late = await stack.enter_async_context(_bridge_core(config))
         mirror: PresenceMirror | None = None
         if config.presence.redis_url:
-            lookup: PresenceLookup = (await stack.enter_async_context(presence_registry(config))).lookup
+            registry = await stack.enter_async_context(presence_registry(config))
+            lookup: PresenceLookup = registry.lookup
+            devices: ConnectedDevices = registry.devices
         else:
             mirror = PresenceMirror()
-            lookup = mirror.lookup
+            lookup, devices = mirror.lookup, mirror.devices
+        core = await stack.enter_async_context(_bridge_core(config, devices))
         adapter = await stack.enter_async_context(
             MqttClientAdapter(
-                pipeline=pipeline,
+                pipeline=core.pipeline,
                 host=mqtt_host,
                 port=mqtt_port,
                 service_password=service_password(config.auth.jwt_secret),
@@ -217,9 +306,9 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
                 on_presence=mirror.update if mirror is not None else None,
             )
         )
-        http = await stack.enter_async_context(_serve_api(config, store, adapter, lookup))
-        late.target = adapter
-        yield BridgeHandle(http_port=http.port, adapter=adapter, store=store)
+        http = await stack.enter_async_context(_serve_api(config, core, adapter, lookup))
+        core.late.target = adapter
+        yield BridgeHandle(http_port=http.port, adapter=adapter, store=core.store)
 
 
 @asynccontextmanager
@@ -242,7 +331,8 @@ async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
 @asynccontextmanager
 async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
     """Broker and bridge in one process: the in-broker adapter, no MQTT hop between them."""
-    async with _bridge_core(config) as (store, pipeline, late), presence_registry(config) as presence:
+    async with presence_registry(config) as presence, _bridge_core(config, presence.devices) as core:
+        store = core.store
         # The adapter publishes through the broker, and the broker feeds the adapter.
         broker_box: list[MqchatBroker] = []
 
@@ -250,7 +340,9 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
             await broker_box[0].internal_message_broadcast(topic, payload, qos)
 
         async with (
-            InBrokerAdapter(pipeline=pipeline, publish=publish, max_inflight=config.bridge.max_inflight) as adapter,
+            InBrokerAdapter(
+                pipeline=core.pipeline, publish=publish, max_inflight=config.bridge.max_inflight
+            ) as adapter,
             serve_broker(
                 host=config.network.host,
                 port=config.network.mqtt_port,
@@ -261,8 +353,8 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
             ) as broker,
         ):
             broker_box.append(broker)
-            late.target = adapter
-            async with _serve_api(config, store, adapter, presence.lookup) as http:
+            core.late.target = adapter
+            async with _serve_api(config, core, adapter, presence.lookup) as http:
                 yield BridgeHandle(http_port=http.port, adapter=adapter, store=store, mqtt_port=broker.bound_port)
 
 

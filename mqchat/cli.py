@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share presence through Redis (redis://host:6379/0) across processes; default: in memory",
     )
     serve.add_argument("--presence-grace", help="reconnects within this never show offline (default 5s)")
+    serve.add_argument("--apns-key-file", help="APNs token-auth key (.p8) for iOS push")
+    serve.add_argument("--apns-key-id", help="the key's 10-character id")
+    serve.add_argument("--apns-team-id", help="your Apple developer team id")
+    serve.add_argument("--apns-topic", help="the iOS app's bundle id")
+    serve.add_argument("--apns-sandbox", help="true for development builds (Apple's sandbox)")
+    serve.add_argument("--fcm-credentials", help="Firebase service-account JSON file for Android push")
 
     token = sub.add_parser("token", help="print an access token (JWT) for local use")
     _server_flags(token)

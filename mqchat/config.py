@@ -116,6 +116,40 @@ class PresenceConfig:
     ttl_s: float = 15.0  # Redis: a process silent this long is dead; its devices go offline
 
 
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r} (true or false)")
+
+
+@dataclass(frozen=True, slots=True)
+class PushConfig:
+    window_s: float = 2.0  # one notification per device and conversation per window
+    max_per_s: float = 100.0  # a backlog drains at most this fast
+    # APNs (token auth with a .p8 key); unset: pushes to iOS devices are only logged
+    apns_key_file: str = ""
+    apns_key_id: str = ""
+    apns_team_id: str = ""
+    apns_topic: str = ""  # the app's bundle id
+    apns_sandbox: bool = False  # development builds use Apple's sandbox
+    apns_host: str = ""  # default: Apple's (set for a gateway or a test server)
+    apns_port: int = 443
+    apns_ca_file: str = ""  # default: the system's CAs
+    # FCM (a service-account JSON file); unset: pushes to Android devices are only logged
+    fcm_credentials: str = ""
+    fcm_project_id: str = ""  # default: the one in the credentials
+    fcm_endpoint: str = "https://fcm.googleapis.com"
+
+    @property
+    def apns_configured(self) -> bool:
+        return bool(self.apns_key_file or self.apns_key_id or self.apns_team_id or self.apns_topic)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     network: NetworkConfig
@@ -123,6 +157,7 @@ class Config:
     storage: StorageConfig
     bridge: BridgeConfig
     presence: PresenceConfig = PresenceConfig()
+    push: PushConfig = PushConfig()
     log_level: str = "INFO"
 
 
@@ -142,6 +177,19 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "redis_url": ("presence", "redis_url", parse_redis_url),
     "presence_grace": ("presence", "grace_s", parse_duration),
     "presence_ttl": ("presence", "ttl_s", parse_duration),
+    "push_window": ("push", "window_s", parse_duration),
+    "push_rate": ("push", "max_per_s", float),
+    "apns_key_file": ("push", "apns_key_file", str),
+    "apns_key_id": ("push", "apns_key_id", str),
+    "apns_team_id": ("push", "apns_team_id", str),
+    "apns_topic": ("push", "apns_topic", str),
+    "apns_sandbox": ("push", "apns_sandbox", parse_bool),
+    "apns_host": ("push", "apns_host", str),
+    "apns_port": ("push", "apns_port", int),
+    "apns_ca_file": ("push", "apns_ca_file", str),
+    "fcm_credentials": ("push", "fcm_credentials", str),
+    "fcm_project_id": ("push", "fcm_project_id", str),
+    "fcm_endpoint": ("push", "fcm_endpoint", str),
     "log_level": ("", "log_level", lambda v: str(v).upper()),
 }
 KNOWN_KEYS = frozenset(_KEYS)
@@ -209,7 +257,14 @@ def resolve_jwt_secret(explicit: str | None, data_dir: Path) -> tuple[str, bool]
 def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> tuple[Config, bool]:
     """Build the frozen config. Returns (config, jwt_secret_generated_now)."""
     raw = gather_settings(flags, env)
-    sections: dict[str, dict[str, Any]] = {"network": {}, "storage": {}, "bridge": {}, "presence": {}, "": {}}
+    sections: dict[str, dict[str, Any]] = {
+        "network": {},
+        "storage": {},
+        "bridge": {},
+        "presence": {},
+        "push": {},
+        "": {},
+    }
     for key, value in raw.items():
         if key == "jwt_secret":
             continue
@@ -230,6 +285,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         storage=storage,
         bridge=BridgeConfig(**sections["bridge"]),
         presence=PresenceConfig(**sections["presence"]),
+        push=PushConfig(**sections["push"]),
         **sections[""],
     )
     return config, generated

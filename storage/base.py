@@ -210,6 +210,10 @@ class MessageStore(ABC):
         """Remove user: no further messages, no history, no state row."""
 
     @abstractmethod
+    async def total_unread(self, user: str) -> int:
+        """Unread messages over all of the user's conversations (an app badge)."""
+
+    @abstractmethod
     async def membership(self, *, conv: str, user: str) -> Membership | None:
         """The user's standing in group conv without loading every member (channels are large);
         None when there is no such group."""

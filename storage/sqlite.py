@@ -601,6 +601,14 @@ class SqliteMessageStore(MessageStore):
         group: Group = await self._write(job)
         return group
 
+    async def total_unread(self, user: str) -> int:
+        rows = await self._read(
+            "SELECT COALESCE(SUM(MAX(0, COALESCE(c.last_seq, 0) - u.read)), 0) FROM user_convs u "
+            "LEFT JOIN conversations c ON c.conv = u.conv WHERE u.user = ?",
+            (user,),
+        )
+        return int(rows[0][0])
+
     async def membership(self, *, conv: str, user: str) -> Membership | None:
         rows = await self._read(
             "SELECT g.kind, m.role, m.joined_seq FROM groups g "
