@@ -235,3 +235,25 @@ async def test_tokens_rebind_and_invalid_tokens_are_deleted(tmp_path: Path, fake
             assert (r.status_code, r.json()["error"]) == (403, "forbidden")
             r = await http.put("/v1/devices/tablet/push", json={"platform": "webpush", "token": "x"})
             assert (r.status_code, r.json()["error"]) == (400, "bad_request")
+
+
+async def test_provider_auth_errors_keep_tokens_and_are_reported_once(
+    tmp_path: Path, fakes: tuple[FakeApns, FakeFcm], caplog: pytest.LogCaptureFixture
+) -> None:
+    apns, fcm = fakes
+    wrong_team = replace(push_config(tmp_path, apns, fcm), apns_team_id="WRONGTEAM1")
+    config = replace(make_config(tmp_path), push=wrong_team)
+    alice, gina = unique("alice"), unique("gina")
+    dm = ":".join(("dm", *sorted((alice, gina))))
+    async with open_stack(config, "inbroker") as stack:
+        await register(stack, gina, "gina-phone", "apns", "tok-gina")
+        for _ in range(2):
+            await send_burst(stack, alice, dm, 1)
+            await settle(apns, fcm)
+        async with stack.http(gina, "gina-phone") as http:
+            r = await http.delete("/v1/devices/gina-phone/push")
+            assert r.status_code == 204, "the token is still registered"
+    assert [r.status for r in apns.requests_for("tok-gina")] == [403, 403], "sent twice, refused twice"
+    reports = [r for r in caplog.records if "PUSH MISCONFIGURED" in r.getMessage()]
+    assert len(reports) == 1, "reported once, not per message"
+    assert "tok-gina" not in caplog.text, "tokens are never logged"
