@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bridge import metrics
@@ -95,10 +95,12 @@ class Pipeline:
         typing_interval_s: float = 1.0,
         typing_per_minute: int = 120,
         clock: Clock = SYSTEM_CLOCK,
-        on_stored: Callable[[StoredMessage, tuple[str, ...]], None] | None = None,
+        on_stored: Callable[[StoredMessage, tuple[str, ...]], Awaitable[None] | None] | None = None,
     ) -> None:
         self._store = store
-        self._on_stored = on_stored  # new (not duplicate) group and 1:1 messages, with their members: push
+        # New (not duplicate) group and 1:1 messages with their members, for push; what it returns
+        # is awaited before the ack (the push is then queued durably).
+        self._on_stored = on_stored
         self._receipts = receipts  # None: receipt events go out at once, uncoalesced
         self._typing_interval_s = typing_interval_s
         self._typing_per_minute = typing_per_minute
@@ -226,7 +228,9 @@ class Pipeline:
         else:
             metrics.MESSAGES_ACCEPTED.inc()
             if self._on_stored is not None and result.kind != "channel":
-                self._on_stored(stored, result.members)
+                queued = self._on_stored(stored, result.members)
+                if queued is not None:
+                    await queued
         ack = encode(ack_envelope(id=stored.client_id, conv=stored.conv, seq=stored.seq, mid=stored.mid, ts=stored.ts))
         out = [Outgoing(device_in_topic(user, device), ack)]
         # A duplicate is fanned out again: the first attempt may have been cut between commit

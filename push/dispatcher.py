@@ -2,8 +2,8 @@
 
 ::
 
-    pipeline: message stored ─▶ notify(stored, recipients)          (returns at once; in memory)
-        ─▶ intake (batched): recipients' devices with a token that are not connected
+    pipeline: message stored ─▶ notify(stored, recipients) ─▶ awaited before the ack goes out
+        ─▶ intake (batched like a group commit): recipients' devices with a token, not connected
                ─▶ push store: one pending row per (user, device, conv), due when the window closes
     loop: claim_due ─▶ per job, again: device connected now? read up to this seq? → suppressed
                    ─▶ compose: 1 message → its preview; n → "n new messages"; e2e → content-free;
@@ -86,7 +86,9 @@ class PushDispatcher:
         self._base_delay_s = base_delay_s
         self._send_timeout_s = send_timeout_s
         self._clock = clock
-        self._intake: asyncio.Queue[tuple[StoredMessage, tuple[str, ...]]] = asyncio.Queue(maxsize=100_000)
+        self._intake: asyncio.Queue[tuple[StoredMessage, tuple[str, ...], asyncio.Future[None]]] = asyncio.Queue(
+            maxsize=100_000
+        )
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._sends: set[asyncio.Task[None]] = set()
@@ -118,15 +120,20 @@ class PushDispatcher:
 
     # --- intake -------------------------------------------------------------------------------------
 
-    def notify(self, stored: StoredMessage, recipients: tuple[str, ...]) -> None:
-        """A message was stored for recipients (the sender is skipped). Never blocks."""
+    def notify(self, stored: StoredMessage, recipients: tuple[str, ...]) -> asyncio.Future[None] | None:
+        """A message was stored for recipients (the sender is skipped). The future completes
+        once its pushes are queued durably (never with an error): await it before acking, and
+        an acked message's push survives a crash too."""
         targets = tuple(u for u in recipients if u != stored.sender)
         if not targets:
-            return
+            return None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            self._intake.put_nowait((stored, targets))
+            self._intake.put_nowait((stored, targets, done))
         except asyncio.QueueFull:
             PUSH_SUPPRESSED.labels(reason="intake_full").inc(len(targets))
+            return None
+        return done
 
     async def _run_intake(self) -> None:
         while True:
@@ -134,9 +141,13 @@ class PushDispatcher:
             while not self._intake.empty() and len(batch) < 500:
                 batch.append(self._intake.get_nowait())
             try:
-                await self._admit(batch)
+                await self._admit([(stored, targets) for stored, targets, _ in batch])
             except Exception:
                 logger.exception("push intake failed for %d messages", len(batch))
+            finally:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     async def _admit(self, batch: list[tuple[StoredMessage, tuple[str, ...]]]) -> None:
         users = {u for _, targets in batch for u in targets}

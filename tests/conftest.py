@@ -142,11 +142,14 @@ class Served:
         return self.log_path.read_text(errors="replace")[-6000:]
 
 
-def start_served(data_dir: Path, secret: str, log_path: Path, *, adapter: str = "mqtt") -> Served:
+def start_served(
+    data_dir: Path, secret: str, log_path: Path, *, adapter: str = "mqtt", env: dict[str, str] | None = None
+) -> Served:
+    """`python -m mqchat serve` on free ports; env adds MQCHAT_* settings."""
     from mqchat.app import free_port
 
     mqtt_port, http_port = free_port(), free_port()
-    env = repo_env() | {"MQCHAT_JWT_SECRET": secret}
+    env = repo_env() | {"MQCHAT_JWT_SECRET": secret} | (env or {})
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from mqchat.config import PushConfig
-from tests.conftest import Stack, make_config, open_stack
+from tests.conftest import Stack, make_config, open_stack, start_served, stop_served
 from tests.fakes.apns import ApnsReply, FakeApns
 from tests.fakes.fcm import FakeFcm
 from tests.helpers import connect_device, send_env, unique
@@ -257,3 +258,49 @@ async def test_provider_auth_errors_keep_tokens_and_are_reported_once(
     reports = [r for r in caplog.records if "PUSH MISCONFIGURED" in r.getMessage()]
     assert len(reports) == 1, "reported once, not per message"
     assert "tok-gina" not in caplog.text, "tokens are never logged"
+
+
+async def test_kill9_of_the_server_mid_window_sends_exactly_one_push(
+    tmp_path: Path, fakes: tuple[FakeApns, FakeFcm]
+) -> None:
+    apns, fcm = fakes
+    settings = push_config(tmp_path, apns, fcm)
+    env = {f"MQCHAT_{key.upper()}": str(getattr(settings, field)) for key, field in _PUSH_ENV.items()}
+    env["MQCHAT_PUSH_WINDOW"] = "3s"
+    served = start_served(
+        tmp_path / "data", secrets.token_urlsafe(32), tmp_path / "serve.log", adapter="inbroker", env=env
+    )
+    try:
+        await served.wait_healthy()
+        alice, hal = unique("alice"), unique("hal")
+        dm = ":".join(("dm", *sorted((alice, hal))))
+        async with served.http(hal) as http:
+            http.headers["Authorization"] = f"Bearer {served.token(hal, 'hal-phone')}"
+            r = await http.put("/v1/devices/hal-phone/push", json={"platform": "fcm", "token": "tok-hal"})
+            assert r.status_code == 200, r.text
+        async with connect_device(served.mqtt_port, alice, "alice-1", served.token(alice, "alice-1")) as dev:
+            for i in range(4):
+                await dev.send(send_env(dm, f"m{i}"))
+            await dev.wait_for(lambda e: e["type"] == "ack", count=4)
+        await served.kill9("node")  # inside the window: the pending push is only on disk
+        deadline = time.monotonic() + 20
+        while not fcm.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await settle(apns, fcm)
+    finally:
+        stop_served(served)
+    (push,) = fcm.requests_for("tok-hal")
+    assert push.message["notification"]["body"] == "4 new messages"
+
+
+_PUSH_ENV = {
+    "apns_key_file": "apns_key_file",
+    "apns_key_id": "apns_key_id",
+    "apns_team_id": "apns_team_id",
+    "apns_topic": "apns_topic",
+    "apns_host": "apns_host",
+    "apns_port": "apns_port",
+    "apns_ca_file": "apns_ca_file",
+    "fcm_credentials": "fcm_credentials",
+    "fcm_endpoint": "fcm_endpoint",
+}
