@@ -356,7 +356,9 @@ def create_app(
         users it names (so a new member learns to subscribe and a removed one to stop). Then the
         membership change to the broker, which drops its cached answers and a removed member's
         channel subscription."""
-        payload = encode({"type": "conv", "conv": group.conv, "event": event, "users": users, "by": by})
+        payload = encode(
+            {"type": "conv", "conv": group.conv, "kind": group.kind, "event": event, "users": users, "by": by}
+        )
         if group.kind == "channel":
             out = [Outgoing(channel_topic(group.conv), payload)]
             out += [Outgoing(user_in_topic(u), payload) for u in dict.fromkeys((*users, by))]

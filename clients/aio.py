@@ -2,7 +2,8 @@
 
 ``ChatClient`` is an async context manager owning a ``TaskGroup`` with these tasks::
 
-    connection  connect → subscribe u/{user}/in + u/{user}/{device}/in (QoS 1) → re-publish the
+    connection  connect → subscribe u/{user}/in + u/{user}/{device}/in + c/{conv}/in of each
+                followed channel (QoS 1) → re-publish the
                 outbox → ask for a sync → read until the connection drops → back off (1 s
                 doubling to 30 s, full jitter) → connect again; a CONNACK refused for credentials
                 ends it (AuthFailed). The *first* connect is not retried: ``async with`` raises
@@ -21,7 +22,10 @@ Messages take one of two paths to ``events()``::
     http_url set    msg ─┬─► OrderingBuffer ─► events()              (seq order per conversation,
     HTTP pages ──────────┘   held behind gaps                          each (conv, seq) once)
 
-The last seq the app took per conversation, the sync cursor and (as ``SqliteOutbox``) the outbox
+Channels are followed as the sync lists them (``kind: channel``) and as ``conv`` events add or
+remove the user: subscribed at once when connected, and on every connect.
+
+The last seq the app took per conversation, the sync cursor, the followed channels and (as ``SqliteOutbox``) the outbox
 live in ``state_path`` when given, so a restarted app neither loses nor repeats messages.
 
 ``send`` puts an entry in the outbox before publishing it, so nothing is lost while offline; the
@@ -31,13 +35,14 @@ live in ``state_path`` when given, so a restarted app neither loses nor repeats 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -54,7 +59,7 @@ from clients.ordering import OrderingBuffer
 from clients.outbox import MemoryOutbox, Outbox, PendingSend, SqliteOutbox
 from clients.state import ClientState, MemoryState, SqliteState
 from mqchat.ids import is_valid_id, parse_conv
-from mqchat.protocol import device_in_topic, encode, out_topic, user_in_topic
+from mqchat.protocol import channel_topic, device_in_topic, encode, out_topic, user_in_topic
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +206,8 @@ class ChatClient:
 
         # What the app took from events(), per conversation (persisted in the state).
         self._handed: dict[str, int] = self._state.delivered()
+        self._channels: set[str] = self._state.channels()  # followed: c/{conv}/in on every connect
+        self._follows: set[asyncio.Task[None]] = set()
         self._ordering = OrderingBuffer(grace=gap_grace_s, start=self._handed) if http_url is not None else None
         self._http: httpx.AsyncClient | None = None
         self._history: HistoryClient | None = None
@@ -451,12 +458,38 @@ class ChatClient:
             for fut in self._waiters.get(event.id, []):
                 if not fut.done():
                     fut.set_result(event)
+        elif isinstance(event, OtherEvent) and event.type == "conv" and event.data.get("kind") == "channel":
+            users = event.data.get("users")
+            if isinstance(users, list) and self._user in users:
+                self._follow(str(event.data.get("conv")), event.data.get("event") != "members_removed")
         elif isinstance(event, ErrorReply) and event.id is not None:
             self._settle(event.id, event)
             for fut in self._waiters.get(event.id, []):
                 if not fut.done():
                     fut.set_exception(SendFailed(event))
         self._enqueue(event)
+
+    def _follow(self, conv: str, member: bool) -> None:
+        """Start or stop following channel conv: remembered, and (un)subscribed now if connected."""
+        if (conv in self._channels) == member:
+            return
+        if member:
+            self._channels.add(conv)
+        else:
+            self._channels.discard(conv)
+        self._state.set_channel(conv, member)
+        mqtt = self._mqtt
+        if mqtt is None:
+            return  # the next connect subscribes
+        change = mqtt.subscribe(channel_topic(conv), qos=1) if member else mqtt.unsubscribe(channel_topic(conv))
+        task = asyncio.get_running_loop().create_task(self._quietly(change))
+        self._follows.add(task)
+        task.add_done_callback(self._follows.discard)
+
+    @staticmethod
+    async def _quietly(change: Awaitable[object]) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await change
 
     def _offer(self, messages: Iterable[Message], *, live: bool) -> None:
         """Pass messages (live or fetched) through the ordering buffer to the event queue."""
@@ -542,6 +575,7 @@ class ChatClient:
                 async with self._new_mqtt() as mqtt:
                     await mqtt.subscribe(
                         [(user_in_topic(self._user), 1), (device_in_topic(self._user, self._device), 1)]
+                        + [(channel_topic(conv), 1) for conv in sorted(self._channels)]
                     )
                     self._mqtt = mqtt
                     attempt = 0
@@ -649,6 +683,8 @@ class ChatClient:
                     continue
                 covered: dict[str, int] = {}
                 for summary in page.conversations:
+                    if summary.kind == "channel":
+                        self._follow(summary.conv, True)
                     await self._catch_up(summary)
                     covered[summary.conv] = self._ordering.last(summary.conv)
                 self._pending_cursors.append((page.cursor, covered))

@@ -33,6 +33,14 @@ class ClientState(ABC):
     def set_delivered(self, conv: str, seq: int) -> None:
         """Remember that every message of ``conv`` up to ``seq`` reached the app."""
 
+    @abstractmethod
+    def channels(self) -> set[str]:
+        """The channels the user follows (subscribed to on every connect)."""
+
+    @abstractmethod
+    def set_channel(self, conv: str, member: bool) -> None:
+        """Start (member) or stop following a channel."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the state holds; the default has nothing to release."""
 
@@ -43,6 +51,7 @@ class MemoryState(ClientState):
     def __init__(self) -> None:
         self._cursor: str | None = None
         self._delivered: dict[str, int] = {}
+        self._channels: set[str] = set()
 
     def cursor(self) -> str | None:
         return self._cursor
@@ -56,6 +65,15 @@ class MemoryState(ClientState):
     def set_delivered(self, conv: str, seq: int) -> None:
         self._delivered[conv] = seq
 
+    def channels(self) -> set[str]:
+        return set(self._channels)
+
+    def set_channel(self, conv: str, member: bool) -> None:
+        if member:
+            self._channels.add(conv)
+        else:
+            self._channels.discard(conv)
+
 
 class SqliteState(ClientState):
     """State of ``user`` in a local SQLite file; every change is committed at once."""
@@ -67,6 +85,9 @@ class SqliteState(ClientState):
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS delivered ("
             " user TEXT NOT NULL, conv TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (user, conv))"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS channels (user TEXT NOT NULL, conv TEXT NOT NULL, PRIMARY KEY (user, conv))"
         )
 
     def cursor(self) -> str | None:
@@ -93,6 +114,16 @@ class SqliteState(ClientState):
             " ON CONFLICT (user, conv) DO UPDATE SET seq = max(seq, excluded.seq)",
             (self._user, conv, seq),
         )
+
+    def channels(self) -> set[str]:
+        rows = self._db.execute("SELECT conv FROM channels WHERE user = ?", (self._user,)).fetchall()
+        return {str(conv) for (conv,) in rows}
+
+    def set_channel(self, conv: str, member: bool) -> None:
+        if member:
+            self._db.execute("INSERT OR IGNORE INTO channels (user, conv) VALUES (?, ?)", (self._user, conv))
+        else:
+            self._db.execute("DELETE FROM channels WHERE user = ? AND conv = ?", (self._user, conv))
 
     def close(self) -> None:
         self._db.close()

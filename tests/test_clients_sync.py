@@ -368,3 +368,40 @@ def test_ordering_buffer_releases_in_seq_order() -> None:
     assert [m.seq for m in buffer.skip_gap("dm:a:b", now=3.0)] == [8]
     assert buffer.last("dm:a:b") == 8
     assert buffer.held() == 0
+
+
+async def test_the_sdk_follows_channels_it_is_added_to_and_leaves_them(stack: Stack, tmp_path: Path) -> None:
+    owner, reader = unique("owner"), unique("reader")
+    async with stack.http(owner) as http:
+        r = await http.post("/v1/groups", json={"name": "news", "members": [], "kind": "channel"})
+        conv = r.json()["conv"]
+    state = tmp_path / "reader.sqlite3"
+    async with client_for(stack, reader, "r1", state_path=state) as client:
+        await client.wait_synced(timeout=WAIT)
+        async with stack.http(owner) as http:
+            assert (await http.post(f"/v1/groups/{conv}/members", json={"members": [reader]})).status_code == 200
+        async with client_for(stack, owner, "o1") as poster:
+            await poster.wait_synced(timeout=WAIT)
+            deadline = time.monotonic() + WAIT
+            while True:  # the conv event makes the client subscribe; until then a post is not live
+                await poster.send_and_wait(conv, "live post", timeout=WAIT)
+                try:
+                    got = await take_messages(client, 1, within=0.5)
+                    break
+                except (AssertionError, TimeoutError):
+                    assert time.monotonic() < deadline, "the channel was never followed"
+            assert got[0].conv == conv
+    # A new client on the same state follows the channel from its first connect.
+    async with client_for(stack, reader, "r1", state_path=state) as client:
+        await client.wait_synced(timeout=WAIT)
+        async with client_for(stack, owner, "o2") as poster:
+            await poster.send_and_wait(conv, "after restart", timeout=WAIT)
+        bodies = [m.body for m in await take_messages(client, 1)]
+        assert bodies[-1] == "after restart"
+        async with stack.http(owner) as http:
+            assert (await http.delete(f"/v1/groups/{conv}/members/{reader}")).status_code == 200
+        await asyncio.sleep(0.5)
+        async with client_for(stack, owner, "o3") as poster:
+            await poster.send_and_wait(conv, "not for you", timeout=WAIT)
+        await assert_no_message(client, within=1.0)
+    assert SqliteState(state, user=reader).channels() == set()
