@@ -22,7 +22,6 @@ devices of a crashed broker go offline on their own). Both pass ``tests/test_pre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -106,12 +105,22 @@ class PresenceRegistry(ABC):
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="presence-sweep"))
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await self._stop_tasks()
+
+    async def _stop_tasks(self) -> None:
+        """Cancel the background tasks and wait until they end. A client library can lose a
+        cancellation (``asyncio.wait_for`` before Python 3.12 swallows one that races with the
+        operation it guards), so tasks still running are cancelled again rather than awaited
+        forever; and a cancellation of the caller is not swallowed here."""
+        tasks, self._tasks = list(self._tasks), []
+        while tasks:
+            for task in tasks:
+                task.cancel()
+            done, pending = await asyncio.wait(tasks, timeout=0.5)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    logger.error("presence: task %s failed", task.get_name(), exc_info=task.exception())
+            tasks = list(pending)
 
     async def _sweep_loop(self) -> None:
         while True:
