@@ -271,7 +271,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         section, field, parse = _KEYS[key]
         try:
             sections[section][field] = parse(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, ConfigError) as exc:
             raise ConfigError(f"bad value for {key}: {exc}") from None
     storage = StorageConfig(**sections["storage"])
     secret, generated = resolve_jwt_secret(raw.get("jwt_secret"), storage.data_dir)

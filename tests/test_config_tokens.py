@@ -132,3 +132,26 @@ def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "mqchat:" in bad.stderr
+
+
+def test_presence_and_push_settings(tmp_path: Path) -> None:
+    config, _ = load_config({"data_dir": str(tmp_path)}, env={})
+    assert (config.presence.redis_url, config.presence.grace_s, config.presence.ttl_s) == ("", 5.0, 15.0)
+    assert (config.push.window_s, config.push.apns_configured, config.push.fcm_credentials) == (2.0, False, "")
+    env = {
+        "MQCHAT_REDIS_URL": "redis://:pw@10.0.0.5:6379/0",
+        "MQCHAT_PRESENCE_GRACE": "2s",
+        "MQCHAT_APNS_SANDBOX": "true",
+        "MQCHAT_APNS_KEY_ID": "ABC123DEFG",
+        "MQCHAT_PUSH_WINDOW": "500ms",
+    }
+    config, _ = load_config({"data_dir": str(tmp_path), "fcm_credentials": "sa.json"}, env=env)
+    assert config.presence.redis_url == "redis://:pw@10.0.0.5:6379/0"
+    assert "pw" not in repr(config.presence), "the Redis URL may carry a password: kept out of reprs"
+    assert (config.presence.grace_s, config.push.window_s) == (2.0, 0.5)
+    assert config.push.apns_sandbox is True
+    assert config.push.apns_configured
+    assert config.push.fcm_credentials == "sa.json"
+    for key, value in (("redis_url", "http://x"), ("apns_sandbox", "maybe"), ("presence_grace", "soon")):
+        with pytest.raises(ConfigError, match=key):
+            load_config({"data_dir": str(tmp_path), key: value}, env={})
