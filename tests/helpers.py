@@ -148,3 +148,11 @@ async def send_until_acked(
         except aiomqtt.MqttError:
             await asyncio.sleep(0.3)
     return acks
+
+
+async def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll predicate until it holds; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not met in {timeout}s"
+        await asyncio.sleep(0.02)

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from clients.loadgen import Creds, MqttClient, connect
 from tests.conftest import Stack, both_adapters
-from tests.helpers import connect_device, send_env, unique
+from tests.helpers import connect_device, send_env, unique, wait_until
 
 
 async def create_channel(stack: Stack, creator: str, members: list[str]) -> str:
@@ -160,10 +160,3 @@ async def test_channel_sync_unread_receipts_and_typing(stack: Stack) -> None:
     async with stack.http(bob) as http:
         state = (await http.get("/v1/conversations", params={"since": changed["cursor"]})).json()
         assert [(c["conv"], c["read"], c["unread"]) for c in state["conversations"]] == [(conv, 2, 1)]
-
-
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)

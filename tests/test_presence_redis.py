@@ -12,7 +12,7 @@ from typing import Any
 
 from clients.loadgen import Creds, connect
 from tests.conftest import Served, start_served, stop_served
-from tests.helpers import connect_device, unique
+from tests.helpers import connect_device, unique, wait_until
 from tests.redis_server import redis_url  # noqa: F401
 
 
@@ -60,12 +60,12 @@ async def test_two_servers_sharing_redis_agree_on_presence(tmp_path: Path, redis
                 on_a = await until(a, alice, alice, "online")
                 on_b = await until(b, bob, alice, "online")
                 assert on_a == on_b
-                await wait_for(lambda: any(s["state"] == "online" for s in states))
+                await wait_until(lambda: any(s["state"] == "online" for s in states))
             off_a = await until(a, alice, alice, "offline")
             off_b = await until(b, bob, alice, "offline")
             assert off_a == off_b
             assert off_b["last_seen"] >= on_b["last_seen"]
-            await wait_for(lambda: states[-1] == {"state": "offline", "last_seen": off_b["last_seen"]})
+            await wait_until(lambda: states[-1] == {"state": "offline", "last_seen": off_b["last_seen"]})
 
             # Server a dies with alice connected (no disconnect is ever reported): her device goes
             # offline on its own once a's liveness expires, as server b sees it.
@@ -76,7 +76,7 @@ async def test_two_servers_sharing_redis_agree_on_presence(tmp_path: Path, redis
             phone.disconnect()
             gone = await until(b, bob, alice, "offline", timeout=20)
             assert time.monotonic() - killed >= 0.5
-            await wait_for(lambda: states[-1] == {"state": "offline", "last_seen": gone["last_seen"]})
+            await wait_until(lambda: states[-1] == {"state": "offline", "last_seen": gone["last_seen"]})
             assert (await presence(a, alice, alice)) == gone, "the restarted server a agrees"
         finally:
             watcher.disconnect()
@@ -84,10 +84,3 @@ async def test_two_servers_sharing_redis_agree_on_presence(tmp_path: Path, redis
     finally:
         stop_served(a)
         stop_served(b)
-
-
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
