@@ -4,6 +4,7 @@ Every ``/v1`` call takes ``Authorization: Bearer <access token>`` (the same JWT 
 Errors are JSON: ``{"error": <stable code>, "message": <reason>}`` with a 4xx/5xx status.
 """
 
+import asyncio
 import base64
 import logging
 import os
@@ -359,14 +360,20 @@ def create_app(
         payload = encode(
             {"type": "conv", "conv": group.conv, "kind": group.kind, "event": event, "users": users, "by": by}
         )
+        change = {"conv": group.conv, "kind": group.kind, "added": list(added), "removed": list(removed)}
+        out = [Outgoing(MEMBERSHIP_TOPIC, encode(change))]  # first: the broker's ACL before the news
         if group.kind == "channel":
-            out = [Outgoing(channel_topic(group.conv), payload)]
+            out.append(Outgoing(channel_topic(group.conv), payload))
             out += [Outgoing(user_in_topic(u), payload) for u in dict.fromkeys((*users, by))]
         else:
-            out = [Outgoing(user_in_topic(u), payload) for u in dict.fromkeys((*group.users, *removed))]
-        change = {"conv": group.conv, "kind": group.kind, "added": list(added), "removed": list(removed)}
-        out.append(Outgoing(MEMBERSHIP_TOPIC, encode(change)))
+            out += [Outgoing(user_in_topic(u), payload) for u in dict.fromkeys((*group.users, *removed))]
         await publish(out)
+
+    def require_broker() -> None:
+        """A membership change must reach the broker (its ACL drops a removed member's
+        subscriptions); while it cannot, refuse before changing anything."""
+        if not broker_connected():
+            raise RequestError(ErrorCode.UNAVAILABLE, "the server is reconnecting to its broker; retry")
 
     async def membership(conv: str, who: Identity) -> GroupMember:
         """The caller's membership of group or channel conv, without loading its member list."""
@@ -418,6 +425,7 @@ def create_app(
     @app.post("/v1/groups/{conv}/members", response_model=GroupOut, responses=error_responses, summary="Add members")
     async def add_members(conv: str, body: MembersIn, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
         group = await admin_group(conv, who)
+        require_broker()
         new = [u for u in dict.fromkeys(body.members) if group.member(u) is None]
         if group.kind == "group" and len(group.members) + len(new) > max_group_members:
             raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {max_group_members} members")
@@ -439,6 +447,7 @@ def create_app(
             group = await admin_group(conv, who)
         if group.member(user) is None:
             raise RequestError(ErrorCode.NOT_FOUND, "no such member")
+        require_broker()
         group = await store.remove_member(conv=group.conv, user=user)
         await announce(group, "members_removed", [user], who.user, removed=[user])
         return group_out(group)
@@ -465,7 +474,9 @@ def create_app(
         wanted = list(dict.fromkeys(u for u in users.split(",") if u))
         if not wanted or len(wanted) > MAX_PRESENCE_USERS or not all(is_valid_id(u) for u in wanted):
             raise RequestError(ErrorCode.BAD_REQUEST, f"users: 1 to {MAX_PRESENCE_USERS} user ids, comma-separated")
-        hidden = [u for u in wanted if u != who.user and not await store.shares_conversation(who.user, u)]
+        others = [u for u in wanted if u != who.user]
+        shared = await asyncio.gather(*(store.shares_conversation(who.user, u) for u in others))
+        hidden = [u for u, ok in zip(others, shared, strict=True) if not ok]
         if hidden:
             raise RequestError(
                 ErrorCode.FORBIDDEN, f"you share no conversation with {', '.join(hidden[:5])}; presence is private"

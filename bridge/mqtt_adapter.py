@@ -24,7 +24,13 @@ import aiomqtt
 
 from bridge.pipeline import Outgoing, Pipeline
 from mqchat.clock import SYSTEM_CLOCK, Clock
-from mqchat.protocol import OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER, parse_out_topic
+from mqchat.protocol import (
+    DEVICES_TOPIC_FILTER,
+    DEVICES_TOPIC_PREFIX,
+    OUT_TOPIC_FILTER,
+    PRESENCE_TOPIC_FILTER,
+    parse_out_topic,
+)
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME
 
 logger = logging.getLogger(__name__)
@@ -58,7 +64,7 @@ class MqttClientAdapter:
         self._runner: asyncio.Task[None] | None = None
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
-        self._on_presence = on_presence  # set: also follow every user's retained p/{user}
+        self._on_presence = on_presence  # set: also follow every user's retained p/{user} and devices
 
     async def __aenter__(self) -> MqttClientAdapter:
         self._task_group = asyncio.TaskGroup()
@@ -115,7 +121,7 @@ class MqttClientAdapter:
         ) as client:
             await client.subscribe(OUT_TOPIC_FILTER, qos=1)
             if self._on_presence is not None:
-                await client.subscribe(PRESENCE_TOPIC_FILTER, qos=1)
+                await client.subscribe([(PRESENCE_TOPIC_FILTER, 1), (DEVICES_TOPIC_FILTER, 1)])
             logger.info("bridge connected to the broker at %s:%d", self._host, self._port)
             self._client = client
             self._connected.set()
@@ -126,7 +132,7 @@ class MqttClientAdapter:
                         payload = message.payload
                         if not isinstance(payload, bytes | bytearray):
                             continue
-                        if self._on_presence is not None and topic.startswith("p/"):
+                        if self._on_presence is not None and topic.startswith(("p/", DEVICES_TOPIC_PREFIX)):
                             self._on_presence(topic, bytes(payload))
                             continue
                         origin = parse_out_topic(topic)

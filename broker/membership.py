@@ -47,6 +47,7 @@ class MembershipCache:
         self._entries: dict[tuple[str, str, str], _Entry] = {}
         self._conv_gen: dict[str, int] = {}
         self._user_gen: dict[str, int] = {}
+        self.version = 0  # counts membership changes: a check that spans one is made again
 
     async def is_member(self, conv: str, user: str) -> bool:
         """Whether user is a member of group or channel conv now."""
@@ -80,6 +81,7 @@ class MembershipCache:
 
     def changed(self, conv: str, users: Iterable[str]) -> None:
         """conv's membership changed for users (added or removed)."""
+        self.version += 1
         self._conv_gen[conv] = self._conv_gen.get(conv, 0) + 1
         for user in users:
             self._user_gen[user] = self._user_gen.get(user, 0) + 1

@@ -15,6 +15,7 @@ from broker.membership import MembershipCache
 from mqchat.errors import AuthError, ErrorCode
 from mqchat.ids import is_valid_id, parse_conv
 from mqchat.protocol import (
+    DEVICES_TOPIC_FILTER,
     MEMBERSHIP_TOPIC,
     OUT_TOPIC_FILTER,
     PRESENCE_TOPIC_FILTER,
@@ -139,7 +140,7 @@ class TopicAclPlugin(BaseTopicPlugin):
         if is_service(session):
             if action == Action.PUBLISH:
                 return _service_may_publish(topic)
-            return topic in (OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER)
+            return topic in (OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER, DEVICES_TOPIC_FILTER)
         identity = session_identity(session)
         if identity is None:
             return False

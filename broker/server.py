@@ -35,6 +35,7 @@ from typing import Any
 import amqtt
 from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
+from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import SERVER_UNAVAILABLE, ConnackPacket
@@ -46,7 +47,7 @@ from broker.handler import InboundQueue, LimitedReader, MqchatProtocolHandler, p
 from broker.membership import MembershipCache
 from broker.plugins import IDENTITY_KEY, SERVICE_KEY, is_service, session_identity
 from broker.routing import SubscriptionIndex, is_wildcard
-from mqchat.protocol import MEMBERSHIP_TOPIC, channel_topic, encode, presence_topic
+from mqchat.protocol import DEVICES_TOPIC_PREFIX, MEMBERSHIP_TOPIC, channel_topic, encode, presence_topic
 from storage.presence import Presence, PresenceRegistry
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,8 @@ class MqchatBroker(Broker):
         inbound_hook: InboundHook | None = None,
         presence: PresenceRegistry | None = None,
         membership: MembershipCache | None = None,
+        device_topics: bool = False,
+        revalidate_s: float = 60.0,
         **kwargs: Any,
     ) -> None:
         check_amqtt_version()
@@ -154,24 +157,34 @@ class MqchatBroker(Broker):
         self.presence = presence
         self.membership = membership
         self._connections = itertools.count(1)
-        self._presence_events: asyncio.Queue[tuple[bool, str, str, str]] = asyncio.Queue()
-        self._presence_worker: asyncio.Task[None] | None = None
+        self._presence_events: asyncio.Queue[tuple[bool, str, str, str]] = asyncio.Queue(maxsize=200_000)
+        # device_topics: keep the retained DEVICES_TOPIC of each user (which of their devices are
+        # connected here), for a bridge in another process that has no shared registry.
+        self._device_topics = device_topics
+        self._local_devices: dict[str, dict[str, str]] = {}  # user -> device -> connection
+        self._revalidate_s = revalidate_s
+        self._workers: list[asyncio.Task[None]] = []
+        self._rechecks: set[asyncio.Task[int]] = set()
         if presence is not None:
             presence.listen(self._on_presence)
 
     async def start(self) -> None:
         await super().start()
         if self.presence is not None:
-            self._presence_worker = asyncio.create_task(self._report_presence(), name="presence-reports")
+            self._workers.append(asyncio.create_task(self._report_presence(), name="presence-reports"))
+        if self.membership is not None and self._revalidate_s > 0:
+            self._workers.append(asyncio.create_task(self._revalidate_periodically(), name="acl-revalidate"))
 
     async def shutdown(self) -> None:
         try:
             await super().shutdown()
         finally:
-            if self._presence_worker is not None:
-                self._presence_worker.cancel()
+            tasks: list[asyncio.Task[Any]] = [*self._workers, *self._rechecks]
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await self._presence_worker
+                    await task
 
     @property
     def bound_port(self) -> int:
@@ -276,7 +289,7 @@ class MqchatBroker(Broker):
         identity = session_identity(session)
         connection = f"{next(self._connections)}"
         if identity is not None and self.presence is not None:
-            self._presence_events.put_nowait((True, identity.user, identity.device, connection))
+            self._report((True, identity.user, identity.device, connection))
         try:
             await self._publish_session_retained_messages(session)
             for topic_filter in self._subscriptions.filters_of(client_id):  # only its own subscriptions
@@ -286,7 +299,7 @@ class MqchatBroker(Broker):
             await self._client_message_loop(session, handler)
         finally:
             if identity is not None and self.presence is not None:
-                self._presence_events.put_nowait((False, identity.user, identity.device, connection))
+                self._report((False, identity.user, identity.device, connection))
 
     async def _authenticate(self, session: Session, _listener: Any) -> bool:
         """amqtt's rule (every plugin that answers says yes, and at least one answers), with the
@@ -386,19 +399,47 @@ class MqchatBroker(Broker):
 
     # --- presence --------------------------------------------------------------------------------
 
+    def _report(self, event: tuple[bool, str, str, str]) -> None:
+        try:
+            self._presence_events.put_nowait(event)
+        except asyncio.QueueFull:
+            DROPPED.labels(reason="presence_report").inc()
+
     async def _report_presence(self) -> None:
         """Connects and disconnects go to the registry one by one, in the order they happened
-        (a device's connect is never overtaken by its own earlier disconnect)."""
+        (a device's connect is never overtaken by its own earlier disconnect); a registry that
+        fails is retried a few times before the report is given up (logged, counted)."""
         assert self.presence is not None
         while True:
             connected, user, device, connection = await self._presence_events.get()
-            try:
-                if connected:
-                    await self.presence.connected(user, device, connection)
-                else:
-                    await self.presence.disconnected(user, device, connection)
-            except Exception:
-                logger.exception("presence registry unavailable; %s/%s not reported", user, device)
+            for attempt in range(4):
+                try:
+                    if connected:
+                        await self.presence.connected(user, device, connection)
+                    else:
+                        await self.presence.disconnected(user, device, connection)
+                    break
+                except Exception as exc:
+                    if attempt == 3:
+                        DROPPED.labels(reason="presence_report").inc()
+                        logger.error("presence registry unavailable; %s/%s not reported: %s", user, device, exc)
+                    else:
+                        await asyncio.sleep(0.1 * 4**attempt)
+            if self._device_topics:
+                self._publish_devices(connected, user, device, connection)
+
+    def _publish_devices(self, connected: bool, user: str, device: str, connection: str) -> None:
+        devices = self._local_devices.setdefault(user, {})
+        if connected:
+            devices[device] = connection
+        elif devices.get(device) == connection:
+            del devices[device]
+        topic = f"{DEVICES_TOPIC_PREFIX}{user}"
+        payload = encode({"devices": sorted(devices)})
+        if not devices:
+            del self._local_devices[user]
+        self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, QOS_1)
+        self._deliver(topic, payload, None)
 
     def _on_presence(self, presence: Presence) -> None:
         topic = presence_topic(presence.user)
@@ -419,8 +460,12 @@ class MqchatBroker(Broker):
         retained = self._retained_messages.get(topic_filter)
         if retained is None and self.presence is not None and topic_filter.startswith("p/"):
             user = topic_filter[2:]
-            self._on_presence((await self.presence.lookup([user]))[user])
-            return  # delivered to every subscriber of the topic, this one included
+            found = (await self.presence.lookup([user]))[user]
+            retained = self._retained_messages.get(topic_filter)
+            if retained is None:  # no transition arrived meanwhile: what the registry said is current
+                payload = encode(found.envelope())
+                retained = RetainedApplicationMessage(None, topic_filter, payload, QOS_1)
+                self._retained_messages[topic_filter] = retained
         handler = self._get_handler(session)
         if retained is not None and retained.data and handler is not None:
             await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
@@ -438,14 +483,55 @@ class MqchatBroker(Broker):
             return
         if self.membership is not None:
             self.membership.changed(conv, [*added, *removed])
-        if kind != "channel" or not removed:
+        if not removed:
             return
-        topic = channel_topic(conv)
-        for target, _ in list(self._subscriptions.get(topic, ())):
-            identity = session_identity(target)
-            if identity is not None and identity.user in removed:
-                self._del_subscription(topic, target)
-                logger.info("ended %s's subscription to %s: no longer a member", identity.user, topic)
+        if kind == "channel":
+            topic = channel_topic(conv)
+            for target, _ in list(self._subscriptions.get(topic, ())):
+                identity = session_identity(target)
+                if identity is not None and identity.user in removed:
+                    self._del_subscription(topic, target)
+                    logger.info("ended %s's subscription to %s: no longer a member", identity.user, topic)
+            return
+        # A removal from a group may end the last conversation two users shared: their presence
+        # subscriptions to each other are checked again.
+        pairs = [(s, f) for s, f in self._acl_subscriptions("p/") if _user_of(s) in removed or f[2:] in removed]
+        task = asyncio.get_running_loop().create_task(self._recheck(pairs))
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
+    def _acl_subscriptions(self, prefix: str) -> list[tuple[Session, str]]:
+        """(session, filter) of every device subscription whose filter starts with prefix."""
+        return [
+            (target, topic_filter)
+            for topic_filter in [f for f in self._subscriptions if f.startswith(prefix)]
+            for target, _ in list(self._subscriptions.get(topic_filter, ()))
+            if session_identity(target) is not None
+        ]
+
+    async def _recheck(self, pairs: list[tuple[Session, str]]) -> int:
+        """Ask the ACL again about each (session, filter); end the subscriptions it now refuses."""
+        ended = 0
+        for target, topic_filter in pairs:
+            allowed = await self._topic_filtering(target, topic_filter, Action.SUBSCRIBE)
+            if not allowed and any(s is target for s, _ in self._subscriptions.get(topic_filter, ())):
+                self._del_subscription(topic_filter, target)
+                ended += 1
+                logger.info("ended %s's subscription to %s: no longer allowed", _user_of(target), topic_filter)
+        return ended
+
+    async def _revalidate_periodically(self) -> None:
+        """A safety net under the membership changes: every revalidate_s, each presence and
+        channel subscription is checked again (answers come from the cache, which expires), so
+        one whose change never arrived (say, the bridge could not reach the broker) ends too."""
+        while True:
+            await asyncio.sleep(self._revalidate_s)
+            try:
+                pairs = self._acl_subscriptions("p/") + self._acl_subscriptions("c/")
+                for start in range(0, len(pairs), 500):
+                    await self._recheck(pairs[start : start + 500])
+            except Exception:
+                logger.exception("revalidating subscriptions failed; trying again later")
 
     # --- messages ----------------------------------------------------------------------------
 
@@ -536,9 +622,13 @@ class MqchatBroker(Broker):
     # --- subscriptions: keep the per-client index ------------------------------------------
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        version = self.membership.version if self.membership is not None else 0
         result: int = await super().add_subscription(subscription, session)
         if result != 0x80 and session.client_id is not None:
             self._subscriptions.remember(session.client_id, subscription[0])
+            if self.membership is not None and self.membership.version != version:
+                # Membership changed while the ACL was deciding: decide again with what is true now.
+                await self._recheck([(session, subscription[0])])
         return result
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
@@ -557,6 +647,11 @@ class MqchatBroker(Broker):
             return
         for topic_filter in self._subscriptions.filters_of(session.client_id):
             self._del_subscription(topic_filter, session)
+
+
+def _user_of(session: Session) -> str | None:
+    identity = session_identity(session)
+    return identity.user if identity is not None else None
 
 
 def broker_config(*, host: str, port: int, secret: str, max_connections: int = 0) -> dict[str, Any]:
@@ -592,6 +687,8 @@ async def serve_broker(
     inbound_hook: InboundHook | None = None,
     presence: PresenceRegistry | None = None,
     membership: MembershipCache | None = None,
+    device_topics: bool = False,
+    revalidate_s: float = 60.0,
 ) -> AsyncIterator[MqchatBroker]:
     """Run the broker until the block exits."""
     broker = MqchatBroker(
@@ -600,6 +697,8 @@ async def serve_broker(
         inbound_hook=inbound_hook,
         presence=presence,
         membership=membership,
+        device_topics=device_topics,
+        revalidate_s=revalidate_s,
     )
     await broker.start()
     logger.info("MQTT broker listening on %s:%d", host, broker.bound_port)

@@ -323,6 +323,7 @@ async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
             secret=config.auth.jwt_secret,
             presence=presence,
             membership=MembershipCache(store),
+            device_topics=not config.presence.redis_url,  # the bridge's only view of devices then
         ) as broker,
     ):
         yield broker

@@ -24,6 +24,11 @@ OUT_TOPIC_FILTER = "u/+/+/out"
 PRESENCE_TOPIC_FILTER = "p/+"
 """Every user's retained presence (the bridge's view of who is online, without a shared registry)."""
 
+DEVICES_TOPIC_PREFIX = "$mqchat/devices/"
+DEVICES_TOPIC_FILTER = "$mqchat/devices/+"
+"""Broker → bridge only, retained per user: ``{"devices": [...]}`` connected to that broker (for a
+bridge in another process without a shared registry: push skips connected devices)."""
+
 MEMBERSHIP_TOPIC = "$mqchat/membership"
 """Bridge → broker only: a group's or channel's membership changed, as
 ``{"conv", "kind", "added": [users], "removed": [users]}``. The broker drops its cached

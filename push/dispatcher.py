@@ -13,8 +13,11 @@
                    ─▶ invalid token → deleted; misconfiguration → reported once
                    ─▶ finish: remembered as pushed up to seq (a retry or restart never re-sends it)
 
-At most once: a job is marked 'sending' durably before the provider is called, and a restart
-drops jobs left in that state instead of sending them again. Channels are not pushed (fan-out
+At most once per window: a job is marked 'sending' durably before the provider is called, and a
+restart drops jobs left in that state instead of sending them again. One exception is beyond
+any sender's control: a send whose answer is lost (timeout, cut connection) is retried, with
+the same notification id and collapse id, so if the first did arrive the second replaces it on
+the device rather than adding a second notification. Channels are not pushed (fan-out
 on read: members catch up when they open the app). The sender's own devices are not pushed.
 """
 
@@ -157,7 +160,9 @@ class PushDispatcher:
         by_user: dict[str, list[str]] = {}
         for t in tokens:
             by_user.setdefault(t.user, []).append(t.device)
-        connected = {u: await self._connected(u) for u in by_user}
+        users_with_tokens = list(by_user)
+        answers = await asyncio.gather(*(self._connected(u) for u in users_with_tokens))
+        connected = dict(zip(users_with_tokens, answers, strict=True))
         pending: list[Pending] = []
         for stored, targets in batch:
             for user in targets:

@@ -220,7 +220,8 @@ class MessageStore(ABC):
 
     @abstractmethod
     async def shares_conversation(self, a: str, b: str) -> bool:
-        """Whether users a and b are both in some conversation (a 1:1 once it has a message)."""
+        """Whether users a and b are both in some group, or in a 1:1 conversation that has a
+        message. Channels do not count: their members are strangers to each other."""
 
     @abstractmethod
     async def set_role(self, *, conv: str, user: str, role: str) -> Group: ...

@@ -622,7 +622,8 @@ class SqliteMessageStore(MessageStore):
 
     async def shares_conversation(self, a: str, b: str) -> bool:
         rows = await self._read(
-            "SELECT 1 FROM user_convs x JOIN user_convs y ON y.user = ? AND y.conv = x.conv WHERE x.user = ? LIMIT 1",
+            "SELECT 1 FROM user_convs x JOIN user_convs y ON y.user = ? AND y.conv = x.conv "
+            "WHERE x.user = ? AND x.kind <> 'channel' LIMIT 1",
             (b, a),
         )
         return bool(rows)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY
 
+from broker.membership import MembershipCache
+from broker.server import serve_broker
 from clients.loadgen import Creds, MqttClient, connect
+from mqchat.ids import new_group_id
+from mqchat.tokens import issue_token
+from storage.sqlite import SqliteMessageStore
 from tests.conftest import Stack, both_adapters
 from tests.helpers import connect_device, send_env, unique, wait_until
 
@@ -160,3 +167,38 @@ async def test_channel_sync_unread_receipts_and_typing(stack: Stack) -> None:
     async with stack.http(bob) as http:
         state = (await http.get("/v1/conversations", params={"since": changed["cursor"]})).json()
         assert [(c["conv"], c["read"], c["unread"]) for c in state["conversations"]] == [(conv, 2, 1)]
+
+
+async def test_a_lost_membership_change_still_ends_the_subscription(tmp_path: Path) -> None:
+    """The broker checks presence and channel subscriptions again periodically: a removal whose
+    membership change never reached it (here: made in the store directly) still ends the feed."""
+    store = await SqliteMessageStore.open(tmp_path / "s.sqlite3")
+    secret = secrets.token_urlsafe(32)
+    try:
+        group = await store.create_group(
+            conv=new_group_id(), name="c", kind="channel", creator="owner", members=("bob",), ts=0
+        )
+        topic = f"c/{group.conv}/in"
+        cache = MembershipCache(store, ttl_s=0.2)
+        async with serve_broker(host="127.0.0.1", port=0, secret=secret, membership=cache, revalidate_s=0.3) as broker:
+            got: list[bytes] = []
+            bob = await connect(
+                "127.0.0.1",
+                broker.bound_port,
+                Creds("bob-1", "bob", issue_token(secret=secret, user="bob", device="bob-1", ttl_s=60)),
+                on_message=lambda t, payload, qos: got.append(payload),
+            )
+            try:
+                assert await bob.subscribe([(topic, 1)]) == [1]
+                await broker.internal_message_broadcast(topic, b"before", 1)
+                await wait_until(lambda: got == [b"before"])
+                await store.remove_member(conv=group.conv, user="bob")  # no membership change sent
+                await asyncio.sleep(1.0)
+                await broker.internal_message_broadcast(topic, b"after", 1)
+                await asyncio.sleep(0.3)
+                assert got == [b"before"]
+            finally:
+                bob.disconnect()
+                await bob.wait_closed()
+    finally:
+        await store.aclose()

@@ -205,3 +205,39 @@ async def wait_for(ask: Any, state: str, timeout: float = 10.0) -> None:
     while (await ask())["state"] != state:
         assert time.monotonic() < deadline, f"presence never became {state}"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("pstack", [("mqtt", GRACE_S), ("inbroker", GRACE_S)], indirect=True)
+async def test_leaving_the_last_shared_group_ends_presence_subscriptions(pstack: Stack) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    async with pstack.http(alice) as http:
+        group = (await http.post("/v1/groups", json={"name": "g", "members": [bob]})).json()["conv"]
+    async with watching(pstack, bob, alice) as watcher:
+        async with connect_device(pstack.mqtt_port, alice, "a1", pstack.token(alice, "a1")):
+            await watcher.wait_state("online")
+        await watcher.wait_state("offline", count=2)
+        async with pstack.http(bob) as http:
+            assert (await http.delete(f"/v1/groups/{group}/members/{bob}")).status_code == 200
+            r = await http.get("/v1/presence", params={"users": alice})
+            assert r.status_code == 403
+        await asyncio.sleep(0.5)  # the broker checks the pair again
+        seen = len(watcher.states)
+        async with connect_device(pstack.mqtt_port, alice, "a1", pstack.token(alice, "a1")):
+            await asyncio.sleep(0.5)
+        assert len(watcher.states) == seen, "bob no longer hears alice's presence"
+
+
+async def test_channel_members_do_not_see_each_others_presence(pstack: Stack) -> None:
+    alice, carol = unique("alice"), unique("carol")
+    async with pstack.http(alice) as http:
+        r = await http.post("/v1/groups", json={"name": "c", "members": [carol], "kind": "channel"})
+        assert r.status_code == 201
+    async with pstack.http(carol) as http:
+        assert (await http.get("/v1/presence", params={"users": alice})).status_code == 403
+    device = unique("c")
+    client = await connect("127.0.0.1", pstack.mqtt_port, Creds(device, carol, pstack.token(carol, device)))
+    try:
+        assert await client.subscribe([(f"p/{alice}", 1)]) == [0x80]
+    finally:
+        client.disconnect()
+        await client.wait_closed()

@@ -304,3 +304,25 @@ _PUSH_ENV = {
     "fcm_credentials": "fcm_credentials",
     "fcm_endpoint": "fcm_endpoint",
 }
+
+
+async def test_broker_and_bridge_apart_push_to_the_away_device_only(
+    tmp_path: Path, fakes: tuple[FakeApns, FakeFcm]
+) -> None:
+    """With --adapter mqtt and no Redis, the bridge learns which devices are connected from the
+    broker's retained device lists: bob's laptop is online, his phone is not and gets the push."""
+    apns, fcm = fakes
+    config = replace(make_config(tmp_path), push=push_config(tmp_path, apns, fcm))
+    alice, bob = unique("alice"), unique("bob")
+    dm = ":".join(("dm", *sorted((alice, bob))))
+    async with open_stack(config, "mqtt") as stack:
+        await register(stack, bob, "bob-phone", "apns", "tok-phone")
+        await register(stack, bob, "bob-laptop", "fcm", "tok-laptop")
+        async with connect_device(stack.mqtt_port, bob, "bob-laptop", stack.token(bob, "bob-laptop")) as laptop:
+            await asyncio.sleep(0.3)  # the device list reaches the bridge
+            await send_burst(stack, alice, dm, 2)
+            await laptop.wait_for(lambda e: e["type"] == "msg", count=2)
+            await settle(apns, fcm)
+    (push,) = apns.requests_for("tok-phone")
+    assert push.aps["alert"]["body"] == "2 new messages"
+    assert fcm.requests_for("tok-laptop") == []
