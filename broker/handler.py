@@ -10,16 +10,22 @@
 - A packet larger than the configured maximum closes the connection before it is read.
 - A session's state is three words, not a ``transitions.Machine``: building that machine was
   half the cost of a connect and a large part of an idle connection's memory.
+- The inbound side reads each packet with two awaits (fixed header, body) straight from the
+  socket's stream and handles PUBLISH (QoS 0/1), PUBACK and PINGREQ inline, writing PUBACK and
+  PINGRESP bytes directly. amqtt reads a packet in many small awaits, fires a plugin event and
+  starts a task per packet; every other packet type still goes to amqtt's handlers that way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any
 
-from amqtt.adapters import StreamReaderAdapter
-from amqtt.errors import MQTTError
+from amqtt.adapters import BufferReader, StreamReaderAdapter
+from amqtt.errors import MQTTError, NoDataError
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import (
     BAD_USERNAME_PASSWORD,
     IDENTIFIER_REJECTED,
@@ -28,8 +34,22 @@ from amqtt.mqtt.connack import (
 )
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.packet import (
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import OUTGOING, Session
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import OUTGOING, IncomingApplicationMessage, Session
 from transitions import MachineError
 
 from broker.queues import LeanQueue
@@ -55,6 +75,7 @@ class LimitedReader(StreamReaderAdapter):
     def __init__(self, reader: Any, *, max_packet_bytes: int) -> None:
         super().__init__(reader)
         self._max = max_packet_bytes
+        self.max_packet_bytes = max_packet_bytes
         self.inbound: InboundQueue | None = None  # set once the session is known
 
     async def read(self, n: int = -1) -> bytes:
@@ -113,6 +134,38 @@ def publish_bytes(topic: bytes, payload: bytes, qos: int, packet_id: int) -> byt
     if qos:
         header += packet_id.to_bytes(2, "big")
     return bytes(header) + payload
+
+
+_PINGRESP = b"\xd0\x00"
+
+
+class MalformedPacket(Exception):
+    """A packet that does not parse; its connection is closed."""
+
+
+def _parse_publish(first: int, body: bytes) -> IncomingApplicationMessage | None:
+    """A QoS 0/1 PUBLISH as amqtt's incoming message (None: a QoS 0 with DUP, to be ignored)."""
+    qos = (first >> 1) & 3
+    if len(body) < 2:
+        raise MalformedPacket("PUBLISH without a topic")
+    end = 2 + int.from_bytes(body[:2], "big")
+    if qos:
+        end += 2
+    if len(body) < end:
+        raise MalformedPacket("PUBLISH shorter than its topic")
+    try:
+        topic = body[2 : end - 2 if qos else end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPacket("PUBLISH topic is not UTF-8") from None
+    packet_id = int.from_bytes(body[end - 2 : end], "big") if qos else None
+    if qos == 0 and first & 0x08:
+        return None  # [MQTT-3.3.1-2] DUP on a QoS 0 message: ignored, as amqtt does
+    data = body[end:]
+    retain = bool(first & 0x01)
+    message = IncomingApplicationMessage(packet_id, topic, qos, data, retain)
+    if retain:  # the broker looks at the packet only for the retain flag
+        message.publish_packet = PublishPacket.build(topic, data, packet_id, bool(first & 0x08), qos, retain)
+    return message
 
 
 class MqchatProtocolHandler(BrokerProtocolHandler):
@@ -182,6 +235,112 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         if peer is not None:
             session.remote_address, session.remote_port = peer
         return cls(plugins_manager, loop=loop), session
+
+    async def _reader_loop(self) -> None:
+        reader, session = self.reader, self.session
+        stream = getattr(reader, "_reader", None)
+        if not isinstance(reader, LimitedReader) or not isinstance(stream, asyncio.StreamReader) or session is None:
+            await super()._reader_loop()
+            return
+        assert self._reader_ready is not None
+        keepalive = session.keep_alive if session.keep_alive > 0 else None
+        running: collections.deque[asyncio.Task[None]] = collections.deque()
+        while True:
+            try:
+                self._reader_ready.set()
+                while running and running[0].done():
+                    running.popleft()
+                inbound = reader.inbound
+                if inbound is not None and inbound.full():
+                    await inbound.wait_not_full()  # TCP pushes back on a flooding publisher
+                try:
+                    async with asyncio.timeout(keepalive):  # a whole packet within the keepalive allowance
+                        first = (await stream.readexactly(1))[0]
+                        length = await self._read_length(stream)
+                        if length > reader.max_packet_bytes:
+                            raise PacketTooLarge(
+                                f"packet of {length} bytes over the limit of {reader.max_packet_bytes}"
+                            )
+                        body = await stream.readexactly(length) if length else b""
+                except TimeoutError:
+                    self.handle_read_timeout()
+                    continue
+                kind = first >> 4
+                if kind == PUBLISH and (first >> 1) & 3 in (0, 1):
+                    await self._receive_publish(first, body)
+                elif kind == PUBACK and length == 2:
+                    self._receive_puback(int.from_bytes(body, "big"))
+                elif kind == PINGREQ:
+                    self.write_publish(_PINGRESP)
+                else:
+                    task = await self._dispatch(first, body)
+                    if task is not None:
+                        running.append(task)
+            except asyncio.CancelledError:
+                break
+            except (asyncio.IncompleteReadError, ConnectionError, OSError, NoDataError):
+                break  # the peer went away
+            except (MalformedPacket, PacketTooLarge, MQTTError) as exc:
+                logger.info("closing the connection of %s: %s", session.client_id, exc)
+                break
+            except Exception as exc:
+                logger.warning("unexpected failure reading from %s: %r", session.client_id, exc)
+                break
+        while running:
+            running.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    @staticmethod
+    async def _read_length(stream: asyncio.StreamReader) -> int:
+        length, shift = 0, 0
+        for _ in range(4):
+            byte = (await stream.readexactly(1))[0]
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return length
+            shift += 7
+        raise MalformedPacket("remaining length longer than 4 bytes")
+
+    async def _receive_publish(self, first: int, body: bytes) -> None:
+        message = _parse_publish(first, body)
+        if message is None or self.session is None:
+            return
+        queue = self.session.delivered_message_queue
+        if message.qos == 0:
+            if not queue.full():
+                queue.put_nowait(message)
+            return
+        await queue.put(message)
+        assert message.packet_id is not None
+        self.write_publish(b"\x40\x02" + message.packet_id.to_bytes(2, "big"))  # PUBACK once it is queued
+
+    def _receive_puback(self, packet_id: int) -> None:
+        waiter = self._puback_waiters.get(packet_id)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(PubackPacket.build(packet_id))
+        elif self.session is not None:
+            self.session.inflight_out.pop(packet_id, None)  # a message sent by the broker's fast path
+
+    async def _dispatch(self, first: int, body: bytes) -> asyncio.Task[None] | None:
+        """Any other packet: parsed and handled by amqtt, as its reader would."""
+        fixed = MQTTFixedHeader(first >> 4, first & 0x0F, len(body))
+        packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
+        kind = fixed.packet_type
+        handler = {
+            SUBSCRIBE: self.handle_subscribe,
+            UNSUBSCRIBE: self.handle_unsubscribe,
+            PUBLISH: self.handle_publish,  # QoS 2
+            PUBREC: self.handle_pubrec,
+            PUBREL: self.handle_pubrel,
+            PUBCOMP: self.handle_pubcomp,
+            DISCONNECT: self.handle_disconnect,
+        }.get(kind)  # a second CONNECT, or a packet only a server sends, closes the connection
+        if handler is None:
+            raise MalformedPacket(f"a client may not send packet type {kind}")
+        return asyncio.create_task(handler(packet))
 
     def handle_read_timeout(self) -> None:
         session = self.session

@@ -297,6 +297,12 @@ class MqchatBroker(Broker):
                 qos = next((q for s, q in subscribers if s.client_id == client_id), 0)
                 await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
             await self._client_message_loop(session, handler)
+            if session.transitions.is_connected():
+                # amqtt's loop stops on a forbidden PUBLISH (a wildcard or a $ topic) but leaves the
+                # connection open and the session connected: end both, as an abnormal disconnect.
+                ended: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                ended.set_result(None)
+                await self._handle_disconnect(session, handler, ended)
         finally:
             if identity is not None and self.presence is not None:
                 self._report((False, identity.user, identity.device, connection))

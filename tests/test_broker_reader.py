@@ -1,0 +1,131 @@
+"""The broker's inbound reader: PUBLISH/PUBACK/PINGREQ handled inline, everything else through
+amqtt's handlers; malformed and forbidden packets close only their own connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.server import MqchatBroker, serve_broker
+from mqchat.tokens import issue_token
+from tests.mqtt_raw import connect_packet, packet, publish_packet, subscribe_packet
+
+SECRET = secrets.token_urlsafe(32)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[MqchatBroker]:
+    async with serve_broker(host="127.0.0.1", port=0, secret=SECRET) as b:
+        yield b
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def packet(self, timeout: float = 5.0) -> tuple[int, bytes]:
+        """(first byte, body) of the next packet from the broker."""
+        async with asyncio.timeout(timeout):
+            first = (await self.reader.readexactly(1))[0]
+            length, shift = 0, 0
+            while True:
+                byte = (await self.reader.readexactly(1))[0]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            return first, await self.reader.readexactly(length)
+
+    async def closed_by_broker(self, timeout: float = 5.0) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    pass
+            return True
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+
+@contextlib.asynccontextmanager
+async def device(broker: MqchatBroker, user: str, dev: str) -> AsyncIterator[Conn]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.bound_port)
+    conn = Conn(reader, writer)
+    try:
+        conn.send(connect_packet(dev, user, issue_token(secret=SECRET, user=user, device=dev, ttl_s=60)))
+        first, body = await conn.packet()
+        assert (first, body[1]) == (0x20, 0), "CONNACK accepted"
+        yield conn
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_publish_puback_ping_and_subscribe_through_the_lean_reader(broker: MqchatBroker) -> None:
+    async with device(broker, "alice", "a1") as alice:
+        alice.send(subscribe_packet(7, "u/alice/in"))
+        first, body = await alice.packet()
+        assert (first, body) == (0x90, struct.pack("!H", 7) + b"\x01")
+        alice.send(packet(0xC0, b""))  # PINGREQ
+        assert await alice.packet() == (0xD0, b"")
+        # A QoS 1 publish on its own out topic is acknowledged (and, with no bridge here, routed
+        # to subscribers of that topic: none).
+        alice.send(publish_packet("u/alice/a1/out", b"{}", qos=1, packet_id=300))
+        assert await alice.packet() == (0x40, struct.pack("!H", 300))
+        # The broker's own QoS 1 delivery is released by the device's PUBACK.
+        await broker.internal_message_broadcast("u/alice/in", b"hello", 1)
+        first, body = await alice.packet()
+        assert first & 0xF0 == 0x30
+        topic_len = struct.unpack("!H", body[:2])[0]
+        packet_id = struct.unpack("!H", body[2 + topic_len : 4 + topic_len])[0]
+        assert body[4 + topic_len :] == b"hello"
+        session = broker._sessions["a1"][0]
+        assert packet_id in session.inflight_out
+        alice.send(packet(0x40, struct.pack("!H", packet_id)))
+        for _ in range(100):
+            if packet_id not in session.inflight_out:
+                break
+            await asyncio.sleep(0.01)
+        assert packet_id not in session.inflight_out
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]),  # a remaining length of five bytes
+        packet(0x32, b"\x00\x10u/a"),  # topic longer than the packet
+        packet(0x30, b"\x00\x02\xff\xfe" + b"x"),  # topic not UTF-8
+        packet(0x20, b"\x00\x00"),  # CONNACK: only a server sends it
+        packet(0x10, b"\x00\x04MQTT\x04\x02\x00\x1e\x00\x01z"),  # a second CONNECT
+        packet(0x30, b"\x00\x03a/#" + b"x"),  # a wildcard in a PUBLISH topic
+    ],
+)
+async def test_a_malformed_or_forbidden_packet_closes_only_its_connection(broker: MqchatBroker, bad: bytes) -> None:
+    async with device(broker, "bob", "b1") as bob, device(broker, "carol", "c1") as carol:
+        bob.send(bad)
+        assert await bob.closed_by_broker()
+        carol.send(packet(0xC0, b""))
+        assert await carol.packet() == (0xD0, b""), "the broker serves everyone else"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(min_size=1, max_size=300))
+async def test_fuzzed_bytes_after_connect_never_hurt_the_broker(broker: MqchatBroker, garbage: bytes) -> None:
+    async with device(broker, "eve", "e1") as eve:
+        eve.send(garbage)
+        await asyncio.sleep(0.01)
+    async with device(broker, "dan", "d1") as dan:
+        dan.send(packet(0xC0, b""))
+        assert await dan.packet() == (0xD0, b"")
