@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from amqtt.adapters import BufferReader, StreamReaderAdapter
@@ -191,6 +192,10 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         super().__init__(*args, **kwargs)
         self._pending_subscriptions = LeanQueue()
         self._pending_unsubscriptions = LeanQueue()
+        # (topic, take): publishes on this topic go straight to take(payload), awaited in order,
+        # instead of through the session's queue and the broker's message loop (the device's
+        # requests to the in-broker bridge).
+        self.direct_inbound: tuple[str, Callable[[bytes], Awaitable[None]]] | None = None
 
     @classmethod
     async def init_from_connect(
@@ -306,6 +311,12 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
     async def _receive_publish(self, first: int, body: bytes) -> None:
         message = _parse_publish(first, body)
         if message is None or self.session is None:
+            return
+        direct = self.direct_inbound
+        if direct is not None and message.topic == direct[0]:
+            await direct[1](bytes(message.data))  # accepted (queued by the bridge) before the PUBACK
+            if message.packet_id is not None:
+                self.write_publish(b"\x40\x02" + message.packet_id.to_bytes(2, "big"))
             return
         queue = self.session.delivered_message_queue
         if message.qos == 0:

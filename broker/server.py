@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -280,13 +281,18 @@ class MqchatBroker(Broker):
             reader.inbound = session.delivered_message_queue
 
         handler.attach(session, reader, writer)
+        identity = session_identity(session)
+        if self.inbound_hook is not None and identity is not None:
+            handler.direct_inbound = (
+                f"u/{identity.user}/{identity.device}/out",
+                functools.partial(self.inbound_hook, identity.user, identity.device),
+            )
         self._sessions[client_id] = (session, handler)
         await handler.mqtt_connack_authorize(True)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
         )
         await handler.start()
-        identity = session_identity(session)
         connection = f"{next(self._connections)}"
         if identity is not None and self.presence is not None:
             self._report((True, identity.user, identity.device, connection))
