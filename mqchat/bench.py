@@ -174,10 +174,15 @@ def _python_broker_child(kind: str, port: int, secret: str, ready: Connection) -
         listeners = {"default": {"type": "tcp", "bind": f"{HOST}:{port}", "max_connections": 0}}
         if kind == "ours":
             from broker.server import serve_broker, tune_gc
+            from storage.presence import MemoryPresence
 
             tune_gc()
 
-            async with serve_broker(host=HOST, port=port, secret=secret):
+            # As `mqchat serve` runs it: every connect and disconnect also reported to presence.
+            async with (
+                MemoryPresence() as presence,
+                serve_broker(host=HOST, port=port, secret=secret, presence=presence),
+            ):
                 ready.send(port)
                 await stop.wait()
             return
