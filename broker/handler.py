@@ -75,13 +75,12 @@ class LimitedReader(StreamReaderAdapter):
 
     def __init__(self, reader: Any, *, max_packet_bytes: int) -> None:
         super().__init__(reader)
-        self._max = max_packet_bytes
         self.max_packet_bytes = max_packet_bytes
         self.inbound: InboundQueue | None = None  # set once the session is known
 
     async def read(self, n: int = -1) -> bytes:
-        if n > self._max:
-            raise PacketTooLarge(f"packet of {n} bytes over the limit of {self._max}")
+        if n > self.max_packet_bytes:
+            raise PacketTooLarge(f"packet of {n} bytes over the limit of {self.max_packet_bytes}")
         if self.inbound is not None:
             await self.inbound.wait_not_full()
         data: bytes = await super().read(n)
@@ -182,11 +181,8 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         return True
 
     async def handle_puback(self, puback: Any) -> None:
-        packet_id = puback.variable_header.packet_id if puback.variable_header is not None else None
-        if packet_id is not None and packet_id not in self._puback_waiters and self.session is not None:
-            self.session.inflight_out.pop(packet_id, None)  # a message sent by the broker's fast path
-            return
-        await super().handle_puback(puback)
+        if puback.variable_header is not None:
+            self._receive_puback(puback.variable_header.packet_id)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -313,21 +309,18 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         if message is None or self.session is None:
             return
         direct = self.direct_inbound
-        if direct is not None and message.topic == direct[0]:
-            await direct[1](bytes(message.data))  # accepted (queued by the bridge) before the PUBACK
-            if message.packet_id is not None:
-                self.write_publish(b"\x40\x02" + message.packet_id.to_bytes(2, "big"))
-            return
         queue = self.session.delivered_message_queue
-        if message.qos == 0:
-            if not queue.full():
-                queue.put_nowait(message)
-            return
-        await queue.put(message)
-        assert message.packet_id is not None
-        self.write_publish(b"\x40\x02" + message.packet_id.to_bytes(2, "big"))  # PUBACK once it is queued
+        if direct is not None and message.topic == direct[0]:
+            await direct[1](bytes(message.data))  # accepted (queued by the bridge)
+        elif message.qos:
+            await queue.put(message)
+        elif not queue.full():
+            queue.put_nowait(message)
+        if message.packet_id is not None:
+            self.write_publish(b"\x40\x02" + message.packet_id.to_bytes(2, "big"))  # PUBACK once it is taken
 
     def _receive_puback(self, packet_id: int) -> None:
+        """A message of ours acknowledged: the slow path's waiter, or the fast path's in-flight entry."""
         waiter = self._puback_waiters.get(packet_id)
         if waiter is not None:
             if not waiter.done():

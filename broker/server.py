@@ -48,7 +48,7 @@ from broker.handler import InboundQueue, LimitedReader, MqchatProtocolHandler, p
 from broker.membership import MembershipCache
 from broker.plugins import IDENTITY_KEY, SERVICE_KEY, is_service, session_identity
 from broker.routing import SubscriptionIndex, is_wildcard
-from mqchat.protocol import DEVICES_TOPIC_PREFIX, MEMBERSHIP_TOPIC, channel_topic, encode, presence_topic
+from mqchat.protocol import DEVICES_TOPIC_PREFIX, MEMBERSHIP_TOPIC, channel_topic, encode, out_topic, presence_topic
 from storage.presence import Presence, PresenceRegistry
 
 logger = logging.getLogger(__name__)
@@ -160,9 +160,8 @@ class MqchatBroker(Broker):
         self._connections = itertools.count(1)
         self._presence_events: asyncio.Queue[tuple[bool, str, str, str]] = asyncio.Queue(maxsize=200_000)
         # device_topics: keep the retained DEVICES_TOPIC of each user (which of their devices are
-        # connected here), for a bridge in another process that has no shared registry.
+        # connected, as the registry says), for a bridge in another process without a shared registry.
         self._device_topics = device_topics
-        self._local_devices: dict[str, dict[str, str]] = {}  # user -> device -> connection
         self._revalidate_s = revalidate_s
         self._workers: list[asyncio.Task[None]] = []
         self._rechecks: set[asyncio.Task[int]] = set()
@@ -284,7 +283,7 @@ class MqchatBroker(Broker):
         identity = session_identity(session)
         if self.inbound_hook is not None and identity is not None:
             handler.direct_inbound = (
-                f"u/{identity.user}/{identity.device}/out",
+                out_topic(identity.user, identity.device),
                 functools.partial(self.inbound_hook, identity.user, identity.device),
             )
         self._sessions[client_id] = (session, handler)
@@ -438,26 +437,18 @@ class MqchatBroker(Broker):
                     else:
                         await asyncio.sleep(0.1 * 4**attempt)
             if self._device_topics:
-                self._publish_devices(connected, user, device, connection)
-
-    def _publish_devices(self, connected: bool, user: str, device: str, connection: str) -> None:
-        devices = self._local_devices.setdefault(user, {})
-        if connected:
-            devices[device] = connection
-        elif devices.get(device) == connection:
-            del devices[device]
-        topic = f"{DEVICES_TOPIC_PREFIX}{user}"
-        payload = encode({"devices": sorted(devices)})
-        if not devices:
-            del self._local_devices[user]
-        self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, QOS_1)
-        self._deliver(topic, payload, None)
+                devices = await self.presence.devices(user)
+                self._retain(f"{DEVICES_TOPIC_PREFIX}{user}", encode({"devices": sorted(devices)}))
 
     def _on_presence(self, presence: Presence) -> None:
-        topic = presence_topic(presence.user)
-        payload = encode(presence.envelope())
-        self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, QOS_1)
+        self._retain(presence_topic(presence.user), encode(presence.envelope()))
+
+    def _retain(self, topic: str, payload: bytes) -> RetainedApplicationMessage:
+        """A state the broker itself keeps on topic: retained for later subscribers, sent to current ones."""
+        retained = RetainedApplicationMessage(None, topic, payload, QOS_1)
+        self._retained_messages[topic] = retained
         self._deliver(topic, payload, None)
+        return retained
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -475,9 +466,8 @@ class MqchatBroker(Broker):
             found = (await self.presence.lookup([user]))[user]
             retained = self._retained_messages.get(topic_filter)
             if retained is None:  # no transition arrived meanwhile: what the registry said is current
-                payload = encode(found.envelope())
-                retained = RetainedApplicationMessage(None, topic_filter, payload, QOS_1)
-                self._retained_messages[topic_filter] = retained
+                self._retain(topic_filter, encode(found.envelope()))
+                return  # sent to every subscriber of the topic, this one included
         handler = self._get_handler(session)
         if retained is not None and retained.data and handler is not None:
             await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)

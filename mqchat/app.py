@@ -120,24 +120,16 @@ async def serve_http(app: Any, *, host: str, port: int) -> AsyncIterator[HttpHan
 # --- presence --------------------------------------------------------------------------------
 
 
-def redis_location(url: str) -> str:
-    """host:port of a Redis URL, for logs (never the password)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}" if parts.scheme != "unix" else parts.path
-
-
 def presence_registry(config: Config) -> PresenceRegistry:
     """The configured registry: in memory (one process) or Redis (shared by every process)."""
     settings = config.presence
     if not settings.redis_url:
         return MemoryPresence(grace_s=settings.grace_s)
     try:
-        from storage.redis_presence import RedisPresence
+        from storage.redis_presence import RedisPresence, redis_target
     except ImportError:
         raise ConfigError("--redis-url needs redis-py: pip install 'mqchat[redis]'") from None
-    logger.info("presence shared through Redis at %s", redis_location(settings.redis_url))
+    logger.info("presence shared through Redis at %s", redis_target(settings.redis_url))
     return RedisPresence(settings.redis_url, grace_s=settings.grace_s, ttl_s=settings.ttl_s)
 
 

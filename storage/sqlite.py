@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mqchat.errors import StorageClosed, StorageError
-from mqchat.ids import new_mid
+from mqchat.ids import new_mid, parse_conv
 from storage.base import (
     AppendResult,
     ChangesPage,
@@ -430,7 +430,8 @@ class SqliteMessageStore(MessageStore):
         self, conn: sqlite3.Connection, conv: str, user: str, delivered: int | None, read: int | None
     ) -> WatermarkResult:
         kind = _kind(conn, conv)
-        if not (user in conv.split(":")[1:] if kind == "dm" else _is_member(conn, conv, user)):
+        parsed = parse_conv(conv)
+        if not (parsed is not None and user in parsed.members if kind == "dm" else _is_member(conn, conv, user)):
             raise NotMember(f"{user} is not a member of {conv}")
         state = _state(conn, user, conv)
         last_seq = state.last_seq if state is not None else _last_seq(conn, conv)
