@@ -375,29 +375,32 @@ def create_app(
         if not broker_connected():
             raise RequestError(ErrorCode.UNAVAILABLE, "the server is reconnecting to its broker; retry")
 
-    async def membership(conv: str, who: Identity) -> GroupMember:
-        """The caller's membership of group or channel conv, without loading its member list."""
+    def group_id(conv: str) -> str | None:
+        """The id of group or channel conv; None for a 1:1 conversation (bad_conv if not an id)."""
         parsed = parse_conv(conv)
         if parsed is None:
             raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
-        standing = await store.membership(conv=parsed.id, user=who.user) if parsed.kind == "group" else None
-        if standing is None:
+        return parsed.id if parsed.kind == "group" else None
+
+    def as_member(found: object, member: GroupMember | None) -> GroupMember:
+        if found is None:
             raise RequestError(ErrorCode.NOT_FOUND, "no such group")
-        if standing.member is None:
+        if member is None:
             raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
-        return standing.member
+        return member
+
+    async def membership(conv: str, who: Identity) -> GroupMember:
+        """The caller's membership of group or channel conv, without loading its member list."""
+        gid = group_id(conv)
+        standing = await store.membership(conv=gid, user=who.user) if gid is not None else None
+        return as_member(standing, standing.member if standing is not None else None)
 
     async def member_group(conv: str, who: Identity) -> tuple[Group, GroupMember]:
         """The group named by conv and the caller's membership in it (bad_conv / not_found / not_member)."""
-        parsed = parse_conv(conv)
-        if parsed is None:
-            raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
-        group = await store.group(parsed.id) if parsed.kind == "group" else None
-        if group is None:
-            raise RequestError(ErrorCode.NOT_FOUND, "no such group")
-        member = group.member(who.user)
-        if member is None:
-            raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
+        gid = group_id(conv)
+        group = await store.group(gid) if gid is not None else None
+        member = as_member(group, group.member(who.user) if group is not None else None)
+        assert group is not None  # as_member raised otherwise
         return group, member
 
     async def admin_group(conv: str, who: Identity) -> Group:

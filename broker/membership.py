@@ -16,7 +16,7 @@ fleet asks them thousands of times a second, so answers are cached:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import Counter
@@ -51,31 +51,40 @@ class MembershipCache:
 
     async def is_member(self, conv: str, user: str) -> bool:
         """Whether user is a member of group or channel conv now."""
-        key = ("member", conv, user)
+
+        async def ask() -> bool:
+            standing = await self._store.membership(conv=conv, user=user)
+            return standing is not None and standing.member is not None
+
         generations = (self._conv_gen.get(conv, 0), self._user_gen.get(user, 0))
-        cached = self._get(key, generations)
-        if cached is not None:
-            LOOKUPS.labels(question="member", result="hit").inc()
-            return cached
-        LOOKUPS.labels(question="member", result="miss").inc()
-        standing = await self._store.membership(conv=conv, user=user)
-        answer = standing is not None and standing.member is not None
-        self._put(key, answer, generations)
-        return answer
+        return await self._cached(("member", conv, user), generations, ask, keep_no=True)
 
     async def shares_conversation(self, a: str, b: str) -> bool:
         if a == b:
             return True
         a, b = min(a, b), max(a, b)
-        key = ("shares", a, b)
         generations = (self._user_gen.get(a, 0), self._user_gen.get(b, 0))
+        return await self._cached(
+            ("shares", a, b), generations, lambda: self._store.shares_conversation(a, b), keep_no=False
+        )
+
+    async def _cached(
+        self,
+        key: tuple[str, str, str],
+        generations: tuple[int, ...],
+        ask: Callable[[], Awaitable[bool]],
+        *,
+        keep_no: bool,
+    ) -> bool:
+        """The cached answer to key, or ask the store (generations taken before asking)."""
+        question = key[0]
         cached = self._get(key, generations)
         if cached is not None:
-            LOOKUPS.labels(question="shares", result="hit").inc()
+            LOOKUPS.labels(question=question, result="hit").inc()
             return cached
-        LOOKUPS.labels(question="shares", result="miss").inc()
-        answer = await self._store.shares_conversation(a, b)
-        if answer:
+        LOOKUPS.labels(question=question, result="miss").inc()
+        answer = await ask()
+        if answer or keep_no:
             self._put(key, answer, generations)
         return answer
 
