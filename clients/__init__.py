@@ -29,6 +29,7 @@ from clients.aio import ChatClient, ClientStatistics, Clock, backoff_delay
 from clients.blocking import BlockingChatClient
 from clients.errors import AuthFailed, ClientClosed, ClientError, ConnectionFailed, HistoryFailed, SendFailed
 from clients.events import Ack, ErrorReply, Event, Message, OtherEvent, parse_envelope, parse_event
+from clients.history import UserPresence
 from clients.ordering import OrderingBuffer
 from clients.outbox import MemoryOutbox, Outbox, PendingSend, SqliteOutbox
 from clients.state import ClientState, MemoryState, SqliteState
@@ -57,6 +58,7 @@ __all__ = [
     "SendFailed",
     "SqliteOutbox",
     "SqliteState",
+    "UserPresence",
     "backoff_delay",
     "parse_envelope",
     "parse_event",

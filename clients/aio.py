@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
+from urllib.parse import quote
 
 import aiomqtt
 import httpx
@@ -54,7 +55,7 @@ import httpx
 from clients._mqtt import is_auth_refusal_code
 from clients.errors import AuthFailed, ClientClosed, ConnectionFailed, HistoryFailed, SendFailed
 from clients.events import Ack, ErrorReply, Event, Message, OtherEvent, SeenMessages, parse_event
-from clients.history import ConversationSummary, HistoryClient
+from clients.history import ConversationSummary, HistoryClient, UserPresence
 from clients.ordering import OrderingBuffer
 from clients.outbox import MemoryOutbox, Outbox, PendingSend, SqliteOutbox
 from clients.state import ClientState, MemoryState, SqliteState
@@ -756,6 +757,27 @@ class ChatClient:
             await self._synced.wait()
 
     # --- introspection ------------------------------------------------------------------------
+
+    # --- HTTP conveniences ------------------------------------------------------------------------
+
+    def _http_calls(self) -> HistoryClient:
+        if self._history is None:
+            raise RuntimeError("this needs the HTTP API: give the client http_url (and use it inside `async with`)")
+        return self._history
+
+    async def presence(self, *users: str) -> dict[str, UserPresence]:
+        """State and last seen of users: yourself and users you share a conversation with
+        (anyone else: HistoryFailed with code ``forbidden``). Live changes: subscribe to ``p/{user}``."""
+        return await self._http_calls().presence(users)
+
+    async def register_push_token(self, platform: Literal["apns", "fcm"], token: str, *, sandbox: bool = False) -> None:
+        """Register this device's APNs/FCM token, so the server wakes it when it is away."""
+        body: dict[str, object] = {"platform": platform, "token": token, "sandbox": sandbox}
+        await self._http_calls().put(f"/v1/devices/{quote(self._device, safe='')}/push", body)
+
+    async def set_muted(self, conv: str, muted: bool = True) -> None:
+        """Mute (or unmute) a conversation's pushes for this user."""
+        await self._http_calls().put(f"/v1/conversations/{quote(conv, safe=':@')}/settings", {"muted": muted})
 
     @property
     def user(self) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -99,6 +99,19 @@ def _summary(obj: object) -> ConversationSummary:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class UserPresence:
+    """What ``GET /v1/presence`` says of one user."""
+
+    user: str
+    state: str  # "online" | "offline"
+    last_seen: int | None  # ms since the epoch; None: never seen
+
+    @property
+    def online(self) -> bool:
+        return self.state == "online"
+
+
 class HistoryClient:
     """Sync and history calls of one user over an ``httpx.AsyncClient`` the caller owns."""
 
@@ -152,16 +165,45 @@ class HistoryClient:
             last_seq=_int(body, "last_seq", 0),
         )
 
+    async def presence(self, users: Sequence[str]) -> dict[str, UserPresence]:
+        """State and last seen of users (yourself, and users you share a conversation with)."""
+        body = await self._call("GET", "/v1/presence", params={"users": ",".join(users)})
+        found: dict[str, UserPresence] = {}
+        for item in body.get("users") or ():
+            if isinstance(item, dict) and isinstance(item.get("user"), str):
+                last_seen = item.get("last_seen")
+                found[item["user"]] = UserPresence(
+                    item["user"], str(item.get("state")), last_seen if isinstance(last_seen, int) else None
+                )
+        return found
+
+    async def put(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """PUT a JSON body (retried like every call); the answer's JSON object."""
+        return await self._call("PUT", path, json=body)
+
     async def _get(self, path: str, params: dict[str, str | int], *, sync: bool = False) -> dict[str, Any]:
+        return await self._call("GET", path, params=params, counts="sync" if sync else "history")
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str | int] | None = None,
+        json: dict[str, Any] | None = None,
+        counts: str = "",
+    ) -> dict[str, Any]:
+        """One call, retried with backoff on transport errors and retryable statuses; counts
+        each attempt as a sync or history request when asked to."""
         attempt = 0
         while True:
-            if sync:
+            if counts == "sync":
                 self.sync_requests += 1
-            else:
+            elif counts == "history":
                 self.history_requests += 1
             try:
                 async with asyncio.timeout(self._timeout):
-                    response = await self._http.get(path, params=params, headers=self._headers)
+                    response = await self._http.request(method, path, params=params, json=json, headers=self._headers)
                     await response.aread()
             except (httpx.TransportError, TimeoutError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
@@ -172,15 +214,15 @@ class HistoryClient:
                     except ValueError:
                         body = None
                     if not isinstance(body, dict):
-                        raise HistoryFailed("bad_response", f"GET {path}: the answer is not a JSON object")
+                        raise HistoryFailed("bad_response", f"{method} {path}: the answer is not a JSON object")
                     return body
                 code, message = self._error_of(response)
                 if response.status_code not in _RETRYABLE_STATUS:
-                    raise HistoryFailed(code, f"GET {path}: {response.status_code} {message}")
+                    raise HistoryFailed(code, f"{method} {path}: {response.status_code} {message}")
                 problem = f"{response.status_code} {code}"
             delay = self._backoff(attempt)
             attempt += 1
-            logger.warning("GET %s failed (%s); retrying in %.1f s", path, problem, delay)
+            logger.warning("%s %s failed (%s); retrying in %.1f s", method, path, problem, delay)
             await self._sleep(delay)
 
     @staticmethod

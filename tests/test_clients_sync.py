@@ -20,7 +20,7 @@ import aiomqtt
 import httpx
 import pytest
 
-from clients import ChatClient, Message, OrderingBuffer, OtherEvent, SqliteOutbox, SqliteState
+from clients import ChatClient, HistoryFailed, Message, OrderingBuffer, OtherEvent, SqliteOutbox, SqliteState
 from mqchat.ids import dm_conv
 from mqchat.protocol import encode, msg_envelope, user_in_topic
 from tests.conftest import Stack
@@ -405,3 +405,23 @@ async def test_the_sdk_follows_channels_it_is_added_to_and_leaves_them(stack: St
             await poster.send_and_wait(conv, "not for you", timeout=WAIT)
         await assert_no_message(client, within=1.0)
     assert SqliteState(state, user=reader).channels() == set()
+
+
+async def test_the_sdk_reads_presence_and_registers_push_tokens(stack: Stack) -> None:
+    alice, bob, stranger = unique("alice"), unique("bob"), unique("stranger")
+    async with stack.http(alice) as http:
+        assert (await http.post("/v1/groups", json={"name": "g", "members": [bob]})).status_code == 201
+    async with client_for(stack, alice, "a1") as a, client_for(stack, bob, "b1") as b:
+        await a.wait_synced(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while not (found := await b.presence(alice))[alice].online:
+            assert time.monotonic() < deadline, found
+            await asyncio.sleep(0.05)
+        assert found[alice].last_seen is not None
+        with pytest.raises(HistoryFailed) as refused:
+            await b.presence(stranger)
+        assert refused.value.code == "forbidden"
+        await b.register_push_token("fcm", "bob-fcm-token")
+        await b.set_muted(dm_conv(alice, bob))
+    async with stack.http(bob, "b1") as http:
+        assert (await http.delete("/v1/devices/b1/push")).status_code == 204, "the SDK registered the token"
