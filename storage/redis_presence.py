@@ -71,6 +71,20 @@ local function publish(channel, user, state, last_seen)
   redis.call('PUBLISH', channel,
     '{"user":' .. cjson.encode(user) .. ',"state":"' .. state .. '","last_seen":' .. last_seen .. '}')
 end
+-- Remove a node's device member m if its connection still names that node (tag "node|");
+-- returns the user when that was their last device, else nil.
+local function release(prefix, tag, m)
+  local user, device = split_member(m)
+  local dev_key = prefix .. 'dev:' .. user
+  local current = redis.call('HGET', dev_key, device)
+  if current and string.sub(current, 1, #tag) == tag then
+    redis.call('HDEL', dev_key, device)
+    if redis.call('HLEN', dev_key) == 0 then
+      return user
+    end
+  end
+  return nil
+end
 local function go_offline(prefix, channel, user, last_seen)
   local state_key = prefix .. 'state:' .. user
   redis.call('ZREM', prefix .. 'due', user)
@@ -158,14 +172,9 @@ end
 local set = ARGV[1] .. 'nodedev:' .. ARGV[2]
 local tag = ARGV[2] .. '|'
 for _, m in ipairs(redis.call('SPOP', set, tonumber(ARGV[4]))) do
-  local user, device = split_member(m)
-  local dev_key = ARGV[1] .. 'dev:' .. user
-  local current = redis.call('HGET', dev_key, device)
-  if current and string.sub(current, 1, #tag) == tag then
-    redis.call('HDEL', dev_key, device)
-    if redis.call('HLEN', dev_key) == 0 then
-      go_offline(ARGV[1], ARGV[5], user, ARGV[3])
-    end
+  local user = release(ARGV[1], tag, m)
+  if user then
+    go_offline(ARGV[1], ARGV[5], user, ARGV[3])
   end
 end
 if redis.call('SCARD', set) == 0 then
@@ -182,15 +191,10 @@ _DRAIN = (
     + """
 local tag = ARGV[2] .. '|'
 for _, m in ipairs(redis.call('SPOP', KEYS[1], tonumber(ARGV[5]))) do
-  local user, device = split_member(m)
-  local dev_key = ARGV[1] .. 'dev:' .. user
-  local current = redis.call('HGET', dev_key, device)
-  if current and string.sub(current, 1, #tag) == tag then
-    redis.call('HDEL', dev_key, device)
-    if redis.call('HLEN', dev_key) == 0 then
-      redis.call('ZADD', KEYS[2], ARGV[4], user)
-      redis.call('HSET', ARGV[1] .. 'state:' .. user, 'left_at', ARGV[3])
-    end
+  local user = release(ARGV[1], tag, m)
+  if user then
+    redis.call('ZADD', KEYS[2], ARGV[4], user)
+    redis.call('HSET', ARGV[1] .. 'state:' .. user, 'left_at', ARGV[3])
   end
 end
 return redis.call('SCARD', KEYS[1])
