@@ -6,16 +6,22 @@ ARGS ?=
 
 .PHONY: serve test lint typecheck pytest install install-test install-bench system-deps bench clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+# Every install is held to the versions the suite last passed with (a new release of a linter or
+# a library cannot turn a clean clone red); pyproject.toml keeps the ranges users install from.
+CONSTRAINTS := .ci/constraints.txt
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+$(BIN)/python:
+	@sh .ci/python-venv.sh "$(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP_INSTALL) -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -41,8 +47,8 @@ typecheck: install-test
 pytest: install-test
 	$(BIN)/pytest $(ARGS)
 
-$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[bench]'
+$(VENV)/.installed-bench: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP_INSTALL) -e '.[bench]'
 	touch $@ $(VENV)/.installed
 
 install-bench: $(VENV)/.installed-bench

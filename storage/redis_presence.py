@@ -237,7 +237,7 @@ def redis_target(url: str) -> str:
 
 async def _close_quietly(pubsub: PubSub) -> None:
     with contextlib.suppress(Exception):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        await pubsub.aclose()
 
 
 def _member(user: str, device: str) -> str:
