@@ -20,6 +20,7 @@ from types import TracebackType
 
 from bridge.outgoing import Outgoing
 from bridge.pipeline import Pipeline
+from mqchat.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ class InBrokerAdapter:
     ) -> None:
         assert self._task_group is not None
         assert self._dispatcher is not None
-        self._dispatcher.cancel()
-        await self._task_group.__aexit__(exc_type, exc, tb)
+        await cancel_and_wait([self._dispatcher], what="in-broker adapter")
+        await self._task_group.__aexit__(exc_type, exc, tb)  # requests being processed finish
 
     async def _dispatch(self) -> None:
         assert self._task_group is not None

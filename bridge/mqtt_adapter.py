@@ -24,6 +24,7 @@ import aiomqtt
 
 from bridge.pipeline import Outgoing, Pipeline
 from mqchat.clock import SYSTEM_CLOCK, Clock
+from mqchat.mqtt_client import MqttClient
 from mqchat.protocol import (
     DEVICES_TOPIC_FILTER,
     DEVICES_TOPIC_PREFIX,
@@ -31,6 +32,7 @@ from mqchat.protocol import (
     PRESENCE_TOPIC_FILTER,
     parse_out_topic,
 )
+from mqchat.tasks import cancel_and_wait
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME
 
 logger = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ class MqttClientAdapter:
     ) -> None:
         assert self._task_group is not None
         assert self._runner is not None
-        self._runner.cancel()
+        await cancel_and_wait([self._runner], what="bridge MQTT adapter")
         await self._task_group.__aexit__(exc_type, exc, tb)
 
     def is_connected(self) -> bool:
@@ -109,7 +111,7 @@ class MqttClientAdapter:
 
     async def _serve_connection(self) -> None:
         lost: aiomqtt.MqttError | None = None
-        async with aiomqtt.Client(
+        async with MqttClient(
             self._host,
             self._port,
             username=SERVICE_USERNAME,

@@ -49,6 +49,7 @@ from broker.membership import MembershipCache
 from broker.plugins import IDENTITY_KEY, SERVICE_KEY, is_service, session_identity
 from broker.routing import SubscriptionIndex, is_wildcard
 from mqchat.protocol import DEVICES_TOPIC_PREFIX, MEMBERSHIP_TOPIC, channel_topic, encode, out_topic, presence_topic
+from mqchat.tasks import cancel_and_wait
 from storage.presence import Presence, PresenceRegistry
 
 logger = logging.getLogger(__name__)
@@ -179,12 +180,7 @@ class MqchatBroker(Broker):
         try:
             await super().shutdown()
         finally:
-            tasks: list[asyncio.Task[Any]] = [*self._workers, *self._rechecks]
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait([*self._workers, *self._rechecks], what="broker")
 
     @property
     def bound_port(self) -> int:

@@ -60,7 +60,9 @@ from clients.ordering import OrderingBuffer
 from clients.outbox import MemoryOutbox, Outbox, PendingSend, SqliteOutbox
 from clients.state import ClientState, MemoryState, SqliteState
 from mqchat.ids import is_valid_id, parse_conv
+from mqchat.mqtt_client import MqttClient
 from mqchat.protocol import channel_topic, device_in_topic, encode, out_topic, user_in_topic
+from mqchat.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +277,8 @@ class ChatClient:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
+        # Cancelled again until they end: a task must not outlive aclose() (see mqchat.tasks).
+        await cancel_and_wait([*self._tasks, *self._follows], what=f"client {self._user}/{self._device}")
         tg, self._tg = self._tg, None
         try:
             if tg is not None:
@@ -556,7 +558,7 @@ class ChatClient:
     # --- background tasks ---------------------------------------------------------------------
 
     def _new_mqtt(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        return MqttClient(
             self._host,
             self._port,
             username=self._user,

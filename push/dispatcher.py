@@ -33,6 +33,7 @@ from types import TracebackType
 from prometheus_client import Counter, Gauge, Histogram
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
+from mqchat.tasks import cancel_and_wait
 from push.providers import (
     Outcome,
     PushMessage,
@@ -46,6 +47,8 @@ from storage.base import MessageStore, StoredMessage
 from storage.push_store import Pending, PushJob, SqlitePushStore
 
 logger = logging.getLogger(__name__)
+
+SEND_FINISH_S = 5.0  # at shutdown, how long a push already handed to a provider may still take
 
 PUSH_SENT = Counter("mqchat_push_sent_total", "Push notifications by final outcome", ["platform", "outcome"])
 PUSH_SUPPRESSED = Counter("mqchat_push_suppressed_total", "Notifications not sent, by reason", ["reason"])
@@ -112,14 +115,11 @@ class PushDispatcher:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for send in list(self._sends):  # a send in flight finishes (or its job stays 'sending': dropped)
-            with contextlib.suppress(Exception):
-                await send
+        await cancel_and_wait(self._tasks, what="push dispatcher")
+        # A send in flight may finish (or its job stays 'sending' and is dropped at the next start).
+        if self._sends:
+            _, late = await asyncio.wait(list(self._sends), timeout=SEND_FINISH_S)
+            await cancel_and_wait(late, what="push sends")
 
     # --- intake -------------------------------------------------------------------------------------
 
@@ -197,7 +197,8 @@ class PushDispatcher:
                 wait_s = 1.0 if due is None else max(0.0, min(1.0, (due - self._clock.time_ms()) / 1000))
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):
+                        await self._wake.wait()
             except Exception:
                 logger.exception("push delivery loop failed; retrying")
                 await self._clock.sleep(1.0)

@@ -31,6 +31,7 @@ from types import TracebackType
 from prometheus_client import Counter
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
+from mqchat.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -108,19 +109,10 @@ class PresenceRegistry(ABC):
         await self._stop_tasks()
 
     async def _stop_tasks(self) -> None:
-        """Cancel the background tasks and wait until they end. A client library can lose a
-        cancellation (``asyncio.wait_for`` before Python 3.12 swallows one that races with the
-        operation it guards), so tasks still running are cancelled again rather than awaited
-        forever; and a cancellation of the caller is not swallowed here."""
+        """Cancel the background tasks and wait until they end (again and again: a client
+        library can lose a cancellation, see ``mqchat.tasks``)."""
         tasks, self._tasks = list(self._tasks), []
-        while tasks:
-            for task in tasks:
-                task.cancel()
-            done, pending = await asyncio.wait(tasks, timeout=0.5)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    logger.error("presence: task %s failed", task.get_name(), exc_info=task.exception())
-            tasks = list(pending)
+        await cancel_and_wait(tasks, what="presence")
 
     async def _sweep_loop(self) -> None:
         while True:

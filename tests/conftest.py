@@ -9,13 +9,16 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import pytest_timeout
 
 from bridge.mqtt_adapter import MqttClientAdapter
 from mqchat.app import run_bridge, run_broker, run_node
@@ -23,6 +26,58 @@ from mqchat.config import AuthConfig, BridgeConfig, Config, NetworkConfig, Prese
 from mqchat.tokens import issue_token
 from storage.base import MessageStore
 from tests.helpers import repo_env
+
+# --- a timeout shows where every asyncio task waits -----------------------------------------------
+
+
+def _coroutine_chain(task: asyncio.Task[object]) -> list[str]:
+    """Where a task waits: each frame of its chain of awaits, outermost first."""
+    lines: list[str] = []
+    coro: object = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            code = frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+    return lines
+
+
+def dump_asyncio_tasks(write: Callable[[str], object]) -> None:
+    """Write the await chain of every task of the running loop (called from the timeout's signal
+    handler, which runs in the loop's thread)."""
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return
+    tasks = sorted(asyncio.all_tasks(loop), key=lambda t: t.get_name())
+    write(f"{len(tasks)} asyncio tasks\n")
+    for task in tasks:
+        write(f"--- task {task.get_name()} ({'cancelling' if task.cancelling() else 'running'})\n")
+        write("\n".join(_coroutine_chain(task)) + "\n")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """pytest-timeout's signal method, plus the stacks of asyncio tasks (threads alone say
+    nothing about a hung coroutine: the loop's thread just sits in select())."""
+    if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
+        return None  # pytest-timeout's own handling
+
+    def on_timeout(signum: int, frame: object) -> None:
+        __tracebackhide__ = True
+        terminal = item.config.get_terminal_writer()
+        terminal.sep("+", title="Timeout: asyncio tasks")
+        dump_asyncio_tasks(terminal.write)
+        pytest_timeout.timeout_sigalrm(item, settings)
+
+    def cancel() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined]  # pytest-timeout's cancel hook reads it
+    signal.signal(signal.SIGALRM, on_timeout)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True
 
 
 def make_config(
