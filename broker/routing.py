@@ -16,6 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client import Gauge
+
+SUBSCRIPTIONS = Gauge(
+    "mqchat_broker_subscriptions", "Topic filters subscribed, over all sessions", multiprocess_mode="livesum"
+)
+
 
 class _Node:
     __slots__ = ("children", "filter")
@@ -65,6 +71,7 @@ class SubscriptionIndex(dict[str, list[tuple[Any, int]]]):
         super().clear()
         self._root = _Node()
         self._wildcards = 0
+        SUBSCRIPTIONS.dec(sum(len(filters) for filters in self.by_client.values()))
         self.by_client.clear()
 
     def __repr__(self) -> str:
@@ -90,12 +97,16 @@ class SubscriptionIndex(dict[str, list[tuple[Any, int]]]):
     # --- per-client filters ---------------------------------------------------------------------
 
     def remember(self, client_id: str, topic_filter: str) -> None:
-        self.by_client.setdefault(client_id, set()).add(topic_filter)
+        filters = self.by_client.setdefault(client_id, set())
+        if topic_filter not in filters:
+            filters.add(topic_filter)
+            SUBSCRIPTIONS.inc()
 
     def forget(self, client_id: str, topic_filter: str) -> None:
         filters = self.by_client.get(client_id)
-        if filters is not None:
-            filters.discard(topic_filter)
+        if filters is not None and topic_filter in filters:
+            filters.remove(topic_filter)
+            SUBSCRIPTIONS.dec()
             if not filters:
                 del self.by_client[client_id]
 

@@ -601,7 +601,8 @@ class ChatClient:
             except aiomqtt.MqttError as exc:
                 self._mqtt = None
                 if is_auth_refusal(exc):
-                    logger.error("the broker refused the credentials of %s/%s", self._user, self._device)
+                    # Said once, by the AuthFailed every waiter and events() now raise.
+                    logger.info("the broker refused the credentials of %s/%s", self._user, self._device)
                     self._end(AuthFailed(f"the broker refused the credentials of user {self._user!r}"))
                     return
                 if not connected_once:

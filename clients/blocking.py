@@ -161,7 +161,7 @@ class BlockingChatClient:
             return
         with self._changed:
             if is_auth_refusal_code(reason_code):
-                logger.error("the broker refused the credentials of %s/%s", self._user, self._device)
+                logger.info("the broker refused the credentials of %s/%s", self._user, self._device)
                 self._fatal = AuthFailed(f"the broker refused the credentials of user {self._user!r}")
             elif not self._connack_seen:
                 self._fatal = ConnectionFailed(f"the broker refused the connection: {reason_code}")

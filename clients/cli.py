@@ -9,7 +9,8 @@ per line (``send``, ``listen``), flushed at once so that pipes see it.
     chat    stdin thread ─► lines queue ─► ChatClient.send ─► outbox ─► MQTT
             ChatClient.events() ─► "[HH:MM:SS] from: body" / "✓ seq N" on stdout
     send    ChatClient.send_and_wait ─► ack JSON on stdout (0) | error JSON on stderr (1) | timeout (2)
-    listen  ChatClient.events() ─► one JSON envelope per line, until count or timeout (0)
+    listen  (catch-up over HTTP, then) ChatClient.events() ─► one JSON envelope per line, until count or
+            timeout (0)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from clients.aio import ChatClient
@@ -176,11 +178,19 @@ async def listen(
     token: str,
     count: int | None,
     timeout: float | None,  # noqa: ASYNC109
+    http_url: str | None = None,
+    state_path: Path | None = None,
 ) -> int:
-    """Print each incoming event as one JSON line until ``count`` events or ``timeout`` s (0)."""
+    """Print each incoming event as one JSON line until ``count`` events or ``timeout`` s (0).
+
+    With ``http_url`` it first catches up over the sync endpoint, as an app does after every
+    connect: messages that arrived while it was not running come first, each conversation in seq
+    order (from the start of its history, or after what ``state_path`` remembers as shown)."""
     seen = 0
     try:
-        async with ChatClient(host=host, port=port, user=user, device=device, token=token) as client:
+        async with ChatClient(
+            host=host, port=port, user=user, device=device, token=token, http_url=http_url, state_path=state_path
+        ) as client:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     while count is None or seen < count:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -64,6 +65,19 @@ def children_for(config: Config) -> tuple[str, ...]:
 
 RESTART_BACKOFF_MAX_S = 10.0
 STOP_GRACE_S = 10.0
+# A child that cannot start for a reason a restart would not mend (bad settings, a port in use)
+# exits with this code (sysexits' EX_CONFIG), and the supervisor stops instead of restarting it.
+EXIT_CANNOT_START = 78
+
+
+BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+def _not_a_bind_failure(record: logging.LogRecord) -> bool:
+    """amqtt logs a failed start with a traceback; an address that cannot be bound is reported
+    by run_child in one line instead."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, OSError) and exc.errno in BIND_ERRNOS)
 
 
 def setup_logging(level: str, process: str) -> None:
@@ -76,6 +90,7 @@ def setup_logging(level: str, process: str) -> None:
     # amqtt logs every connection at INFO; transitions logs every state change.
     for noisy in ("amqtt", "transitions", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("amqtt.broker").addFilter(_not_a_bind_failure)
 
 
 def local_host(host: str) -> str:
@@ -98,11 +113,27 @@ class HttpHandle:
     port: int
 
 
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A TCP socket bound the way our servers bind (SO_REUSEADDR: a port in TIME_WAIT is free);
+    raises OSError when the address cannot be used."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 @asynccontextmanager
 async def serve_http(app: Any, *, host: str, port: int) -> AsyncIterator[HttpHandle]:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
     server = _Server(config)
-    task = asyncio.create_task(server.serve(), name="http-server")
+    # Bound here, not by uvicorn: a failure is an OSError of ours (uvicorn would log it and call
+    # sys.exit inside its task).
+    sock = bind_tcp(host, port)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="http-server")
     try:
         while not server.started:
             if task.done():
@@ -114,7 +145,10 @@ async def serve_http(app: Any, *, host: str, port: int) -> AsyncIterator[HttpHan
         yield HttpHandle(port=bound)
     finally:
         server.should_exit = True
-        await task
+        try:
+            await task
+        finally:
+            sock.close()
 
 
 # --- presence --------------------------------------------------------------------------------
@@ -372,9 +406,75 @@ def _run_until_signalled(body: Callable[[], Awaitable[None]]) -> None:
         asyncio.run(main())
 
 
-def run_child(which: str, config: Config) -> None:
-    """Entry point of a child process (``python -m mqchat _child broker|bridge|node``)."""
+def ensure_data_dir(config: Config) -> None:
+    """Create the data dir if needed; raise ConfigError, naming it, when it cannot be used."""
+    data_dir = config.storage.data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot use data_dir {data_dir}: {exc.strerror or exc}") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot use data_dir {data_dir}: not writable by this user")
+
+
+def ensure_ports_free(config: Config) -> None:
+    """Raise ConfigError, naming the setting, when a port `serve` listens on is taken or the
+    address cannot be used (checked the way the servers bind: SO_REUSEADDR, so a port in
+    TIME_WAIT is fine)."""
+    net = config.network
+    for key, port in (("mqtt_port", net.mqtt_port), ("http_port", net.http_port)):
+        if port == 0:
+            continue
+        try:
+            bind_tcp(net.host, port).close()
+        except OSError as exc:
+            raise ConfigError(_bind_failure(key, net.host, port, exc)) from None
+
+
+def _bind_failure(key: str, host: str, port: int, exc: OSError) -> str:
+    flag = "--" + key.replace("_", "-")
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use (by another mqchat serve or MQTT broker?); use {flag} PORT"
+    return f"cannot listen on {host}:{port} ({key}): {exc.strerror or exc}"
+
+
+def cannot_start_reason(exc: BaseException) -> str | None:
+    """Why a child cannot start, if a restart would not help: a configuration error or an address
+    that cannot be bound, found anywhere in exc's groups, causes and contexts."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConfigError | PushConfigError):
+            return str(e)
+        if isinstance(e, OSError) and e.errno in BIND_ERRNOS:
+            return f"cannot listen: {e.strerror or e}"
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return None
+
+
+def run_child(which: str, config: Config) -> int:
+    """Entry point of a child process (``python -m mqchat _child broker|bridge|node``). Returns
+    its exit code: 0 when stopped by a signal, EXIT_CANNOT_START with one line on stderr when it
+    cannot start for a reason that a restart would not mend; anything else is raised."""
     setup_logging(config.log_level, which)
+    try:
+        _run_child(which, config)
+    except Exception as exc:
+        reason = cannot_start_reason(exc)
+        if reason is None:
+            raise
+        print(f"mqchat: {reason}", file=sys.stderr, flush=True)
+        return EXIT_CANNOT_START
+    return 0
+
+
+def _run_child(which: str, config: Config) -> None:
     if which != "bridge":
         tune_gc()
 
@@ -424,6 +524,7 @@ class Supervisor:
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._children = children_for(config)
         self._stopping = False
+        self._failed = False
 
     async def _spawn(self, which: str) -> asyncio.subprocess.Process:
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops the
@@ -446,6 +547,7 @@ class Supervisor:
         return proc
 
     async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (0), or until a child cannot start (1)."""
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
         self._metrics_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
@@ -460,7 +562,8 @@ class Supervisor:
                 watchers = [tg.create_task(self._watch(name, stop), name=f"watch-{name}") for name in self._children]
                 await stop.wait()
                 self._stopping = True
-                logger.info("stopping")
+                if not self._failed:
+                    logger.info("stopping")
                 await self._stop_children()
                 for w in watchers:
                     w.cancel()
@@ -469,7 +572,7 @@ class Supervisor:
             for which in self._children:
                 with contextlib.suppress(FileNotFoundError):
                     (self._run_dir / f"{which}.pid").unlink()
-        return 0
+        return 1 if self._failed else 0
 
     async def _watch(self, which: str, stop: asyncio.Event) -> None:
         failures = 0
@@ -479,6 +582,10 @@ class Supervisor:
             code = await proc.wait()
             self._mark_dead(proc.pid)
             if self._stopping:
+                return
+            if code == EXIT_CANNOT_START:  # it said why on stderr; restarting would not mend it
+                self._failed = True
+                stop.set()
                 return
             failures = 1 if time.monotonic() - started > 30 else failures + 1
             delay = min(RESTART_BACKOFF_MAX_S, 0.25 * 2 ** (failures - 1))
@@ -501,7 +608,8 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await proc.wait()
             except TimeoutError:
                 logger.warning("%s did not stop in %.0fs; killing it", which, STOP_GRACE_S)
                 with contextlib.suppress(ProcessLookupError):

@@ -5,14 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from mqchat import __version__
-from mqchat.config import Config, load_config, parse_duration
+from mqchat.config import Config, SecretMode, load_config, parse_duration, with_jwt_secret
 from mqchat.errors import ConfigError
 
 logger = logging.getLogger("mqchat")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``mqchat: <what is wrong> (see mqchat CMD --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mqchat: {message} (see {self.prog} --help)\n")
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
@@ -23,8 +32,8 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
     _server_flags(p)
-    p.add_argument("--host", help="broker host (default 127.0.0.1)")
-    p.add_argument("--mqtt-port", type=int, help="broker port (default 1883)")
+    p.add_argument("--host", help="server host (default 127.0.0.1)")
+    p.add_argument("--mqtt-port", help="the server's MQTT port (default 1883)")
     p.add_argument("--user", required=True)
     p.add_argument("--device", required=True)
     p.add_argument(
@@ -34,20 +43,20 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mqchat", description="Self-hostable messaging backend for mobile chat.")
+    parser = _Parser(prog="mqchat", description="Self-hostable messaging backend for mobile chat.")
     parser.add_argument("--version", action="version", version=f"mqchat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the broker, the bridge and the HTTP API")
     _server_flags(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for phones on the LAN)")
-    serve.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883)")
-    serve.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
+    serve.add_argument("--mqtt-port", help="MQTT port (default 1883)")
+    serve.add_argument("--http-port", help="HTTP port (default 8080)")
     serve.add_argument("--max-envelope-bytes", help="largest request envelope (default 64KiB)")
     serve.add_argument(
         "--adapter", choices=("mqtt", "inbroker"), help="how requests reach the bridge pipeline (default inbroker)"
     )
-    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     serve.add_argument(
         "--redis-url",
         help="share presence through Redis (redis://host:6379/0) across processes; default: in memory",
@@ -78,8 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--body", required=True)
     send.add_argument("--timeout", type=float, default=10.0)
 
-    listen = sub.add_parser("listen", help="print incoming events as JSON lines")
+    listen = sub.add_parser(
+        "listen", help="print incoming events as JSON lines, first catching up on what arrived meanwhile"
+    )
     _client_flags(listen)
+    listen.add_argument("--http-port", help="the server's HTTP port, for catching up (default 8080)")
+    listen.add_argument("--live", action="store_true", help="only what arrives from now on (no catch-up over HTTP)")
+    listen.add_argument(
+        "--state",
+        help="a file remembering what this device has shown, so the next run starts after it "
+        "(default: none; every run catches up from the start of each conversation's history)",
+    )
     listen.add_argument("--count", type=int, help="stop after this many events")
     listen.add_argument("--timeout", type=float, help="stop after this many seconds")
 
@@ -87,22 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmark against stock amqtt and Mosquitto (see `mqchat bench --help`)", add_help=False
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-
-    child = sub.add_parser("_child", help=argparse.SUPPRESS)
-    child.add_argument("which", choices=("broker", "bridge", "node"))
     return parser
+
+
+CHILDREN = ("broker", "bridge", "node")
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
-def _client_token(args: argparse.Namespace, config: Config) -> str:
-    import os
+def _given_token(args: argparse.Namespace) -> str | None:
+    return getattr(args, "token", None) or os.environ.get("MQCHAT_TOKEN") or None
 
+
+def _client_token(args: argparse.Namespace, config: Config) -> str:
     from mqchat.tokens import issue_token
 
-    given = args.token or os.environ.get("MQCHAT_TOKEN")
+    given = _given_token(args)
     if given:
         return str(given)
     return issue_token(secret=config.auth.jwt_secret, user=args.user, device=args.device, ttl_s=3600)
@@ -111,6 +131,10 @@ def _client_token(args: argparse.Namespace, config: Config) -> str:
 def _run_client(args: argparse.Namespace, config: Config) -> int:
     from clients import cli as client_cli
     from mqchat.ids import dm_conv
+
+    # The SDK's warnings (a lost connection, a reconnect) as plain lines; a failure is printed
+    # once, by the command itself.
+    logging.basicConfig(level=logging.WARNING, format="mqchat: %(message)s", stream=sys.stderr)
 
     common = {
         "host": config.network.host,
@@ -124,7 +148,13 @@ def _run_client(args: argparse.Namespace, config: Config) -> int:
     if args.command == "send":
         conv = args.conv or dm_conv(args.user, args.to)
         return asyncio.run(client_cli.send(**common, conv=conv, body=args.body, timeout=args.timeout))
-    return asyncio.run(client_cli.listen(**common, count=args.count, timeout=args.timeout))
+    from mqchat.app import local_host
+
+    http_url = None if args.live else f"http://{local_host(config.network.host)}:{config.network.http_port}"
+    state = Path(args.state) if args.state else None
+    return asyncio.run(
+        client_cli.listen(**common, count=args.count, timeout=args.timeout, http_url=http_url, state_path=state)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,31 +163,36 @@ def main(argv: list[str] | None = None) -> int:
         from mqchat.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["_child"] and len(argv) == 2 and argv[1] in CHILDREN:
+        # How the supervisor starts its processes (settings in MQCHAT_* variables); not a command.
+        return _child(argv[1])
     args = build_parser().parse_args(argv)
+    # Only the server creates the secret; client commands find the server's (or need none: a token).
+    mode: SecretMode = "defer" if args.command == "serve" else "skip" if _given_token(args) else "find"
     try:
-        config, generated = load_config(_flags(args))
+        config, _ = load_config(_flags(args), secret=mode)
     except ConfigError as exc:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2
-    if generated:
-        print(
-            f"mqchat: generated a new JWT secret in {config.storage.data_dir / 'jwt_secret'} "
-            "(keep it private; set MQCHAT_JWT_SECRET to use your own)",
-            file=sys.stderr,
-        )
     try:
         if args.command == "serve":
             return _serve(config)
         if args.command == "token":
             return _token(args, config)
-        if args.command == "_child":
-            from mqchat.app import run_child
-
-            run_child(args.which, config)
-            return 0
         return _run_client(args, config)
     except KeyboardInterrupt:
         return 130
+
+
+def _child(which: str) -> int:
+    from mqchat.app import run_child
+
+    try:
+        config, _ = load_config({})
+    except ConfigError as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
+    return run_child(which, config)
 
 
 def _token(args: argparse.Namespace, config: Config) -> int:
@@ -173,12 +208,25 @@ def _token(args: argparse.Namespace, config: Config) -> int:
 
 
 def _serve(config: Config) -> int:
-    from mqchat.app import Supervisor, local_host, setup_logging
+    from mqchat.app import Supervisor, ensure_data_dir, ensure_ports_free, local_host, setup_logging
 
+    try:
+        ensure_ports_free(config)
+        ensure_data_dir(config)
+        config, generated = with_jwt_secret(config)
+    except ConfigError as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 1
+    if generated:
+        print(
+            f"mqchat: generated a new JWT secret in {config.storage.data_dir / 'jwt_secret'} "
+            "(keep it private; set MQCHAT_JWT_SECRET to use your own)",
+            file=sys.stderr,
+        )
     setup_logging(config.log_level, "serve")
     net = config.network
     logger.info(
-        "mqchat %s: MQTT on %s:%d, HTTP on http://%s:%d, data in %s",
+        "version %s: MQTT on %s:%d, HTTP on http://%s:%d, data in %s",
         __version__,
         net.host,
         net.mqtt_port,

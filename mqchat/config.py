@@ -14,10 +14,10 @@ import os
 import re
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mqchat.errors import ConfigError
 
@@ -58,6 +58,61 @@ def parse_duration(value: str | float) -> float:
     if not m:
         raise ConfigError(f"not a duration: {value!r} (try 30s, 15m, 1h, 7d)")
     return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()]
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def parse_log_level(value: str) -> str:
+    level = str(value).strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not a log level ({', '.join(LOG_LEVELS)})")
+    return level
+
+
+def _number(value: object, kind: Callable[[Any], Any], what: str) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not {what}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not {what}") from None
+
+
+def parse_port(value: str | int) -> int:
+    what = "a TCP port (0-65535; 0 picks a free one)"
+    port: int = _number(value, int, what)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port} is not {what}")
+    return port
+
+
+def parse_positive_int(value: str | int) -> int:
+    number: int = _number(value, int, "a positive whole number")
+    if number < 1:
+        raise ValueError(f"{number} is not a positive whole number")
+    return number
+
+
+def parse_positive_float(value: str | float) -> float:
+    number: float = _number(value, float, "a positive number")
+    if not 0 < number < float("inf"):
+        raise ValueError(f"{value!r} is not a positive number")
+    return number
+
+
+def parse_positive_duration(value: str | float) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} is not a positive duration")
+    return seconds
+
+
+def parse_nonnegative_duration(value: str | float) -> float:
+    seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError(f"{value!r} is a negative duration")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,33 +219,33 @@ class Config:
 # name → (section, field, parser); flags, env and file all use these names.
 _KEYS: dict[str, tuple[str, str, Any]] = {
     "host": ("network", "host", str),
-    "mqtt_port": ("network", "mqtt_port", int),
-    "http_port": ("network", "http_port", int),
+    "mqtt_port": ("network", "mqtt_port", parse_port),
+    "http_port": ("network", "http_port", parse_port),
     "data_dir": ("storage", "data_dir", Path),
     "jwt_secret": ("auth", "jwt_secret", str),
     "adapter": ("bridge", "adapter", parse_adapter),
     "max_envelope_bytes": ("bridge", "max_envelope_bytes", parse_size),
-    "max_inflight": ("bridge", "max_inflight", int),
-    "history_max_limit": ("bridge", "history_max_limit", int),
-    "max_group_members": ("bridge", "max_group_members", int),
-    "receipt_window": ("bridge", "receipt_window_s", parse_duration),
+    "max_inflight": ("bridge", "max_inflight", parse_positive_int),
+    "history_max_limit": ("bridge", "history_max_limit", parse_positive_int),
+    "max_group_members": ("bridge", "max_group_members", parse_positive_int),
+    "receipt_window": ("bridge", "receipt_window_s", parse_nonnegative_duration),
     "redis_url": ("presence", "redis_url", parse_redis_url),
-    "presence_grace": ("presence", "grace_s", parse_duration),
-    "presence_ttl": ("presence", "ttl_s", parse_duration),
-    "push_window": ("push", "window_s", parse_duration),
-    "push_rate": ("push", "max_per_s", float),
+    "presence_grace": ("presence", "grace_s", parse_nonnegative_duration),
+    "presence_ttl": ("presence", "ttl_s", parse_positive_duration),
+    "push_window": ("push", "window_s", parse_nonnegative_duration),
+    "push_rate": ("push", "max_per_s", parse_positive_float),
     "apns_key_file": ("push", "apns_key_file", str),
     "apns_key_id": ("push", "apns_key_id", str),
     "apns_team_id": ("push", "apns_team_id", str),
     "apns_topic": ("push", "apns_topic", str),
     "apns_sandbox": ("push", "apns_sandbox", parse_bool),
     "apns_host": ("push", "apns_host", str),
-    "apns_port": ("push", "apns_port", int),
+    "apns_port": ("push", "apns_port", parse_port),
     "apns_ca_file": ("push", "apns_ca_file", str),
     "fcm_credentials": ("push", "fcm_credentials", str),
     "fcm_project_id": ("push", "fcm_project_id", str),
     "fcm_endpoint": ("push", "fcm_endpoint", str),
-    "log_level": ("", "log_level", lambda v: str(v).upper()),
+    "log_level": ("", "log_level", parse_log_level),
 }
 KNOWN_KEYS = frozenset(_KEYS)
 
@@ -233,29 +288,79 @@ def gather_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = No
     return merged
 
 
-def resolve_jwt_secret(explicit: str | None, data_dir: Path) -> tuple[str, bool]:
-    """The configured secret, else the one stored in the data dir, else a new one stored there.
+SecretMode = Literal["generate", "find", "skip", "defer"]
+
+
+def secret_candidates(data_dir: Path, *, explicit_dir: bool) -> list[Path]:
+    """Where a client command looks for the server's secret: the configured data dir; by default
+    ``./data`` and the ``data`` folder of every parent directory (as git looks for ``.git``), so
+    a command run anywhere inside the server's folder finds it."""
+    if explicit_dir or data_dir.is_absolute():
+        return [data_dir / SECRET_FILE_NAME]
+    here = Path.cwd()
+    return [folder / data_dir / SECRET_FILE_NAME for folder in (here, *here.parents)]
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the JWT secret in {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"{path} is empty; delete it to generate a new secret")
+    return secret
+
+
+def resolve_jwt_secret(
+    explicit: str | None, data_dir: Path, *, mode: SecretMode = "generate", explicit_dir: bool = True
+) -> tuple[str, bool]:
+    """The configured secret, else the one stored in the data dir; then, by mode: ``generate``
+    (the server) stores a new one there; ``find`` (client commands) looks further (see
+    secret_candidates) and fails naming every place it looked, never creating one; ``skip``
+    (a client given a token) answers "" when there is none; ``defer`` answers "" without looking
+    (the server resolves it once its ports are known to be free, see with_jwt_secret).
 
     Returns (secret, generated_now).
     """
     if explicit:
         return explicit, False
+    if mode == "defer":
+        return "", False
     path = data_dir / SECRET_FILE_NAME
-    if path.exists():
-        secret = path.read_text().strip()
-        if not secret:
-            raise ConfigError(f"{path} is empty; delete it to generate a new secret")
-        return secret, False
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
-    return secret, True
+    if mode == "generate":
+        if path.exists():
+            return _read_secret(path), False
+        data_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+        return secret, True
+    candidates = secret_candidates(data_dir, explicit_dir=explicit_dir)
+    for candidate in candidates:
+        if candidate.is_file():
+            return _read_secret(candidate), False
+    if mode == "skip":
+        return "", False
+    looked = ", ".join(str(c.resolve()) for c in candidates[:4]) + (" …" if len(candidates) > 4 else "")
+    raise ConfigError(
+        f"no JWT secret found (looked in {looked}); run this where `mqchat serve` keeps its data, "
+        "or pass --data-dir DIR, --jwt-secret SECRET (env MQCHAT_JWT_SECRET) or --token TOKEN"
+    )
 
 
-def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> tuple[Config, bool]:
-    """Build the frozen config. Returns (config, jwt_secret_generated_now)."""
+def with_jwt_secret(config: Config) -> tuple[Config, bool]:
+    """config (loaded with secret="defer") with its secret: the configured one, else the data
+    dir's, else a new one generated there. Returns (config, generated_now)."""
+    secret, generated = resolve_jwt_secret(config.auth.jwt_secret or None, config.storage.data_dir)
+    return dataclasses.replace(config, auth=AuthConfig(jwt_secret=secret)), generated
+
+
+def load_config(
+    flags: Mapping[str, Any], env: Mapping[str, str] | None = None, *, secret: SecretMode = "generate"
+) -> tuple[Config, bool]:
+    """Build the frozen config; every bad value is a ConfigError naming its key. ``secret``: see
+    resolve_jwt_secret. Returns (config, jwt_secret_generated_now)."""
     raw = gather_settings(flags, env)
     sections: dict[str, dict[str, Any]] = {
         "network": {},
@@ -274,14 +379,12 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         except (TypeError, ValueError, ConfigError) as exc:
             raise ConfigError(f"bad value for {key}: {exc}") from None
     storage = StorageConfig(**sections["storage"])
-    secret, generated = resolve_jwt_secret(raw.get("jwt_secret"), storage.data_dir)
-    for port_key in ("mqtt_port", "http_port"):
-        port = sections["network"].get(port_key, 1)
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"{port_key} must be 0-65535")
+    jwt_secret, generated = resolve_jwt_secret(
+        raw.get("jwt_secret"), storage.data_dir, mode=secret, explicit_dir="data_dir" in raw
+    )
     config = Config(
         network=NetworkConfig(**sections["network"]),
-        auth=AuthConfig(jwt_secret=secret),
+        auth=AuthConfig(jwt_secret=jwt_secret),
         storage=storage,
         bridge=BridgeConfig(**sections["bridge"]),
         presence=PresenceConfig(**sections["presence"]),

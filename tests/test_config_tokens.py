@@ -84,54 +84,25 @@ def test_tokens_verify_and_refuse() -> None:
     assert not verifier.verify_service(None)
 
 
-def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mqchat",
-            "token",
-            "--user",
-            "alice",
-            "--device",
-            "a1",
-            "--ttl",
-            "2h",
-            "--data-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=repo_env(),
-        timeout=60,
+def _mqchat(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mqchat", *args], capture_output=True, text=True, env=repo_env(), cwd=cwd, timeout=60
     )
+
+
+def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
+    load_config({"data_dir": tmp_path}, {})  # what `mqchat serve` does first: the secret is made
+    out = _mqchat("token", "--user", "alice", "--device", "a1", "--ttl", "2h", "--data-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
     token = out.stdout.strip()
-    assert "generated a new JWT secret" in out.stderr
-    assert token not in out.stderr
+    assert out.stderr == ""
     secret = (tmp_path / "jwt_secret").read_text().strip()
     identity = TokenVerifier(secret=secret).verify(token)
     assert (identity.user, identity.device) == ("alice", "a1")
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mqchat",
-            "token",
-            "--user",
-            "bad user",
-            "--device",
-            "a1",
-            "--data-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=repo_env(),
-        timeout=60,
-    )
+    bad = _mqchat("token", "--user", "bad user", "--device", "a1", "--data-dir", str(tmp_path))
     assert bad.returncode == 2
-    assert "mqchat:" in bad.stderr
+    assert bad.stderr.startswith("mqchat:")
+    assert bad.stderr.count("\n") == 1
 
 
 def test_presence_and_push_settings(tmp_path: Path) -> None:
