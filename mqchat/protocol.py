@@ -8,6 +8,7 @@ with a ``type``. This module is pure: parsing and building, no I/O.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -104,8 +105,33 @@ def encode(envelope: dict[str, Any]) -> bytes:
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff). A pair of them is one character; a
+# lone one decodes to a Python str that cannot be encoded as UTF-8 (so it can be neither stored
+# nor sent on), and is refused at the edge.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def is_encodable(value: object) -> bool:
+    """True when every string in value (a decoded JSON value: keys included) is valid Unicode."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def decode_object(payload: bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> dict[str, Any]:
-    """Decode a payload into a JSON object, or raise RequestError (too_large / bad_json)."""
+    """Decode a payload into a JSON object, or raise RequestError (too_large / bad_json /
+    bad_request for text that is not valid Unicode)."""
     if len(payload) > max_bytes:
         raise RequestError(ErrorCode.TOO_LARGE, f"envelope is {len(payload)} bytes; the limit is {max_bytes}")
     try:
@@ -114,6 +140,13 @@ def decode_object(payload: bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
         raise RequestError(ErrorCode.BAD_JSON, "payload is not UTF-8 JSON") from None
     if not isinstance(obj, dict):
         raise RequestError(ErrorCode.BAD_JSON, "payload must be a JSON object")
+    if _SURROGATE_ESCAPE.search(payload) and not is_encodable(obj):
+        raw_id = obj.get("id")
+        raise RequestError(
+            ErrorCode.BAD_REQUEST,
+            "text must be valid Unicode (a lone UTF-16 surrogate is not)",
+            id=raw_id if is_valid_id(raw_id) else None,
+        )
     return obj
 
 

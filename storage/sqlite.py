@@ -354,14 +354,14 @@ class SqliteMessageStore(MessageStore):
                 except StoreRefusal as exc:
                     conn.execute("ROLLBACK TO job")
                     results.append(exc)
-                except sqlite3.Error as exc:
+                except Exception as exc:  # a failing job fails alone: its caller gets the error
                     conn.execute("ROLLBACK TO job")
                     logger.exception("a write failed")
                     results.append(StorageError(f"write failed: {exc}"))
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
             self._commits += 1
-        except sqlite3.Error as exc:
+        except Exception as exc:
             logger.exception("group commit of %d writes failed", len(batch))
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
