@@ -68,6 +68,51 @@ class InboundQueue(LeanQueue):
     """A session's bounded queue of received publishes (its reader waits while it is full)."""
 
 
+async def _read_remaining_length(read: Callable[[int], Awaitable[bytes]]) -> int:
+    """The fixed header's remaining length (a variable-length integer of 1-4 bytes)."""
+    length, shift = 0, 0
+    for _ in range(4):
+        chunk = await read(1)
+        if not chunk:
+            raise NoDataError("connection closed")
+        length |= (chunk[0] & 0x7F) << shift
+        if not chunk[0] & 0x80:
+            return length
+        shift += 7
+    raise MalformedPacket("remaining length longer than 4 bytes")
+
+
+async def _read_connect_bytes(reader: Any) -> bytes:
+    """The first packet of a connection, whole (its size limited by the reader); it must be a CONNECT."""
+    packet = bytearray(await reader.read(1))
+    if not packet:
+        raise NoDataError("connection closed before CONNECT")
+    if packet[0] != 0x10:
+        raise MQTTError("[MQTT-3.1.0-1] the first packet must be CONNECT")
+
+    async def read_kept(n: int) -> bytes:
+        chunk: bytes = await reader.read(n)
+        packet.extend(chunk)
+        return chunk
+
+    length = await _read_remaining_length(read_kept)
+    if length:
+        await read_kept(length)
+    return bytes(packet)
+
+
+def _other_protocol_level(packet: bytes) -> bool:
+    """Is this CONNECT one of MQTT at a level other than 4 (3.1.1): MQTT 5 ("MQTT", level 5) or
+    3.1 ("MQIsdp", level 3)? Read from the raw bytes, before the payload is decoded."""
+    start = 1
+    while packet[start] & 0x80:
+        start += 1
+    header = packet[start + 1 :]
+    if header[:6] == b"\x00\x04MQTT":
+        return header[6:7] != bytes([MQTT_3_1_1])
+    return header[:8] == b"\x00\x06MQIsdp"
+
+
 class LimitedReader(StreamReaderAdapter):
     """Refuses to read a packet body larger than ``max_packet_bytes``, and stops reading while
     the session's inbound queue is full, so a flooding publisher is slowed down by TCP instead
@@ -198,7 +243,14 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         cls, reader: Any, writer: Any, plugins_manager: Any, loop: asyncio.AbstractEventLoop | None = None
     ) -> tuple[MqchatProtocolHandler, Session]:
         """Read and check CONNECT; answer protocol-level refusals; build the incoming session."""
-        connect = await ConnectPacket.from_stream(reader)
+        packet = await _read_connect_bytes(reader)
+        if _other_protocol_level(packet):
+            # Refused before the payload is decoded: a CONNECT of another protocol level (MQTT 5
+            # adds properties, 3.1 names itself "MQIsdp") cannot be decoded with 3.1.1's layout.
+            await ConnackPacket.build(0, UNACCEPTABLE_PROTOCOL_VERSION).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"CONNECT refused with return code {UNACCEPTABLE_PROTOCOL_VERSION}")
+        connect = await ConnectPacket.from_stream(BufferReader(packet))
         header, payload = connect.variable_header, connect.payload
         if header is None or payload is None or payload.client_id is None:
             raise MQTTError("malformed CONNECT")
@@ -295,14 +347,7 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
 
     @staticmethod
     async def _read_length(stream: asyncio.StreamReader) -> int:
-        length, shift = 0, 0
-        for _ in range(4):
-            byte = (await stream.readexactly(1))[0]
-            length |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return length
-            shift += 7
-        raise MalformedPacket("remaining length longer than 4 bytes")
+        return await _read_remaining_length(stream.readexactly)
 
     async def _receive_publish(self, first: int, body: bytes) -> None:
         message = _parse_publish(first, body)

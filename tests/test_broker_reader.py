@@ -129,3 +129,39 @@ async def test_fuzzed_bytes_after_connect_never_hurt_the_broker(broker: MqchatBr
     async with device(broker, "dan", "d1") as dan:
         dan.send(packet(0xC0, b""))
         assert await dan.packet() == (0xD0, b"")
+
+
+def _mqtt5_connect(client_id: str, username: str, password: str) -> bytes:
+    """An MQTT 5 CONNECT: level 5, and a properties field (here: session expiry 60 s) that a
+    3.1.1 decoder would misread as the start of the payload."""
+    properties = bytes([0x11]) + struct.pack("!I", 60)
+    payload = b"".join(
+        struct.pack("!H", len(f)) + f for f in (client_id.encode(), username.encode(), password.encode())
+    )
+    variable = struct.pack("!H", 4) + b"MQTT" + bytes([5, 0xC2]) + struct.pack("!H", 30)
+    return packet(0x10, variable + bytes([len(properties)]) + properties + payload)
+
+
+def _mqtt31_connect(client_id: str) -> bytes:
+    variable = struct.pack("!H", 6) + b"MQIsdp" + bytes([3, 0x02]) + struct.pack("!H", 30)
+    return packet(0x10, variable + struct.pack("!H", len(client_id)) + client_id.encode())
+
+
+@pytest.mark.parametrize("level", ["5", "3.1"])
+async def test_a_connect_of_another_protocol_level_gets_connack_1_at_once(broker: MqchatBroker, level: str) -> None:
+    """docs/protocol.md: CONNACK 0x01 (unacceptable protocol version), at once, not after the
+    CONNECT timeout (the payload used to be decoded with the 3.1.1 layout first)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.bound_port)
+    conn = Conn(reader, writer)
+    try:
+        token = issue_token(secret=SECRET, user="alice", device="a5", ttl_s=60)
+        conn.send(_mqtt5_connect("a5", "alice", token) if level == "5" else _mqtt31_connect("a31"))
+        first, body = await conn.packet(timeout=2.0)
+        assert (first, body) == (0x20, bytes([0, 1]))
+        assert await conn.closed_by_broker(timeout=2.0)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    async with device(broker, "alice", "a4"):
+        pass  # and 3.1.1 still connects
