@@ -53,6 +53,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import OUTGOING, IncomingApplicationMessage, Session
 from transitions import MachineError
 
+from broker.plugins import is_service
 from broker.queues import LeanQueue
 
 MQTT_3_1_1 = 4
@@ -319,6 +320,10 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
                     self.handle_read_timeout()
                     continue
                 kind = first >> 4
+                if kind == PUBLISH and (first >> 1) & 3 == 3:
+                    raise MalformedPacket("[MQTT-3.3.1-4] PUBLISH with QoS 3")
+                if kind in (SUBSCRIBE, UNSUBSCRIBE) and length <= 2:
+                    raise MalformedPacket("[MQTT-3.8.3-3/3.10.3-2] SUBSCRIBE or UNSUBSCRIBE without a topic filter")
                 if kind == PUBLISH and (first >> 1) & 3 in (0, 1):
                     await self._receive_publish(first, body)
                 elif kind == PUBACK and length == 2:
@@ -353,6 +358,9 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         message = _parse_publish(first, body)
         if message is None or self.session is None:
             return
+        if message.retain and not is_service(self.session):
+            # Devices never leave state on the broker: refused visibly, not dropped in silence.
+            raise MalformedPacket("a retained PUBLISH from a device (only the server retains messages)")
         direct = self.direct_inbound
         queue = self.session.delivered_message_queue
         if direct is not None and message.topic == direct[0]:

@@ -562,7 +562,7 @@ class MqchatBroker(Broker):
             return
         self._deliver(topic, data, qos)
 
-    def _deliver(self, topic: str, data: bytes | bytearray, forced_qos: int | None) -> None:
+    def _deliver(self, topic: str, data: bytes | bytearray, published_qos: int | None) -> None:
         """Deliver one message to the sessions whose filters match, found through the index.
 
         Synchronous: each PUBLISH is encoded once per QoS and written straight to the socket; a
@@ -574,7 +574,8 @@ class MqchatBroker(Broker):
         qos0: bytes | None = None
         for topic_filter in list(self._subscriptions.matching_filters(topic)):
             for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
-                qos = sub_qos if forced_qos is None else forced_qos
+                # [MQTT-3.8.4-6] at min(the publish's QoS, the subscription's granted QoS)
+                qos = sub_qos if published_qos is None else min(published_qos, sub_qos)
                 if target.transitions.state != "connected":
                     self._queue_offline(target, topic, payload, qos)
                     continue
@@ -620,6 +621,12 @@ class MqchatBroker(Broker):
     # --- subscriptions: keep the per-client index ------------------------------------------
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter, requested = subscription
+        if not 0 <= requested <= 2:
+            return 0x80  # [MQTT-3.8.3-4] no such QoS: refused
+        # Deliveries go out at QoS 0 or 1 (QoS 2 is not offered), so grant at most 1: a SUBACK
+        # never promises what is not delivered.
+        subscription = (topic_filter, min(requested, QOS_1))
         version = self.membership.version if self.membership is not None else 0
         result: int = await super().add_subscription(subscription, session)
         if result != 0x80 and session.client_id is not None:

@@ -110,6 +110,10 @@ async def test_publish_puback_ping_and_subscribe_through_the_lean_reader(broker:
         packet(0x20, b"\x00\x00"),  # CONNACK: only a server sends it
         packet(0x10, b"\x00\x04MQTT\x04\x02\x00\x1e\x00\x01z"),  # a second CONNECT
         packet(0x30, b"\x00\x03a/#" + b"x"),  # a wildcard in a PUBLISH topic
+        packet(0x36, b"\x00\x0cu/bob/b1/out" + struct.pack("!H", 4) + b"{}"),  # QoS 3
+        packet(0x82, struct.pack("!H", 5)),  # a SUBSCRIBE without a topic filter
+        packet(0xA2, struct.pack("!H", 6)),  # an UNSUBSCRIBE without a topic filter
+        publish_packet("u/bob/b1/out", b"{}", qos=1, packet_id=8, retain=True),  # retained, from a device
     ],
 )
 async def test_a_malformed_or_forbidden_packet_closes_only_its_connection(broker: MqchatBroker, bad: bytes) -> None:
@@ -165,3 +169,27 @@ async def test_a_connect_of_another_protocol_level_gets_connack_1_at_once(broker
             await writer.wait_closed()
     async with device(broker, "alice", "a4"):
         pass  # and 3.1.1 still connects
+
+
+async def test_subscribe_grants_only_what_is_delivered(broker: MqchatBroker) -> None:
+    """QoS 3 is refused (0x80); QoS 2 is granted as 1 (deliveries are QoS 0 or 1)."""
+    async with device(broker, "alice", "a1") as alice:
+        alice.send(subscribe_packet(1, "u/alice/in", 3))
+        assert await alice.packet() == (0x90, struct.pack("!H", 1) + b"\x80")
+        alice.send(subscribe_packet(2, "u/alice/in", 2))
+        assert await alice.packet() == (0x90, struct.pack("!H", 2) + b"\x01")
+
+
+@pytest.mark.parametrize(("published", "granted", "delivered"), [(1, 0, 0), (0, 1, 0), (1, 1, 1), (1, 2, 1)])
+async def test_a_message_is_delivered_at_the_lower_of_published_and_granted_qos(
+    broker: MqchatBroker, published: int, granted: int, delivered: int
+) -> None:
+    """[MQTT-3.8.4-6]: a QoS 0 subscriber never owes the server a PUBACK (battery on a phone)."""
+    async with device(broker, "alice", "a1") as alice:
+        alice.send(subscribe_packet(1, "u/alice/in", granted))
+        await alice.packet()  # SUBACK
+        await broker.internal_message_broadcast("u/alice/in", b"hello", published)
+        first, body = await alice.packet()
+        assert first & 0xF0 == 0x30
+        assert (first >> 1) & 3 == delivered
+        assert body.endswith(b"hello")
