@@ -51,6 +51,7 @@ from mqchat.tokens import TokenVerifier, service_password
 from push.dispatcher import ConnectedDevices, PushDispatcher
 from push.providers import ApnsProvider, FcmProvider, LogProvider, PushConfigError, PushProvider
 from storage.base import MessageStore
+from storage.files import private_dir
 from storage.presence import MemoryPresence, PresenceRegistry
 from storage.push_store import SqlitePushStore
 from storage.sqlite import SqliteMessageStore
@@ -407,10 +408,10 @@ def _run_until_signalled(body: Callable[[], Awaitable[None]]) -> None:
 
 
 def ensure_data_dir(config: Config) -> None:
-    """Create the data dir if needed; raise ConfigError, naming it, when it cannot be used."""
+    """Create the data dir (0700) if needed; raise ConfigError, naming it, when it cannot be used."""
     data_dir = config.storage.data_dir
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)
     except OSError as exc:
         raise ConfigError(f"cannot use data_dir {data_dir}: {exc.strerror or exc}") from None
     if not os.access(data_dir, os.W_OK | os.X_OK):

@@ -210,6 +210,7 @@ def _token(args: argparse.Namespace, config: Config) -> int:
 def _serve(config: Config) -> int:
     from mqchat.app import Supervisor, ensure_data_dir, ensure_ports_free, local_host, setup_logging
 
+    setup_logging(config.log_level, "serve")
     try:
         ensure_ports_free(config)
         ensure_data_dir(config)
@@ -223,7 +224,6 @@ def _serve(config: Config) -> int:
             "(keep it private; set MQCHAT_JWT_SECRET to use your own)",
             file=sys.stderr,
         )
-    setup_logging(config.log_level, "serve")
     net = config.network
     logger.info(
         "version %s: MQTT on %s:%d, HTTP on http://%s:%d, data in %s",

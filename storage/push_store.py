@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mqchat.errors import StorageError
+from storage.files import private_dir, private_file
 
 T = TypeVar("T")
 
@@ -141,7 +142,8 @@ class SqlitePushStore:
         self._pool.shutdown(wait=True)
 
     def _init(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self._path.parent)
+        private_file(self._path)
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30.0)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")

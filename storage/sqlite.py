@@ -48,6 +48,7 @@ from storage.base import (
     StoreStatistics,
     WatermarkResult,
 )
+from storage.files import private_dir, private_file
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +274,8 @@ class SqliteMessageStore(MessageStore):
         await self.aclose()
 
     def _init_schema(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self._path.parent)
+        private_file(self._path)
         try:
             conn = _connect(self._path)
             try:
