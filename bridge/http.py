@@ -201,6 +201,7 @@ def create_app(
     history_max_limit: int = 500,
     max_group_members: int = 1000,
     broker_connected: Callable[[], bool] = lambda: True,
+    dead_workers: Callable[[], list[str]] = list,
     publish: Callable[[list[Outgoing]], Awaitable[None]] = _no_publish,
     presence: PresenceLookup | None = None,
     push_store: SqlitePushStore | None = None,
@@ -208,7 +209,8 @@ def create_app(
 ) -> FastAPI:
     """Build the ASGI app over the given store and token verifier.
 
-    ``broker_connected`` tells /healthz whether the bridge currently reaches the broker;
+    ``broker_connected`` tells /healthz whether the bridge currently reaches the broker, and
+    ``dead_workers`` which background workers have died (any: /healthz answers 503);
     ``publish`` sends events (membership changes) to devices through the adapter;
     ``presence`` answers ``GET /v1/presence`` (None: 503).
     """
@@ -544,8 +546,12 @@ def create_app(
         muted, e2e = await store_.settings(who.user, parsed.id)
         return {"conv": parsed.id, "muted": muted, "e2e": e2e}
 
-    @app.get("/healthz", summary="Health: 200 when the bridge reaches the broker, else 503")
+    @app.get("/healthz", summary="Health: 200 when the bridge reaches the broker and every worker runs, else 503")
     async def healthz() -> JSONResponse:
+        dead = dead_workers()
+        if dead:
+            body = {"status": "unhealthy", "dead_workers": dead, "version": __version__}
+            return JSONResponse(body, status_code=503)
         if broker_connected():
             return JSONResponse({"status": "ok", "broker": "connected", "version": __version__})
         return JSONResponse({"status": "degraded", "broker": "disconnected", "version": __version__}, status_code=503)

@@ -20,7 +20,7 @@ from types import TracebackType
 
 from bridge.outgoing import Outgoing
 from bridge.pipeline import Pipeline
-from mqchat.tasks import cancel_and_wait
+from mqchat.tasks import cancel_and_wait, ended
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class InBrokerAdapter:
 
     def is_connected(self) -> bool:
         return self._dispatcher is not None and not self._dispatcher.done()
+
+    def dead_workers(self) -> list[str]:
+        return ended([self._dispatcher]) if self._dispatcher is not None else []
 
     def queued(self) -> int:
         return self._queue.qsize()

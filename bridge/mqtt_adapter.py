@@ -32,7 +32,7 @@ from mqchat.protocol import (
     PRESENCE_TOPIC_FILTER,
     parse_out_topic,
 )
-from mqchat.tasks import cancel_and_wait
+from mqchat.tasks import cancel_and_wait, ended
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,9 @@ class MqttClientAdapter:
         assert self._runner is not None
         await cancel_and_wait([self._runner], what="bridge MQTT adapter")
         await self._task_group.__aexit__(exc_type, exc, tb)
+
+    def dead_workers(self) -> list[str]:
+        return ended([self._runner]) if self._runner is not None else []
 
     def is_connected(self) -> bool:
         return self._connected.is_set()

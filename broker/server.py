@@ -49,7 +49,7 @@ from broker.membership import MembershipCache
 from broker.plugins import IDENTITY_KEY, SERVICE_KEY, is_service, session_identity
 from broker.routing import SubscriptionIndex, is_wildcard
 from mqchat.protocol import DEVICES_TOPIC_PREFIX, MEMBERSHIP_TOPIC, channel_topic, encode, out_topic, presence_topic
-from mqchat.tasks import cancel_and_wait
+from mqchat.tasks import cancel_and_wait, ended
 from storage.presence import Presence, PresenceRegistry
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,9 @@ class MqchatBroker(Broker):
             await super().shutdown()
         finally:
             await cancel_and_wait([*self._workers, *self._rechecks], what="broker")
+
+    def dead_workers(self) -> list[str]:
+        return ended(self._workers)
 
     @property
     def bound_port(self) -> int:
@@ -433,7 +436,11 @@ class MqchatBroker(Broker):
                     else:
                         await asyncio.sleep(0.1 * 4**attempt)
             if self._device_topics:
-                devices = await self.presence.devices(user)
+                try:
+                    devices = await self.presence.devices(user)
+                except Exception as exc:  # one report fails alone; the next change publishes the list
+                    logger.error("presence registry unavailable; devices of %s not published: %s", user, exc)
+                    continue
                 self._retain(f"{DEVICES_TOPIC_PREFIX}{user}", encode({"devices": sorted(devices)}))
 
     def _on_presence(self, presence: Presence) -> None:

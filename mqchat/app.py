@@ -46,7 +46,7 @@ from bridge.receipts import ReceiptCoalescer
 from broker.membership import MembershipCache
 from broker.server import MqchatBroker, serve_broker, tune_gc
 from mqchat.config import Config, config_to_env
-from mqchat.errors import ConfigError
+from mqchat.errors import ConfigError, MqchatError
 from mqchat.tokens import TokenVerifier, service_password
 from push.dispatcher import ConnectedDevices, PushDispatcher
 from push.providers import ApnsProvider, FcmProvider, LogProvider, PushConfigError, PushProvider
@@ -69,6 +69,9 @@ STOP_GRACE_S = 10.0
 # A child that cannot start for a reason a restart would not mend (bad settings, a port in use)
 # exits with this code (sysexits' EX_CONFIG), and the supervisor stops instead of restarting it.
 EXIT_CANNOT_START = 78
+EXIT_WORKER_DIED = 70  # sysexits' EX_SOFTWARE: restarted like any crash
+WATCHDOG_EVERY_S = 1.0
+WATCHDOG_GRACE_S = 2.0
 
 
 BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
@@ -228,6 +231,8 @@ async def push_providers(config: Config) -> AsyncIterator[dict[str, PushProvider
 class Adapter(Protocol):
     def is_connected(self) -> bool: ...
 
+    def dead_workers(self) -> list[str]: ...
+
     async def publish(self, outgoing: list[Outgoing]) -> None: ...
 
 
@@ -242,20 +247,31 @@ class _LateAdapter:
             await self.target.publish(outgoing)
 
 
+class HasWorkers(Protocol):
+    def dead_workers(self) -> list[str]: ...
+
+
+def dead_workers_of(*parts: HasWorkers) -> Callable[[], list[str]]:
+    """One answer for /healthz and the watchdog: the dead workers of every part."""
+    return lambda: [name for part in parts for name in part.dead_workers()]
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeHandle:
     http_port: int
     adapter: Adapter
     store: MessageStore
+    dead_workers: Callable[[], list[str]]
     mqtt_port: int = 0  # set when the broker runs in the same process (in-broker adapter)
 
 
 @dataclass(frozen=True, slots=True)
 class _Core:
-    store: MessageStore
+    store: SqliteMessageStore
     pipeline: Pipeline
     late: _LateAdapter
     push_store: SqlitePushStore
+    dispatcher: PushDispatcher
 
 
 @asynccontextmanager
@@ -287,12 +303,16 @@ async def _bridge_core(config: Config, connected_devices: ConnectedDevices) -> A
             max_envelope_bytes=config.bridge.max_envelope_bytes,
             on_stored=dispatcher.notify,
         )
-        yield _Core(store, pipeline, late, push_store)
+        yield _Core(store, pipeline, late, push_store, dispatcher)
 
 
 @asynccontextmanager
 async def _serve_api(
-    config: Config, core: _Core, adapter: Adapter, presence: PresenceLookup
+    config: Config,
+    core: _Core,
+    adapter: Adapter,
+    presence: PresenceLookup,
+    dead_workers: Callable[[], list[str]],
 ) -> AsyncIterator[HttpHandle]:
     store = core.store
     app = create_app(
@@ -303,6 +323,7 @@ async def _serve_api(
         history_max_limit=config.bridge.history_max_limit,
         max_group_members=config.bridge.max_group_members,
         broker_connected=adapter.is_connected,
+        dead_workers=dead_workers,
         publish=adapter.publish,
     )
     async with serve_http(app, host=config.network.host, port=config.network.http_port) as http:
@@ -315,6 +336,7 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
     comes from the shared registry (Redis) or, without one, from the broker's retained states."""
     async with contextlib.AsyncExitStack() as stack:
         mirror: PresenceMirror | None = None
+        registry: PresenceRegistry | None = None
         if config.presence.redis_url:
             registry = await stack.enter_async_context(presence_registry(config))
             lookup: PresenceLookup = registry.lookup
@@ -333,9 +355,13 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
                 on_presence=mirror.update if mirror is not None else None,
             )
         )
-        http = await stack.enter_async_context(_serve_api(config, core, adapter, lookup))
+        parts: list[HasWorkers] = [core.store, core.dispatcher, adapter]
+        if registry is not None:
+            parts.append(registry)
+        dead = dead_workers_of(*parts)
+        http = await stack.enter_async_context(_serve_api(config, core, adapter, lookup, dead))
         core.late.target = adapter
-        yield BridgeHandle(http_port=http.port, adapter=adapter, store=core.store)
+        yield BridgeHandle(http_port=http.port, adapter=adapter, store=core.store, dead_workers=dead)
 
 
 @asynccontextmanager
@@ -382,8 +408,11 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
         ):
             broker_box.append(broker)
             core.late.target = adapter
-            async with _serve_api(config, core, adapter, presence.lookup) as http:
-                yield BridgeHandle(http_port=http.port, adapter=adapter, store=store, mqtt_port=broker.bound_port)
+            dead = dead_workers_of(core.store, core.dispatcher, adapter, presence, broker)
+            async with _serve_api(config, core, adapter, presence.lookup, dead) as http:
+                yield BridgeHandle(
+                    http_port=http.port, adapter=adapter, store=store, dead_workers=dead, mqtt_port=broker.bound_port
+                )
 
 
 # --- child processes -------------------------------------------------------------------------
@@ -459,6 +488,27 @@ def cannot_start_reason(exc: BaseException) -> str | None:
     return None
 
 
+class WorkerDied(MqchatError):
+    """A background worker of this process ended; the process exits so the supervisor restarts it."""
+
+
+async def watch_workers(
+    dead_workers: Callable[[], list[str]], *, every_s: float = WATCHDOG_EVERY_S, grace_s: float = WATCHDOG_GRACE_S
+) -> None:
+    """Run until a worker dies, then (after grace_s, while /healthz answers 503 for probes and
+    load balancers to see) raise WorkerDied. Workers isolate their jobs' failures; one that
+    dies anyway is a bug, and a fresh process is the way back to a known state."""
+    while True:
+        await asyncio.sleep(every_s)
+        dead = dead_workers()
+        if dead:
+            logger.error(
+                "worker(s) died: %s; /healthz is red; restarting this process in %.0f s", ", ".join(dead), grace_s
+            )
+            await asyncio.sleep(grace_s)
+            raise WorkerDied(", ".join(dead))
+
+
 def run_child(which: str, config: Config) -> int:
     """Entry point of a child process (``python -m mqchat _child broker|bridge|node``). Returns
     its exit code: 0 when stopped by a signal, EXIT_CANNOT_START with one line on stderr when it
@@ -466,6 +516,8 @@ def run_child(which: str, config: Config) -> int:
     setup_logging(config.log_level, which)
     try:
         _run_child(which, config)
+    except WorkerDied:
+        return EXIT_WORKER_DIED
     except Exception as exc:
         reason = cannot_start_reason(exc)
         if reason is None:
@@ -480,16 +532,17 @@ def _run_child(which: str, config: Config) -> None:
         tune_gc()
 
     async def node_body() -> None:
-        async with run_node(config):
-            await asyncio.Event().wait()
+        async with run_node(config) as node:
+            await watch_workers(node.dead_workers)
 
     async def broker_body() -> None:
-        async with run_broker(config):
-            await asyncio.Event().wait()
+        async with run_broker(config) as broker:
+            await watch_workers(broker.dead_workers)
 
     async def bridge_body() -> None:
-        async with run_bridge(config, mqtt_host=local_host(config.network.host), mqtt_port=config.network.mqtt_port):
-            await asyncio.Event().wait()
+        host, port = local_host(config.network.host), config.network.mqtt_port
+        async with run_bridge(config, mqtt_host=host, mqtt_port=port) as bridge:
+            await watch_workers(bridge.dead_workers)
 
     _run_until_signalled({"broker": broker_body, "bridge": bridge_body, "node": node_body}[which])
 

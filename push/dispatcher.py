@@ -33,7 +33,7 @@ from types import TracebackType
 from prometheus_client import Counter, Gauge, Histogram
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
-from mqchat.tasks import cancel_and_wait
+from mqchat.tasks import cancel_and_wait, ended
 from push.providers import (
     Outcome,
     PushMessage,
@@ -111,6 +111,9 @@ class PushDispatcher:
             asyncio.create_task(self._run_delivery(), name="push-delivery"),
         ]
         return self
+
+    def dead_workers(self) -> list[str]:
+        return ended(self._tasks)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

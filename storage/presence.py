@@ -31,7 +31,7 @@ from types import TracebackType
 from prometheus_client import Counter
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
-from mqchat.tasks import cancel_and_wait
+from mqchat.tasks import cancel_and_wait, ended
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class PresenceRegistry(ABC):
 
     async def aclose(self) -> None:
         await self._stop_tasks()
+
+    def dead_workers(self) -> list[str]:
+        return ended(self._tasks)
 
     async def _stop_tasks(self) -> None:
         """Cancel the background tasks and wait until they end (again and again: a client

@@ -304,10 +304,17 @@ class SqliteMessageStore(MessageStore):
 
     # --- writes --------------------------------------------------------------------------------
 
+    def dead_workers(self) -> list[str]:
+        """``["sqlite-writer"]`` when the writer thread has died (nothing can be stored)."""
+        writer = self._writer
+        return [] if self._closed or writer is None or writer.is_alive() else [writer.name]
+
     async def _write(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run job in the writer's next transaction (in call order); wait until it is durable."""
         if self._closed or self._loop is None:
             raise StorageClosed("message store is closed")
+        if self.dead_workers():
+            raise StorageError("the store's writer has stopped")
         future: asyncio.Future[Any] = self._loop.create_future()
         self._queued += 1
         self._jobs.put((job, future))
