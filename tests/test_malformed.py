@@ -193,3 +193,35 @@ async def test_fuzzed_envelopes_never_crash_and_get_the_right_kind_of_reply(
             assert all(r["type"] == "msg" and r["seq"] == first["seq"] for r in replies[1:])
     finally:
         await store.aclose()
+
+
+# --- the same fuzz through the real broker: the node still acks a normal send after each ----------
+
+deep = st.integers(1, 20_000).map(
+    lambda n: b'{"type":"send","id":"deep","conv":"%s","body":' % CONV.encode() + b"[" * n + b"]" * n + b"}"
+)
+huge_numbers = st.sampled_from(
+    [
+        b'{"type":"read","conv":"%s","seq":%s}' % (CONV.encode(), b"9" * 5000),
+        b'{"type":"read","conv":"%s","seq":1e400}' % CONV.encode(),
+        b'{"type":"read","conv":"%s","seq":-1e-400}' % CONV.encode(),
+        b'{"type":"read","conv":"%s","seq":18446744073709551616}' % CONV.encode(),
+        b'{"type":"send","id":"n1","conv":"%s","body":"x","kind":%s}' % (CONV.encode(), b"1" * 4000),
+    ]
+)
+hostile = st.one_of(envelopes.map(lambda e: json.dumps(e).encode()), deep, huge_numbers, st.binary(max_size=200))
+
+
+@pytest.mark.parametrize("stack", ["inbroker"], indirect=True)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=hostile)
+async def test_fuzz_through_the_real_broker_never_stops_the_node(stack: Stack, payload: bytes) -> None:
+    device = unique("f")
+    async with connect_device(stack.mqtt_port, ALICE, device, stack.token(ALICE, device)) as dev:
+        await dev.send(payload)
+        probe = send_env(CONV, "still serving")
+        await dev.send(probe)
+        await dev.wait_for(lambda e: e["type"] == "ack" and e["id"] == probe["id"], timeout=10)
+        for _, envelope in dev.received:
+            if envelope["type"] == "error":
+                assert envelope["code"] != "internal", envelope
