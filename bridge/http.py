@@ -7,6 +7,7 @@ Errors are JSON: ``{"error": <stable code>, "message": <reason>}`` with a 4xx/5x
 import asyncio
 import base64
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
@@ -19,7 +20,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge.outgoing import Outgoing
-from bridge.pipeline import message_event, require_member
+from bridge.pipeline import UNLIMITED, message_event, require_member
+from bridge.ratelimit import RateLimit, RateLimiter
 from mqchat import __version__
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import AuthError, ErrorCode, RequestError, StorageError
@@ -112,8 +114,13 @@ class MessagesPage(BaseModel):
     last_seq: int = Field(description="the conversation's highest seq right now")
 
 
-def _error(code: ErrorCode, message: str) -> JSONResponse:
-    return JSONResponse({"error": str(code), "message": message}, status_code=_STATUS.get(code, 400))
+def _error(code: ErrorCode, message: str, *, retry_after_s: float | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": str(code), "message": message}
+    headers: dict[str, str] = {}
+    if retry_after_s is not None:
+        body["retry_after_ms"] = max(1, math.ceil(retry_after_s * 1000))
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return JSONResponse(body, status_code=_STATUS.get(code, 400), headers=headers)
 
 
 def metrics_payload() -> bytes:
@@ -202,6 +209,7 @@ def create_app(
     max_group_members: int = 1000,
     broker_connected: Callable[[], bool] = lambda: True,
     dead_workers: Callable[[], list[str]] = list,
+    http_limit: RateLimit = UNLIMITED,
     publish: Callable[[list[Outgoing]], Awaitable[None]] = _no_publish,
     presence: PresenceLookup | None = None,
     push_store: SqlitePushStore | None = None,
@@ -212,8 +220,10 @@ def create_app(
     ``broker_connected`` tells /healthz whether the bridge currently reaches the broker, and
     ``dead_workers`` which background workers have died (any: /healthz answers 503);
     ``publish`` sends events (membership changes) to devices through the adapter;
-    ``presence`` answers ``GET /v1/presence`` (None: 503).
+    ``presence`` answers ``GET /v1/presence`` (None: 503); ``http_limit`` is each user's budget of
+    authenticated calls (over it: 429 with ``Retry-After``).
     """
+    calls_per_user = RateLimiter(http_limit, clock=clock)
     app = FastAPI(
         title="mqchat",
         version=__version__,
@@ -223,7 +233,7 @@ def create_app(
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return _error(exc.code, exc.message)
+        return _error(exc.code, exc.message, retry_after_s=exc.retry_after_s)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -249,9 +259,13 @@ def create_app(
         if scheme.lower() != "bearer" or not token:
             raise RequestError(ErrorCode.UNAUTHORIZED, "missing bearer token")
         try:
-            return verifier.verify(token.strip())
+            who = verifier.verify(token.strip())
         except AuthError as exc:
             raise RequestError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+        wait = calls_per_user.take(who.user)
+        if wait:
+            raise RequestError(ErrorCode.RATE_LIMITED, "too many HTTP calls; retry later", retry_after_s=wait)
+        return who
 
     @app.get(
         "/v1/conversations/{conv}/messages",

@@ -3,12 +3,18 @@
 ::
 
     broker: device PUBLISH on its own out topic ──submit(user, device, payload)──▶ bounded queue
-        (awaited: when the queue is full the device's connection stops being read)      │
+        (awaited: while the device has per_device requests unanswered, or the queue      │
+         is full, the device's connection stops being read)                             │
                                                                                        ▼
     dispatcher ──task per request, in arrival order──▶ Pipeline.handle ──▶ publish(topic, payload, qos)
                                                                            (the broker's own routing)
 
 No MQTT hop between broker and bridge: they share one process and one event loop.
+
+Fairness: each device may have at most ``per_device`` requests queued or in process. A device
+that floods is slowed by TCP on its own connection (its reader waits), and everybody else's
+requests wait behind at most ``per_device`` of its requests in the queue, not behind its whole
+backlog: a rate-limited request is cheap, but thousands of them ahead in one queue are not.
 """
 
 from __future__ import annotations
@@ -25,24 +31,54 @@ from mqchat.tasks import cancel_and_wait, ended
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, int], Awaitable[None]]
+PER_DEVICE = 16  # requests of one device queued or in process at once
 
 
 class InBrokerAdapter:
     """Feeds the pipeline from the broker's inbound hook; an async context manager."""
 
     def __init__(
-        self, *, pipeline: Pipeline, publish: Publish, max_queue: int = 4096, max_inflight: int = 2048
+        self,
+        *,
+        pipeline: Pipeline,
+        publish: Publish,
+        max_queue: int = 4096,
+        max_inflight: int = 2048,
+        per_device: int = PER_DEVICE,
     ) -> None:
         self._pipeline = pipeline
         self._publish = publish
         self._queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue(maxsize=max_queue)
+        self._per_device = per_device
+        self._device_load: dict[tuple[str, str], int] = {}  # requests queued or in process, per device
+        self._device_waiters: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._slots = asyncio.Semaphore(max_inflight)
         self._task_group: asyncio.TaskGroup | None = None
         self._dispatcher: asyncio.Task[None] | None = None
 
     async def submit(self, user: str, device: str, payload: bytes) -> None:
-        """The broker's inbound hook: waits while the queue is full (backpressure)."""
-        await self._queue.put((user, device, payload))
+        """The broker's inbound hook: waits while this device has ``per_device`` requests
+        unanswered, or the queue is full (backpressure on that device's connection)."""
+        key = (user, device)
+        while self._device_load.get(key, 0) >= self._per_device:
+            waiter = self._device_waiters.get(key)
+            if waiter is None:
+                waiter = self._device_waiters[key] = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)
+        self._device_load[key] = self._device_load.get(key, 0) + 1
+        try:
+            await self._queue.put((user, device, payload))
+        except BaseException:
+            self._done(key)
+            raise
+
+    def _done(self, key: tuple[str, str]) -> None:
+        load = self._device_load.pop(key, 1) - 1
+        if load > 0:
+            self._device_load[key] = load
+        waiter = self._device_waiters.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def is_connected(self) -> bool:
         return self._dispatcher is not None and not self._dispatcher.done()
@@ -85,3 +121,4 @@ class InBrokerAdapter:
             logger.exception("publishing results for %s/%s failed", user, device)
         finally:
             self._slots.release()
+            self._done((user, device))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from bridge import metrics
 from bridge.outgoing import Outgoing
+from bridge.ratelimit import RateLimit, RateLimiter
 from bridge.receipts import ReceiptCoalescer, receipt_outgoing
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import ErrorCode, RequestError, StorageError
@@ -30,7 +31,7 @@ from mqchat.protocol import (
 )
 from storage.base import MessageStore, NewMessage, NoSuchConversation, NotMember, SeqBeyondEnd, StoredMessage
 
-__all__ = ["Audience", "Outgoing", "Pipeline", "members_of", "message_event", "require_member"]
+__all__ = ["Audience", "Outgoing", "Pipeline", "RequestLimits", "members_of", "message_event", "require_member"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,19 @@ def not_member(conv: str, id: str | None = None) -> RequestError:
 
 def no_such_conversation(conv: str, id: str | None = None) -> RequestError:
     return RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=id, conv=conv)
+
+
+UNLIMITED = RateLimit(rate=1e9, burst=1e9)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Per-device and per-user budgets for sends and receipts (token buckets, see bridge.ratelimit;
+    the defaults are set in ``mqchat.config.BridgeConfig``)."""
+
+    device_sends: RateLimit = UNLIMITED
+    user_sends: RateLimit = UNLIMITED
+    device_receipts: RateLimit = UNLIMITED
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +110,13 @@ class Pipeline:
         typing_per_minute: int = 120,
         clock: Clock = SYSTEM_CLOCK,
         on_stored: Callable[[StoredMessage, tuple[str, ...]], Awaitable[None] | None] | None = None,
+        limits: RequestLimits | None = None,
     ) -> None:
         self._store = store
+        limits = limits or RequestLimits()
+        self._sends_per_device = RateLimiter(limits.device_sends, clock=clock)
+        self._sends_per_user = RateLimiter(limits.user_sends, clock=clock)
+        self._receipts_per_device = RateLimiter(limits.device_receipts, clock=clock)
         # New (not duplicate) group and 1:1 messages with their members, for push; what it returns
         # is awaited before the ack (the push is then queued durably).
         self._on_stored = on_stored
@@ -116,6 +135,7 @@ class Pipeline:
         request: Request | None = None
         try:
             request = parse_request(payload, max_bytes=self._max_envelope_bytes)
+            self._check_rate(user, device, request)
             if isinstance(request, SendRequest):
                 out = await self._send(user, device, request)
             elif isinstance(request, WatermarkRequest):
@@ -123,7 +143,11 @@ class Pipeline:
             else:
                 out = await self._typing(user, device, request)
         except RequestError as exc:
-            return [self._error(reply_topic, exc.code, exc.message, id=exc.id, conv=exc.conv)]
+            return [
+                self._error(
+                    reply_topic, exc.code, exc.message, id=exc.id, conv=exc.conv, retry_after_s=exc.retry_after_s
+                )
+            ]
         except NotMember:
             return [
                 self._error(
@@ -150,12 +174,30 @@ class Pipeline:
         id: str | None = None,
         conv: str | None = None,
         request: Request | None = None,
+        retry_after_s: float | None = None,
     ) -> Outgoing:
         if request is not None:
             conv = request.conv.id
             id = request.id if isinstance(request, SendRequest) else None
         metrics.REQUESTS_REJECTED.labels(code=str(code)).inc()
-        return Outgoing(topic, encode(error_envelope(code, message, id=id, conv=conv)))
+        return Outgoing(topic, encode(error_envelope(code, message, id=id, conv=conv, retry_after_s=retry_after_s)))
+
+    def _check_rate(self, user: str, device: str, request: Request) -> None:
+        """Refuse (rate_limited, nothing processed) a send or receipt over its device's or its
+        user's budget. Never awaits: requests still reach the store in arrival order."""
+        if isinstance(request, SendRequest):
+            wait = self._sends_per_device.take((user, device)) or self._sends_per_user.take(user)
+            what = "sends"
+        elif isinstance(request, WatermarkRequest):
+            wait = self._receipts_per_device.take((user, device))
+            what = "receipts"
+        else:
+            return  # typing has its own budget
+        if wait:
+            id = request.id if isinstance(request, SendRequest) else None
+            raise RequestError(
+                ErrorCode.RATE_LIMITED, f"too many {what}; retry later", id=id, conv=request.conv.id, retry_after_s=wait
+            )
 
     async def _typing(self, user: str, device: str, req: TypingRequest) -> list[Outgoing]:
         """Relay to the other members, QoS 0, never stored. A repeat of the same state within the

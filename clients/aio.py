@@ -105,6 +105,7 @@ class ClientStatistics:
     duplicates: int  # msg events (and repeated acks) dropped as already seen
     reconnects: int  # successful connections after the first
     resends: int  # outbox entries re-published
+    rate_limited: int  # sends refused as rate_limited (kept in the outbox, re-published when allowed)
     events_dropped: int  # events discarded because the app did not read them
     gaps_detected: int = 0  # live msgs that arrived ahead of a missing seq (http_url only)
     gap_fetches: int = 0  # gaps that outlived gap_grace_s and were fetched over HTTP
@@ -228,6 +229,7 @@ class ChatClient:
         self._duplicates = 0
         self._reconnects = 0
         self._resends = 0
+        self._rate_limited = 0  # sends the server refused as rate_limited (kept, re-published later)
         self._events_dropped = 0
         self._gaps_detected = 0
         self._gap_fetches = 0
@@ -465,12 +467,25 @@ class ChatClient:
             users = event.data.get("users")
             if isinstance(users, list) and self._user in users:
                 self._follow(str(event.data.get("conv")), event.data.get("event") != "members_removed")
+        elif isinstance(event, ErrorReply) and event.id is not None and self._retry_later(event):
+            return
         elif isinstance(event, ErrorReply) and event.id is not None:
             self._settle(event.id, event)
             for fut in self._waiters.get(event.id, []):
                 if not fut.done():
                     fut.set_exception(SendFailed(event))
         self._enqueue(event)
+
+    def _retry_later(self, error: ErrorReply) -> bool:
+        """A send refused as rate_limited stays in the outbox and is re-published once the server
+        said it may be (the resend task picks it up): not a failure of the send."""
+        if error.code != "rate_limited" or not any(e.id == error.id for e in self._outbox.pending()):
+            return False
+        delay = (error.retry_after_ms if error.retry_after_ms is not None else 1000) / 1000
+        self._rate_limited += 1
+        self._last_sent[str(error.id)] = self._clock.monotonic() - self._resend_after + delay
+        logger.debug("send %s rate-limited; re-publishing in %.2f s", error.id, delay)
+        return True
 
     def _follow(self, conv: str, member: bool) -> None:
         """Start or stop following channel conv: remembered, and (un)subscribed now if connected."""
@@ -798,6 +813,7 @@ class ChatClient:
             duplicates=self._duplicates,
             reconnects=self._reconnects,
             resends=self._resends,
+            rate_limited=self._rate_limited,
             events_dropped=self._events_dropped,
             gaps_detected=self._gaps_detected,
             gap_fetches=self._gap_fetches,

@@ -78,6 +78,7 @@ class ErrorReply:
     message: str
     id: str | None = None
     conv: str | None = None
+    retry_after_ms: int | None = None  # rate_limited: when a retry can succeed
 
     def envelope(self) -> dict[str, Any]:
         env: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message}
@@ -85,6 +86,8 @@ class ErrorReply:
             env["id"] = self.id
         if self.conv is not None:
             env["conv"] = self.conv
+        if self.retry_after_ms is not None:
+            env["retry_after_ms"] = self.retry_after_ms
         return env
 
 
@@ -142,7 +145,14 @@ def parse_envelope(obj: dict[str, Any]) -> Event | None:
             return None
         if obj.get("conv") is not None and _str(obj, "conv") is None:
             return None
-        return ErrorReply(code=code, message=message, id=_str(obj, "id"), conv=_str(obj, "conv"))
+        retry_after = _int(obj, "retry_after_ms")
+        return ErrorReply(
+            code=code,
+            message=message,
+            id=_str(obj, "id"),
+            conv=_str(obj, "conv"),
+            retry_after_ms=retry_after if retry_after is not None and retry_after >= 0 else None,
+        )
     return OtherEvent(type=kind, data=obj)
 
 

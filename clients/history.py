@@ -201,6 +201,7 @@ class HistoryClient:
                 self.sync_requests += 1
             elif counts == "history":
                 self.history_requests += 1
+            retry_after: float | None = None
             try:
                 async with asyncio.timeout(self._timeout):
                     response = await self._http.request(method, path, params=params, json=json, headers=self._headers)
@@ -220,7 +221,11 @@ class HistoryClient:
                 if response.status_code not in _RETRYABLE_STATUS:
                     raise HistoryFailed(code, f"{method} {path}: {response.status_code} {message}")
                 problem = f"{response.status_code} {code}"
+                header = response.headers.get("retry-after", "")
+                retry_after = float(header) if header.isdigit() else None
             delay = self._backoff(attempt)
+            if retry_after is not None:
+                delay = max(delay, retry_after)  # the server said when (429 Retry-After)
             attempt += 1
             logger.warning("%s %s failed (%s); retrying in %.1f s", method, path, problem, delay)
             await self._sleep(delay)

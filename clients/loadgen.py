@@ -857,3 +857,99 @@ async def chat_run(
         return results
     finally:
         await _close_all([*(c for c, _t, _v in senders), *recipients])
+
+
+# --- abuse: one device floods while another user chats -----------------------------------------
+
+
+async def abuse_run(
+    *,
+    host: str,
+    port: int,
+    legit: tuple[str, Creds, str],
+    flooder: tuple[str, Creds, str] | None,
+    legit_rate: float,
+    duration: float,
+    id_prefix: str,
+    flood_inflight: int = 200,
+    drain_s: float = 10.0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """``legit`` = (user, creds, conv) sends at ``legit_rate``/s (open loop) for ``duration`` s
+    and measures send→ack; meanwhile ``flooder`` (if any) publishes sends as fast as the broker
+    acknowledges them (at most ``flood_inflight`` unacknowledged). Counts what the flood got:
+    acks, and errors by code."""
+    sent_at: dict[str, int] = {}
+    ack_ms: list[float] = []
+    flood = {"sent": 0, "acked": 0}
+    flood_errors: dict[str, int] = {}
+
+    def on_legit(topic: str, payload: bytes, qos: int) -> None:
+        env = json.loads(payload)
+        mid = env.get("id")
+        if env.get("type") == "ack" and isinstance(mid, str) and mid in sent_at:
+            ack_ms.append((time.monotonic_ns() - sent_at.pop(mid)) / 1e6)
+
+    def on_flood(topic: str, payload: bytes, qos: int) -> None:
+        env = json.loads(payload)
+        if env.get("type") == "ack":
+            flood["acked"] += 1
+        elif env.get("type") == "error":
+            code = str(env.get("code"))
+            flood_errors[code] = flood_errors.get(code, 0) + 1
+
+    user, creds, conv = legit
+    clients: list[MqttClient] = []
+    try:
+        good = await connect(host, port, creds, on_message=on_legit)
+        clients.append(good)
+        await good.subscribe([(f"u/{user}/in", 1), (f"u/{user}/{creds.client_id}/in", 1)])
+        good_topic = f"u/{user}/{creds.client_id}/out"
+        end = time.monotonic() + duration
+
+        async def pump() -> None:
+            if flooder is None:
+                return
+            f_user, f_creds, f_conv = flooder
+            bad = await connect(host, port, f_creds, on_message=on_flood)
+            clients.append(bad)
+            await bad.subscribe([(f"u/{f_user}/{f_creds.client_id}/in", 1)])
+            topic = f"u/{f_user}/{f_creds.client_id}/out"
+            while time.monotonic() < end:
+                await bad.wait_inflight_at_most(flood_inflight)
+                env = {"type": "send", "id": f"{id_prefix}-f{flood['sent']}", "conv": f_conv, "body": "spam"}
+                bad.publish(topic, json.dumps(env, separators=(",", ":")).encode(), 1)
+                flood["sent"] += 1
+                if flood["sent"] % 64 == 0:
+                    await bad.wait_writable()
+                    await asyncio.sleep(0)
+
+        def send(i: int, intended: int) -> None:
+            mid = f"{id_prefix}-l{i}"
+            sent_at[mid] = intended
+            env = {"type": "send", "id": mid, "conv": conv, "body": f"hello {i}"}
+            good.publish(good_topic, json.dumps(env, separators=(",", ":")).encode(), 1)
+
+        ticker = _Ticker(progress)
+
+        def line() -> str:
+            return f"legit acked {len(ack_ms)}, flood sent {flood['sent']} acked {flood['acked']} errors {flood_errors}"
+
+        count = int(legit_rate * duration)
+        flooding = asyncio.create_task(pump(), name="abuse-flood")
+        sent = await _open_loop(legit_rate, count, end + duration, send, good.wait_writable, lambda i: ticker(line))
+        await flooding
+        deadline = time.monotonic() + drain_s
+        while len(ack_ms) < sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            ticker(line)
+        return {
+            "legit_sent": sent,
+            "legit_acked": len(ack_ms),
+            "ack": percentiles(ack_ms),
+            "flood_sent": flood["sent"],
+            "flood_acked": flood["acked"],
+            "flood_errors": dict(flood_errors),
+        }
+    finally:
+        await _close_all(clients)

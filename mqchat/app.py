@@ -40,8 +40,9 @@ from bridge.http import PresenceLookup, create_app
 from bridge.inbroker_adapter import InBrokerAdapter
 from bridge.mqtt_adapter import MqttClientAdapter
 from bridge.outgoing import Outgoing
-from bridge.pipeline import Pipeline
+from bridge.pipeline import Pipeline, RequestLimits
 from bridge.presence import PresenceMirror
+from bridge.ratelimit import RateLimit
 from bridge.receipts import ReceiptCoalescer
 from broker.membership import MembershipCache
 from broker.server import MqchatBroker, serve_broker, tune_gc
@@ -297,11 +298,17 @@ async def _bridge_core(config: Config, connected_devices: ConnectedDevices) -> A
         receipts = await stack.enter_async_context(
             ReceiptCoalescer(publish=late.publish, window_s=config.bridge.receipt_window_s)
         )
+        bridge = config.bridge
         pipeline = Pipeline(
             store=store,
             receipts=receipts,
-            max_envelope_bytes=config.bridge.max_envelope_bytes,
+            max_envelope_bytes=bridge.max_envelope_bytes,
             on_stored=dispatcher.notify,
+            limits=RequestLimits(
+                device_sends=RateLimit(bridge.send_rate, bridge.send_burst),
+                user_sends=RateLimit(bridge.user_send_rate, bridge.user_send_burst),
+                device_receipts=RateLimit(bridge.receipt_rate, bridge.receipt_burst),
+            ),
         )
         yield _Core(store, pipeline, late, push_store, dispatcher)
 
@@ -324,6 +331,7 @@ async def _serve_api(
         max_group_members=config.bridge.max_group_members,
         broker_connected=adapter.is_connected,
         dead_workers=dead_workers,
+        http_limit=RateLimit(config.bridge.http_rate, config.bridge.http_burst),
         publish=adapter.publish,
     )
     async with serve_http(app, host=config.network.host, port=config.network.http_port) as http:

@@ -10,7 +10,9 @@
 Scenarios: ``relay`` (raw publish → subscriber throughput and open-loop latency), ``chat`` (the
 full pipeline through ``mqchat serve``, per adapter), ``fanout`` (one publish → 500 subscribers),
 ``connections`` (a ramp of idle authenticated devices: connect rate, memory, latency under load),
-``acl`` (the cost of the presence/channel ACL's membership answers, cached and not).
+``acl`` (the cost of the presence/channel ACL's membership answers, cached and not), ``abuse``
+(one device floods while another user chats: that user's send→ack with and without the flood,
+with the rate limits on and lifted).
 Comparisons are ratios measured side by side in the same run: the machine is shared and noisy,
 so absolute numbers from different runs do not compare. See ``bench/README.md``.
 """
@@ -45,11 +47,12 @@ from typing import Any
 from clients import loadgen
 from clients.loadgen import Creds
 from mqchat import __version__
+from mqchat.ids import dm_conv
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, issue_token, service_password
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS = ("relay", "chat", "fanout", "connections", "acl")
+SCENARIOS = ("relay", "chat", "fanout", "connections", "acl", "abuse")
 SYSTEMS = ("ours", "stock", "mosquitto")
 LABELS = {
     "ours": "ours (mqchat broker)",
@@ -1121,11 +1124,19 @@ def plot_connections(data: dict[str, Any], path: Path) -> None:
 # --- chat: the full pipeline ---------------------------------------------------------------------
 
 
-def _serve(adapter: str, workdir: Path, secret: str) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+SEND_LIMITS = ("SEND_RATE", "SEND_BURST", "USER_SEND_RATE", "USER_SEND_BURST")
+
+
+def _serve(
+    adapter: str, workdir: Path, secret: str, *, limits: bool = False, name: str = ""
+) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+    """``mqchat serve`` pinned to the broker's CPU. The pipeline's capacity is measured with few
+    devices sending fast, so the send rate limits are lifted unless ``limits``."""
     mqtt_port, http_port = free_port(), free_port()
-    data_dir = workdir / f"data-{adapter}"
-    log_path = workdir / f"serve-{adapter}.log"
-    env = {**os.environ, "MQCHAT_JWT_SECRET": secret}
+    data_dir = workdir / f"data-{adapter}{name}"
+    log_path = workdir / f"serve-{adapter}{name}.log"
+    unlimited = {} if limits else {f"MQCHAT_{key}": "1000000000" for key in SEND_LIMITS}
+    env = {**os.environ, "MQCHAT_JWT_SECRET": secret, **unlimited}
     env.pop("MQCHAT_CONFIG", None)
     cmd = [
         sys.executable,
@@ -1399,12 +1410,140 @@ def plot_acl(data: dict[str, Any], path: Path) -> None:
     _save(fig, path, data)
 
 
+# --- abuse ---------------------------------------------------------------------------------------
+
+
+def bench_abuse(opts: Options, workdir: Path) -> dict[str, Any]:
+    """Another user's send→ack while one device floods, on ``mqchat serve`` (one node, defaults)."""
+    params: dict[str, Any] = {
+        "legit_rate": 50.0,
+        "seconds": opts.duration or (4.0 if opts.quick else 10.0),
+        "flood_inflight": 200,
+        "placement": "the whole server on CPU 0; both clients (one load process) on CPU 1",
+        "limits": "defaults: 50 sends/s per device (burst 500), 100/s per user (burst 1000)",
+    }
+    runs = (
+        ("quiet", "no flood, limits on (defaults)", True, False),
+        ("flood", "one device floods, limits on (defaults)", True, True),
+        ("flood_unlimited", "one device floods, send limits lifted", False, True),
+    )
+    results: dict[str, Any] = {}
+    for key, label, limits, flood in runs:
+        heading(f"abuse: {label}")
+        secret = secrets.token_urlsafe(32)
+        proc, mqtt_port, http_port, log_path = _serve("inbroker", workdir, secret, limits=limits, name=f"-{key}")
+        entry: dict[str, Any] = {"label": label, "available": True}
+        try:
+            if not _wait_healthy(proc, http_port, 30.0):
+                entry.update(available=False, reason=f"serve did not become healthy:\n{_tail(log_path)}")
+                results[key] = entry
+                continue
+
+            entry.update(
+                run_load(
+                    "abuse_run",
+                    {
+                        "host": HOST,
+                        "port": mqtt_port,
+                        "legit": ("legit", _creds(secret, "legit"), dm_conv("friend", "legit")),
+                        "flooder": (
+                            ("flooder", _creds(secret, "flooder"), dm_conv("flooder", "victim")) if flood else None
+                        ),
+                        "legit_rate": params["legit_rate"],
+                        "duration": params["seconds"],
+                        "id_prefix": f"a{secrets.token_hex(3)}",
+                        "flood_inflight": params["flood_inflight"],
+                    },
+                    label=f"abuse {key}",
+                    limit_s=params["seconds"] * 3 + 60,
+                )
+            )
+        except BenchError as exc:
+            entry["error"] = str(exc)
+        finally:
+            _stop_serve(proc)
+        results[key] = entry
+    ratios: dict[str, Any] = {}
+    quiet, flooded = results.get("quiet", {}), results.get("flood", {})
+    if "ack" in quiet and "ack" in flooded and quiet["ack"]["p99_ms"] and flooded["ack"]["p99_ms"]:
+        ratios["legit_p99_flood_vs_quiet"] = round(flooded["ack"]["p99_ms"] / quiet["ack"]["p99_ms"], 2)
+        ratios["legit_p99_under_flood_ms"] = flooded["ack"]["p99_ms"]
+        ratios["target_p99_under_flood_below_50ms"] = flooded["ack"]["p99_ms"] < 50
+    notes = [
+        "legit: one device, open loop at legit_rate sends/s; flood: one device publishing sends as fast as"
+        " PUBACKs allow (a refused send is answered rate_limited and stores nothing).",
+        "Each run is a fresh `mqchat serve` (in-broker adapter, SQLite, fsync per group commit).",
+    ]
+    return {"parameters": params, "systems": results, "skipped": {}, "ratios": ratios, "notes": notes}
+
+
+def _creds(secret: str, user: str) -> Creds:
+    device = f"{user}-dev"
+    return Creds(device, user, issue_token(secret=secret, user=user, device=device, ttl_s=3600))
+
+
+def table_abuse(data: dict[str, Any]) -> None:
+    rows = []
+    for s in data["systems"].values():
+        if "ack" not in s:
+            rows.append([s["label"], "-", "-", "-", "-", "-", "-"])
+            continue
+        errors = ", ".join(f"{k} {v}" for k, v in s["flood_errors"].items()) or "-"
+        rows.append(
+            [
+                s["label"],
+                f"{s['legit_acked']}/{s['legit_sent']}",
+                s["ack"]["p50_ms"],
+                s["ack"]["p99_ms"],
+                s["flood_sent"],
+                s["flood_acked"],
+                errors,
+            ]
+        )
+    print_table(
+        "abuse: another user's send->ack while one device floods",
+        ["run", "legit acked", "legit p50 ms", "legit p99 ms", "flood sent", "flood acked", "flood errors"],
+        rows,
+    )
+    for key, value in data["ratios"].items():
+        print(f"ratio {key}: {value}")
+    for note in data["notes"]:
+        print(f"note: {note}")
+
+
+def plot_abuse(data: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    systems = [s for s in data["systems"].values() if "ack" in s]
+    labels = [s["label"].replace(", ", ",\n") for s in systems]
+    width = 0.38
+    for k, pct in enumerate(("p50_ms", "p99_ms")):
+        vals = [s["ack"][pct] or 0 for s in systems]
+        bars = left.bar([i + (k - 0.5) * width for i in range(len(systems))], vals, width, label=pct[:-3])
+        left.bar_label(bars, labels=[f"{v:.1f}" for v in vals], fontsize=8)
+    left.axhline(50, color="red", linestyle="--", linewidth=1, label="target p99 50 ms")
+    left.set_xticks(range(len(systems)), labels, fontsize=7)
+    left.set_ylabel("legit user's send→ack (ms)")
+    left.legend(fontsize=8)
+    left.set_title("Another user's latency")
+    acked = [s["flood_acked"] for s in systems]
+    refused = [sum(s["flood_errors"].values()) for s in systems]
+    right.bar(range(len(systems)), acked, label="acked (stored)")
+    right.bar(range(len(systems)), refused, bottom=acked, label="rate_limited (nothing stored)")
+    right.set_xticks(range(len(systems)), labels, fontsize=7)
+    right.set_ylabel("flood sends answered")
+    right.legend(fontsize=8)
+    right.set_title(f"The flood ({data['parameters']['seconds']:g} s)")
+    _save(fig, path, data)
+
+
 RUNNERS: dict[str, tuple[Callable[[Options, Path], dict[str, Any]], Callable[..., None], Callable[..., None]]] = {
     "relay": (bench_relay, table_relay, plot_relay),
     "chat": (bench_chat, table_chat, plot_chat),
     "fanout": (bench_fanout, table_fanout, plot_fanout),
     "connections": (bench_connections, table_connections, plot_connections),
     "acl": (bench_acl, table_acl, plot_acl),
+    "abuse": (bench_abuse, table_abuse, plot_abuse),
 }
 
 

@@ -101,6 +101,13 @@ def parse_positive_float(value: str | float) -> float:
     return number
 
 
+def parse_burst(value: str | float) -> float:
+    number: float = _number(value, float, "a number of requests (at least 1)")
+    if not 1 <= number < float("inf"):
+        raise ValueError(f"{value!r} is not a number of requests (at least 1)")
+    return number
+
+
 def parse_positive_duration(value: str | float) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -155,6 +162,17 @@ class BridgeConfig:
     history_max_limit: int = 500
     max_group_members: int = 1000
     receipt_window_s: float = 0.5  # at most one receipt event per conversation and user per window
+    # Rate limits (token buckets: a rate per second, and a burst allowed after a quiet spell). A
+    # phone's offline outbox goes out at once on reconnect, and a catch-up acknowledges many
+    # conversations at once: the bursts allow for both.
+    send_rate: float = 50.0  # sends per second per device
+    send_burst: float = 500.0
+    user_send_rate: float = 100.0  # sends per second per user, all devices together
+    user_send_burst: float = 1000.0
+    receipt_rate: float = 100.0  # recv/read per second per device
+    receipt_burst: float = 1000.0
+    http_rate: float = 50.0  # HTTP calls per second per user
+    http_burst: float = 200.0
 
 
 def parse_redis_url(value: str) -> str:
@@ -229,6 +247,14 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "history_max_limit": ("bridge", "history_max_limit", parse_positive_int),
     "max_group_members": ("bridge", "max_group_members", parse_positive_int),
     "receipt_window": ("bridge", "receipt_window_s", parse_nonnegative_duration),
+    "send_rate": ("bridge", "send_rate", parse_positive_float),
+    "send_burst": ("bridge", "send_burst", parse_burst),
+    "user_send_rate": ("bridge", "user_send_rate", parse_positive_float),
+    "user_send_burst": ("bridge", "user_send_burst", parse_burst),
+    "receipt_rate": ("bridge", "receipt_rate", parse_positive_float),
+    "receipt_burst": ("bridge", "receipt_burst", parse_burst),
+    "http_rate": ("bridge", "http_rate", parse_positive_float),
+    "http_burst": ("bridge", "http_burst", parse_burst),
     "redis_url": ("presence", "redis_url", parse_redis_url),
     "presence_grace": ("presence", "grace_s", parse_nonnegative_duration),
     "presence_ttl": ("presence", "ttl_s", parse_positive_duration),

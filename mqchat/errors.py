@@ -54,12 +54,21 @@ class AuthError(MqchatError):
 class RequestError(MqchatError):
     """A client request is refused with a stable code and a human-readable reason."""
 
-    def __init__(self, code: ErrorCode, message: str, *, id: str | None = None, conv: str | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        id: str | None = None,
+        conv: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.id = id  # the request's client message id, when it had a valid one
         self.conv = conv  # the request's conversation, when it had a valid one
+        self.retry_after_s = retry_after_s  # rate_limited: when a retry can succeed
 
 
 class StorageError(MqchatError):

@@ -8,6 +8,7 @@ with a ``type``. This module is pure: parsing and building, no I/O.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -214,12 +215,21 @@ def ack_envelope(*, id: str, conv: str, seq: int, mid: str, ts: int) -> dict[str
     return {"type": "ack", "id": id, "conv": conv, "seq": seq, "mid": mid, "ts": ts}
 
 
-def error_envelope(code: ErrorCode, message: str, *, id: str | None = None, conv: str | None = None) -> dict[str, Any]:
+def error_envelope(
+    code: ErrorCode,
+    message: str,
+    *,
+    id: str | None = None,
+    conv: str | None = None,
+    retry_after_s: float | None = None,
+) -> dict[str, Any]:
     env: dict[str, Any] = {"type": "error", "code": str(code), "message": message}
     if id is not None:
         env["id"] = id
     if conv is not None:
         env["conv"] = conv
+    if retry_after_s is not None:
+        env["retry_after_ms"] = max(1, math.ceil(retry_after_s * 1000))
     return env
 
 
