@@ -215,6 +215,22 @@ def _parse_publish(first: int, body: bytes) -> IncomingApplicationMessage | None
 
 
 class MqchatProtocolHandler(BrokerProtocolHandler):
+    def _transport(self) -> Any:
+        """The socket's transport (asyncio's or uvloop's: they share the methods, not the classes)."""
+        stream = getattr(self.writer, "_writer", None)
+        return stream.transport if isinstance(stream, asyncio.StreamWriter) else None
+
+    def buffered_bytes(self) -> int:
+        """Bytes written to this connection that the socket has not taken yet."""
+        transport = self._transport()
+        return int(transport.get_write_buffer_size()) if transport is not None else 0
+
+    def abort(self) -> None:
+        """Drop the connection at once, unsent bytes and all (the reader then ends the session)."""
+        transport = self._transport()
+        if transport is not None:
+            transport.abort()
+
     def write_publish(self, data: bytes) -> bool:
         """Queue an encoded PUBLISH on the socket now; False when the connection is gone."""
         writer = self.writer

@@ -78,6 +78,12 @@ class BrokerLimits:
     connects_per_ip_per_s: float = 0.0  # 0: unlimited; a burst of 5 × the rate is allowed
     connect_timeout_s: float = 10.0  # a new connection must send CONNECT within this
     max_inbound_per_session: int = 256  # received publishes waiting to be routed (then TCP pushes back)
+    # A device that stops reading: its socket's unsent bytes are bounded. Past the first bound QoS 0
+    # messages (typing, presence) are dropped: they are momentary, and losing one costs nothing.
+    # Past the second the connection is closed: QoS 1 messages cannot be dropped without a gap,
+    # and a device that reconnects catches up over HTTP, which a stalled one never would.
+    max_buffered_qos0: int = 256 * 1024
+    max_buffered_bytes: int = 4 * 1024 * 1024
     keepalive_factor: float = 1.5
     max_keepalive_s: int = 1200  # clients asking for none or more get this
 
@@ -589,6 +595,16 @@ class MqchatBroker(Broker):
                 handler = self._get_handler(target)
                 if not isinstance(handler, MqchatProtocolHandler):
                     continue
+                if not is_service(target):
+                    buffered = handler.buffered_bytes()
+                    if buffered > self.limits.max_buffered_bytes:
+                        DROPPED.labels(reason="slow_consumer_closed").inc()
+                        logger.info("closing %s: it stopped reading (%d bytes unsent)", target.client_id, buffered)
+                        handler.abort()
+                        continue
+                    if qos == 0 and buffered > self.limits.max_buffered_qos0:
+                        DROPPED.labels(reason="slow_consumer_qos0").inc()
+                        continue
                 if qos == 0:
                     qos0 = qos0 or publish_bytes(raw_topic, payload, 0, 0)
                     handler.write_publish(qos0)
