@@ -12,19 +12,22 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bridge.http_edge import Authenticate, BodyLimit
 from bridge.outgoing import Outgoing
 from bridge.pipeline import UNLIMITED, message_event, require_member
 from bridge.ratelimit import RateLimit, RateLimiter
 from mqchat import __version__
 from mqchat.clock import SYSTEM_CLOCK, Clock
-from mqchat.errors import AuthError, ErrorCode, RequestError, StorageError
+from mqchat.errors import ErrorCode, RequestError, StorageError
 from mqchat.ids import ID_PATTERN, is_valid_id, new_group_id, parse_conv
 from mqchat.protocol import MEMBERSHIP_TOPIC, channel_topic, encode, user_in_topic
 from mqchat.tokens import Identity, TokenVerifier
@@ -51,6 +54,15 @@ _STATUS = {
     ErrorCode.INTERNAL: 500,
     ErrorCode.UNAVAILABLE: 503,
 }
+
+
+# Path parameters: their patterns are documented (OpenAPI) and checked by the routes themselves,
+# which answer bad_conv / bad_request (400) with the protocol's own codes.
+CONV_PATTERN = f"^(dm:{ID_PATTERN}:{ID_PATTERN}|g:[0-9A-HJKMNP-TV-Z]{{26}})$"
+ConvPath = Annotated[
+    str, Path(description="dm:{a}:{b} (a, b sorted) or g:{ulid}", json_schema_extra={"pattern": CONV_PATTERN})
+]
+IdPath = Annotated[str, Path(description="a user or device id", json_schema_extra={"pattern": f"^{ID_PATTERN}$"})]
 
 
 class ErrorBody(BaseModel):
@@ -135,12 +147,16 @@ def metrics_payload() -> bytes:
 
 
 class GroupIn(BaseModel):
+    model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
+
     name: str = Field(min_length=1, max_length=200)
     members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(default_factory=list, max_length=100_000)
     kind: str = Field(default="group", pattern="^(group|channel)$")
 
 
 class MembersIn(BaseModel):
+    model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
+
     members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(min_length=1, max_length=100_000)
 
 
@@ -170,6 +186,8 @@ class PresencePage(BaseModel):
 
 
 class PushTokenIn(BaseModel):
+    model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
+
     platform: str = Field(pattern="^(apns|fcm)$")
     token: str = Field(min_length=1, max_length=4096, pattern=r"^[\x21-\x7e]+$")
     topic: str | None = Field(
@@ -185,6 +203,8 @@ class PushTokenOut(BaseModel):
 
 
 class SettingsIn(BaseModel):
+    model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
+
     muted: bool | None = Field(default=None, description="yours: no alert for this conversation (badge still updates)")
     e2e: bool | None = Field(
         default=None, description="the conversation's: bodies are ciphertext, pushes carry no text (groups: admins)"
@@ -210,6 +230,7 @@ def create_app(
     broker_connected: Callable[[], bool] = lambda: True,
     dead_workers: Callable[[], list[str]] = list,
     http_limit: RateLimit = UNLIMITED,
+    max_body_bytes: int = 1024 * 1024,
     publish: Callable[[list[Outgoing]], Awaitable[None]] = _no_publish,
     presence: PresenceLookup | None = None,
     push_store: SqlitePushStore | None = None,
@@ -221,15 +242,17 @@ def create_app(
     ``dead_workers`` which background workers have died (any: /healthz answers 503);
     ``publish`` sends events (membership changes) to devices through the adapter;
     ``presence`` answers ``GET /v1/presence`` (None: 503); ``http_limit`` is each user's budget of
-    authenticated calls (over it: 429 with ``Retry-After``).
+    authenticated calls (over it: 429 with ``Retry-After``); ``max_body_bytes`` the largest request
+    body (413 beyond). Both, and authentication, are checked before a body is read (bridge.http_edge).
     """
-    calls_per_user = RateLimiter(http_limit, clock=clock)
     app = FastAPI(
         title="mqchat",
         version=__version__,
         description="HTTP API of mqchat: history and catch-up. The MQTT side is in docs/protocol.md.",
     )
-    error_responses: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 503)}
+    error_responses: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 429, 503)
+    }
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -242,11 +265,21 @@ def create_app(
         return _error(ErrorCode.BAD_REQUEST, f"{where}: {first.get('msg', 'invalid request')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: ErrorCode.NOT_FOUND, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN}.get(
             exc.status_code, ErrorCode.BAD_REQUEST
         )
-        return JSONResponse({"error": str(code), "message": str(exc.detail)}, status_code=exc.status_code)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # RFC 9110: Allow lists every method of the resource (Starlette names only the first
+            # route's, and PUT and DELETE of one path are two routes here).
+            path = request.scope["path"]
+            routes = [r for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(path)]
+            methods = {m for r in routes for m in (r.methods or ())}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse(
+            {"error": str(code), "message": str(exc.detail)}, status_code=exc.status_code, headers=headers
+        )
 
     @app.exception_handler(StorageError)
     async def on_storage_error(_: Request, exc: StorageError) -> JSONResponse:
@@ -254,18 +287,14 @@ def create_app(
         return _error(ErrorCode.UNAVAILABLE, "storage unavailable; retry")
 
     async def identity(request: Request) -> Identity:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        """The caller, authenticated (and their rate budget taken) by the Authenticate middleware
+        before the body was read."""
+        who = getattr(request.state, "identity", None)
+        if not isinstance(who, Identity):
             raise RequestError(ErrorCode.UNAUTHORIZED, "missing bearer token")
-        try:
-            who = verifier.verify(token.strip())
-        except AuthError as exc:
-            raise RequestError(ErrorCode.UNAUTHORIZED, str(exc)) from None
-        wait = calls_per_user.take(who.user)
-        if wait:
-            raise RequestError(ErrorCode.RATE_LIMITED, "too many HTTP calls; retry later", retry_after_s=wait)
         return who
+
+    Caller = Annotated[Identity, Depends(identity)]
 
     @app.get(
         "/v1/conversations/{conv}/messages",
@@ -275,8 +304,8 @@ def create_app(
         summary="Catch-up (after=SEQ, ascending) or scrollback (before=SEQ)",
     )
     async def messages(
-        conv: str,
-        who: Annotated[Identity, Depends(identity)],
+        conv: ConvPath,
+        who: Caller,
         after: Annotated[int | None, Query(ge=0, lt=2**63)] = None,
         before: Annotated[int | None, Query(ge=1, lt=2**63)] = None,
         limit: Annotated[int, Query(ge=1, le=history_max_limit)] = 100,
@@ -314,7 +343,7 @@ def create_app(
         summary="What changed for you since a cursor (sync): conversations with your watermarks and unread",
     )
     async def conversations(
-        who: Annotated[Identity, Depends(identity)],
+        who: Caller,
         since: Annotated[str | None, Query(max_length=64, description="the cursor of your last sync")] = None,
         limit: Annotated[int, Query(ge=1, le=history_max_limit)] = 100,
         include_messages: Annotated[int, Query(ge=0, le=100)] = 0,
@@ -426,7 +455,7 @@ def create_app(
         return group
 
     @app.post("/v1/groups", status_code=201, response_model=GroupOut, responses=error_responses, summary="New group")
-    async def create_group(body: GroupIn, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+    async def create_group(body: GroupIn, who: Caller) -> dict[str, Any]:
         members = tuple(dict.fromkeys((who.user, *body.members)))
         if body.kind == "group" and len(members) > max_group_members:
             raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {max_group_members} members")
@@ -437,12 +466,12 @@ def create_app(
         return group_out(group)
 
     @app.get("/v1/groups/{conv}", response_model=GroupOut, responses=error_responses, summary="A group you are in")
-    async def get_group(conv: str, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+    async def get_group(conv: ConvPath, who: Caller) -> dict[str, Any]:
         group, _ = await member_group(conv, who)
         return group_out(group)
 
     @app.post("/v1/groups/{conv}/members", response_model=GroupOut, responses=error_responses, summary="Add members")
-    async def add_members(conv: str, body: MembersIn, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+    async def add_members(conv: ConvPath, body: MembersIn, who: Caller) -> dict[str, Any]:
         group = await admin_group(conv, who)
         require_broker()
         new = [u for u in dict.fromkeys(body.members) if group.member(u) is None]
@@ -459,7 +488,7 @@ def create_app(
         responses=error_responses,
         summary="Remove a member (admins), or leave (yourself)",
     )
-    async def remove_member(conv: str, user: str, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+    async def remove_member(conv: ConvPath, user: IdPath, who: Caller) -> dict[str, Any]:
         if user == who.user:
             group, _ = await member_group(conv, who)
         else:
@@ -472,7 +501,7 @@ def create_app(
         return group_out(group)
 
     @app.post("/v1/groups/{conv}/admins/{user}", response_model=GroupOut, responses=error_responses, summary="Promote")
-    async def promote(conv: str, user: str, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+    async def promote(conv: ConvPath, user: IdPath, who: Caller) -> dict[str, Any]:
         group = await admin_group(conv, who)
         if group.member(user) is None:
             raise RequestError(ErrorCode.NOT_FOUND, "no such member")
@@ -487,8 +516,16 @@ def create_app(
         summary="Online state and last seen of users you share a conversation with (and yourself)",
     )
     async def get_presence(
-        who: Annotated[Identity, Depends(identity)],
-        users: Annotated[str, Query(min_length=1, max_length=64 * MAX_PRESENCE_USERS, description="a,b,c")],
+        who: Caller,
+        users: Annotated[
+            str,
+            Query(
+                min_length=1,
+                max_length=65 * MAX_PRESENCE_USERS - 1,
+                pattern=f"^{ID_PATTERN}(,{ID_PATTERN}){{0,{MAX_PRESENCE_USERS - 1}}}$",
+                description="a,b,c (at most 200)",
+            ),
+        ],
     ) -> dict[str, Any]:
         wanted = list(dict.fromkeys(u for u in users.split(",") if u))
         if not wanted or len(wanted) > MAX_PRESENCE_USERS or not all(is_valid_id(u) for u in wanted):
@@ -516,9 +553,7 @@ def create_app(
         responses=error_responses,
         summary="Register this device's APNs/FCM token (a token moves with its latest registration)",
     )
-    async def put_push_token(
-        device: str, body: PushTokenIn, who: Annotated[Identity, Depends(identity)]
-    ) -> dict[str, Any]:
+    async def put_push_token(device: IdPath, body: PushTokenIn, who: Caller) -> dict[str, Any]:
         if device != who.device:
             raise RequestError(ErrorCode.FORBIDDEN, "register the push token of your own device (the token's device)")
         await pushes().put_token(
@@ -529,7 +564,7 @@ def create_app(
     @app.delete(
         "/v1/devices/{device}/push", status_code=204, responses=error_responses, summary="Stop pushing to this device"
     )
-    async def delete_push_token(device: str, who: Annotated[Identity, Depends(identity)]) -> Response:
+    async def delete_push_token(device: IdPath, who: Caller) -> Response:
         if device != who.device:
             raise RequestError(ErrorCode.FORBIDDEN, "remove the push token of your own device")
         if not await pushes().delete_device_token(who.user, device):
@@ -542,7 +577,7 @@ def create_app(
         responses=error_responses,
         summary="Mute a conversation (yours) or mark it end-to-end encrypted (everyone's)",
     )
-    async def put_settings(conv: str, body: SettingsIn, who: Annotated[Identity, Depends(identity)]) -> dict[str, Any]:
+    async def put_settings(conv: ConvPath, body: SettingsIn, who: Caller) -> dict[str, Any]:
         parsed = parse_conv(conv)
         if parsed is None:
             raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
@@ -574,4 +609,23 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics_payload(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, less the 422 answers it adds to every route: this server answers
+        a bad request with 400 and an ErrorBody (see on_validation_error), never with 422."""
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = document.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    # Outermost last: Authenticate runs first, then BodyLimit, then the routes.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Authenticate, verifier=verifier, limiter=RateLimiter(http_limit, clock=clock))
     return app

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import uvicorn
 
 from bridge.http import PresenceLookup, create_app
+from bridge.http_edge import HeaderTimeoutProtocol
 from bridge.inbroker_adapter import InBrokerAdapter
 from bridge.mqtt_adapter import MqttClientAdapter
 from bridge.outgoing import Outgoing
@@ -132,8 +133,21 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 
 
 @asynccontextmanager
-async def serve_http(app: Any, *, host: str, port: int) -> AsyncIterator[HttpHandle]:
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+async def serve_http(
+    app: Any, *, host: str, port: int, max_connections: int = 1000, header_timeout_s: float = 10.0
+) -> AsyncIterator[HttpHandle]:
+    protocol = type("_Protocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        http=protocol,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+    )
     server = _Server(config)
     # Bound here, not by uvicorn: a failure is an OSError of ours (uvicorn would log it and call
     # sys.exit inside its task).
@@ -332,9 +346,16 @@ async def _serve_api(
         broker_connected=adapter.is_connected,
         dead_workers=dead_workers,
         http_limit=RateLimit(config.bridge.http_rate, config.bridge.http_burst),
+        max_body_bytes=config.bridge.http_max_body_bytes,
         publish=adapter.publish,
     )
-    async with serve_http(app, host=config.network.host, port=config.network.http_port) as http:
+    async with serve_http(
+        app,
+        host=config.network.host,
+        port=config.network.http_port,
+        max_connections=config.bridge.http_max_connections,
+        header_timeout_s=config.bridge.http_header_timeout_s,
+    ) as http:
         yield http
 
 

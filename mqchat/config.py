@@ -173,6 +173,9 @@ class BridgeConfig:
     receipt_burst: float = 1000.0
     http_rate: float = 50.0  # HTTP calls per second per user
     http_burst: float = 200.0
+    http_max_body_bytes: int = 1024 * 1024  # a larger request body gets 413 before it is read
+    http_max_connections: int = 1000  # connections and requests at once; 503 beyond
+    http_header_timeout_s: float = 10.0  # a request's headers must arrive within this
 
 
 def parse_redis_url(value: str) -> str:
@@ -255,6 +258,9 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "receipt_burst": ("bridge", "receipt_burst", parse_burst),
     "http_rate": ("bridge", "http_rate", parse_positive_float),
     "http_burst": ("bridge", "http_burst", parse_burst),
+    "http_max_body": ("bridge", "http_max_body_bytes", parse_size),
+    "http_max_connections": ("bridge", "http_max_connections", parse_positive_int),
+    "http_header_timeout": ("bridge", "http_header_timeout_s", parse_positive_duration),
     "redis_url": ("presence", "redis_url", parse_redis_url),
     "presence_grace": ("presence", "grace_s", parse_nonnegative_duration),
     "presence_ttl": ("presence", "ttl_s", parse_positive_duration),

@@ -1,0 +1,166 @@
+"""What the HTTP edge refuses before the API sees a request.
+
+::
+
+    TCP ─▶ uvicorn (HeaderTimeoutProtocol: a request's headers within header_timeout_s, else closed;
+    │        limit_concurrency: connections and requests at once, 503 beyond)
+    ▼
+    Authenticate (/v1/*: bearer token checked and the user's rate budget taken BEFORE the body is
+    │             read: 401 / 429 with Retry-After)
+    ▼
+    BodyLimit (Content-Length over max_body_bytes: 413 before reading; a body without a length is
+    │          counted as it arrives and refused at the limit; a body under it is handed on whole)
+    ▼
+    the API (bridge.http), which finds the caller's identity in ``request.state.identity``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from bridge.ratelimit import RateLimiter
+from mqchat.errors import AuthError, ErrorCode
+from mqchat.tokens import TokenVerifier
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Any
+Send = Any
+App = Any
+
+
+async def _reply(send: Send, status: int, code: ErrorCode, message: str, *, retry_after_s: float | None = None) -> None:
+    body: dict[str, Any] = {"error": str(code), "message": message}
+    headers = [(b"content-type", b"application/json")]
+    if retry_after_s is not None:
+        body["retry_after_ms"] = max(1, math.ceil(retry_after_s * 1000))
+        headers.append((b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()))
+    payload = json.dumps(body).encode()
+    headers.append((b"content-length", str(len(payload)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class Authenticate:
+    """ASGI middleware: every ``/v1/`` request carries a valid bearer token, and its user has
+    budget left, or it is answered at once, before its body is read or parsed."""
+
+    def __init__(self, app: App, *, verifier: TokenVerifier, limiter: RateLimiter) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            await _reply(send, 401, ErrorCode.UNAUTHORIZED, "missing bearer token")
+            return
+        try:
+            identity = self.verifier.verify(token.strip())
+        except AuthError as exc:
+            await _reply(send, 401, ErrorCode.UNAUTHORIZED, str(exc))
+            return
+        wait = self.limiter.take(identity.user)
+        if wait:
+            await _reply(send, 429, ErrorCode.RATE_LIMITED, "too many HTTP calls; retry later", retry_after_s=wait)
+            return
+        scope.setdefault("state", {})["identity"] = identity
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body is at most ``max_bytes``; a larger one gets 413 without
+    being read (by its Content-Length) or as soon as it passes the limit (chunked). A body under
+    the limit is read here, then handed to the app in one piece."""
+
+    def __init__(self, app: App, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await _reply(send, 413, ErrorCode.TOO_LARGE, f"the request body is over {self.max_bytes} bytes")
+            return
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message: Message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                await _reply(send, 413, ErrorCode.TOO_LARGE, f"the request body is over {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return whole
+            after: Message = await receive()  # after the body: a disconnect, when it comes
+            return after
+
+        await self.app(scope, replay, send)
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus: a connection must deliver a request's complete headers
+    within ``header_timeout_s`` of being opened or of its previous response, or it is closed.
+    (uvicorn alone keeps a connection that trickles its headers, or sends nothing, for ever.)"""
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.header_timeout_s, self._headers_too_slow
+        )
+
+    def _cancel_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before:  # a request's headers arrived: a new cycle began
+            self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # the next request's headers, on a kept-alive connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
