@@ -146,18 +146,27 @@ def metrics_payload() -> bytes:
     return generate_latest(REGISTRY)
 
 
+# One call adds at most this many members: the store writes them in one transaction and the
+# server announces them at once, so an unbounded call would hold everyone else's writes behind it.
+MAX_MEMBERS_PER_CALL = 1000
+
+
 class GroupIn(BaseModel):
     model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
 
     name: str = Field(min_length=1, max_length=200)
-    members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(default_factory=list, max_length=100_000)
+    members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(
+        default_factory=list, max_length=MAX_MEMBERS_PER_CALL, description="at most 1,000; add more in further calls"
+    )
     kind: str = Field(default="group", pattern="^(group|channel)$")
 
 
 class MembersIn(BaseModel):
     model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
 
-    members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(min_length=1, max_length=100_000)
+    members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(
+        min_length=1, max_length=MAX_MEMBERS_PER_CALL, description="at most 1,000; add more in further calls"
+    )
 
 
 class GroupMemberOut(BaseModel):

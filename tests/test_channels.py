@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from broker.membership import MembershipCache
 from broker.server import serve_broker
 from clients.loadgen import Creds, MqttClient, connect
-from mqchat.ids import new_group_id
+from mqchat.ids import dm_conv, new_group_id
 from mqchat.tokens import issue_token
 from storage.sqlite import SqliteMessageStore
 from tests.conftest import Stack, both_adapters
@@ -22,10 +22,14 @@ from tests.helpers import connect_device, send_env, unique, wait_until
 
 
 async def create_channel(stack: Stack, creator: str, members: list[str]) -> str:
+    """A channel of members, added 1,000 per call (the most one call takes)."""
     async with stack.http(creator) as http:
-        r = await http.post("/v1/groups", json={"name": "news", "members": members, "kind": "channel"})
-    assert r.status_code == 201, r.text
-    conv: str = r.json()["conv"]
+        r = await http.post("/v1/groups", json={"name": "news", "members": members[:1000], "kind": "channel"})
+        assert r.status_code == 201, r.text
+        conv: str = r.json()["conv"]
+        for start in range(1000, len(members), 1000):
+            added = await http.post(f"/v1/groups/{conv}/members", json={"members": members[start : start + 1000]})
+            assert added.status_code == 200, added.text
     return conv
 
 
@@ -202,3 +206,37 @@ async def test_a_lost_membership_change_still_ends_the_subscription(tmp_path: Pa
                 await bob.wait_closed()
     finally:
         await store.aclose()
+
+
+async def test_members_are_added_1000_per_call_while_others_are_served(stack: Stack) -> None:
+    """One call takes at most 1,000 users (more: 400, nothing changed); adding 1,000 does not hold
+    up another user's sends (their send->ack latency is measured alongside)."""
+    owner, talker, friend = unique("owner"), unique("talker"), unique("friend")
+    async with stack.http(owner) as http:
+        too_many = await http.post(
+            "/v1/groups", json={"name": "big", "kind": "channel", "members": [unique("m") for _ in range(1001)]}
+        )
+        assert too_many.status_code == 400
+        conv = (await http.post("/v1/groups", json={"name": "big", "kind": "channel", "members": []})).json()["conv"]
+        async with connect_device(stack.mqtt_port, talker, "t", stack.token(talker, "t")) as dev:
+            latencies: list[float] = []
+
+            async def chat() -> None:
+                for _ in range(30):
+                    probe = send_env(dm_conv(talker, friend))
+                    started = time.perf_counter()
+                    await dev.send(probe)
+                    await dev.wait_for(lambda e, p=probe: e["type"] == "ack" and e["id"] == p["id"])
+                    latencies.append(time.perf_counter() - started)
+
+            async def grow() -> None:
+                for _ in range(3):
+                    batch = [unique("m") for _ in range(1000)]
+                    added = await http.post(f"/v1/groups/{conv}/members", json={"members": batch})
+                    assert added.status_code == 200, added.text
+
+            await asyncio.gather(chat(), grow())
+        group = (await http.get(f"/v1/groups/{conv}")).json()
+    assert len(group["members"]) == 3001
+    assert len(latencies) == 30
+    print(f"adding 3 x 1,000 members: another user's send->ack max {max(latencies) * 1000:.1f} ms")
