@@ -31,7 +31,8 @@ from mqchat.errors import ErrorCode, RequestError, StorageError
 from mqchat.ids import ID_PATTERN, is_valid_id, new_group_id, parse_conv
 from mqchat.protocol import MEMBERSHIP_TOPIC, channel_topic, encode, user_in_topic
 from mqchat.tokens import Identity, TokenVerifier
-from storage.base import Group, GroupMember, MessageStore
+from storage import privacy
+from storage.base import DEFAULT_SETTINGS, Group, GroupMember, MessageStore, UserSettings
 from storage.presence import Presence
 from storage.push_store import DeviceToken, SqlitePushStore
 
@@ -220,6 +221,25 @@ class SettingsIn(BaseModel):
     )
 
 
+class PrivacyIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    who_may_add_me: str | None = Field(
+        default=None,
+        pattern="^(everyone|contacts|nobody)$",
+        description="who may add you to a group or channel: everyone; contacts (users you share a conversation "
+        "with); nobody",
+    )
+    presence: str | None = Field(
+        default=None, pattern="^(contacts|nobody)$", description="who sees you online: contacts; nobody"
+    )
+
+
+class PrivacyOut(BaseModel):
+    who_may_add_me: str
+    presence: str
+
+
 class SettingsOut(BaseModel):
     conv: str
     muted: bool
@@ -240,6 +260,7 @@ def create_app(
     dead_workers: Callable[[], list[str]] = list,
     http_limit: RateLimit = UNLIMITED,
     max_body_bytes: int = 1024 * 1024,
+    default_settings: UserSettings = DEFAULT_SETTINGS,
     publish: Callable[[list[Outgoing]], Awaitable[None]] = _no_publish,
     presence: PresenceLookup | None = None,
     push_store: SqlitePushStore | None = None,
@@ -463,11 +484,18 @@ def create_app(
             raise RequestError(ErrorCode.FORBIDDEN, "only the group's admins may do this")
         return group
 
+    async def require_consent(adder: str, users: list[str]) -> None:
+        refusing = await privacy.refusing_to_be_added(store, adder, users, default=default_settings)
+        if refusing:
+            names = ", ".join(refusing[:5]) + (f" and {len(refusing) - 5} more" if len(refusing) > 5 else "")
+            raise RequestError(ErrorCode.FORBIDDEN, f"{names} may not be added by you (their privacy settings)")
+
     @app.post("/v1/groups", status_code=201, response_model=GroupOut, responses=error_responses, summary="New group")
     async def create_group(body: GroupIn, who: Caller) -> dict[str, Any]:
         members = tuple(dict.fromkeys((who.user, *body.members)))
         if body.kind == "group" and len(members) > max_group_members:
             raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {max_group_members} members")
+        await require_consent(who.user, list(members))
         group = await store.create_group(
             conv=new_group_id(), name=body.name, kind=body.kind, creator=who.user, members=members, ts=clock.time_ms()
         )
@@ -486,6 +514,7 @@ def create_app(
         new = [u for u in dict.fromkeys(body.members) if group.member(u) is None]
         if group.kind == "group" and len(group.members) + len(new) > max_group_members:
             raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {max_group_members} members")
+        await require_consent(who.user, new)
         group = await store.add_members(conv=group.conv, users=tuple(new), ts=clock.time_ms())
         if new:
             await announce(group, "members_added", new, who.user, added=new)
@@ -540,11 +569,12 @@ def create_app(
         if not wanted or len(wanted) > MAX_PRESENCE_USERS or not all(is_valid_id(u) for u in wanted):
             raise RequestError(ErrorCode.BAD_REQUEST, f"users: 1 to {MAX_PRESENCE_USERS} user ids, comma-separated")
         others = [u for u in wanted if u != who.user]
-        shared = await asyncio.gather(*(store.shares_conversation(who.user, u) for u in others))
-        hidden = [u for u, ok in zip(others, shared, strict=True) if not ok]
+        visible = await asyncio.gather(*(privacy.sees_presence(store, who.user, u) for u in others))
+        hidden = [u for u, ok in zip(others, visible, strict=True) if not ok]
         if hidden:
             raise RequestError(
-                ErrorCode.FORBIDDEN, f"you share no conversation with {', '.join(hidden[:5])}; presence is private"
+                ErrorCode.FORBIDDEN,
+                f"the presence of {', '.join(hidden[:5])} is private (you share no conversation, or they hide it)",
             )
         if presence is None:
             raise RequestError(ErrorCode.UNAVAILABLE, "presence is not available on this server")
@@ -579,6 +609,32 @@ def create_app(
         if not await pushes().delete_device_token(who.user, device):
             raise RequestError(ErrorCode.NOT_FOUND, "no push token for this device")
         return Response(status_code=204)
+
+    @app.get("/v1/me/settings", response_model=PrivacyOut, responses=error_responses, summary="Your privacy settings")
+    async def get_my_settings(who: Caller) -> dict[str, Any]:
+        settings = (await store.user_settings([who.user])).get(who.user, default_settings)
+        return {"who_may_add_me": settings.who_may_add, "presence": settings.presence}
+
+    @app.put(
+        "/v1/me/settings",
+        response_model=PrivacyOut,
+        responses=error_responses,
+        summary="Who may add you to groups and channels; who sees you online",
+    )
+    async def put_my_settings(body: PrivacyIn, who: Caller) -> dict[str, Any]:
+        current = (await store.user_settings([who.user])).get(who.user, default_settings)
+        settings = UserSettings(
+            who_may_add=body.who_may_add_me or current.who_may_add, presence=body.presence or current.presence
+        )
+        if settings.presence != current.presence:
+            require_broker()
+        await store.set_user_settings(who.user, settings)
+        if settings.presence != current.presence:
+            # The broker's ACL forgets its answers about this user and checks every presence
+            # subscription to them again (a hidden user's followers stop hearing of them at once).
+            change = {"conv": "", "kind": "settings", "added": [], "removed": [who.user]}
+            await publish([Outgoing(MEMBERSHIP_TOPIC, encode(change))])
+        return {"who_may_add_me": settings.who_may_add, "presence": settings.presence}
 
     @app.put(
         "/v1/conversations/{conv}/settings",

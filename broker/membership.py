@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
+from storage import privacy
 from storage.base import MessageStore
 
 LOOKUPS = Counter(
@@ -66,6 +67,19 @@ class MembershipCache:
         generations = (self._user_gen.get(a, 0), self._user_gen.get(b, 0))
         return await self._cached(
             ("shares", a, b), generations, lambda: self._store.shares_conversation(a, b), keep_no=False
+        )
+
+    async def sees_presence(self, viewer: str, target: str) -> bool:
+        """May viewer follow target's presence (``storage.privacy.sees_presence``)? A change of
+        target's settings is announced like a membership change naming target."""
+        if viewer == target:
+            return True
+        generations = (self._user_gen.get(viewer, 0), self._user_gen.get(target, 0))
+        return await self._cached(
+            ("presence", viewer, target),
+            generations,
+            lambda: privacy.sees_presence(self._store, viewer, target),
+            keep_no=False,
         )
 
     async def _cached(

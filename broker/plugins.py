@@ -169,7 +169,7 @@ class TopicAclPlugin(BaseTopicPlugin):
             return False
         parts = topic.split("/")
         if len(parts) == 2 and parts[0] == "p" and is_valid_id(parts[1]):
-            return await membership.shares_conversation(identity.user, parts[1])
+            return await membership.sees_presence(identity.user, parts[1])
         if len(parts) == 3 and parts[0] == "c" and parts[2] == "in":
             conv = parse_conv(parts[1])
             return conv is not None and conv.kind == "group" and await membership.is_member(conv.id, identity.user)

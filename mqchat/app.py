@@ -52,7 +52,7 @@ from mqchat.errors import ConfigError, MqchatError
 from mqchat.tokens import TokenVerifier, service_password
 from push.dispatcher import ConnectedDevices, PushDispatcher
 from push.providers import ApnsProvider, FcmProvider, LogProvider, PushConfigError, PushProvider
-from storage.base import MessageStore
+from storage.base import MessageStore, UserSettings
 from storage.files import private_dir
 from storage.presence import MemoryPresence, PresenceRegistry
 from storage.push_store import SqlitePushStore
@@ -347,6 +347,7 @@ async def _serve_api(
         dead_workers=dead_workers,
         http_limit=RateLimit(config.bridge.http_rate, config.bridge.http_burst),
         max_body_bytes=config.bridge.http_max_body_bytes,
+        default_settings=UserSettings(who_may_add=config.bridge.default_who_may_add),
         publish=adapter.publish,
     )
     async with serve_http(

@@ -101,6 +101,12 @@ def parse_positive_float(value: str | float) -> float:
     return number
 
 
+def parse_who_may_add(value: str) -> str:
+    if value not in ("everyone", "contacts", "nobody"):
+        raise ValueError(f"{value!r} is not one of everyone, contacts, nobody")
+    return value
+
+
 def parse_burst(value: str | float) -> float:
     number: float = _number(value, float, "a number of requests (at least 1)")
     if not 1 <= number < float("inf"):
@@ -176,6 +182,9 @@ class BridgeConfig:
     http_max_body_bytes: int = 1024 * 1024  # a larger request body gets 413 before it is read
     http_max_connections: int = 1000  # connections and requests at once; 503 beyond
     http_header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    # Who may add a user to a group or channel until the user chooses (PUT /v1/me/settings):
+    # everyone, contacts (users they share a conversation with) or nobody.
+    default_who_may_add: str = "everyone"
 
 
 def parse_redis_url(value: str) -> str:
@@ -261,6 +270,7 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "http_max_body": ("bridge", "http_max_body_bytes", parse_size),
     "http_max_connections": ("bridge", "http_max_connections", parse_positive_int),
     "http_header_timeout": ("bridge", "http_header_timeout_s", parse_positive_duration),
+    "default_who_may_add": ("bridge", "default_who_may_add", parse_who_may_add),
     "redis_url": ("presence", "redis_url", parse_redis_url),
     "presence_grace": ("presence", "grace_s", parse_nonnegative_duration),
     "presence_ttl": ("presence", "ttl_s", parse_positive_duration),

@@ -20,6 +20,7 @@ transaction:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 BUCKET_SIZE = 10_000
@@ -39,6 +40,23 @@ class NewMessage:
     body: str
     media: tuple[str, ...]
     ts: int  # server receipt time, ms since the epoch
+
+
+WHO_MAY_ADD = ("everyone", "contacts", "nobody")
+PRESENCE_VISIBILITY = ("contacts", "nobody")
+
+
+@dataclass(frozen=True, slots=True)
+class UserSettings:
+    """A user's consent. ``who_may_add``: who may put them in a group or channel (everyone;
+    contacts, users they already share a conversation with; nobody). ``presence``: who sees
+    them online (contacts: users sharing a conversation; nobody)."""
+
+    who_may_add: str = "everyone"
+    presence: str = "contacts"
+
+
+DEFAULT_SETTINGS = UserSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +240,14 @@ class MessageStore(ABC):
     async def shares_conversation(self, a: str, b: str) -> bool:
         """Whether users a and b are both in some group, or in a 1:1 conversation that has a
         message. Channels do not count: their members are strangers to each other."""
+
+    @abstractmethod
+    async def user_settings(self, users: Sequence[str]) -> dict[str, UserSettings]:
+        """The privacy settings each of users has saved (absent: never saved; the server's
+        defaults apply)."""
+
+    @abstractmethod
+    async def set_user_settings(self, user: str, settings: UserSettings) -> None: ...
 
     @abstractmethod
     async def set_role(self, *, conv: str, user: str, role: str) -> Group: ...

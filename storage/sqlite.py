@@ -23,7 +23,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from storage.base import (
     StoredMessage,
     StoreRefusal,
     StoreStatistics,
+    UserSettings,
     WatermarkResult,
 )
 from storage.files import private_dir, private_file
@@ -102,6 +103,11 @@ CREATE TABLE IF NOT EXISTS group_members (
     role TEXT NOT NULL,
     joined_seq INTEGER NOT NULL,
     PRIMARY KEY (conv, user)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_settings (
+    user TEXT PRIMARY KEY,
+    who_may_add TEXT NOT NULL,
+    presence TEXT NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -637,6 +643,28 @@ class SqliteMessageStore(MessageStore):
             (b, a),
         )
         return bool(rows)
+
+    async def user_settings(self, users: Sequence[str]) -> dict[str, UserSettings]:
+        found: dict[str, UserSettings] = {}
+        unique = list(dict.fromkeys(users))
+        for start in range(0, len(unique), 500):  # SQLite's limit on bound parameters
+            part = unique[start : start + 500]
+            rows = await self._read(
+                f"SELECT user, who_may_add, presence FROM user_settings WHERE user IN ({','.join('?' * len(part))})",
+                tuple(part),
+            )
+            found.update({user: UserSettings(who_may_add=w, presence=p) for user, w, p in rows})
+        return found
+
+    async def set_user_settings(self, user: str, settings: UserSettings) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO user_settings (user, who_may_add, presence) VALUES (?, ?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET who_may_add = excluded.who_may_add, presence = excluded.presence",
+                (user, settings.who_may_add, settings.presence),
+            )
+
+        await self._write(job)
 
     async def set_role(self, *, conv: str, user: str, role: str) -> Group:
         def job(conn: sqlite3.Connection) -> Group:

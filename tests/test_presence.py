@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from clients.loadgen import Creds, connect
 from clients.netem import PERFECT, LossyProxy
 from mqchat.config import PresenceConfig
 from tests.conftest import Stack, make_config, open_stack
-from tests.helpers import connect_device, unique
+from tests.helpers import connect_device, unique, wait_until
 from tests.mqtt_raw import RawClient
 
 GRACE_S = 0.5
@@ -241,3 +242,33 @@ async def test_channel_members_do_not_see_each_others_presence(pstack: Stack) ->
     finally:
         client.disconnect()
         await client.wait_closed()
+
+
+@pytest.mark.parametrize("pstack", [("mqtt", GRACE_S), ("inbroker", GRACE_S)], indirect=True)
+async def test_a_user_who_hides_presence_is_seen_by_nobody_at_once(pstack: Stack) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    await friends(pstack, alice, bob)
+    async with watching(pstack, bob, alice) as watcher:
+        subscriptions = REGISTRY.get_sample_value("mqchat_broker_subscriptions") or 0.0
+        async with pstack.http(alice) as http:
+            r = await http.put("/v1/me/settings", json={"presence": "nobody"})
+            assert r.json()["presence"] == "nobody"
+        # The broker ends bob's existing subscription to p/alice (the gauge drops by one)…
+        await wait_until(lambda: (REGISTRY.get_sample_value("mqchat_broker_subscriptions") or 0) < subscriptions)
+        seen = len(watcher.states)
+        async with connect_device(pstack.mqtt_port, alice, "a1", pstack.token(alice, "a1")):
+            await wait_for(lambda: presence_of(pstack, alice, alice), "online")
+        assert len(watcher.states) == seen, "bob no longer hears alice's presence"
+    # …refuses a new one, and the HTTP API answers 403.
+    device = unique("b")
+    client = await connect("127.0.0.1", pstack.mqtt_port, Creds(device, bob, pstack.token(bob, device)))
+    try:
+        assert await client.subscribe([(f"p/{alice}", 1)]) == [0x80]
+    finally:
+        client.disconnect()
+        await client.wait_closed()
+    async with pstack.http(bob) as http:
+        assert (await http.get("/v1/presence", params={"users": alice})).status_code == 403
+    async with pstack.http(alice) as http:
+        await http.put("/v1/me/settings", json={"presence": "contacts"})
+    assert (await presence_of(pstack, bob, alice))["user"] == alice, "visible again once she says so"
