@@ -7,7 +7,6 @@ Errors are JSON: ``{"error": <stable code>, "message": <reason>}`` with a 4xx/5x
 import asyncio
 import base64
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
@@ -127,13 +126,8 @@ class MessagesPage(BaseModel):
     last_seq: int = Field(description="the conversation's highest seq right now")
 
 
-def _error(code: ErrorCode, message: str, *, retry_after_s: float | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": str(code), "message": message}
-    headers: dict[str, str] = {}
-    if retry_after_s is not None:
-        body["retry_after_ms"] = max(1, math.ceil(retry_after_s * 1000))
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
-    return JSONResponse(body, status_code=_STATUS.get(code, 400), headers=headers)
+def _error(code: ErrorCode, message: str) -> JSONResponse:
+    return JSONResponse({"error": str(code), "message": message}, status_code=_STATUS.get(code, 400))
 
 
 def metrics_payload() -> bytes:
@@ -286,7 +280,7 @@ def create_app(
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return _error(exc.code, exc.message, retry_after_s=exc.retry_after_s)
+        return _error(exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,8 +8,9 @@
     Authenticate (/v1/*: bearer token checked and the user's rate budget taken BEFORE the body is
     │             read: 401 / 429 with Retry-After)
     ▼
-    BodyLimit (Content-Length over max_body_bytes: 413 before reading; a body without a length is
-    │          counted as it arrives and refused at the limit; a body under it is handed on whole)
+    BodyLimit (POST/PUT: Content-Length over max_body_bytes: 413 before reading; a body without a length is
+    │          counted as it arrives and refused at the limit; the whole body within 30 s, else 408;
+    │          a body under the limit is handed on whole)
     ▼
     the API (bridge.http), which finds the caller's identity in ``request.state.identity``
 """
@@ -25,6 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bridge.ratelimit import RateLimiter
 from mqchat.errors import AuthError, ErrorCode
+from mqchat.protocol import retry_after_ms
 from mqchat.tokens import TokenVerifier
 
 Scope = dict[str, Any]
@@ -38,8 +40,8 @@ async def _reply(send: Send, status: int, code: ErrorCode, message: str, *, retr
     body: dict[str, Any] = {"error": str(code), "message": message}
     headers = [(b"content-type", b"application/json")]
     if retry_after_s is not None:
-        body["retry_after_ms"] = max(1, math.ceil(retry_after_s * 1000))
-        headers.append((b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()))
+        body["retry_after_ms"] = ms = retry_after_ms(retry_after_s)
+        headers.append((b"retry-after", str(math.ceil(ms / 1000)).encode()))  # whole seconds
     payload = json.dumps(body).encode()
     headers.append((b"content-length", str(len(payload)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -82,13 +84,14 @@ class BodyLimit:
     being read (by its Content-Length) or as soon as it passes the limit (chunked). A body under
     the limit is read here, then handed to the app in one piece."""
 
-    def __init__(self, app: App, *, max_bytes: int) -> None:
+    def __init__(self, app: App, *, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)  # no body to read (or none the API takes)
             return
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
@@ -96,18 +99,25 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         seen = 0
-        while True:
-            message: Message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.max_bytes:
-                await _reply(send, 413, ErrorCode.TOO_LARGE, f"the request body is over {self.max_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):  # a body that trickles is cut off
+                while True:
+                    message: Message = await receive()
+                    if message["type"] != "http.request":  # the client went away
+                        return
+                    chunk = message.get("body", b"")
+                    seen += len(chunk)
+                    if seen > self.max_bytes:
+                        await _reply(send, 413, ErrorCode.TOO_LARGE, f"the request body is over {self.max_bytes} bytes")
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await _reply(
+                send, 408, ErrorCode.BAD_REQUEST, f"the request body did not arrive within {self.timeout_s:g} s"
+            )
+            return
         whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         delivered = False
 
@@ -158,8 +168,11 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_header_timer()  # the next request's headers, on a kept-alive connection
+        # The next request's headers, on a kept-alive connection (unless a pipelined request
+        # already started: its headers are in).
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.is_closing():
+            self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()

@@ -50,6 +50,7 @@ def no_such_conversation(conv: str, id: str | None = None) -> RequestError:
 
 
 UNLIMITED = RateLimit(rate=1e9, burst=1e9)
+SEND_HOLD_S = 1.0  # a rate-limited device's later sends are refused this long at least (see _check_rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,14 +118,16 @@ class Pipeline:
         self._sends_per_device = RateLimiter(limits.device_sends, clock=clock)
         self._sends_per_user = RateLimiter(limits.user_sends, clock=clock)
         self._receipts_per_device = RateLimiter(limits.device_receipts, clock=clock)
+        self._send_holds: dict[tuple[str, str], float] = {}  # device -> monotonic end of its hold
         # New (not duplicate) group and 1:1 messages with their members, for push; what it returns
         # is awaited before the ack (the push is then queued durably).
         self._on_stored = on_stored
         self._receipts = receipts  # None: receipt events go out at once, uncoalesced
         self._typing_interval_s = typing_interval_s
-        self._typing_per_minute = typing_per_minute
         self._typing_last: dict[tuple[str, str, str], tuple[float, bool]] = {}  # (user, device, conv)
-        self._typing_budget: dict[tuple[str, str], tuple[float, float]] = {}  # (user, device) -> tokens, at
+        self._typing_per_device = RateLimiter(
+            RateLimit(rate=typing_per_minute / 60.0, burst=float(typing_per_minute)), clock=clock
+        )
         self._max_envelope_bytes = max_envelope_bytes
         self._clock = clock
 
@@ -184,9 +187,25 @@ class Pipeline:
 
     def _check_rate(self, user: str, device: str, request: Request) -> None:
         """Refuse (rate_limited, nothing processed) a send or receipt over its device's or its
-        user's budget. Never awaits: requests still reach the store in arrival order."""
+        user's budget. Never awaits: requests still reach the store in arrival order.
+
+        A refused send holds every later send of that device for at least SEND_HOLD_S (the
+        ``retry_after_ms`` it is told): sends it had already published behind the refused one
+        are refused too, so that none of them is stored ahead of it, and the device sends them
+        all again, in order, once the hold ends."""
         if isinstance(request, SendRequest):
-            wait = self._sends_per_device.take((user, device)) or self._sends_per_user.take(user)
+            key = (user, device)
+            now = self._clock.monotonic()
+            held = self._send_holds.get(key, 0.0) - now
+            if held > 0:
+                wait = held
+            else:
+                wait = self._sends_per_device.take(key) or self._sends_per_user.take(user)
+                if wait:
+                    wait = max(wait, SEND_HOLD_S)
+                    if len(self._send_holds) > 100_000:
+                        self._send_holds = {k: t for k, t in self._send_holds.items() if t > now}
+                    self._send_holds[key] = now + wait
             what = "sends"
         elif isinstance(request, WatermarkRequest):
             wait = self._receipts_per_device.take((user, device))
@@ -210,12 +229,11 @@ class Pipeline:
         last = self._typing_last.get(key)
         if last is not None and last[1] == req.state and now - last[0] < self._typing_interval_s:
             return []
-        tokens, at = self._typing_budget.get((user, device), (float(self._typing_per_minute), now))
-        tokens = min(float(self._typing_per_minute), tokens + (now - at) * self._typing_per_minute / 60.0)
-        if tokens < 1:
-            self._typing_budget[(user, device)] = (tokens, now)
-            raise RequestError(ErrorCode.RATE_LIMITED, "too many typing notifications", conv=req.conv.id)
-        self._typing_budget[(user, device)] = (tokens - 1, now)
+        wait = self._typing_per_device.take((user, device))
+        if wait:
+            raise RequestError(
+                ErrorCode.RATE_LIMITED, "too many typing notifications", conv=req.conv.id, retry_after_s=wait
+            )
         if len(self._typing_last) > 100_000:  # forget stale entries
             self._typing_last = {k: v for k, v in self._typing_last.items() if now - v[0] < 60}
         self._typing_last[key] = (now, req.state)

@@ -8,7 +8,9 @@
                 doubling to 30 s, full jitter) → connect again; a CONNACK refused for credentials
                 ends it (AuthFailed). The *first* connect is not retried: ``async with`` raises
                 ConnectionFailed, so a caller learns at once that the server is unreachable.
-    resend      every resend_after / 2 s: re-publish outbox entries unacked for resend_after s
+    resend      every resend_after / 2 s: re-publish outbox entries unacked for resend_after s; after a
+                rate_limited send, nothing is published until the server's retry_after_ms, then
+                every pending entry is, in outbox order
     watermarks  publish ``recv`` for what the app took from events() (one per conversation per
                 RECV_COALESCE s) and ``read``s of mark_read() made while offline
     sync        (http_url only) after every connect: GET /v1/conversations?since=<cursor> with
@@ -230,6 +232,9 @@ class ChatClient:
         self._reconnects = 0
         self._resends = 0
         self._rate_limited = 0  # sends the server refused as rate_limited (kept, re-published later)
+        self._held = False  # after a rate_limited send: publish nothing until the resend task has
+        self._hold_until = 0.0  # re-published every pending send in order (monotonic seconds)
+        self._resend_wake = asyncio.Event()
         self._events_dropped = 0
         self._gaps_detected = 0
         self._gap_fetches = 0
@@ -394,7 +399,13 @@ class ChatClient:
             self._waiters.pop(id, None)
 
     async def _publish(self, entry: PendingSend) -> None:
-        self._last_sent[entry.id] = self._clock.monotonic()
+        now = self._clock.monotonic()
+        if self._held:
+            # After a rate_limited send, nothing goes out ahead of it: this one waits in the
+            # outbox and the resend task publishes every pending send in order when the hold ends.
+            self._last_sent[entry.id] = max(now, self._hold_until) - self._resend_after
+            return
+        self._last_sent[entry.id] = now
         mqtt = self._mqtt
         if mqtt is None:
             return
@@ -467,6 +478,8 @@ class ChatClient:
             users = event.data.get("users")
             if isinstance(users, list) and self._user in users:
                 self._follow(str(event.data.get("conv")), event.data.get("event") != "members_removed")
+        elif isinstance(event, ErrorReply) and isinstance(self._results.get(str(event.id)), Ack):
+            return  # a resend answered after its ack (e.g. rate_limited): the message is stored
         elif isinstance(event, ErrorReply) and event.id is not None and self._retry_later(event):
             return
         elif isinstance(event, ErrorReply) and event.id is not None:
@@ -477,14 +490,20 @@ class ChatClient:
         self._enqueue(event)
 
     def _retry_later(self, error: ErrorReply) -> bool:
-        """A send refused as rate_limited stays in the outbox and is re-published once the server
-        said it may be (the resend task picks it up): not a failure of the send."""
-        if error.code != "rate_limited" or not any(e.id == error.id for e in self._outbox.pending()):
+        """A send refused as rate_limited stays in the outbox: not a failure of the send. Every
+        send is held until the server's retry_after_ms, then the resend task publishes all that
+        are pending, in outbox order, so the refused one is not overtaken by a later one."""
+        pending = self._outbox.pending()
+        if error.code != "rate_limited" or not any(e.id == error.id for e in pending):
             return False
         delay = (error.retry_after_ms if error.retry_after_ms is not None else 1000) / 1000
         self._rate_limited += 1
-        self._last_sent[str(error.id)] = self._clock.monotonic() - self._resend_after + delay
-        logger.debug("send %s rate-limited; re-publishing in %.2f s", error.id, delay)
+        self._held = True
+        self._hold_until = max(self._hold_until, self._clock.monotonic() + delay)
+        for entry in pending:
+            self._last_sent[entry.id] = self._hold_until - self._resend_after
+        self._resend_wake.set()
+        logger.debug("send %s rate-limited; holding sends for %.2f s", error.id, delay)
         return True
 
     def _follow(self, conv: str, member: bool) -> None:
@@ -643,10 +662,18 @@ class ChatClient:
     async def _run_resends(self) -> None:
         interval = self._resend_after / 2
         while True:
-            await self._clock.sleep(interval)
+            wait = interval
+            if self._held:
+                wait = max(0.0, min(interval, self._hold_until - self._clock.monotonic()))
+            self._resend_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._resend_wake.wait()
             if self._mqtt is None:
                 continue
             now = self._clock.monotonic()
+            if self._held and now >= self._hold_until:
+                self._held = False  # publish everything pending, in order, from here
             for entry in self._outbox.pending():
                 if now - self._last_sent.get(entry.id, -math.inf) >= self._resend_after:
                     self._resends += 1

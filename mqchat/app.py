@@ -544,12 +544,13 @@ def run_child(which: str, config: Config) -> int:
     its exit code: 0 when stopped by a signal, EXIT_CANNOT_START with one line on stderr when it
     cannot start for a reason that a restart would not mend; anything else is raised."""
     setup_logging(config.log_level, which)
+    started: list[bool] = []  # set once the process serves: a later failure is a crash, restarted
     try:
-        _run_child(which, config)
+        _run_child(which, config, started)
     except WorkerDied:
         return EXIT_WORKER_DIED
     except Exception as exc:
-        reason = cannot_start_reason(exc)
+        reason = None if started else cannot_start_reason(exc)
         if reason is None:
             raise
         print(f"mqchat: {reason}", file=sys.stderr, flush=True)
@@ -557,21 +558,24 @@ def run_child(which: str, config: Config) -> int:
     return 0
 
 
-def _run_child(which: str, config: Config) -> None:
+def _run_child(which: str, config: Config, started: list[bool]) -> None:
     if which != "bridge":
         tune_gc()
 
     async def node_body() -> None:
         async with run_node(config) as node:
+            started.append(True)
             await watch_workers(node.dead_workers)
 
     async def broker_body() -> None:
         async with run_broker(config) as broker:
+            started.append(True)
             await watch_workers(broker.dead_workers)
 
     async def bridge_body() -> None:
         host, port = local_host(config.network.host), config.network.mqtt_port
         async with run_bridge(config, mqtt_host=host, mqtt_port=port) as bridge:
+            started.append(True)
             await watch_workers(bridge.dead_workers)
 
     _run_until_signalled({"broker": broker_body, "bridge": bridge_body, "node": node_body}[which])

@@ -335,12 +335,22 @@ SecretMode = Literal["generate", "find", "skip", "defer"]
 
 def secret_candidates(data_dir: Path, *, explicit_dir: bool) -> list[Path]:
     """Where a client command looks for the server's secret: the configured data dir; by default
-    ``./data`` and the ``data`` folder of every parent directory (as git looks for ``.git``), so
-    a command run anywhere inside the server's folder finds it."""
+    ``./data``, and inside a project folder (one holding ``.git`` or ``pyproject.toml``, as a
+    checkout where ``make serve`` runs does) the ``data`` folder of each parent up to its root,
+    so a command run anywhere inside the server's folder finds it. Never above that root: an
+    unrelated ``/data/jwt_secret`` is not the server's."""
     if explicit_dir or data_dir.is_absolute():
         return [data_dir / SECRET_FILE_NAME]
     here = Path.cwd()
-    return [folder / data_dir / SECRET_FILE_NAME for folder in (here, *here.parents)]
+    folders = [here]
+    for folder in (here, *here.parents):
+        if folder != here:
+            folders.append(folder)
+        if (folder / ".git").exists() or (folder / "pyproject.toml").exists():
+            break
+    else:
+        folders = [here]  # not inside a project: only ./data
+    return [folder / data_dir / SECRET_FILE_NAME for folder in folders]
 
 
 def _read_secret(path: Path) -> str:

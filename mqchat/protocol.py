@@ -215,6 +215,11 @@ def ack_envelope(*, id: str, conv: str, seq: int, mid: str, ts: int) -> dict[str
     return {"type": "ack", "id": id, "conv": conv, "seq": seq, "mid": mid, "ts": ts}
 
 
+def retry_after_ms(seconds: float) -> int:
+    """The ``retry_after_ms`` of a ``rate_limited`` answer: rounded up, at least 1."""
+    return max(1, math.ceil(seconds * 1000))
+
+
 def error_envelope(
     code: ErrorCode,
     message: str,
@@ -229,7 +234,7 @@ def error_envelope(
     if conv is not None:
         env["conv"] = conv
     if retry_after_s is not None:
-        env["retry_after_ms"] = max(1, math.ceil(retry_after_s * 1000))
+        env["retry_after_ms"] = retry_after_ms(retry_after_s)
     return env
 
 

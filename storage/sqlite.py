@@ -258,6 +258,7 @@ class SqliteMessageStore(MessageStore):
         self._commits = 0
         self._closed = False
         self._writer: threading.Thread | None = None
+        self._writer_ended = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
@@ -324,6 +325,8 @@ class SqliteMessageStore(MessageStore):
         future: asyncio.Future[Any] = self._loop.create_future()
         self._queued += 1
         self._jobs.put((job, future))
+        if self._writer_ended:  # it ended between the check and the put: nobody else will answer
+            self._fail_queued()
         return await future
 
     async def append(self, message: NewMessage) -> AppendResult:
@@ -335,6 +338,24 @@ class SqliteMessageStore(MessageStore):
         return result
 
     def _write_loop(self) -> None:
+        try:
+            self._write_jobs()
+        finally:
+            # However the writer ended (closed, or died), nothing waits for it any more: jobs
+            # queued behind it get an error instead of waiting forever.
+            self._writer_ended = True
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._resolve, [item], [StorageError("the store's writer has stopped")])
+
+    def _write_jobs(self) -> None:
         conn = _connect(self._path)
         try:
             while True:

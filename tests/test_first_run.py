@@ -170,15 +170,26 @@ def test_client_commands_find_the_servers_secret_from_a_subfolder(tmp_path: Path
     from mqchat.config import load_config
     from mqchat.tokens import TokenVerifier
 
-    config, generated = load_config({"data_dir": tmp_path / "data"}, {})  # as `mqchat serve` here does
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text("")  # a project folder, as a clone where `make serve` runs
+    config, generated = load_config({"data_dir": checkout / "data"}, {})  # as `mqchat serve` there does
     assert generated
-    deeper = tmp_path / "docs" / "notes"
+    deeper = checkout / "docs" / "notes"
     deeper.mkdir(parents=True)
     done = mqchat("token", "--user", "alice", "--device", "a1", cwd=deeper)
     assert done.returncode == 0, done.stderr
     identity = TokenVerifier(secret=config.auth.jwt_secret).verify(done.stdout.strip())
     assert (identity.user, identity.device) == ("alice", "a1")
     assert not (deeper / "data").exists()
+    # Outside a project folder only ./data counts: a data/jwt_secret above is someone else's.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "jwt_secret").write_text("not the server's\n")
+    elsewhere = tmp_path / "elsewhere" / "deep"
+    elsewhere.mkdir(parents=True)
+    done = mqchat("token", "--user", "alice", "--device", "a1", cwd=elsewhere)
+    assert done.returncode == 2
+    assert "no JWT secret found" in one_line(done.stderr)
 
 
 def test_a_client_given_a_token_needs_no_secret(tmp_path: Path) -> None:
