@@ -366,7 +366,10 @@ class MqchatBroker(Broker):
             ):
                 logger.info("refused connect: client id %s belongs to another user's session", client_id)
                 return None
-        if incoming.clean_session or existing is None:
+        # A clean session's state ends with its connection, even when the next CONNECT arrives
+        # before that connection's end was handled: it is never resumed ([MQTT-3.2.2-2]: no
+        # session present).
+        if incoming.clean_session or existing is None or existing[0].clean_session:
             if existing is not None:
                 self._drop_session(existing[0])
             incoming.parent = 0

@@ -193,3 +193,29 @@ async def test_a_message_is_delivered_at_the_lower_of_published_and_granted_qos(
         assert first & 0xF0 == 0x30
         assert (first >> 1) & 3 == delivered
         assert body.endswith(b"hello")
+
+
+async def test_a_clean_session_is_never_resumed_even_by_an_immediate_reconnect(broker: MqchatBroker) -> None:
+    """[MQTT-3.2.2-2]: CONNECT with clean session 0 after a clean session gets "session present" 0,
+    also when the clean connection has not ended yet (here it is still open: a takeover)."""
+    token = issue_token(secret=SECRET, user="alice", device="a9", ttl_s=60)
+    reader, first_writer = await asyncio.open_connection("127.0.0.1", broker.bound_port)
+    conn = Conn(reader, first_writer)
+    conn.send(connect_packet("a9", "alice", token, clean=True))
+    assert await conn.packet() == (0x20, b"\x00\x00")
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.bound_port)
+    again = Conn(reader, writer)
+    try:
+        again.send(connect_packet("a9", "alice", token, clean=False))
+        assert await again.packet() == (0x20, b"\x00\x00"), "no session present"
+        again.send(packet(0xE0, b""))
+    finally:
+        writer.close()
+        first_writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.bound_port)
+    resumed = Conn(reader, writer)
+    try:
+        resumed.send(connect_packet("a9", "alice", token, clean=False))
+        assert await resumed.packet() == (0x20, b"\x01\x00"), "the persistent session is resumed"
+    finally:
+        writer.close()
