@@ -669,11 +669,11 @@ class ChatClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._resend_wake.wait()
-            if self._mqtt is None:
-                continue
             now = self._clock.monotonic()
             if self._held and now >= self._hold_until:
                 self._held = False  # publish everything pending, in order, from here
+            if self._mqtt is None:
+                continue  # the next connect publishes the outbox in order
             for entry in self._outbox.pending():
                 if now - self._last_sent.get(entry.id, -math.inf) >= self._resend_after:
                     self._resends += 1

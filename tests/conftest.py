@@ -56,6 +56,9 @@ def dump_asyncio_tasks(write: Callable[[str], object]) -> None:
         write("\n".join(_coroutine_chain(task)) + "\n")
 
 
+LAST_RESORT_S = 30.0
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
     """pytest-timeout's signal method, plus the stacks of asyncio tasks (threads alone say
@@ -63,16 +66,27 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
     if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
         return None  # pytest-timeout's own handling
 
+    last_resort: list[threading.Timer] = []
+
     def on_timeout(signum: int, frame: object) -> None:
         __tracebackhide__ = True
         terminal = item.config.get_terminal_writer()
         terminal.sep("+", title="Timeout: asyncio tasks")
         dump_asyncio_tasks(terminal.write)
+        # The failure below is raised wherever the main thread is; if that is inside an event
+        # loop callback, asyncio logs it and carries on, and a spinning loop would then hang the
+        # suite for ever. So: if the test has not ended 30 s later, dump every thread and exit.
+        timer = threading.Timer(LAST_RESORT_S, pytest_timeout.timeout_timer, (item, settings))
+        timer.daemon = True
+        timer.start()
+        last_resort.append(timer)
         pytest_timeout.timeout_sigalrm(item, settings)
 
     def cancel() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        for timer in last_resort:
+            timer.cancel()
 
     item.cancel_timeout = cancel  # type: ignore[attr-defined]  # pytest-timeout's cancel hook reads it
     signal.signal(signal.SIGALRM, on_timeout)
