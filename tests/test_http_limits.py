@@ -129,3 +129,18 @@ async def test_presence_takes_200_ids_of_64_characters(stack: Stack) -> None:
         assert answer.status_code == 200, answer.text
         too_many = await http.get("/v1/presence", params={"users": ",".join([me] * 201)})
         assert too_many.status_code == 400
+
+
+async def test_text_that_is_not_valid_unicode_is_refused_over_http(stack: Stack) -> None:
+    """A lone UTF-16 surrogate in any text field is a 400 with a JSON body, as over MQTT."""
+    async with stack.http(unique("alice")) as http:
+        for path, body in (
+            ("/v1/groups", b'{"name":"a\\ud800b","members":[]}'),
+            ("/v1/groups", b'{"name":"ok","members":["\\udfff"]}'),
+        ):
+            r = await http.post(path, content=body, headers={"content-type": "application/json"})
+            assert (r.status_code, r.json()["error"]) == (400, "bad_request"), r.text
+        r = await http.put(
+            "/v1/me/settings", content=b'{"presence":"\\ud83d"}', headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 400
