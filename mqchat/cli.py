@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         return _child(argv[1])
     args = build_parser().parse_args(argv)
     # Only the server creates the secret; client commands find the server's (or need none: a token).
-    mode: SecretMode = "defer" if args.command == "serve" else "skip" if _given_token(args) else "find"
+    mode: SecretMode = "find"
+    if args.command == "serve":
+        mode = "defer"
+    elif args.command != "token" and _given_token(args):
+        mode = "skip"
     try:
         config, _ = load_config(_flags(args), secret=mode)
     except ConfigError as exc:

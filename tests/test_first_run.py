@@ -390,3 +390,11 @@ def test_a_refused_token_is_printed_once(make_serve: tuple[Path, int, int]) -> N
     )
     assert done.returncode == 1
     assert "refused the credentials" in one_line(done.stderr)
+
+
+def test_mqchat_token_never_signs_without_the_servers_secret(tmp_path: Path) -> None:
+    """MQCHAT_TOKEN in the environment (for send/listen/chat) does not let `mqchat token` sign
+    with no secret at all."""
+    done = mqchat("token", "--user", "alice", "--device", "a1", cwd=tmp_path, env={"MQCHAT_TOKEN": "x"})
+    assert done.returncode == 2
+    assert "no JWT secret found" in one_line(done.stderr)
