@@ -51,6 +51,8 @@ def no_such_conversation(conv: str, id: str | None = None) -> RequestError:
 
 UNLIMITED = RateLimit(rate=1e9, burst=1e9)
 SEND_HOLD_S = 1.0  # a rate-limited device's later sends are refused this long at least (see _check_rate)
+SEND_HOLD_RETRY_S = 0.5  # then its other sends are refused with this retry_after until the refused one returns
+SEND_HOLD_CAP_S = 60.0  # a device that never sends the refused one again is not held longer than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +120,7 @@ class Pipeline:
         self._sends_per_device = RateLimiter(limits.device_sends, clock=clock)
         self._sends_per_user = RateLimiter(limits.user_sends, clock=clock)
         self._receipts_per_device = RateLimiter(limits.device_receipts, clock=clock)
-        self._send_holds: dict[tuple[str, str], float] = {}  # device -> monotonic end of its hold
+        self._send_holds: dict[tuple[str, str], tuple[float, str]] = {}  # device -> (hold's end, refused id)
         # New (not duplicate) group and 1:1 messages with their members, for push; what it returns
         # is awaited before the ack (the push is then queued durably).
         self._on_stored = on_stored
@@ -189,23 +191,31 @@ class Pipeline:
         """Refuse (rate_limited, nothing processed) a send or receipt over its device's or its
         user's budget. Never awaits: requests still reach the store in arrival order.
 
-        A refused send holds every later send of that device for at least SEND_HOLD_S (the
-        ``retry_after_ms`` it is told): sends it had already published behind the refused one
-        are refused too, so that none of them is stored ahead of it, and the device sends them
-        all again, in order, once the hold ends."""
+        A refused send holds the device's other sends: every send of that device is refused
+        until the ``retry_after_ms`` it was told (at least SEND_HOLD_S), and after that every
+        send but the refused one, until the refused one comes back (at most SEND_HOLD_CAP_S).
+        So sends it had already published behind the refused one, however late they arrive,
+        are never stored ahead of it; the device sends them all again, in order."""
         if isinstance(request, SendRequest):
             key = (user, device)
             now = self._clock.monotonic()
-            held = self._send_holds.get(key, 0.0) - now
-            if held > 0:
-                wait = held
-            else:
+            wait = 0.0
+            hold = self._send_holds.get(key)
+            if hold is not None:
+                until, refused = hold
+                if now < until:
+                    wait = until - now
+                elif request.id != refused and now < until + SEND_HOLD_CAP_S:
+                    wait = SEND_HOLD_RETRY_S  # the refused send goes first
+                else:
+                    del self._send_holds[key]  # it came back (or the device gave it up)
+            if not wait:
                 wait = self._sends_per_device.take(key) or self._sends_per_user.take(user)
                 if wait:
                     wait = max(wait, SEND_HOLD_S)
                     if len(self._send_holds) > 100_000:
-                        self._send_holds = {k: t for k, t in self._send_holds.items() if t > now}
-                    self._send_holds[key] = now + wait
+                        self._send_holds = {k: h for k, h in self._send_holds.items() if h[0] + SEND_HOLD_CAP_S > now}
+                    self._send_holds[key] = (now + wait, request.id)
             what = "sends"
         elif isinstance(request, WatermarkRequest):
             wait = self._receipts_per_device.take((user, device))

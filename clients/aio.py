@@ -235,6 +235,8 @@ class ChatClient:
         self._held = False  # after a rate_limited send: publish nothing until the resend task has
         self._hold_until = 0.0  # re-published every pending send in order (monotonic seconds)
         self._resend_wake = asyncio.Event()
+        self._replaying = False  # older sends are being published again: new ones wait their turn
+        self._replay_lock = asyncio.Lock()
         self._events_dropped = 0
         self._gaps_detected = 0
         self._gap_fetches = 0
@@ -399,13 +401,49 @@ class ChatClient:
             self._waiters.pop(id, None)
 
     async def _publish(self, entry: PendingSend) -> None:
-        now = self._clock.monotonic()
-        if self._held:
-            # After a rate_limited send, nothing goes out ahead of it: this one waits in the
-            # outbox and the resend task publishes every pending send in order when the hold ends.
-            self._last_sent[entry.id] = max(now, self._hold_until) - self._resend_after
+        """Publish a new send now, unless older ones must go first: during a hold (after a
+        rate_limited send) or while older ones are being published again, it waits its turn in
+        the outbox (the replay in progress, or the one after the hold, takes it in order)."""
+        if self._held or self._replaying:
+            self._last_sent[entry.id] = max(self._clock.monotonic(), self._hold_until) - self._resend_after
             return
-        self._last_sent[entry.id] = now
+        await self._publish_now(entry)
+
+    async def _replay(self, *, everything: bool) -> None:
+        """Publish pending sends again in outbox order: all of them (after a connect), or those
+        unacked for resend_after. Sends made meanwhile wait, and are taken in a further pass, so
+        none overtakes an older one. Stops when a rate_limited reply starts a hold. One at a time."""
+        async with self._replay_lock:
+            await self._replay_locked(everything=everything)
+
+    async def _replay_locked(self, *, everything: bool) -> None:
+        self._replaying = True
+        try:
+            done: set[str] = set()
+            while not self._held:
+                now = self._clock.monotonic()
+                batch = [
+                    e
+                    for e in self._outbox.pending()
+                    if e.id not in done
+                    and (everything or now - self._last_sent.get(e.id, -math.inf) >= self._resend_after)
+                ]
+                if not batch:
+                    return
+                for entry in batch:
+                    if self._held:
+                        return  # the hold set every pending send's time; the next replay takes them
+                    done.add(entry.id)
+                    if not everything:
+                        self._resends += 1
+                        logger.debug("re-publishing unacked send %s", entry.id)
+                    await self._publish_now(entry)
+                everything = False  # further passes: the sends made while this one ran (due now)
+        finally:
+            self._replaying = False
+
+    async def _publish_now(self, entry: PendingSend) -> None:
+        self._last_sent[entry.id] = self._clock.monotonic()
         mqtt = self._mqtt
         if mqtt is None:
             return
@@ -415,8 +453,7 @@ class ChatClient:
             logger.debug("publish of send %s deferred to a resend: %s", entry.id, exc)
 
     async def _publish_all(self) -> None:
-        for entry in self._outbox.pending():
-            await self._publish(entry)
+        await self._replay(everything=True)
 
     async def mark_read(self, conv: str, seq: int) -> None:
         """Tell the server (and so the user's other devices and the peers, as a ``receipt``) that
@@ -672,13 +709,9 @@ class ChatClient:
             now = self._clock.monotonic()
             if self._held and now >= self._hold_until:
                 self._held = False  # publish everything pending, in order, from here
-            if self._mqtt is None:
-                continue  # the next connect publishes the outbox in order
-            for entry in self._outbox.pending():
-                if now - self._last_sent.get(entry.id, -math.inf) >= self._resend_after:
-                    self._resends += 1
-                    logger.debug("re-publishing unacked send %s", entry.id)
-                    await self._publish(entry)
+            if self._mqtt is None or self._replaying:
+                continue  # the next connect (or the replay under way) publishes the outbox in order
+            await self._replay(everything=False)
 
     async def _run_watermarks(self) -> None:
         while True:

@@ -4,16 +4,20 @@ Retry-After) and nothing stored; a legitimate user beside a flooding one is serv
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bridge.pipeline import Pipeline, RequestLimits
 from bridge.ratelimit import RateLimit, RateLimiter
 from clients import ChatClient
 from mqchat.clock import Clock
 from mqchat.ids import dm_conv
+from storage.sqlite import SqliteMessageStore
 from tests.conftest import make_config, open_stack
 from tests.helpers import connect_device, send_env, unique
 
@@ -136,3 +140,30 @@ async def test_the_sdk_keeps_a_rate_limited_send_and_delivers_it_later(tmp_path:
             assert client.statistics().rate_limited > 0
         assert [a.seq for a in acks] == list(range(1, 16)), "stored in the order sent, none overtaking"
         assert await stack.store.last_seq(conv) == 15
+
+
+async def test_sends_behind_a_refused_one_are_never_stored_ahead_of_it(tmp_path: Path) -> None:
+    """However late a device's later sends arrive (a slow link), none is stored before the send
+    that was refused: after the hold, only the refused one is accepted first."""
+    clock = FakeClock()
+    store = await SqliteMessageStore.open(tmp_path / "s.sqlite3")
+    try:
+        limits = RequestLimits(device_sends=RateLimit(rate=10, burst=1))
+        pipeline = Pipeline(store=store, limits=limits, clock=clock)
+        conv = dm_conv("alice", "bob")
+
+        async def send(id: str) -> dict[str, Any]:
+            out = await pipeline.handle("alice", "a", json.dumps(send_env(conv, id, id=id)).encode())
+            reply: dict[str, Any] = json.loads(out[0].payload)
+            return reply
+
+        assert (await send("m1"))["type"] == "ack"
+        assert (await send("m2"))["code"] == "rate_limited"  # the hold starts: m2 must come first
+        assert (await send("m3"))["code"] == "rate_limited"
+        clock.now += 5  # the hold's time is over, tokens are back; m3 arrives late, m2 not yet
+        assert (await send("m3"))["code"] == "rate_limited"
+        assert (await send("m2"))["seq"] == 2
+        clock.now += 1
+        assert (await send("m3"))["seq"] == 3
+    finally:
+        await store.aclose()
