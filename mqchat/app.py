@@ -664,6 +664,7 @@ class Supervisor:
 
     async def _watch(self, which: str, stop: asyncio.Event) -> None:
         failures = 0
+        first_start = True
         while not self._stopping:
             proc = self._procs[which]
             started = time.monotonic()
@@ -671,10 +672,14 @@ class Supervisor:
             self._mark_dead(proc.pid)
             if self._stopping:
                 return
-            if code == EXIT_CANNOT_START:  # it said why on stderr; restarting would not mend it
+            if code == EXIT_CANNOT_START and first_start:
+                # It said why on stderr; restarting would not mend it. After a crash, though, a
+                # restart that cannot bind yet (the dead process's sockets are still closing) is
+                # retried with backoff like any other failure.
                 self._failed = True
                 stop.set()
                 return
+            first_start = False
             failures = 1 if time.monotonic() - started > 30 else failures + 1
             delay = min(RESTART_BACKOFF_MAX_S, 0.25 * 2 ** (failures - 1))
             logger.error("%s (pid %d) exited with code %s; restarting in %.2fs", which, proc.pid, code, delay)
