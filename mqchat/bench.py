@@ -4,7 +4,7 @@
 
     mqchat bench SCENARIO ──▶ for each system: start its broker in a process pinned to CPU 0
                                (ours: broker.server; stock: amqtt.broker.Broker; Mosquitto: /usr/sbin/mosquitto)
-                          ──▶ load-generator processes pinned to CPU 1 (clients.loadgen, raw MQTT)
+                          ──▶ load-generator processes pinned to CPU 1 (clients.testing.loadgen, raw MQTT)
                           ──▶ table on the terminal, bench/results/SCENARIO.json, bench/results/SCENARIO.png
 
 Scenarios: ``relay`` (raw publish → subscriber throughput and open-loop latency), ``chat`` (the
@@ -44,8 +44,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from clients import loadgen
-from clients.loadgen import Creds
+from clients.testing import loadgen
+from clients.testing.loadgen import Creds
 from mqchat import __version__
 from mqchat.ids import dm_conv
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, issue_token, service_password
@@ -324,7 +324,7 @@ def _load_child(fn: str, kwargs: dict[str, Any], label: str, conn: Connection) -
 
 
 def run_load(fn: str, kwargs: dict[str, Any], *, label: str, limit_s: float) -> Any:
-    """Run ``clients.loadgen.<fn>(**kwargs)`` in a fresh process pinned to CPU 1; return its result."""
+    """Run ``clients.testing.loadgen.<fn>(**kwargs)`` in a fresh process pinned to CPU 1; return its result."""
     parent, child = _CTX.Pipe(duplex=False)
     p = _CTX.Process(target=_load_child, args=(fn, kwargs, label, child), name=f"load-{label}")
     p.start()
@@ -346,11 +346,11 @@ def run_load(fn: str, kwargs: dict[str, Any], *, label: str, limit_s: float) -> 
 
 
 def _netem_child(target_port: int, preset: str, seed: int, ready: Connection) -> None:
-    """A lossy proxy (clients.netem) in its own process, pinned with the load generator."""
+    """A lossy proxy (clients.testing.netem) in its own process, pinned with the load generator."""
     _child_setup(LOAD_CPU)
     import asyncio
 
-    from clients.netem import PRESETS, LossyProxy
+    from clients.testing.netem import PRESETS, LossyProxy
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -23,7 +23,7 @@ from typing import Any
 
 from broker.membership import MembershipCache
 from broker.server import serve_broker
-from clients.loadgen import Creds, connect
+from clients.testing.loadgen import Creds, connect
 from mqchat.ids import new_group_id
 from mqchat.tokens import issue_token
 from storage.sqlite import SqliteMessageStore

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from broker.membership import MembershipCache
 from broker.server import serve_broker
-from clients.loadgen import Creds, MqttClient, connect
+from clients.testing.loadgen import Creds, MqttClient, connect
 from mqchat.ids import dm_conv, new_group_id
 from mqchat.tokens import issue_token
 from storage.sqlite import SqliteMessageStore

@@ -24,7 +24,7 @@ import pytest
 
 from clients import ChatClient, Message
 from clients.errors import ConnectionFailed
-from clients.netem import LossyProxy, NetemProfile
+from clients.testing.netem import LossyProxy, NetemProfile
 from mqchat.ids import dm_conv
 from tests.conftest import Served
 from tests.helpers import unique

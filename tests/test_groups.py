@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from clients.loadgen import Creds, MqttClient, connect
+from clients.testing.loadgen import Creds, MqttClient, connect
 from mqchat.app import run_node
 from tests.conftest import Stack, both_adapters, make_config
 from tests.helpers import connect_device, send_env, unique

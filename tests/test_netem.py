@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from clients.netem import (
+from clients.testing.netem import (
     CHAOS,
     FLAKY_3G,
     PERFECT,

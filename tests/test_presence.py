@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from clients.loadgen import Creds, connect
-from clients.netem import PERFECT, LossyProxy
+from clients.testing.loadgen import Creds, connect
+from clients.testing.netem import PERFECT, LossyProxy
 from mqchat.config import PresenceConfig
 from tests.conftest import Stack, make_config, open_stack
 from tests.helpers import connect_device, unique, wait_until

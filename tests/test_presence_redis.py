@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clients.loadgen import Creds, connect
+from clients.testing.loadgen import Creds, connect
 from tests.conftest import Served, start_served, stop_served
 from tests.helpers import connect_device, unique, wait_until
 from tests.redis_server import redis_url  # noqa: F401
