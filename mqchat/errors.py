@@ -40,7 +40,9 @@ class ErrorCode(StrEnum):
 
 
 class MqchatError(Exception):
-    """Base of every mqchat exception."""
+    """Base of every mqchat exception. ``code`` is what a client is told when it reaches one."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
 
 
 class ConfigError(MqchatError):

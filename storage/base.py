@@ -23,6 +23,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mqchat.errors import ErrorCode, MqchatError
+
 BUCKET_SIZE = 10_000
 """Seqs per partition bucket for stores that bucket conversations."""
 
@@ -149,20 +151,27 @@ class ChangesPage:
     more: bool
 
 
-class StoreRefusal(Exception):
-    """A write the store refuses for a reason the client must hear (not a failure)."""
+class StoreRefusal(MqchatError):
+    """A write the store refuses for a reason the client must hear (not a failure); ``code`` is
+    what the client is told."""
 
 
 class SeqBeyondEnd(StoreRefusal, ValueError):
     """A watermark above the conversation's last seq."""
 
+    code = ErrorCode.BAD_SEQ
+
 
 class NotMember(StoreRefusal):
     """A write into a conversation by someone who is not (or no longer) a member."""
 
+    code = ErrorCode.NOT_MEMBER
+
 
 class NoSuchConversation(StoreRefusal):
     """A group that does not exist."""
+
+    code = ErrorCode.NOT_FOUND
 
 
 @dataclass(frozen=True, slots=True)
