@@ -40,9 +40,7 @@ class ErrorCode(StrEnum):
 
 
 class MqchatError(Exception):
-    """Base of every mqchat exception. ``code`` is what a client is told when it reaches one."""
-
-    code: ErrorCode = ErrorCode.INTERNAL
+    """Base of every mqchat exception."""
 
 
 class ConfigError(MqchatError):

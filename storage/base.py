@@ -155,6 +155,8 @@ class StoreRefusal(MqchatError):
     """A write the store refuses for a reason the client must hear (not a failure); ``code`` is
     what the client is told."""
 
+    code: ErrorCode = ErrorCode.BAD_REQUEST
+
 
 class SeqBeyondEnd(StoreRefusal, ValueError):
     """A watermark above the conversation's last seq."""
