@@ -31,7 +31,7 @@ install-test: $(VENV)/.installed-test
 serve: install
 	$(BIN)/mqchat serve $(ARGS)
 
-## Lint, type-check and run the whole test suite (installs what the tests need).
+## Lint (ruff; the layering contracts in pyproject.toml), type-check and run the whole test suite (installs what the tests need).
 test: install-test system-deps lint typecheck pytest
 
 system-deps:
@@ -40,6 +40,7 @@ system-deps:
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install-test
 	$(BIN)/mypy

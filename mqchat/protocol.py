@@ -2,7 +2,8 @@
 
 Requests arrive on ``u/{user}/{device}/out``; replies go to ``u/{user}/{device}/in``; events
 for every device of a user go to ``u/{user}/in``. Envelopes are compact UTF-8 JSON objects
-with a ``type``. This module is pure: parsing and building, no I/O.
+with a ``type``. This module is pure: parsing and building, no I/O. It ships with the client
+SDK; the server's own ``$mqchat/`` topics are in ``mqchat.internal_topics``.
 """
 
 from __future__ import annotations
@@ -25,16 +26,6 @@ OUT_TOPIC_FILTER = "u/+/+/out"
 
 PRESENCE_TOPIC_FILTER = "p/+"
 """Every user's retained presence (the bridge's view of who is online, without a shared registry)."""
-
-DEVICES_TOPIC_PREFIX = "$mqchat/devices/"
-DEVICES_TOPIC_FILTER = "$mqchat/devices/+"
-"""Broker → bridge only, retained per user: ``{"devices": [...]}`` connected to that broker (for a
-bridge in another process without a shared registry: push skips connected devices)."""
-
-MEMBERSHIP_TOPIC = "$mqchat/membership"
-"""Bridge → broker only: a group's or channel's membership changed, as
-``{"conv", "kind", "added": [users], "removed": [users]}``. The broker drops its cached
-membership answers and a removed member's channel subscription; it routes this to no one."""
 
 
 # --- topics -----------------------------------------------------------------------------------

@@ -2,8 +2,17 @@
 
 ::
 
-    bridge ──stored message──▶ dispatcher ──coalesce per (user, device, conv)──▶ provider ──▶ APNs / FCM
+    bridge pipeline ──on_stored(message, recipients)──▶ PushDispatcher.notify
+        ─▶ intake: devices with a token that are not connected ─▶ push queue (storage), one job
+           per (user, device, conv), due when the coalescing window closes
+    delivery loop ──claim due jobs──▶ compose one notification per burst
+        ─▶ provider (send_with_retries) ─▶ ApnsProvider ─▶ APNs (HTTP/2, aioapns)
+                                          FcmProvider  ─▶ FCM v1 (firebase-admin)
+                                          LogProvider  ─▶ the log (the embedded default)
+        ─▶ an invalid token is deleted; the job is finished (never sent twice)
 
-`push.providers` holds the provider layer (`ApnsProvider`, `FcmProvider`, `LogProvider`, `send_with_retries`);
-the dispatcher is not wired yet: see the push issue.
+``push.dispatcher`` holds ``PushDispatcher`` (a service with the intake and delivery workers);
+``push.providers`` the provider interface and its three implementations. ``mqchat.app`` builds
+the configured providers and the dispatcher and hands ``notify`` to the pipeline. Push imports
+``storage`` (messages and the push queue) and never ``broker`` or ``bridge``.
 """

@@ -23,9 +23,10 @@ from typing import Any
 
 from broker.membership import MembershipCache
 from broker.server import serve_broker
-from clients.testing.loadgen import Creds, connect
+from clients.testing.loadgen import connect
+from mqchat.bench.harness import Options, device_creds, progress
+from mqchat.bench.report import logy, paired_bars, print_notes, print_ratios, print_table, pyplot, save
 from mqchat.ids import new_group_id
-from mqchat.tokens import issue_token
 from storage.sqlite import SqliteMessageStore
 
 
@@ -65,7 +66,7 @@ async def _subscribe_rate(store: SqliteMessageStore, cache: MembershipCache, top
         client = await connect(
             "127.0.0.1",
             broker.bound_port,
-            Creds(device, viewer, issue_token(secret=secret, user=viewer, device=device, ttl_s=3600)),
+            device_creds(secret, viewer, device),
         )
         try:
             for topic in topics[:50]:  # warm up: the cached run serves these from memory afterwards
@@ -149,5 +150,44 @@ async def _member(store: SqliteMessageStore, conv: str, user: str) -> bool:
     return standing is not None and standing.member is not None
 
 
-def run(workdir: Path, *, quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
-    return asyncio.run(measure(workdir, quick=quick, progress=progress))
+def run(opts: Options, workdir: Path) -> dict[str, Any]:
+    return asyncio.run(measure(workdir, quick=opts.quick, progress=progress))
+
+
+def table(data: dict[str, Any]) -> None:
+    rows = [
+        [
+            s["label"],
+            s["shares"]["mean_us"],
+            s["shares"]["p99_us"],
+            s["member"]["mean_us"],
+            s["member"]["p99_us"],
+            s["subscribes_per_s"],
+        ]
+        for s in data["systems"].values()
+    ]
+    print_table(
+        "acl: membership answers for presence (shares a conversation?) and channel (member?) subscriptions",
+        ["answered by", "shares mean us", "shares p99 us", "member mean us", "member p99 us", "SUBSCRIBE/s"],
+        rows,
+    )
+    print_ratios(data)
+    print_notes(data)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    systems = list(data["systems"].values())
+    paired_bars(left, [(question, [s[question]["mean_us"] for s in systems]) for question in ("shares", "member")])
+    left.set_xticks(range(len(systems)), [s["label"] for s in systems], fontsize=8)
+    left.set_ylabel("µs per answer (mean)")
+    logy(left)
+    left.legend()
+    left.set_title("One membership question")
+    rates = [s["subscribes_per_s"] for s in systems]
+    bars = right.bar(["uncached (store)", "cached"], [rates[0], rates[1]])
+    right.bar_label(bars, labels=[f"{v:,.0f}" for v in rates], fontsize=8)
+    right.set_ylabel("SUBSCRIBE/s (one client, sequential)")
+    right.set_title(f"{data['parameters']['topics']} SUBSCRIBEs via the broker")
+    save(fig, path, data)

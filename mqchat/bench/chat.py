@@ -1,0 +1,148 @@
+"""``mqchat bench chat``: 1:1 sends through the full pipeline of ``mqchat serve``, per adapter.
+
+``mqchat serve`` runs once with ``--adapter mqtt`` and once with ``--adapter inbroker``; pairs
+of devices send at open-loop rates (optionally through the lossy proxy) and the bench records
+send → ack on the sender and send → msg on the recipient. The max sustainable rate is the
+highest tested rate with both p99s under 100 ms and nothing lost.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from mqchat.bench.harness import HOST, PAYLOAD_BYTES, BenchError, Options, heading, progress, ratio
+from mqchat.bench.processes import ServeProc, netem_proxy, run_load, run_serve
+from mqchat.bench.report import fmt, logy, p99_p50_lines, print_table, pyplot, save
+
+
+def _params(opts: Options) -> dict[str, Any]:
+    return {
+        "pairs": 4 if opts.quick else 10,
+        "rates": list(opts.rates or ((100.0, 500.0) if opts.quick else (100.0, 500.0, 1000.0, 2000.0, 3000.0))),
+        "seconds_per_rate": opts.duration or (3.0 if opts.quick else 5.0),
+        "drain_s": 10.0 if opts.quick else 15.0,
+        "body_bytes": PAYLOAD_BYTES,
+        "sustainable": "highest rate with send->ack and send->delivery p99 < 100 ms and nothing lost",
+        "placement": "the whole server (supervisor, broker, bridge) on CPU 0; load generator on CPU 1",
+        "netem": opts.netem or "none",
+    }
+
+
+def _sustainable(steps: list[dict[str, Any]]) -> float | None:
+    ok = [
+        s["rate"]
+        for s in steps
+        if s["lost_ack"] == 0
+        and s["lost_delivery"] == 0
+        and (s["ack"]["p99_ms"] or 1e9) < 100
+        and (s["delivery"]["p99_ms"] or 1e9) < 100
+    ]
+    return max(ok) if ok else None
+
+
+def _one_adapter(serve: ServeProc, params: dict[str, Any], netem: str | None, adapter: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"label": f"mqchat serve --adapter {adapter}", "available": True}
+    try:
+        if not serve.wait_healthy():
+            entry.update(available=False, reason=f"serve did not become healthy:\n{serve.log_tail()}")
+            progress(f"adapter {adapter}: unavailable")
+            return entry
+        pairs = []
+        for i in range(params["pairs"]):
+            a, b = f"ca{i}", f"cb{i}"
+            pairs.append((a, serve.device(a, f"{a}-dev"), b, serve.device(b, f"{b}-dev")))
+        with netem_proxy(serve.mqtt_port, netem) as phone_port:
+            steps = run_load(
+                "chat_run",
+                {
+                    "host": HOST,
+                    "port": phone_port,
+                    "pairs": pairs,
+                    "rates": params["rates"],
+                    "duration": params["seconds_per_rate"],
+                    "id_prefix": f"b{secrets.token_hex(3)}",
+                    "drain_s": params["drain_s"],
+                    "body_size": PAYLOAD_BYTES,
+                },
+                label=f"chat {adapter}",
+                limit_s=len(params["rates"]) * (params["seconds_per_rate"] * 3 + params["drain_s"] + 10) + 60,
+            )
+        entry["steps"] = steps
+        entry["max_sustainable_rate"] = _sustainable(steps)
+        if serve.exited():
+            entry["note"] = f"serve exited during the run:\n{serve.log_tail()}"
+    except BenchError as exc:
+        entry.update(available=False, reason=str(exc), log_tail=serve.log_tail())
+    return entry
+
+
+def run(opts: Options, workdir: Path) -> dict[str, Any]:
+    params = _params(opts)
+    results: dict[str, Any] = {}
+    for adapter in ("mqtt", "inbroker"):
+        heading(f"chat: mqchat serve --adapter {adapter}")
+        with run_serve(adapter, workdir) as serve:
+            results[adapter] = _one_adapter(serve, params, opts.netem, adapter)
+    ratios = {
+        "max_rate_inbroker_vs_mqtt": ratio(
+            results.get("inbroker", {}).get("max_sustainable_rate"), results.get("mqtt", {}).get("max_sustainable_rate")
+        )
+    }
+    notes = ["Rates not listed for an adapter were skipped after a rate lost more than a fifth of its messages."]
+    return {"parameters": params, "systems": results, "skipped": {}, "ratios": ratios, "notes": notes}
+
+
+def table(data: dict[str, Any]) -> None:
+    rows = []
+    for s in data["systems"].values():
+        if not s.get("available"):
+            rows.append([s["label"], "unavailable", *[""] * 7])
+            continue
+        for st in s["steps"]:
+            rows.append(
+                [
+                    s["label"],
+                    st["rate"],
+                    st["ack"]["p50_ms"],
+                    st["ack"]["p99_ms"],
+                    st["delivery"]["p50_ms"],
+                    st["delivery"]["p99_ms"],
+                    st["delivery"]["max_ms"],
+                    st["lost_ack"],
+                    st["lost_delivery"],
+                ]
+            )
+    print_table(
+        "chat: 1:1 sends through mqchat serve (ms from intended send time)",
+        ["server", "rate/s", "ack p50", "ack p99", "msg p50", "msg p99", "msg max", "no ack", "undelivered"],
+        rows,
+    )
+    for s in data["systems"].values():
+        if s.get("available"):
+            print(f"{s['label']}: max sustainable rate {fmt(s.get('max_sustainable_rate'))} sends/s")
+        else:
+            print(f"{s['label']}: unavailable: {s.get('reason', '').splitlines()[0]}")
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, title in ((axes[0], "ack", "send → ack"), (axes[1], "delivery", "send → recipient delivery")):
+        for s in data["systems"].values():
+            if not s.get("available"):
+                continue
+            steps = [st for st in s["steps"] if st[key]["p99_ms"] is not None]
+            rates = [st["rate"] for st in steps]
+            p99_p50_lines(
+                ax, rates, [st[key]["p99_ms"] for st in steps], [st[key]["p50_ms"] for st in steps], s["label"]
+            )
+        ax.axhline(100, color="red", lw=0.8, ls=":", label="100 ms target")
+        logy(ax)
+        ax.set_xlabel("offered sends/s (open loop)")
+        ax.set_ylabel("latency ms (log)")
+        ax.set_title(f"{title}: p99 solid, p50 dashed")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    save(fig, path, data)
