@@ -140,9 +140,19 @@ class AuthConfig:
     jwt_secret: str = dataclasses.field(repr=False)
 
 
+STORAGE_BACKENDS = ("sqlite", "cassandra")
+
+
+def parse_storage_backend(value: str) -> str:
+    if value not in STORAGE_BACKENDS:
+        raise ValueError(f"{value!r} is not one of {', '.join(STORAGE_BACKENDS)}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     data_dir: Path = Path("data")
+    backend: str = "sqlite"  # which storage.BACKENDS entry holds messages and push state
 
     @property
     def sqlite_path(self) -> Path:
@@ -252,6 +262,7 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "mqtt_port": ("network", "mqtt_port", parse_port),
     "http_port": ("network", "http_port", parse_port),
     "data_dir": ("storage", "data_dir", Path),
+    "storage_backend": ("storage", "backend", parse_storage_backend),
     "jwt_secret": ("auth", "jwt_secret", str),
     "adapter": ("bridge", "adapter", parse_adapter),
     "max_envelope_bytes": ("bridge", "max_envelope_bytes", parse_size),

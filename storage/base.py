@@ -1,4 +1,18 @@
-"""The message store interface, at the level of the domain.
+"""The storage interfaces, at the level of the domain: one per thing held, two aggregates that a
+backend implements, and the bundle the factory (``storage.open_storage``) yields.
+
+::
+
+    Storage ─┬─ messages: MessageStore ─┬─ MessageLog          append (dedup, seq), fetch_after/before, last_seq
+             │                          ├─ ConversationStates  watermarks, the per-user change index, unread
+             │                          ├─ Groups              groups and channels, members, roles, contacts
+             │                          └─ PrivacySettings     each user's consent (who may add them, who sees them)
+             └─ push: PushStore ────────┬─ DeviceTokens        one push token per device
+                                        ├─ PushSettings        muted per user and conversation, e2e per conversation
+                                        └─ PushQueue           pending notifications: enqueue, claim, finish
+
+A consumer annotates with the narrowest part it uses; the values passed in and out are the
+dataclasses of ``storage.records`` (re-exported here).
 
 Shaped so that a wide-column store (Cassandra / ScyllaDB) fits without a cross-partition
 transaction:
@@ -20,135 +34,69 @@ transaction:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from mqchat.errors import ErrorCode, MqchatError
+from storage.records import (
+    DEFAULT_SETTINGS,
+    PRESENCE_VISIBILITY,
+    WHO_MAY_ADD,
+    AppendResult,
+    ChangesPage,
+    ConvState,
+    DeviceToken,
+    Group,
+    GroupMember,
+    Membership,
+    NewMessage,
+    Page,
+    Pending,
+    PushJob,
+    StoredMessage,
+    StoreStatistics,
+    UserSettings,
+    WatermarkResult,
+)
+
+__all__ = [
+    "BUCKET_SIZE",
+    "DEFAULT_SETTINGS",
+    "PRESENCE_VISIBILITY",
+    "WHO_MAY_ADD",
+    "AppendResult",
+    "ChangesPage",
+    "ConvState",
+    "ConversationStates",
+    "DeviceToken",
+    "DeviceTokens",
+    "Group",
+    "GroupMember",
+    "Groups",
+    "Membership",
+    "MessageLog",
+    "MessageStore",
+    "NewMessage",
+    "NoSuchConversation",
+    "NotMember",
+    "Page",
+    "Pending",
+    "PrivacySettings",
+    "PushJob",
+    "PushQueue",
+    "PushSettings",
+    "PushStore",
+    "SeqBeyondEnd",
+    "Storage",
+    "StoreRefusal",
+    "StoreStatistics",
+    "StoredMessage",
+    "UserSettings",
+    "WatermarkResult",
+]
 
 BUCKET_SIZE = 10_000
 """Seqs per partition bucket for stores that bucket conversations."""
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """A message the bridge has validated and wants stored."""
-
-    conv: str
-    members: tuple[str, ...]  # the conversation's members: their state rows change with it
-    sender: str
-    device: str
-    client_id: str
-    kind: str
-    body: str
-    media: tuple[str, ...]
-    ts: int  # server receipt time, ms since the epoch
-
-
-WHO_MAY_ADD = ("everyone", "contacts", "nobody")
-PRESENCE_VISIBILITY = ("contacts", "nobody")
-
-
-@dataclass(frozen=True, slots=True)
-class UserSettings:
-    """A user's consent. ``who_may_add``: who may put them in a group or channel (everyone;
-    contacts, users they already share a conversation with; nobody). ``presence``: who sees
-    them online (contacts: users sharing a conversation; nobody)."""
-
-    who_may_add: str = "everyone"
-    presence: str = "contacts"
-
-
-DEFAULT_SETTINGS = UserSettings()
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    conv: str
-    seq: int
-    mid: str
-    sender: str
-    device: str
-    client_id: str
-    ts: int
-    kind: str
-    body: str
-    media: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    message: StoredMessage
-    duplicate: bool  # True: (sender, client_id) was stored before; nothing was written now
-    members: tuple[str, ...] = ()  # who the message goes to (for groups: the members at that seq; channels: none)
-    kind: str = "dm"  # "dm" | "group" | "channel" (a channel's message is published once, to c/{conv}/in)
-
-
-@dataclass(frozen=True, slots=True)
-class GroupMember:
-    user: str
-    role: str  # "admin" | "member"
-    joined_seq: int  # the first seq this member may read (history from the join point)
-
-
-@dataclass(frozen=True, slots=True)
-class Group:
-    conv: str
-    name: str
-    kind: str  # "group" | "channel"
-    creator: str
-    created_at: int
-    members: tuple[GroupMember, ...]
-
-    def member(self, user: str) -> GroupMember | None:
-        return next((m for m in self.members if m.user == user), None)
-
-    @property
-    def users(self) -> tuple[str, ...]:
-        return tuple(m.user for m in self.members)
-
-
-@dataclass(frozen=True, slots=True)
-class Membership:
-    """One user's standing in a group or channel."""
-
-    kind: str  # "group" | "channel"
-    member: GroupMember | None  # None: not a member
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    messages: tuple[StoredMessage, ...]
-    more: bool  # further messages exist in the direction of the read
-
-
-@dataclass(frozen=True, slots=True)
-class ConvState:
-    """One member's view of one conversation."""
-
-    conv: str
-    kind: str
-    last_seq: int
-    delivered: int  # highest seq the user's devices have received
-    read: int  # highest seq the user has read
-    updated_at: int  # ms since the epoch of the last change
-    version: int  # the store-wide change counter at the last change (the sync cursor orders by it)
-
-    @property
-    def unread(self) -> int:
-        return max(0, self.last_seq - self.read)
-
-
-@dataclass(frozen=True, slots=True)
-class WatermarkResult:
-    state: ConvState
-    changed: bool  # False: the new value was not above the stored one (monotonic: ignored)
-
-
-@dataclass(frozen=True, slots=True)
-class ChangesPage:
-    states: tuple[ConvState, ...]  # ascending by version
-    version: int  # resume after this version
-    more: bool
 
 
 class StoreRefusal(MqchatError):
@@ -176,15 +124,10 @@ class NoSuchConversation(StoreRefusal):
     code = ErrorCode.NOT_FOUND
 
 
-@dataclass(frozen=True, slots=True)
-class StoreStatistics:
-    appended: int
-    duplicates: int
-    commits: int  # durable commits (fsyncs); appended / commits is the group-commit factor
-    queued: int  # appends waiting for the writer right now
+# --- the message store's parts -------------------------------------------------------------------
 
 
-class MessageStore(ABC):
+class MessageLog(ABC):
     """Durable, sequenced, deduplicated messages, partitioned by conversation."""
 
     @abstractmethod
@@ -204,6 +147,11 @@ class MessageStore(ABC):
     async def last_seq(self, conv: str) -> int:
         """The highest seq of conv (0 when empty)."""
 
+
+class ConversationStates(ABC):
+    """Each member's state of each conversation (watermarks, unread) and the per-user change
+    index that sync reads."""
+
     @abstractmethod
     async def set_watermark(self, *, conv: str, user: str, delivered: int | None, read: int | None) -> WatermarkResult:
         """Raise the user's delivered/read watermarks of conv (reading implies delivery).
@@ -220,6 +168,14 @@ class MessageStore(ABC):
     @abstractmethod
     async def current_version(self) -> int:
         """The store-wide change counter now (a cursor beyond it is invalid)."""
+
+    @abstractmethod
+    async def total_unread(self, user: str) -> int:
+        """Unread messages over all of the user's conversations (an app badge)."""
+
+
+class Groups(ABC):
+    """Groups and channels: their members, roles and join points; who shares a conversation."""
 
     @abstractmethod
     async def create_group(
@@ -239,8 +195,7 @@ class MessageStore(ABC):
         """Remove user: no further messages, no history, no state row."""
 
     @abstractmethod
-    async def total_unread(self, user: str) -> int:
-        """Unread messages over all of the user's conversations (an app badge)."""
+    async def set_role(self, *, conv: str, user: str, role: str) -> Group: ...
 
     @abstractmethod
     async def membership(self, *, conv: str, user: str) -> Membership | None:
@@ -252,6 +207,10 @@ class MessageStore(ABC):
         """Whether users a and b are both in some group, or in a 1:1 conversation that has a
         message. Channels do not count: their members are strangers to each other."""
 
+
+class PrivacySettings(ABC):
+    """Each user's saved consent (``UserSettings``)."""
+
     @abstractmethod
     async def user_settings(self, users: Sequence[str]) -> dict[str, UserSettings]:
         """The privacy settings each of users has saved (absent: never saved; the server's
@@ -260,12 +219,124 @@ class MessageStore(ABC):
     @abstractmethod
     async def set_user_settings(self, user: str, settings: UserSettings) -> None: ...
 
-    @abstractmethod
-    async def set_role(self, *, conv: str, user: str, role: str) -> Group: ...
+
+class MessageStore(MessageLog, ConversationStates, Groups, PrivacySettings):
+    """Everything a backend keeps about messages, built from its per-domain parts."""
 
     @abstractmethod
     def statistics(self) -> StoreStatistics: ...
 
+    def dead_workers(self) -> list[str]:
+        """Names of the store's workers that have died (nothing can be stored then); none by default."""
+        return []
+
     @abstractmethod
     async def aclose(self) -> None:
         """Finish queued appends, then release the backend."""
+
+
+# --- the push store's parts ----------------------------------------------------------------------
+
+
+class DeviceTokens(ABC):
+    """Push tokens: a token is bound to one device, a device has one token."""
+
+    @abstractmethod
+    async def put_token(self, token: DeviceToken) -> None:
+        """Bind token to (user, device): a token is bound to one device only (moving it re-binds it),
+        and a device has one token (a new one replaces the old)."""
+
+    @abstractmethod
+    async def delete_device_token(self, user: str, device: str) -> bool:
+        """Forget the device's token; False when it had none."""
+
+    @abstractmethod
+    async def delete_token(self, token: str, *, registered_before: int | None = None) -> bool:
+        """Forget a token the provider reported invalid; with registered_before (APNs 410's
+        timestamp), only if it was not registered again since."""
+
+    @abstractmethod
+    async def tokens(self, users: Iterable[str]) -> list[DeviceToken]:
+        """The tokens of every device of users."""
+
+    async def token_of(self, user: str, device: str) -> DeviceToken | None:
+        """The device's token, if it has one."""
+        found = [t for t in await self.tokens([user]) if t.device == device]
+        return found[0] if found else None
+
+
+class PushSettings(ABC):
+    """Whether a user muted a conversation, and whether a conversation is end-to-end encrypted
+    (its previews are then not shown)."""
+
+    @abstractmethod
+    async def set_muted(self, user: str, conv: str, muted: bool) -> None: ...
+
+    @abstractmethod
+    async def set_e2e(self, conv: str, e2e: bool) -> None: ...
+
+    @abstractmethod
+    async def settings(self, user: str, conv: str) -> tuple[bool, bool]:
+        """(muted by user, conversation end-to-end encrypted)."""
+
+
+class PushQueue(ABC):
+    """Pending notifications, one per (user, device, conv): a burst within the window is one job;
+    a job is claimed before it is sent and pushed at most once."""
+
+    @abstractmethod
+    async def enqueue(self, pending: list[Pending], *, due_at: int) -> int:
+        """Add messages for offline devices; a device's pending notification for the same
+        conversation absorbs them (its window does not move). Seqs already pushed are ignored.
+        Returns how many jobs were added or grown."""
+
+    @abstractmethod
+    async def claim_due(self, now: int, limit: int) -> list[PushJob]:
+        """Up to limit jobs whose window has closed, marked as being sent (durably) before return."""
+
+    @abstractmethod
+    async def finish(self, job: PushJob, *, sent: bool, next_due_at: int) -> None:
+        """The job is done (sent or dropped). Messages that arrived while it was being sent
+        open a new window (due at next_due_at)."""
+
+    @abstractmethod
+    async def drop_interrupted(self) -> int:
+        """At start-up: jobs left being sent by a process that died may or may not have reached
+        the provider; dropping them keeps the promise of at most one push per message."""
+
+    @abstractmethod
+    async def depth(self) -> int:
+        """Jobs queued, claimed ones included."""
+
+    @abstractmethod
+    async def next_due(self) -> int | None:
+        """When the earliest unclaimed job falls due (ms); None when there is none."""
+
+
+class PushStore(DeviceTokens, PushSettings, PushQueue):
+    """Everything push keeps, built from its per-domain parts."""
+
+    def dead_workers(self) -> list[str]:
+        """Names of the store's workers that have died; none by default."""
+        return []
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release the backend."""
+
+
+# --- the bundle ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Storage:
+    """One backend's stores, opened together by ``storage.open_storage``."""
+
+    messages: MessageStore
+    push: PushStore
+
+    def statistics(self) -> StoreStatistics:
+        return self.messages.statistics()
+
+    def dead_workers(self) -> list[str]:
+        return [*self.messages.dead_workers(), *self.push.dead_workers()]

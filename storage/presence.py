@@ -21,17 +21,15 @@ devices of a crashed broker go offline on their own). Both pass ``tests/test_pre
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
 
 from prometheus_client import Counter
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
-from mqchat.tasks import cancel_and_wait, ended
+from mqchat.service import Service
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +57,18 @@ class Presence:
 Listener = Callable[[Presence], None]
 
 
-class PresenceRegistry(ABC):
-    """Async context manager: runs the sweep (and, per backend, liveness) in the background."""
+class PresenceRegistry(Service, ABC):
+    """A service (async context manager, or ``start()``/``aclose()``): runs the sweep (and, per
+    backend, liveness) as workers."""
+
+    name = "presence"
 
     def __init__(self, *, grace_s: float = 5.0, sweep_interval_s: float = 0.25, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__()
         self.grace_s = grace_s
         self.sweep_interval_s = sweep_interval_s
         self.clock = clock
         self._listeners: list[Listener] = []
-        self._tasks: list[asyncio.Task[None]] = []
 
     def listen(self, listener: Listener) -> None:
         """Call listener (on this loop) with every transition, wherever it was made."""
@@ -103,19 +104,11 @@ class PresenceRegistry(ABC):
         """Turn users whose grace window ended (and, per backend, whose process died) offline."""
 
     async def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="presence-sweep"))
+        """Start the workers (what ``async with`` does on entry); ``aclose()`` stops them."""
+        await self.__aenter__()
 
-    async def aclose(self) -> None:
-        await self._stop_tasks()
-
-    def dead_workers(self) -> list[str]:
-        return ended(self._tasks)
-
-    async def _stop_tasks(self) -> None:
-        """Cancel the background tasks and wait until they end (again and again: a client
-        library can lose a cancellation, see ``mqchat.tasks``)."""
-        tasks, self._tasks = list(self._tasks), []
-        await cancel_and_wait(tasks, what="presence")
+    async def _start(self) -> None:
+        self.start_worker(self._sweep_loop(), name="presence-sweep")
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -124,15 +117,6 @@ class PresenceRegistry(ABC):
             except Exception:
                 logger.exception("presence sweep failed; retrying")
             await self.clock.sleep(self.sweep_interval_s)
-
-    async def __aenter__(self) -> PresenceRegistry:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
 
 class MemoryPresence(PresenceRegistry):

@@ -22,8 +22,9 @@ in bounded atomic batches, and users left without a device go offline at once (t
 their grace window). A process that comes back after its key expired re-registers the devices
 it still holds, unless they have connected elsewhere since.
 
-A graceful ``aclose`` removes this process's devices as disconnects would (offline after the
-grace window, turned by the sweep of any process still running) and retires the node.
+A graceful ``aclose`` stops the workers (heartbeat, listener, sweep), then removes this
+process's devices as disconnects would (offline after the grace window, turned by the sweep of
+any process still running) and retires the node.
 
 Limits: pub/sub delivers at most once; a transition published while a process is reconnecting
 to Redis is not heard by that process (logged). Scripts touch keys derived from their
@@ -278,7 +279,7 @@ class RedisPresence(PresenceRegistry):
             retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.01), 3),
         )
         self._pubsub: PubSub | None = None
-        self._closed = False
+        self._retire_at_close = False  # set once registered; abandon() clears it
         # Devices connected through this process (user, device) -> conn: re-registered if this
         # node was declared dead while it was in fact still running.
         self._local: dict[tuple[str, str], str] = {}
@@ -366,27 +367,37 @@ class RedisPresence(PresenceRegistry):
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def _start(self) -> None:
         """Register this node and subscribe before returning (so no later transition is missed);
         raises if Redis cannot be reached."""
-        try:
-            # Devices left under this node id by an earlier run (a fixed node id reused after a
-            # crash) leave as if disconnected: offline after the grace window unless they return.
-            await self._drain_devices()
-            await self._heartbeat()
-            self._pubsub = await self._subscribe()
-        except BaseException:
-            await self._close_connections()
-            raise
-        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="presence-heartbeat"))
-        self._tasks.append(asyncio.create_task(self._listen_loop(), name="presence-listen"))
-        await super().start()
+        # Devices left under this node id by an earlier run (a fixed node id reused after a
+        # crash) leave as if disconnected: offline after the grace window unless they return.
+        await self._drain_devices()
+        await self._heartbeat()
+        self._pubsub = await self._subscribe()
+        self._retire_at_close = True
+        self.start_worker(self._heartbeat_loop(), name="presence-heartbeat")
+        self.start_worker(self._listen_loop(), name="presence-listen")
+        await super()._start()
 
-    async def aclose(self) -> None:
-        """Stop; this node's devices go offline after the grace window, as if they disconnected."""
-        if self._closed:
-            return
-        await self._stop_tasks()
+    async def _stopped(self) -> None:
+        """After the workers: this node's devices go offline after the grace window, as if they
+        disconnected (unless abandoned), and the node retires."""
+        try:
+            if self._retire_at_close:
+                await self._retire()
+        finally:
+            self._local.clear()
+            await self._close_connections()
+
+    async def abandon(self) -> None:
+        """Stop heartbeats and listening without cleaning up, as a killed process would: this
+        node's devices stay registered until its liveness key expires, then any other process's
+        sweep turns them offline."""
+        self._retire_at_close = False
+        await self.aclose()
+
+    async def _retire(self) -> None:
         try:
             await self._drain_devices()
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -401,18 +412,6 @@ class RedisPresence(PresenceRegistry):
                 type(exc).__name__,
                 exc,
             )
-        finally:
-            self._local.clear()
-            await self._close_connections()
-
-    async def abandon(self) -> None:
-        """Stop heartbeats and listening without cleaning up, as a killed process would: this
-        node's devices stay registered until its liveness key expires, then any other process's
-        sweep turns them offline."""
-        if self._closed:
-            return
-        await self._stop_tasks()
-        await self._close_connections()
 
     async def _drain_devices(self) -> None:
         """Remove this node's devices as disconnects would (users left without one are due)."""
@@ -424,7 +423,6 @@ class RedisPresence(PresenceRegistry):
             pass
 
     async def _close_connections(self) -> None:
-        self._closed = True
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             await _close_quietly(pubsub)

@@ -1,0 +1,14 @@
+"""``SqliteMessageStore``: the message store's SQLite parts composed into one class over one
+database (one writer, one file)."""
+
+from __future__ import annotations
+
+from storage.base import MessageStore
+from storage.sqlite.conversations import SqliteConversationStates
+from storage.sqlite.groups import SqliteGroups
+from storage.sqlite.messages import SqliteMessageLog
+from storage.sqlite.settings import SqlitePrivacySettings
+
+
+class SqliteMessageStore(SqliteMessageLog, SqliteConversationStates, SqliteGroups, SqlitePrivacySettings, MessageStore):
+    """SQLite-backed MessageStore. Use ``await SqliteMessageStore.open(path)``."""
