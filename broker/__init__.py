@@ -1,15 +1,27 @@
-"""The MQTT broker: amqtt, made fit for mobile chat by plugins and a subclass.
+"""The MQTT broker: amqtt, made fit for mobile chat by plugins, a subclass and named parts.
 
 ::
 
-    phone ──CONNECT(user, JWT, client id = device)──▶ JwtAuthPlugin ──✗──▶ CONNACK refused
-                                                        │ identity → session.attributes
-    phone ──PUBLISH / SUBSCRIBE──▶ TopicAclPlugin ──✗──▶ SUBACK 0x80 / error envelope, dropped
-                                                        │
-                                  MqchatBroker routing ──▶ subscribers (the bridge on u/+/+/out)
+    phone ──TCP──▶ connect.read_connect ─── CONNECT framed by mqchat.mqtt_codec, protocol level checked
+                      │
+                      ▼
+                   Admission ──✗──▶ CONNACK refused; nothing else changes
+                      │  limits (connections, connects/s per IP)
+                      │  JwtAuthPlugin: identity → session.attributes (before any takeover)
+                      │  session resolution (clean: new; persistent: the device's own)
+                      ▼
+                   MqchatProtocolHandler (per connection: codec-framed reader, keepalive enforced)
+                      │ PUBLISH on its own u/{user}/{device}/out ──▶ inbound hook (in-broker bridge)
+                      │ SUBSCRIBE ──▶ TopicAclPlugin ──✗──▶ SUBACK 0x80      (MembershipCache answers)
+                      │ other PUBLISH ──▶ TopicAclPlugin ──✗──▶ error envelope, dropped
+                      ▼
+                   Delivery ── SubscriptionIndex ──▶ subscribers' sockets (bounded queues and buffers)
 
-    MetricsPlugin: connected clients, connects refused.
+    connect/disconnect ──▶ PresenceReports ──▶ PresenceRegistry ──▶ retained p/{user}
+    $mqchat/membership ──▶ MembershipSync ──▶ MembershipCache invalidated, subscriptions rechecked
 
-The bridge connects as the service user with an HMAC-derived credential that no device token
-can equal (see ``mqchat.tokens``). ``broker`` never imports ``bridge``; ``mqchat.app`` wires them.
+``MqchatBroker`` (``broker.server``) holds only the adaptation to amqtt 0.12.1 and hands the work
+to these parts. ``MetricsPlugin`` counts connected clients. The bridge connects as the service
+user with an HMAC-derived credential that no device token can equal (see ``mqchat.tokens``).
+``broker`` never imports ``bridge``; ``mqchat.app`` wires them.
 """

@@ -8,12 +8,13 @@
   kept in the persistent session and resent with DUP on reconnect. amqtt gives up after 5 s
   and forgets the message.
 - A packet larger than the configured maximum closes the connection before it is read.
-- A session's state is three words, not a ``transitions.Machine``: building that machine was
-  half the cost of a connect and a large part of an idle connection's memory.
 - The inbound side reads each packet with two awaits (fixed header, body) straight from the
-  socket's stream and handles PUBLISH (QoS 0/1), PUBACK and PINGREQ inline, writing PUBACK and
-  PINGRESP bytes directly. amqtt reads a packet in many small awaits, fires a plugin event and
-  starts a task per packet; every other packet type still goes to amqtt's handlers that way.
+  socket's stream, framed and decoded by ``mqchat.mqtt_codec``, and handles PUBLISH (QoS 0/1),
+  PUBACK and PINGREQ inline, writing PUBACK and PINGRESP bytes directly. amqtt reads a packet in
+  many small awaits, fires a plugin event and starts a task per packet; every other packet type
+  still goes to amqtt's handlers that way.
+
+The CONNECT is read in ``broker.connect``; a session's lean state is in ``broker.session``.
 """
 
 from __future__ import annotations
@@ -27,13 +28,6 @@ from typing import Any
 from amqtt.adapters import BufferReader, StreamReaderAdapter
 from amqtt.errors import MQTTError, NoDataError
 from amqtt.mqtt import packet_class
-from amqtt.mqtt.connack import (
-    BAD_USERNAME_PASSWORD,
-    IDENTIFIER_REJECTED,
-    UNACCEPTABLE_PROTOCOL_VERSION,
-    ConnackPacket,
-)
-from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.packet import (
     DISCONNECT,
@@ -51,67 +45,19 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import OUTGOING, IncomingApplicationMessage, Session
-from transitions import MachineError
 
+from broker.connect import read_connect
 from broker.plugins import is_service
 from broker.queues import LeanQueue
-
-MQTT_3_1_1 = 4
+from broker.session import InboundQueue
+from mqchat import mqtt_codec as codec
+from mqchat.mqtt_codec import MalformedPacket
 
 logger = logging.getLogger(__name__)
 
 
 class PacketTooLarge(Exception):
     """A client sent a packet over the size limit; its connection is closed."""
-
-
-class InboundQueue(LeanQueue):
-    """A session's bounded queue of received publishes (its reader waits while it is full)."""
-
-
-async def _read_remaining_length(read: Callable[[int], Awaitable[bytes]]) -> int:
-    """The fixed header's remaining length (a variable-length integer of 1-4 bytes)."""
-    length, shift = 0, 0
-    for _ in range(4):
-        chunk = await read(1)
-        if not chunk:
-            raise NoDataError("connection closed")
-        length |= (chunk[0] & 0x7F) << shift
-        if not chunk[0] & 0x80:
-            return length
-        shift += 7
-    raise MalformedPacket("remaining length longer than 4 bytes")
-
-
-async def _read_connect_bytes(reader: Any) -> bytes:
-    """The first packet of a connection, whole (its size limited by the reader); it must be a CONNECT."""
-    packet = bytearray(await reader.read(1))
-    if not packet:
-        raise NoDataError("connection closed before CONNECT")
-    if packet[0] != 0x10:
-        raise MQTTError("[MQTT-3.1.0-1] the first packet must be CONNECT")
-
-    async def read_kept(n: int) -> bytes:
-        chunk: bytes = await reader.read(n)
-        packet.extend(chunk)
-        return chunk
-
-    length = await _read_remaining_length(read_kept)
-    if length:
-        await read_kept(length)
-    return bytes(packet)
-
-
-def _other_protocol_level(packet: bytes) -> bool:
-    """Is this CONNECT one of MQTT at a level other than 4 (3.1.1): MQTT 5 ("MQTT", level 5) or
-    3.1 ("MQIsdp", level 3)? Read from the raw bytes, before the payload is decoded."""
-    start = 1
-    while packet[start] & 0x80:
-        start += 1
-    header = packet[start + 1 :]
-    if header[:6] == b"\x00\x04MQTT":
-        return header[6:7] != bytes([MQTT_3_1_1])
-    return header[:8] == b"\x00\x06MQIsdp"
 
 
 class LimitedReader(StreamReaderAdapter):
@@ -133,84 +79,11 @@ class LimitedReader(StreamReaderAdapter):
         return data
 
 
-class SessionStates:
-    """What amqtt uses of a session's state machine: new → connected ⇄ disconnected."""
-
-    __slots__ = ("_session", "state")
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        self.state = "new"
-
-    def connect(self) -> None:
-        if self.state == "connected":
-            raise MachineError("session is already connected")
-        self.state = "connected"
-        self._session._on_enter_connected()
-
-    def disconnect(self) -> None:
-        self.state = "disconnected"
-        self._session._on_enter_disconnected()
-
-    def is_connected(self) -> bool:
-        return self.state == "connected"
-
-
-class MqchatSession(Session):
-    def __init__(self) -> None:
-        super().__init__()
-        self.retained_messages = LeanQueue()
-        self.delivered_message_queue = LeanQueue()
-
-    def _init_states(self) -> None:
-        self.transitions = SessionStates(self)
-
-
-def publish_bytes(topic: bytes, payload: bytes, qos: int, packet_id: int) -> bytes:
-    """One PUBLISH packet, encoded directly (no packet objects)."""
-    body_len = 2 + len(topic) + (2 if qos else 0) + len(payload)
-    header = bytearray([0x30 | (qos << 1)])
-    n = body_len
-    while True:
-        byte, n = n % 128, n // 128
-        header.append(byte | (0x80 if n else 0))
-        if not n:
-            break
-    header += len(topic).to_bytes(2, "big") + topic
-    if qos:
-        header += packet_id.to_bytes(2, "big")
-    return bytes(header) + payload
-
-
-_PINGRESP = b"\xd0\x00"
-
-
-class MalformedPacket(Exception):
-    """A packet that does not parse; its connection is closed."""
-
-
-def _parse_publish(first: int, body: bytes) -> IncomingApplicationMessage | None:
-    """A QoS 0/1 PUBLISH as amqtt's incoming message (None: a QoS 0 with DUP, to be ignored)."""
-    qos = (first >> 1) & 3
-    if len(body) < 2:
-        raise MalformedPacket("PUBLISH without a topic")
-    end = 2 + int.from_bytes(body[:2], "big")
-    if qos:
-        end += 2
-    if len(body) < end:
-        raise MalformedPacket("PUBLISH shorter than its topic")
-    try:
-        topic = body[2 : end - 2 if qos else end].decode("utf-8")
-    except UnicodeDecodeError:
-        raise MalformedPacket("PUBLISH topic is not UTF-8") from None
-    packet_id = int.from_bytes(body[end - 2 : end], "big") if qos else None
-    if qos == 0 and first & 0x08:
-        return None  # [MQTT-3.3.1-2] DUP on a QoS 0 message: ignored, as amqtt does
-    data = body[end:]
-    retain = bool(first & 0x01)
+def _incoming(packet_id: int | None, topic: str, qos: int, data: bytes, retain: bool) -> IncomingApplicationMessage:
+    """amqtt's message object for a decoded PUBLISH, built once (no intermediate packet object)."""
     message = IncomingApplicationMessage(packet_id, topic, qos, data, retain)
     if retain:  # the broker looks at the packet only for the retain flag
-        message.publish_packet = PublishPacket.build(topic, data, packet_id, bool(first & 0x08), qos, retain)
+        message.publish_packet = PublishPacket.build(topic, data, packet_id, False, qos, retain)
     return message
 
 
@@ -259,51 +132,8 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
     async def init_from_connect(
         cls, reader: Any, writer: Any, plugins_manager: Any, loop: asyncio.AbstractEventLoop | None = None
     ) -> tuple[MqchatProtocolHandler, Session]:
-        """Read and check CONNECT; answer protocol-level refusals; build the incoming session."""
-        packet = await _read_connect_bytes(reader)
-        if _other_protocol_level(packet):
-            # Refused before the payload is decoded: a CONNECT of another protocol level (MQTT 5
-            # adds properties, 3.1 names itself "MQIsdp") cannot be decoded with 3.1.1's layout.
-            await ConnackPacket.build(0, UNACCEPTABLE_PROTOCOL_VERSION).to_stream(writer)
-            await writer.close()
-            raise MQTTError(f"CONNECT refused with return code {UNACCEPTABLE_PROTOCOL_VERSION}")
-        connect = await ConnectPacket.from_stream(BufferReader(packet))
-        header, payload = connect.variable_header, connect.payload
-        if header is None or payload is None or payload.client_id is None:
-            raise MQTTError("malformed CONNECT")
-        if header.reserved_flag or connect.proto_name != "MQTT":
-            raise MQTTError("[MQTT-3.1.2-1/3] not an MQTT CONNECT")
-        if connect.will_flag and (connect.will_topic is None or connect.will_message is None):
-            raise MQTTError("will flag without will topic and message")
-        refusal = None
-        if connect.proto_level != MQTT_3_1_1:
-            refusal = UNACCEPTABLE_PROTOCOL_VERSION
-        elif (
-            (connect.password_flag and not connect.username_flag)
-            or (connect.username_flag and connect.username is None)
-            or (connect.password_flag and connect.password is None)
-        ):
-            refusal = BAD_USERNAME_PASSWORD
-        elif not connect.clean_session_flag and payload.client_id_is_random:
-            refusal = IDENTIFIER_REJECTED  # [MQTT-3.1.3-8] a persistent session needs a client id
-        if refusal is not None:
-            await ConnackPacket.build(0, refusal).to_stream(writer)
-            await writer.close()
-            raise MQTTError(f"CONNECT refused with return code {refusal}")
-        session = MqchatSession()
-        session.client_id = connect.client_id
-        session.clean_session = connect.clean_session_flag
-        session.will_flag = connect.will_flag
-        session.will_retain = connect.will_retain_flag
-        session.will_qos = connect.will_qos
-        session.will_topic = connect.will_topic
-        session.will_message = connect.will_message
-        session.username = connect.username
-        session.password = connect.password
-        session.keep_alive = max(connect.keep_alive, 0)
-        peer = writer.get_peer_info()
-        if peer is not None:
-            session.remote_address, session.remote_port = peer
+        """Read and check CONNECT (``broker.connect``); the handler and the incoming session."""
+        session = await read_connect(reader, writer)
         return cls(plugins_manager, loop=loop), session
 
     async def _reader_loop(self) -> None:
@@ -325,8 +155,10 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
                     await inbound.wait_not_full()  # TCP pushes back on a flooding publisher
                 try:
                     async with asyncio.timeout(keepalive):  # a whole packet within the keepalive allowance
-                        first = (await stream.readexactly(1))[0]
-                        length = await self._read_length(stream)
+                        header = await stream.readexactly(2)
+                        while (decoded := codec.decode_remaining_length(header)) is None:
+                            header += await stream.readexactly(1)
+                        first, length = header[0], decoded[0]
                         if length > reader.max_packet_bytes:
                             raise PacketTooLarge(
                                 f"packet of {length} bytes over the limit of {reader.max_packet_bytes}"
@@ -345,7 +177,7 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
                 elif kind == PUBACK and length == 2:
                     self._receive_puback(int.from_bytes(body, "big"))
                 elif kind == PINGREQ:
-                    self.write_publish(_PINGRESP)
+                    self.write_publish(codec.PINGRESP_BYTES)
                 else:
                     task = await self._dispatch(first, body)
                     if task is not None:
@@ -366,14 +198,10 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         self._reader_stopped.set()
         await self.stop()
 
-    @staticmethod
-    async def _read_length(stream: asyncio.StreamReader) -> int:
-        return await _read_remaining_length(stream.readexactly)
-
     async def _receive_publish(self, first: int, body: bytes) -> None:
-        message = _parse_publish(first, body)
-        if message is None or self.session is None:
-            return
+        message = codec.decode_publish_into(first, body, _incoming)
+        if (first & 0x08 and not message.qos) or self.session is None:
+            return  # [MQTT-3.3.1-2] DUP on a QoS 0 message: ignored, as amqtt does
         if message.retain and not is_service(self.session):
             # Devices never leave state on the broker: refused visibly, not dropped in silence.
             raise MalformedPacket("a retained PUBLISH from a device (only the server retains messages)")
@@ -386,7 +214,7 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         elif not queue.full():
             queue.put_nowait(message)
         if message.packet_id is not None:
-            self.write_publish(b"\x40\x02" + message.packet_id.to_bytes(2, "big"))  # PUBACK once it is taken
+            self.write_publish(codec.encode_puback(message.packet_id))  # PUBACK once it is taken
 
     def _receive_puback(self, packet_id: int) -> None:
         """A message of ours acknowledged: the slow path's waiter, or the fast path's in-flight entry."""
@@ -413,7 +241,11 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         }.get(kind)  # a second CONNECT, or a packet only a server sends, closes the connection
         if handler is None:
             raise MalformedPacket(f"a client may not send packet type {kind}")
-        return asyncio.create_task(handler(packet))
+        # A task per packet, as amqtt's own reader does: its handlers wait on the broker (a
+        # SUBSCRIBE waits for the ACL and the broker's subscription loop, a QoS 2 flow for its
+        # PUBREL) while this reader goes on reading. The tasks belong to this connection: they
+        # are cancelled when its reader ends.
+        return asyncio.create_task(handler(packet), name=f"mqtt-{kind}")
 
     def handle_read_timeout(self) -> None:
         session = self.session

@@ -14,9 +14,8 @@ from prometheus_client import Counter, Gauge
 from broker.membership import MembershipCache
 from mqchat.errors import AuthError, ErrorCode
 from mqchat.ids import is_valid_id, parse_conv
+from mqchat.internal_topics import DEVICES_TOPIC_FILTER, MEMBERSHIP_TOPIC
 from mqchat.protocol import (
-    DEVICES_TOPIC_FILTER,
-    MEMBERSHIP_TOPIC,
     OUT_TOPIC_FILTER,
     PRESENCE_TOPIC_FILTER,
     device_in_topic,

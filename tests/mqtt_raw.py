@@ -1,4 +1,7 @@
-"""A tiny raw-socket MQTT 3.1.1 client for broker tests: exact control over every packet."""
+"""A tiny raw-socket MQTT 3.1.1 client for broker tests: exact control over every packet.
+
+Packets are framed and encoded by ``mqchat.mqtt_codec``, as the broker and the load generator do.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,11 @@ import socket
 import struct
 from dataclasses import dataclass
 
-
-def _field(value: str | bytes) -> bytes:
-    raw = value.encode() if isinstance(value, str) else value
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+from mqchat import mqtt_codec as codec
 
 
 def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _remaining_length(len(body)) + body
+    return codec.encode_packet(first, body)
 
 
 def connect_packet(
@@ -34,30 +25,21 @@ def connect_packet(
     clean: bool = True,
     will: tuple[str, bytes] | None = None,
 ) -> bytes:
-    flags = (0x02 if clean else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    payload = _field(client_id)
-    if will is not None:
-        flags |= 0x04 | (1 << 3)  # will, QoS 1
-        payload += _field(will[0]) + _field(will[1])
-    if username is not None:
-        payload += _field(username)
-    if password is not None:
-        payload += _field(password)
-    return packet(0x10, _field("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload)
+    return codec.encode_connect(
+        client_id, username, password, keepalive=keepalive, clean_session=clean, will=will, will_qos=1
+    )
 
 
 def subscribe_packet(packet_id: int, topic: str, qos: int = 1) -> bytes:
-    return packet(0x82, struct.pack("!H", packet_id) + _field(topic) + bytes([qos]))
+    return codec.encode_subscribe(packet_id, [(topic, qos)])
 
 
 def publish_packet(topic: str, payload: bytes, *, qos: int = 0, packet_id: int = 0, retain: bool = False) -> bytes:
-    first = 0x30 | (qos << 1) | (1 if retain else 0)
-    body = _field(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
-    return packet(first, body)
+    return codec.encode_publish(topic, payload, qos, packet_id, retain=retain)
 
 
 def puback_packet(packet_id: int) -> bytes:
-    return packet(0x40, struct.pack("!H", packet_id))
+    return codec.encode_puback(packet_id)
 
 
 @dataclass
@@ -66,10 +48,12 @@ class Packet:
     flags: int
     body: bytes
 
+    def _publish(self) -> codec.Publish:
+        return codec.decode_publish(0x30 | self.flags, self.body)
+
     @property
     def topic(self) -> str:
-        (n,) = struct.unpack("!H", self.body[:2])
-        return self.body[2 : 2 + n].decode()
+        return self._publish().topic
 
     @property
     def qos(self) -> int:
@@ -81,15 +65,13 @@ class Packet:
 
     @property
     def packet_id(self) -> int:
-        (n,) = struct.unpack("!H", self.body[:2])
-        offset = 2 + n if self.type == 3 else 0
-        (pid,) = struct.unpack("!H", self.body[offset : offset + 2])
-        return int(pid)
+        if self.type == codec.PacketType.PUBLISH:
+            return self._publish().packet_id or 0
+        return codec.decode_puback(self.body[:2])
 
     @property
     def payload(self) -> bytes:
-        (n,) = struct.unpack("!H", self.body[:2])
-        return self.body[2 + n + (2 if self.qos else 0) :]
+        return self._publish().payload
 
 
 class RawClient:
@@ -97,46 +79,37 @@ class RawClient:
 
     def __init__(self, port: int, *, timeout: float = 5.0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self._buf = b""
+        self._buf = bytearray()
+        self._ready: list[tuple[int, bytes]] = []
         self.early: list[Packet] = []  # PUBLISH packets that arrived while waiting for an ack
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def _read_exact(self, n: int) -> bytes:
-        while len(self._buf) < n:
+    def read(self) -> Packet:
+        while not self._ready:
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError("closed by the broker")
             self._buf += chunk
-        data, self._buf = self._buf[:n], self._buf[n:]
-        return data
-
-    def read(self) -> Packet:
-        first = self._read_exact(1)[0]
-        length, shift = 0, 0
-        while True:
-            byte = self._read_exact(1)[0]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        return Packet(first >> 4, first & 0x0F, self._read_exact(length))
+            self._ready = codec.split_packets(self._buf)
+        first, body = self._ready.pop(0)
+        return Packet(first >> 4, first & 0x0F, body)
 
     def connect(self, client_id: str, username: str | None, password: str | None, **kw: object) -> int:
         """Send CONNECT; return the CONNACK return code."""
         self.send(connect_packet(client_id, username, password, **kw))  # type: ignore[arg-type]
         ack = self.read()
-        assert ack.type == 2, ack
-        return ack.body[1]
+        assert ack.type == codec.PacketType.CONNACK, ack
+        return codec.decode_connack(ack.body)[1]
 
     def subscribe(self, topic: str, qos: int = 1, packet_id: int = 1) -> int:
         self.send(subscribe_packet(packet_id, topic, qos))
         while True:
             p = self.read()
-            if p.type == 9:
-                return p.body[-1]
-            if p.type == 3:
+            if p.type == codec.PacketType.SUBACK:
+                return codec.decode_suback(p.body)[1][-1]
+            if p.type == codec.PacketType.PUBLISH:
                 self.early.append(p)
 
     def closed_by_peer(self, timeout: float) -> bool:

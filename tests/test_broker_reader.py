@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.server import MqchatBroker, serve_broker
+from mqchat import mqtt_codec as codec
 from mqchat.tokens import issue_token
 from tests.mqtt_raw import connect_packet, packet, publish_packet, subscribe_packet
 
@@ -33,15 +34,10 @@ class Conn:
     async def packet(self, timeout: float = 5.0) -> tuple[int, bytes]:
         """(first byte, body) of the next packet from the broker."""
         async with asyncio.timeout(timeout):
-            first = (await self.reader.readexactly(1))[0]
-            length, shift = 0, 0
-            while True:
-                byte = (await self.reader.readexactly(1))[0]
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
-            return first, await self.reader.readexactly(length)
+            header = await self.reader.readexactly(2)
+            while (decoded := codec.decode_remaining_length(header)) is None:
+                header += await self.reader.readexactly(1)
+            return header[0], await self.reader.readexactly(decoded[0])
 
     async def closed_by_broker(self, timeout: float = 5.0) -> bool:
         try:
@@ -139,16 +135,14 @@ def _mqtt5_connect(client_id: str, username: str, password: str) -> bytes:
     """An MQTT 5 CONNECT: level 5, and a properties field (here: session expiry 60 s) that a
     3.1.1 decoder would misread as the start of the payload."""
     properties = bytes([0x11]) + struct.pack("!I", 60)
-    payload = b"".join(
-        struct.pack("!H", len(f)) + f for f in (client_id.encode(), username.encode(), password.encode())
-    )
-    variable = struct.pack("!H", 4) + b"MQTT" + bytes([5, 0xC2]) + struct.pack("!H", 30)
+    payload = b"".join(codec.encode_string(f) for f in (client_id, username, password))
+    variable = codec.encode_string("MQTT") + bytes([5, 0xC2]) + struct.pack("!H", 30)
     return packet(0x10, variable + bytes([len(properties)]) + properties + payload)
 
 
 def _mqtt31_connect(client_id: str) -> bytes:
-    variable = struct.pack("!H", 6) + b"MQIsdp" + bytes([3, 0x02]) + struct.pack("!H", 30)
-    return packet(0x10, variable + struct.pack("!H", len(client_id)) + client_id.encode())
+    variable = codec.encode_string("MQIsdp") + bytes([3, 0x02]) + struct.pack("!H", 30)
+    return packet(0x10, variable + codec.encode_string(client_id))
 
 
 @pytest.mark.parametrize("level", ["5", "3.1"])

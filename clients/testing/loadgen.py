@@ -18,7 +18,7 @@ idle connections. Latency is measured with ``time.monotonic_ns()``, which on Lin
 for every process on the machine: payloads carry the *intended* send time (open-loop load), so
 a slow sender cannot hide queueing delay. Every loop here is bounded in count and in time.
 
-This module imports only mqchat's wire-protocol leaves, never server code.
+This module imports only mqchat's leaves (the wire protocol, the MQTT codec), never server code.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from mqchat import mqtt_codec as codec
 from mqchat.ids import dm_conv
 
 __all__ = [
@@ -54,8 +55,6 @@ MessageCallback = Callable[[str, bytes, int], None]
 Progress = Callable[[str], None]
 
 _STAMP = struct.Struct(">QI")  # intended send time (monotonic ns), sequence number
-_PINGREQ = b"\xc0\x00"
-_DISCONNECT = b"\xe0\x00"
 
 
 class LoadgenError(Exception):
@@ -79,38 +78,14 @@ class Creds:
     password: str | None = None
 
 
-# --- wire encoding -----------------------------------------------------------------------------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n % 128
-        n //= 128
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
-
-
-def _str(s: str) -> bytes:
-    b = s.encode()
-    return len(b).to_bytes(2, "big") + b
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + _varint(len(body)) + body
+# --- wire encoding (mqchat.mqtt_codec) ---------------------------------------------------------
 
 
 def _connect_packet(creds: Creds, keepalive: int, clean_session: bool) -> bytes:
-    flags = 0x02 if clean_session else 0
-    payload = _str(creds.client_id)
-    if creds.username is not None:
-        flags |= 0x80
-        payload += _str(creds.username)
-        if creds.password is not None:
-            flags |= 0x40
-            payload += _str(creds.password)
-    return _packet(0x10, _str("MQTT") + bytes((4, flags)) + keepalive.to_bytes(2, "big") + payload)
+    password = creds.password if creds.username is not None else None
+    return codec.encode_connect(
+        creds.client_id, creds.username, password, keepalive=keepalive, clean_session=clean_session
+    )
 
 
 # --- the client --------------------------------------------------------------------------------
@@ -181,43 +156,23 @@ class MqttClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self._buf
         buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 2:
-            length, mult, i, complete = 0, 1, pos + 1, False
-            while i < end:
-                byte = buf[i]
-                i += 1
-                length += (byte & 0x7F) * mult
-                if not byte & 0x80:
-                    complete = True
-                    break
-                mult *= 128
-                if mult > 128**3:
-                    self._protocol_error("bad remaining length")
-                    return
-            if not complete or end - i < length:
-                break
-            self._dispatch(buf[pos], bytes(buf[i : i + length]))
-            pos = i + length
-        if pos:
-            del buf[:pos]
+        try:
+            for first, body in codec.split_packets(buf):
+                self._dispatch(first, body)
+        except codec.MalformedPacket as exc:
+            self._protocol_error(str(exc))
 
     # incoming packets ------------------------------------------------------------------------
 
     def _dispatch(self, first: int, body: bytes) -> None:
         kind = first >> 4
         if kind == 3:  # PUBLISH
-            qos = (first >> 1) & 3
-            tlen = int.from_bytes(body[:2], "big")
-            topic = body[2 : 2 + tlen].decode()
-            pos = 2 + tlen
-            if qos:
-                pid = body[pos : pos + 2]
-                pos += 2
+            publish = codec.decode_publish(first, body)
+            if publish.packet_id is not None:
                 assert self.transport is not None
-                self.transport.write(b"\x40\x02" + pid)
+                self.transport.write(codec.encode_puback(publish.packet_id))
             if self.on_message is not None:
-                self.on_message(topic, body[pos:], qos)
+                self.on_message(publish.topic, publish.payload, publish.qos)
         elif kind == 4:  # PUBACK
             self.inflight -= 1
             waiter = self._inflight_waiter
@@ -227,9 +182,10 @@ class MqttClient(asyncio.Protocol):
             if not self._connack.done():
                 self._connack.set_result(body[1] if len(body) >= 2 else 255)
         elif kind == 9:  # SUBACK
-            fut = self._subacks.pop(int.from_bytes(body[:2], "big"), None)
+            pid, codes = codec.decode_suback(body)
+            fut = self._subacks.pop(pid, None)
             if fut is not None and not fut.done():
-                fut.set_result(list(body[2:]))
+                fut.set_result(codes)
         elif kind == 13:  # PINGRESP
             pass
         else:
@@ -252,7 +208,7 @@ class MqttClient(asyncio.Protocol):
     def _ping(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(_PINGREQ)
+        self.transport.write(codec.PINGREQ_BYTES)
         self._ping_handle = self._loop.call_later(self._keepalive * 0.9, self._ping)
 
     # requests --------------------------------------------------------------------------------
@@ -265,24 +221,20 @@ class MqttClient(asyncio.Protocol):
         """Subscribe and return the SUBACK return codes (0x80 = refused)."""
         assert self.transport is not None
         pid = self._packet_id()
-        body = pid.to_bytes(2, "big") + b"".join(_str(t) + bytes((q,)) for t, q in filters)
         fut: asyncio.Future[list[int]] = self._loop.create_future()
         self._subacks[pid] = fut
-        self.transport.write(_packet(0x82, body))
+        self.transport.write(codec.encode_subscribe(pid, filters))
         async with asyncio.timeout(limit_s):
             return await fut
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
         """Write one PUBLISH (QoS 0 or 1) without waiting; QoS1 raises :attr:`inflight`."""
         assert self.transport is not None
-        t = _str(topic)
         if qos:
             self.inflight += 1
-            body = t + self._packet_id().to_bytes(2, "big") + payload
-            self.transport.write(bytes((0x32,)) + _varint(len(body)) + body)
+            self.transport.write(codec.encode_publish(topic, payload, 1, self._packet_id()))
         else:
-            body = t + payload
-            self.transport.write(bytes((0x30,)) + _varint(len(body)) + body)
+            self.transport.write(codec.encode_publish(topic, payload))
 
     async def wait_writable(self) -> None:
         """Return when the transport's write buffer is below its high-water mark."""
@@ -312,7 +264,7 @@ class MqttClient(asyncio.Protocol):
         if self._ping_handle is not None:
             self._ping_handle.cancel()
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_DISCONNECT)
+            self.transport.write(codec.DISCONNECT_BYTES)
             self.transport.close()
 
 
