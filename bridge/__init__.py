@@ -1,4 +1,5 @@
-"""The bridge: every request from a device goes through one pipeline, whatever carries it.
+"""The bridge: every request from a device goes through one pipeline, whatever carries it, and
+the HTTP API shares the pipeline's rules through services.
 
 ::
 
@@ -6,15 +7,24 @@
         │  (user, device) from the topic, raw payload
         ▼
     Pipeline.handle ── parse + validate ──✗──▶ error ─────────────────▶ u/{user}/{device}/in
-        │ membership (dm:{a}:{b}: the sender must be a or b)
+        │ membership (history.require_member; dm:{a}:{b}: the sender must be a or b)
         ▼
     MessageStore.append ── dedup (sender, id) → seq + ULID mid → durable group commit
         │
         ├──▶ ack ───────────────────────────────────────────────────▶ u/{user}/{device}/in
         └──▶ msg ────────────────────────────────────────────────────▶ u/{member}/in (each)
 
-    HTTP API (ASGI): history/catch-up reads from the same MessageStore; /healthz; /metrics
+    HTTP API (bridge.http: routers that parse, call a service, render)
+        sync, history ──▶ history.History      (the join point; require_member, which the
+        │                                        pipeline's reads use too)
+        groups ─────────▶ groups.Groups ───────▶ conv events + broker notice ─▶ adapter
+        presence ───────▶ visibility.Visibility
+        push tokens ────▶ devices.Devices
+        settings ───────▶ settings.Settings
+        /healthz, /metrics
 
 The pipeline returns what to publish where (``Outgoing``); the adapter publishes it. The
-pipeline never raises on input: every bad request becomes an ``error`` envelope.
+pipeline never raises on input: every bad request becomes an ``error`` envelope. A refusal
+(``RequestError``, a store's ``StoreRefusal``) is translated once on each side: into an
+``error`` envelope by the pipeline, into ``ErrorCode.http_status`` by the HTTP API.
 """

@@ -1,4 +1,8 @@
-"""The message pipeline: request envelope + authenticated (user, device) → what to publish."""
+"""The message pipeline: request envelope + authenticated (user, device) → what to publish.
+
+Who may read or write a conversation is asked of ``bridge.history`` (the same checks the HTTP
+API makes); a refusal, from there or from the store, becomes the request's ``error`` reply in
+one place (``Pipeline._refused``)."""
 
 from __future__ import annotations
 
@@ -8,12 +12,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bridge import metrics
+from bridge.history import members_of, message_event, not_member, refusal_error, require_member
 from bridge.outgoing import Outgoing
-from bridge.ratelimit import RateLimit, RateLimiter
+from bridge.ratelimit import UNLIMITED, RateLimit, RateLimiter
 from bridge.receipts import ReceiptCoalescer, receipt_outgoing
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import ErrorCode, RequestError, StorageError
-from mqchat.ids import Conv
 from mqchat.protocol import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     Request,
@@ -25,31 +29,16 @@ from mqchat.protocol import (
     device_in_topic,
     encode,
     error_envelope,
-    msg_envelope,
     parse_request,
     user_in_topic,
 )
-from storage.base import MessageStore, NewMessage, NoSuchConversation, NotMember, SeqBeyondEnd, StoredMessage
+from storage.base import MessageStore, NewMessage, StoredMessage, StoreRefusal
 
-__all__ = ["Audience", "Outgoing", "Pipeline", "RequestLimits", "members_of", "message_event", "require_member"]
+__all__ = ["Outgoing", "Pipeline", "RequestLimits"]
 
 logger = logging.getLogger(__name__)
 
 
-def members_of(conv: Conv) -> tuple[str, ...]:
-    """Members of a conversation, as far as the pipeline knows them (dm: from the id)."""
-    return conv.members
-
-
-def not_member(conv: str, id: str | None = None) -> RequestError:
-    return RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation", id=id, conv=conv)
-
-
-def no_such_conversation(conv: str, id: str | None = None) -> RequestError:
-    return RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=id, conv=conv)
-
-
-UNLIMITED = RateLimit(rate=1e9, burst=1e9)
 SEND_HOLD_S = 1.0  # a rate-limited device's later sends are refused this long at least (see _check_rate)
 SEND_HOLD_RETRY_S = 0.5  # then its other sends are refused with this retry_after until the refused one returns
 SEND_HOLD_CAP_S = 60.0  # a device that never sends the refused one again is not held longer than this
@@ -63,36 +52,6 @@ class RequestLimits:
     device_sends: RateLimit = UNLIMITED
     user_sends: RateLimit = UNLIMITED
     device_receipts: RateLimit = UNLIMITED
-
-
-@dataclass(frozen=True, slots=True)
-class Audience:
-    """Who hears about a conversation's events: its members, or (a channel) only the asking
-    user — a channel's messages go to ``c/{conv}/in`` and its receipts stay with the reader."""
-
-    kind: str  # "dm" | "group" | "channel"
-    members: tuple[str, ...]
-
-
-async def require_member(store: MessageStore, user: str, conv: Conv, *, id: str | None = None) -> Audience:
-    """The conversation's audience, after checking that it exists and user is a member
-    (RequestError not_found / not_member otherwise). Every read goes through here; writes are
-    checked again inside the store's transaction, in order with membership changes."""
-    if conv.kind == "dm":
-        if user not in conv.members:
-            raise not_member(conv.id, id)
-        return Audience("dm", members_of(conv))
-    membership = await store.membership(conv=conv.id, user=user)
-    if membership is None:
-        raise no_such_conversation(conv.id, id)
-    if membership.member is None:
-        raise not_member(conv.id, id)
-    if membership.kind == "channel":
-        return Audience("channel", (user,))
-    group = await store.group(conv.id)
-    if group is None:
-        raise no_such_conversation(conv.id, id)
-    return Audience(membership.kind, group.users)
 
 
 class Pipeline:
@@ -147,20 +106,8 @@ class Pipeline:
                 out = await self._watermark(user, request)
             else:
                 out = await self._typing(user, device, request)
-        except RequestError as exc:
-            return [
-                self._error(
-                    reply_topic, exc.code, exc.message, id=exc.id, conv=exc.conv, retry_after_s=exc.retry_after_s
-                )
-            ]
-        except NotMember:
-            return [
-                self._error(
-                    reply_topic, ErrorCode.NOT_MEMBER, "you are not a member of this conversation", request=request
-                )
-            ]
-        except NoSuchConversation:
-            return [self._error(reply_topic, ErrorCode.NOT_FOUND, "no such conversation", request=request)]
+        except (RequestError, StoreRefusal) as exc:
+            return [self._refused(reply_topic, exc, request)]
         except StorageError:
             logger.exception("storage failed while handling a request from %s/%s", user, device)
             return [self._error(reply_topic, ErrorCode.INTERNAL, "storage unavailable; retry", request=request)]
@@ -169,6 +116,14 @@ class Pipeline:
             return [self._error(reply_topic, ErrorCode.INTERNAL, "internal error; retry", request=request)]
         metrics.PIPELINE_LATENCY.observe(time.perf_counter() - started)
         return out
+
+    @classmethod
+    def _refused(cls, topic: str, exc: RequestError | StoreRefusal, request: Request | None) -> Outgoing:
+        """The one translation of a refused request into its ``error`` reply."""
+        if isinstance(exc, StoreRefusal):
+            id = request.id if isinstance(request, SendRequest) else None
+            exc = refusal_error(exc, id=id, conv=request.conv.id if request is not None else None)
+        return cls._error(topic, exc.code, exc.message, id=exc.id, conv=exc.conv, retry_after_s=exc.retry_after_s)
 
     @staticmethod
     def _error(
@@ -253,12 +208,9 @@ class Pipeline:
     async def _watermark(self, user: str, req: WatermarkRequest) -> list[Outgoing]:
         members = (await require_member(self._store, user, req.conv)).members
         is_read = req.type == "read"
-        try:
-            result = await self._store.set_watermark(
-                conv=req.conv.id, user=user, delivered=None if is_read else req.seq, read=req.seq if is_read else None
-            )
-        except SeqBeyondEnd as exc:
-            raise RequestError(ErrorCode.BAD_SEQ, str(exc), conv=req.conv.id) from None
+        result = await self._store.set_watermark(
+            conv=req.conv.id, user=user, delivered=None if is_read else req.seq, read=req.seq if is_read else None
+        )
         if not result.changed:
             return []  # monotonic: a lower or repeated watermark changes nothing
         state = result.state
@@ -312,19 +264,3 @@ class Pipeline:
         else:
             out.extend(Outgoing(user_in_topic(member), event) for member in result.members)
         return out
-
-
-def message_event(stored: StoredMessage) -> dict[str, object]:
-    """The ``msg`` envelope of a stored message (also what the HTTP history returns)."""
-    return msg_envelope(
-        conv=stored.conv,
-        seq=stored.seq,
-        mid=stored.mid,
-        sender=stored.sender,
-        device=stored.device,
-        id=stored.client_id,
-        ts=stored.ts,
-        kind=stored.kind,
-        body=stored.body,
-        media=stored.media,
-    )

@@ -22,6 +22,9 @@ class RateLimit:
     burst: float  # bucket size: requests allowed at once after a quiet spell
 
 
+UNLIMITED = RateLimit(rate=1e9, burst=1e9)  # no budget to speak of
+
+
 class RateLimiter:
     def __init__(self, limit: RateLimit, *, max_keys: int = 100_000, clock: Clock = SYSTEM_CLOCK) -> None:
         if limit.rate <= 0 or limit.burst < 1:

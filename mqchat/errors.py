@@ -3,14 +3,21 @@
 Exception tree::
 
     MqchatError
-    ├── ConfigError            bad or missing configuration (reported once at start-up)
-    ├── AuthError              a token or service credential that does not verify
-    ├── RequestError           a client request refused; carries a stable ErrorCode
-    └── StorageError           a backend failure, translated at the backend boundary
-        └── StorageClosed      the store was used after aclose()
+    ├── ConfigError              bad or missing configuration (reported once at start-up)
+    │   └── PushConfigError      (push.providers) unusable push credentials or options
+    ├── AuthError                a token or service credential that does not verify
+    ├── RequestError             a client request refused; carries a stable ErrorCode
+    ├── StoreRefusal             (storage.base) a write the store refuses; its class names the
+    │   ├── SeqBeyondEnd         ErrorCode the client is told
+    │   ├── NotMember
+    │   └── NoSuchConversation
+    └── StorageError             a backend failure, translated at the backend boundary
+        └── StorageClosed        the store was used after aclose()
 
 A client never sees a traceback: it sees ``{"type":"error","code":ErrorCode,"message":…}`` on
-MQTT, or an HTTP 4xx/5xx with ``{"error":ErrorCode,"message":…}``.
+MQTT, or an HTTP status (``ErrorCode.http_status``) with ``{"error":ErrorCode,"message":…}``.
+The pipeline turns a refusal into an ``error`` envelope in one place (``bridge.pipeline``), the
+HTTP API into a response in one exception handler (``bridge.http.errors``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,31 @@ class ErrorCode(StrEnum):
     ID_REUSED = "id_reused"  # the client message id already names a message in another conversation
     INTERNAL = "internal"  # the server failed; the request may be retried unchanged
     UNAVAILABLE = "unavailable"  # a backend is unreachable right now; retry later (HTTP 503)
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status that answers a request refused with this code."""
+        return _HTTP_STATUS[self]
+
+
+_HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_JSON: 400,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNKNOWN_TYPE: 400,
+    ErrorCode.UNSUPPORTED: 400,
+    ErrorCode.BAD_CONV: 400,
+    ErrorCode.NOT_MEMBER: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.BAD_SEQ: 400,
+    ErrorCode.BAD_CURSOR: 400,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.ID_REUSED: 400,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
+}
 
 
 class MqchatError(Exception):

@@ -47,6 +47,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+from mqchat.errors import ConfigError
+
 if TYPE_CHECKING:
     import google.auth.credentials
     from aioapns import APNs, NotificationRequest
@@ -75,7 +77,7 @@ _NOTIFICATION_NAMESPACE = uuid.UUID("0d9c7c1e-4b0e-5f7a-9a51-6d2f3c8e1b47")
 _APPLE_ID = re.compile(r"[A-Za-z0-9]{10}")
 
 
-class PushConfigError(Exception):
+class PushConfigError(ConfigError):
     """The push configuration cannot work (missing or invalid key/credentials file, bad settings)."""
 
 

@@ -99,3 +99,16 @@ async def test_health_metrics_and_openapi(stack: Stack, history: tuple[str, str,
         assert "mqchat_broker_connected_clients" in metrics
         spec = (await http.get("/openapi.json")).json()
         assert "/v1/conversations/{conv}/messages" in spec["paths"]
+
+
+def test_every_error_is_an_mqchat_error_and_every_code_has_an_http_status() -> None:
+    from mqchat.errors import ConfigError, ErrorCode, MqchatError
+    from push.providers import PushConfigError
+    from storage.base import StoreRefusal
+
+    assert issubclass(PushConfigError, ConfigError)
+    assert issubclass(StoreRefusal, MqchatError)
+    statuses = {code: code.http_status for code in ErrorCode}
+    assert statuses[ErrorCode.NOT_MEMBER] == 403
+    assert statuses[ErrorCode.UNAVAILABLE] == 503
+    assert all(400 <= status < 600 for status in statuses.values())

@@ -12,7 +12,7 @@
     │          counted as it arrives and refused at the limit; the whole body within 30 s, else 408;
     │          a body under the limit is handed on whole)
     ▼
-    the API (bridge.http), which finds the caller's identity in ``request.state.identity``
+    the API (bridge.http routers), which find the caller's identity in ``request.state.identity``
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ Send = Any
 App = Any
 
 
-async def _reply(send: Send, status: int, code: ErrorCode, message: str, *, retry_after_s: float | None = None) -> None:
+async def _reply(
+    send: Send, code: ErrorCode, message: str, *, status: int | None = None, retry_after_s: float | None = None
+) -> None:
+    """Answer with an error body; the status is the code's own unless given."""
+    status = code.http_status if status is None else status
     body: dict[str, Any] = {"error": str(code), "message": message}
     headers = [(b"content-type", b"application/json")]
     if retry_after_s is not None:
@@ -64,16 +68,16 @@ class Authenticate:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            await _reply(send, 401, ErrorCode.UNAUTHORIZED, "missing bearer token")
+            await _reply(send, ErrorCode.UNAUTHORIZED, "missing bearer token")
             return
         try:
             identity = self.verifier.verify(token.strip())
         except AuthError as exc:
-            await _reply(send, 401, ErrorCode.UNAUTHORIZED, str(exc))
+            await _reply(send, ErrorCode.UNAUTHORIZED, str(exc))
             return
         wait = self.limiter.take(identity.user)
         if wait:
-            await _reply(send, 429, ErrorCode.RATE_LIMITED, "too many HTTP calls; retry later", retry_after_s=wait)
+            await _reply(send, ErrorCode.RATE_LIMITED, "too many HTTP calls; retry later", retry_after_s=wait)
             return
         scope.setdefault("state", {})["identity"] = identity
         await self.app(scope, receive, send)
@@ -95,7 +99,7 @@ class BodyLimit:
             return
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await _reply(send, 413, ErrorCode.TOO_LARGE, f"the request body is over {self.max_bytes} bytes")
+            await _reply(send, ErrorCode.TOO_LARGE, f"the request body is over {self.max_bytes} bytes")
             return
         chunks: list[bytes] = []
         seen = 0
@@ -108,15 +112,14 @@ class BodyLimit:
                     chunk = message.get("body", b"")
                     seen += len(chunk)
                     if seen > self.max_bytes:
-                        await _reply(send, 413, ErrorCode.TOO_LARGE, f"the request body is over {self.max_bytes} bytes")
+                        await _reply(send, ErrorCode.TOO_LARGE, f"the request body is over {self.max_bytes} bytes")
                         return
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
-            await _reply(
-                send, 408, ErrorCode.BAD_REQUEST, f"the request body did not arrive within {self.timeout_s:g} s"
-            )
+            late = f"the request body did not arrive within {self.timeout_s:g} s"
+            await _reply(send, ErrorCode.BAD_REQUEST, late, status=408)
             return
         whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         delivered = False

@@ -1,0 +1,99 @@
+"""The app factory: services built over the store, routers included, edge middleware added."""
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from bridge.devices import Devices
+from bridge.groups import BrokerLink, Groups, no_publish
+from bridge.history import History
+from bridge.http import devices as device_routes
+from bridge.http import groups as group_routes
+from bridge.http import health as health_routes
+from bridge.http import presence as presence_routes
+from bridge.http import settings as settings_routes
+from bridge.http.context import ApiContext
+from bridge.http.edge import Authenticate, BodyLimit
+from bridge.http.errors import install_error_handlers
+from bridge.http.sync import sync_router
+from bridge.outgoing import Outgoing
+from bridge.ratelimit import UNLIMITED, RateLimit, RateLimiter
+from bridge.settings import Settings
+from bridge.visibility import PresenceLookup, Visibility
+from mqchat import __version__
+from mqchat.clock import SYSTEM_CLOCK, Clock
+from mqchat.tokens import TokenVerifier
+from storage.base import DEFAULT_SETTINGS, MessageStore, PushStore, UserSettings
+
+
+def create_app(
+    *,
+    store: MessageStore,
+    verifier: TokenVerifier,
+    history_max_limit: int = 500,
+    max_group_members: int = 1000,
+    broker_connected: Callable[[], bool] = lambda: True,
+    dead_workers: Callable[[], list[str]] = list,
+    http_limit: RateLimit = UNLIMITED,
+    max_body_bytes: int = 1024 * 1024,
+    default_settings: UserSettings = DEFAULT_SETTINGS,
+    publish: Callable[[list[Outgoing]], Awaitable[None]] = no_publish,
+    presence: PresenceLookup | None = None,
+    push_store: PushStore | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> FastAPI:
+    """Build the ASGI app over the given store and token verifier.
+
+    ``broker_connected`` tells /healthz whether the bridge currently reaches the broker, and
+    ``dead_workers`` which background workers have died (any: /healthz answers 503);
+    ``publish`` sends events (membership changes) to devices through the adapter;
+    ``presence`` answers ``GET /v1/presence`` (None: 503); ``http_limit`` is each user's budget of
+    authenticated calls (over it: 429 with ``Retry-After``); ``max_body_bytes`` the largest request
+    body (413 beyond). Both, and authentication, are checked before a body is read (bridge.http.edge).
+    """
+    broker = BrokerLink(publish=publish, connected=broker_connected)
+    group_service = Groups(
+        store=store, broker=broker, max_group_members=max_group_members, default_settings=default_settings, clock=clock
+    )
+    app = FastAPI(
+        title="mqchat",
+        version=__version__,
+        description="HTTP API of mqchat: history and catch-up. The MQTT side is in docs/protocol.md.",
+    )
+    app.state.api = ApiContext(
+        history=History(store=store),
+        groups=group_service,
+        settings=Settings(
+            store=store, groups=group_service, broker=broker, push_store=push_store, default_settings=default_settings
+        ),
+        devices=Devices(push_store=push_store, clock=clock),
+        visibility=Visibility(store=store, lookup=presence),
+        broker_connected=broker_connected,
+        dead_workers=dead_workers,
+    )
+    install_error_handlers(app)
+    app.include_router(sync_router(max_limit=history_max_limit))
+    for routes in (group_routes, presence_routes, device_routes, settings_routes, health_routes):
+        app.include_router(routes.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    # Outermost last: Authenticate runs first, then BodyLimit, then the routes.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Authenticate, verifier=verifier, limiter=RateLimiter(http_limit, clock=clock))
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less the 422 answers it adds to every route: this server answers
+    a bad request with 400 and an ErrorBody (bridge.http.errors), never with 422."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        schemas = document.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = document
+    return app.openapi_schema

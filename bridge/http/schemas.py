@@ -1,0 +1,148 @@
+"""The HTTP API's request and response bodies (their names are the OpenAPI schema names)."""
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bridge.groups import MAX_MEMBERS_PER_CALL
+from mqchat.ids import ID_PATTERN
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="stable error code")
+    message: str
+
+
+class MessageOut(BaseModel):
+    type: str = "msg"
+    conv: str
+    seq: int
+    mid: str
+    from_: str = Field(alias="from")
+    dev: str
+    id: str
+    ts: int
+    kind: str
+    body: str
+    media: list[str] | None = None
+
+
+class ConversationOut(BaseModel):
+    conv: str
+    kind: str
+    last_seq: int
+    delivered: int = Field(description="your delivered watermark")
+    read: int = Field(description="your read watermark")
+    unread: int = Field(description="last_seq - read")
+    updated_at: int = Field(description="ms since the epoch of the last change")
+    messages: list[MessageOut] | None = Field(
+        default=None, description="with include_messages=N: the newest N messages, ascending"
+    )
+    messages_more: bool | None = Field(default=None, description="older messages exist before `messages`")
+
+
+class ConversationsPage(BaseModel):
+    conversations: list[ConversationOut]
+    cursor: str = Field(description="pass as `since` next time")
+    more: bool = Field(description="more changes wait: call again with the new cursor now")
+
+
+class MessagesPage(BaseModel):
+    conv: str
+    messages: list[MessageOut]
+    more: bool = Field(description="more messages exist in the direction of the read")
+    last_seq: int = Field(description="the conversation's highest seq right now")
+
+
+class GroupIn(BaseModel):
+    model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
+
+    name: str = Field(min_length=1, max_length=200)
+    members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(
+        default_factory=list, max_length=MAX_MEMBERS_PER_CALL, description="at most 1,000; add more in further calls"
+    )
+    kind: str = Field(default="group", pattern="^(group|channel)$")
+
+
+class MembersIn(BaseModel):
+    model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
+
+    members: list[Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]] = Field(
+        min_length=1, max_length=MAX_MEMBERS_PER_CALL, description="at most 1,000; add more in further calls"
+    )
+
+
+class GroupMemberOut(BaseModel):
+    user: str
+    role: str
+    joined_seq: int = Field(description="the first seq this member can read")
+
+
+class GroupOut(BaseModel):
+    conv: str
+    name: str
+    kind: str
+    creator: str
+    created_at: int
+    members: list[GroupMemberOut]
+
+
+class PresenceOut(BaseModel):
+    user: str
+    state: str = Field(description="online | offline")
+    last_seen: int | None = Field(description="ms since the epoch: online since, or last seen; null: never seen")
+
+
+class PresencePage(BaseModel):
+    users: list[PresenceOut]
+
+
+class PushTokenIn(BaseModel):
+    model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
+
+    platform: str = Field(pattern="^(apns|fcm)$")
+    token: str = Field(min_length=1, max_length=4096, pattern=r"^[\x21-\x7e]+$")
+    topic: str | None = Field(
+        default=None, max_length=255, description="APNs: the app's bundle id, if not the server's"
+    )
+    sandbox: bool = Field(default=False, description="APNs: a development build (Apple's sandbox)")
+
+
+class PushTokenOut(BaseModel):
+    device: str
+    platform: str
+    sandbox: bool
+
+
+class SettingsIn(BaseModel):
+    model_config = ConfigDict(strict=True)  # 0 is not false, "1" is not true: what the schema says
+
+    muted: bool | None = Field(default=None, description="yours: no alert for this conversation (badge still updates)")
+    e2e: bool | None = Field(
+        default=None, description="the conversation's: bodies are ciphertext, pushes carry no text (groups: admins)"
+    )
+
+
+class PrivacyIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    who_may_add_me: str | None = Field(
+        default=None,
+        pattern="^(everyone|contacts|nobody)$",
+        description="who may add you to a group or channel: everyone; contacts (users you share a conversation "
+        "with); nobody",
+    )
+    presence: str | None = Field(
+        default=None, pattern="^(contacts|nobody)$", description="who sees you online: contacts; nobody"
+    )
+
+
+class PrivacyOut(BaseModel):
+    who_may_add_me: str
+    presence: str
+
+
+class SettingsOut(BaseModel):
+    conv: str
+    muted: bool
+    e2e: bool
