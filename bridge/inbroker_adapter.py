@@ -2,14 +2,18 @@
 
 ::
 
-    broker: device PUBLISH on its own out topic ──submit(user, device, payload)──▶ bounded queue
-        (awaited: while the device has per_device requests unanswered, or the queue      │
-         is full, the device's connection stops being read)                             │
-                                                                                       ▼
-    dispatcher ──task per request, in arrival order──▶ Pipeline.handle ──▶ publish(topic, payload, qos)
-                                                                           (the broker's own routing)
+    broker's reader: device PUBLISH on its own out topic
+        ──RequestQueue.submit(user, device, payload)──▶ bounded queue
+          (awaited: while the device has per_device requests unanswered, or the queue
+           is full, the device's connection stops being read)                   │
+                                                                                ▼
+    InBrokerAdapter._dispatch ──job per request, in arrival order──▶ _process: Pipeline.handle
+        ──▶ BrokerPublisher.publish ──▶ the broker's own routing (topic, payload, qos)
 
-No MQTT hop between broker and bridge: they share one process and one event loop.
+No MQTT hop between broker and bridge: they share one process and one event loop. The pieces
+are built in the order the data flows back: the queue first (the broker's inbound hook), then
+the broker, then its ``BrokerPublisher`` (which the receipt coalescer also uses), then the
+pipeline, then the adapter that joins queue, pipeline and publisher.
 
 Fairness: each device may have at most ``per_device`` requests queued or in process. A device
 that floods is slowed by TCP on its own connection (its reader waits), and everybody else's
@@ -22,57 +26,68 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 
 from bridge.outgoing import Outgoing
 from bridge.pipeline import Pipeline
-from mqchat.tasks import cancel_and_wait, ended
+from mqchat.service import Service
 
 logger = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes, int], Awaitable[None]]
+Route = Callable[[str, bytes, int], Awaitable[None]]
+"""The broker's own routing of one publish: (topic, payload, qos)."""
+
 PER_DEVICE = 16  # requests of one device queued or in process at once
 
+Request = tuple[str, str, bytes]  # user, device, payload
 
-class InBrokerAdapter:
-    """Feeds the pipeline from the broker's inbound hook; an async context manager."""
 
-    def __init__(
-        self,
-        *,
-        pipeline: Pipeline,
-        publish: Publish,
-        max_queue: int = 4096,
-        max_inflight: int = 2048,
-        per_device: int = PER_DEVICE,
-    ) -> None:
-        self._pipeline = pipeline
-        self._publish = publish
-        self._queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue(maxsize=max_queue)
+class BrokerPublisher:
+    """Publishes the pipeline's results through the broker's own routing."""
+
+    def __init__(self, *, route: Route) -> None:
+        self._route = route
+
+    async def publish(self, outgoing: list[Outgoing]) -> None:
+        for out in outgoing:
+            await self._route(out.topic, out.payload, out.qos)
+
+
+class RequestQueue:
+    """The bounded queue between the broker's reader and the adapter, fair per device."""
+
+    def __init__(self, *, max_queue: int = 4096, per_device: int = PER_DEVICE) -> None:
+        self._queue: asyncio.Queue[Request] = asyncio.Queue(maxsize=max_queue)
         self._per_device = per_device
         self._device_load: dict[tuple[str, str], int] = {}  # requests queued or in process, per device
         self._device_waiters: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self._slots = asyncio.Semaphore(max_inflight)
-        self._task_group: asyncio.TaskGroup | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def submit(self, user: str, device: str, payload: bytes) -> None:
         """The broker's inbound hook: waits while this device has ``per_device`` requests
-        unanswered, or the queue is full (backpressure on that device's connection)."""
+        unanswered, or the queue is full (backpressure on that device's connection). Once the
+        queue is closed a request is dropped (never acked: the device sends it again)."""
         key = (user, device)
-        while self._device_load.get(key, 0) >= self._per_device:
+        while self._device_load.get(key, 0) >= self._per_device and not self._closed:
             waiter = self._device_waiters.get(key)
             if waiter is None:
                 waiter = self._device_waiters[key] = asyncio.get_running_loop().create_future()
             await asyncio.shield(waiter)
+        if self._closed:
+            return
         self._device_load[key] = self._device_load.get(key, 0) + 1
         try:
             await self._queue.put((user, device, payload))
         except BaseException:
-            self._done(key)
+            self.done(user, device)
             raise
 
-    def _done(self, key: tuple[str, str]) -> None:
+    async def get(self) -> Request:
+        """The next request, in arrival order."""
+        return await self._queue.get()
+
+    def done(self, user: str, device: str) -> None:
+        """A request of (user, device) has been answered: the device may submit another."""
+        key = (user, device)
         load = self._device_load.pop(key, 1) - 1
         if load > 0:
             self._device_load[key] = load
@@ -80,45 +95,70 @@ class InBrokerAdapter:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def is_connected(self) -> bool:
-        return self._dispatcher is not None and not self._dispatcher.done()
+    def close(self) -> None:
+        """Nobody takes requests any more: waiting and later submits return at once, dropped."""
+        self._closed = True
+        for waiter in self._device_waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._device_waiters.clear()
+        while not self._queue.empty():  # wakes a submit waiting for room
+            self._queue.get_nowait()
 
-    def dead_workers(self) -> list[str]:
-        return ended([self._dispatcher]) if self._dispatcher is not None else []
-
-    def queued(self) -> int:
+    def qsize(self) -> int:
         return self._queue.qsize()
 
-    async def __aenter__(self) -> InBrokerAdapter:
-        self._task_group = asyncio.TaskGroup()
-        await self._task_group.__aenter__()
-        self._dispatcher = self._task_group.create_task(self._dispatch(), name="inbroker-dispatcher")
-        return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+class InBrokerAdapter(Service):
+    """Runs the requests of a ``RequestQueue`` through the pipeline and publishes the results;
+    a service (async context manager) with one worker, the dispatcher, and a job per request.
+    At ``aclose()`` the queue is closed (queued requests are dropped, never acked) and requests
+    being processed finish (within ``job_grace_s``)."""
+
+    name = "in-broker adapter"
+
+    def __init__(
+        self,
+        *,
+        pipeline: Pipeline,
+        requests: RequestQueue,
+        publisher: BrokerPublisher,
+        max_inflight: int = 2048,
     ) -> None:
-        assert self._task_group is not None
-        assert self._dispatcher is not None
-        await cancel_and_wait([self._dispatcher], what="in-broker adapter")
-        await self._task_group.__aexit__(exc_type, exc, tb)  # requests being processed finish
+        super().__init__()
+        self._pipeline = pipeline
+        self._requests = requests
+        self._publisher = publisher
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._dispatcher: asyncio.Task[None] | None = None
 
-    async def _dispatch(self) -> None:
-        assert self._task_group is not None
-        while True:
-            user, device, payload = await self._queue.get()
-            await self._slots.acquire()
-            self._task_group.create_task(self._process(user, device, payload))
+    def is_connected(self) -> bool:
+        return self.running and self._dispatcher is not None and not self._dispatcher.done()
+
+    def queued(self) -> int:
+        return self._requests.qsize()
 
     async def publish(self, outgoing: list[Outgoing]) -> None:
-        for out in outgoing:
-            await self._publish(out.topic, out.payload, out.qos)
+        """Publish events made outside a request (coalesced receipts, HTTP-made events)."""
+        await self._publisher.publish(outgoing)
+
+    async def _start(self) -> None:
+        self._dispatcher = self.start_worker(self._dispatch(), name="inbroker-dispatcher")
+
+    async def _stopping(self) -> None:
+        self._requests.close()
+
+    async def _dispatch(self) -> None:
+        while True:
+            user, device, payload = await self._requests.get()
+            await self._slots.acquire()
+            self.start_job(self._process(user, device, payload), name="inbroker-request")
 
     async def _process(self, user: str, device: str, payload: bytes) -> None:
         try:
-            await self.publish(await self._pipeline.handle(user, device, payload))
+            await self._publisher.publish(await self._pipeline.handle(user, device, payload))
         except Exception:
             logger.exception("publishing results for %s/%s failed", user, device)
         finally:
             self._slots.release()
-            self._done((user, device))
+            self._requests.done(user, device)

@@ -2,10 +2,13 @@
 
 ::
 
-    broker ──u/+/+/out (QoS1, persistent session)──▶ reader ──task per request──▶ Pipeline
+    broker ──u/+/+/out (QoS1, persistent session)──▶ reader ──job per request──▶ Pipeline
        ▲                                                                            │
        └────────────── publish QoS1 (ack / error / msg) ◀───────────────────────────┘
+       └── MqttPublisher (the current connection): events made outside a request (receipts)
 
+The ``MqttPublisher`` exists before the pipeline (the receipt coalescer publishes through it);
+the adapter hands it each connection it makes and takes it back when the connection ends.
 Requests are dispatched in arrival order, each in its own task (bounded by ``max_inflight``;
 beyond that the reader stops reading and the broker queues), so many share one group commit.
 The connection is re-established with capped exponential backoff; the persistent session lets
@@ -18,33 +21,49 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
-from types import TracebackType
 
 import aiomqtt
 
 from bridge.pipeline import Outgoing, Pipeline
 from mqchat.clock import SYSTEM_CLOCK, Clock
+from mqchat.internal_topics import DEVICES_TOPIC_FILTER, DEVICES_TOPIC_PREFIX
 from mqchat.mqtt_client import MqttClient
-from mqchat.protocol import (
-    DEVICES_TOPIC_FILTER,
-    DEVICES_TOPIC_PREFIX,
-    OUT_TOPIC_FILTER,
-    PRESENCE_TOPIC_FILTER,
-    parse_out_topic,
-)
-from mqchat.tasks import cancel_and_wait, ended
+from mqchat.protocol import OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER, parse_out_topic
+from mqchat.service import Service
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME
 
 logger = logging.getLogger(__name__)
 
 
-class MqttClientAdapter:
-    """Connects to a broker as the bridge service and runs requests through the pipeline."""
+class MqttPublisher:
+    """Publishes on the adapter's current connection; while there is none, a publish is dropped
+    (devices read the same state from the sync endpoint)."""
+
+    def __init__(self) -> None:
+        self._client: aiomqtt.Client | None = None
+
+    def attach(self, client: aiomqtt.Client | None) -> None:
+        """The connection to publish on from now on (None: disconnected)."""
+        self._client = client
+
+    async def publish(self, outgoing: list[Outgoing]) -> None:
+        if self._client is not None:
+            await publish_all(self._client, outgoing)
+
+
+class MqttClientAdapter(Service):
+    """Connects to a broker as the bridge service and runs requests through the pipeline; a
+    service (async context manager) with one worker, the connection loop. Each request is a task
+    of the connection it came from: when the connection is lost, the requests in flight finish
+    (their publishes fail quietly); at ``aclose()`` they are cancelled with the loop."""
+
+    name = "bridge MQTT adapter"
 
     def __init__(
         self,
         *,
         pipeline: Pipeline,
+        publisher: MqttPublisher,
         host: str,
         port: int,
         service_password: str,
@@ -54,7 +73,9 @@ class MqttClientAdapter:
         backoff_cap_s: float = 5.0,
         on_presence: Callable[[str, bytes], None] | None = None,
     ) -> None:
+        super().__init__()
         self._pipeline = pipeline
+        self._publisher = publisher
         self._host = host
         self._port = port
         self._password = service_password
@@ -62,28 +83,11 @@ class MqttClientAdapter:
         self._slots = asyncio.Semaphore(max_inflight)
         self._clock = clock
         self._backoff_cap_s = backoff_cap_s
-        self._task_group: asyncio.TaskGroup | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._on_presence = on_presence  # set: also follow every user's retained p/{user} and devices
 
-    async def __aenter__(self) -> MqttClientAdapter:
-        self._task_group = asyncio.TaskGroup()
-        await self._task_group.__aenter__()
-        self._runner = self._task_group.create_task(self._run(), name="bridge-mqtt-adapter")
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._task_group is not None
-        assert self._runner is not None
-        await cancel_and_wait([self._runner], what="bridge MQTT adapter")
-        await self._task_group.__aexit__(exc_type, exc, tb)
-
-    def dead_workers(self) -> list[str]:
-        return ended([self._runner]) if self._runner is not None else []
+    async def _start(self) -> None:
+        self.start_worker(self._run(), name="bridge-mqtt-adapter")
 
     def is_connected(self) -> bool:
         return self._connected.is_set()
@@ -128,34 +132,40 @@ class MqttClientAdapter:
             if self._on_presence is not None:
                 await client.subscribe([(PRESENCE_TOPIC_FILTER, 1), (DEVICES_TOPIC_FILTER, 1)])
             logger.info("bridge connected to the broker at %s:%d", self._host, self._port)
-            self._client = client
+            self._publisher.attach(client)
             self._connected.set()
-            async with asyncio.TaskGroup() as requests:
-                try:
-                    async for message in client.messages:
-                        topic = message.topic.value
-                        payload = message.payload
-                        if not isinstance(payload, bytes | bytearray):
-                            continue
-                        if self._on_presence is not None and topic.startswith(("p/", DEVICES_TOPIC_PREFIX)):
-                            self._on_presence(topic, bytes(payload))
-                            continue
-                        origin = parse_out_topic(topic)
-                        if origin is None:
-                            continue
-                        await self._slots.acquire()
-                        requests.create_task(self._process(client, origin[0], origin[1], bytes(payload)))
-                except aiomqtt.MqttError as exc:
-                    lost = exc  # let in-flight requests finish (their publishes fail quietly)
-        self._client = None
+            try:
+                async with asyncio.TaskGroup() as requests:
+                    try:
+                        async for message in client.messages:
+                            await self._route(client, requests, message)
+                    except aiomqtt.MqttError as exc:
+                        lost = exc  # let in-flight requests finish (their publishes fail quietly)
+            finally:
+                self._publisher.attach(None)
         if lost is not None:
             raise lost
+
+    async def _route(self, client: aiomqtt.Client, requests: asyncio.TaskGroup, message: aiomqtt.Message) -> None:
+        """One message of the subscription: a presence update, or a device's request, processed
+        in a task of this connection (waits for a free slot first: the broker queues meanwhile)."""
+        topic = message.topic.value
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            return
+        if self._on_presence is not None and topic.startswith(("p/", DEVICES_TOPIC_PREFIX)):
+            self._on_presence(topic, bytes(payload))
+            return
+        origin = parse_out_topic(topic)
+        if origin is None:
+            return
+        await self._slots.acquire()
+        requests.create_task(self._process(client, origin[0], origin[1], bytes(payload)), name="bridge-request")
 
     async def publish(self, outgoing: list[Outgoing]) -> None:
         """Publish events made outside a request (coalesced receipts); dropped while disconnected:
         devices read the same state from the sync endpoint."""
-        if self._client is not None:
-            await publish_all(self._client, outgoing)
+        await self._publisher.publish(outgoing)
 
     async def _process(self, client: aiomqtt.Client, user: str, device: str, payload: bytes) -> None:
         try:

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Iterable
 
-from mqchat.protocol import DEVICES_TOPIC_PREFIX
+from mqchat.internal_topics import DEVICES_TOPIC_PREFIX
 from storage.presence import OFFLINE, ONLINE, Presence
 
 logger = logging.getLogger(__name__)

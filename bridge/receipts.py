@@ -10,15 +10,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from types import TracebackType
 
 from bridge.outgoing import Outgoing
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.protocol import encode, user_in_topic
+from mqchat.service import Service, ServiceStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -34,46 +33,37 @@ def receipt_outgoing(conv: str, user: str, delivered: int, read: int, members: t
     return [Outgoing(user_in_topic(m), payload) for m in dict.fromkeys(members)]
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiptStatistics:
+@dataclass(frozen=True, kw_only=True)
+class ReceiptStatistics(ServiceStatistics):
     noted: int  # watermark changes seen
     emitted: int  # receipt events published (one per window per conversation and user)
     pending: int  # windows open now
 
 
-class ReceiptCoalescer:
-    """Async context manager owning the windows' timers."""
+class ReceiptCoalescer(Service):
+    """A service (async context manager): each open window is a job. At ``aclose()`` open
+    windows run to their end and flush (within the service's ``job_grace_s``)."""
+
+    name = "receipt coalescer"
 
     def __init__(self, *, publish: Publish, window_s: float = 0.5, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__()
         self._publish = publish
         self._window_s = window_s
         self._clock = clock
         self._latest: dict[tuple[str, str], tuple[int, int, tuple[str, ...]]] = {}
-        self._task_group: asyncio.TaskGroup | None = None
         self._noted = 0
         self._emitted = 0
 
-    async def __aenter__(self) -> ReceiptCoalescer:
-        self._task_group = asyncio.TaskGroup()
-        await self._task_group.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._task_group is not None
-        await self._task_group.__aexit__(exc_type, exc, tb)  # open windows flush first
-
     def note(self, *, conv: str, user: str, delivered: int, read: int, members: tuple[str, ...]) -> None:
-        """Record user's new watermarks of conv; the event goes out when the window closes."""
-        if self._task_group is None:
-            raise RuntimeError("ReceiptCoalescer used outside its context")
-        self._noted += 1
+        """Record user's new watermarks of conv; the event goes out when the window closes.
+        Raises RuntimeError outside the service's context."""
         key = (conv, user)
         opened = key not in self._latest
-        self._latest[key] = (delivered, read, members)
         if opened:
-            self._task_group.create_task(self._flush_after_window(key), name=f"receipt-{conv}-{user}")
+            self.start_job(self._flush_after_window(key), name=f"receipt-{conv}-{user}")
+        self._noted += 1
+        self._latest[key] = (delivered, read, members)
 
     async def _flush_after_window(self, key: tuple[str, str]) -> None:
         try:
@@ -87,4 +77,12 @@ class ReceiptCoalescer:
                 logger.exception("publishing a receipt for %s failed", key[0])
 
     def statistics(self) -> ReceiptStatistics:
-        return ReceiptStatistics(noted=self._noted, emitted=self._emitted, pending=len(self._latest))
+        tasks = self.task_statistics()
+        return ReceiptStatistics(
+            workers=tasks.workers,
+            dead_workers=tasks.dead_workers,
+            jobs=tasks.jobs,
+            noted=self._noted,
+            emitted=self._emitted,
+            pending=len(self._latest),
+        )

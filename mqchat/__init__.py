@@ -10,8 +10,9 @@ What every part shares lives here, as leaf modules anyone may import::
 
 and the one place that wires the parts together (never imported by the parts)::
 
-    app.py       broker process, bridge process, HTTP API, supervisor
-    cli.py       the `mqchat` command
+    app.py        one process: broker, bridge or both (node), with the HTTP API
+    supervisor.py `mqchat serve`: runs those processes, restarts one that dies
+    cli.py        the `mqchat` command
 
 Importing `mqchat` itself imports nothing else, so the client SDK can ship alone.
 """

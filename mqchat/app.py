@@ -1,19 +1,28 @@
-"""Wiring: the one place that puts broker, bridge, store and HTTP API together.
+"""Wiring: the one place that puts broker, bridge, store and HTTP API together, one process at a time.
 
 ::
 
-    mqchat serve ──▶ Supervisor ──spawn/restart──▶ [broker]  amqtt + plugins        :mqtt_port
-                         (--adapter mqtt)  └──────▶ [bridge]  MQTT-client adapter ──▶ Pipeline ──▶ SQLite
-                                                              HTTP API (uvicorn)      :http_port
+    mqchat serve ──▶ mqchat.supervisor ──spawn/restart──▶ run_child(broker | bridge | node)
 
-                         (--adapter inbroker) ────▶ [node]    broker ──inbound hook──▶ Pipeline ──▶ SQLite
-                                                              HTTP API
+    [broker]  run_broker: presence registry + store (membership answers) ──▶ amqtt + plugins  :mqtt_port
+
+    [bridge]  run_bridge (--adapter mqtt): presence (Redis registry or PresenceMirror) ─▶ storage
+              ─▶ push dispatcher ─▶ MqttPublisher ─▶ receipts + Pipeline ─▶ MqttClientAdapter
+              ─▶ HTTP API (uvicorn)                                                         :http_port
+
+    [node]    run_node (--adapter inbroker): presence registry ─▶ storage ─▶ push dispatcher
+              ─▶ RequestQueue ─▶ broker (inbound hook: RequestQueue.submit) ─▶ BrokerPublisher
+              ─▶ receipts + Pipeline ─▶ InBrokerAdapter ─▶ HTTP API
+
+Each arrow is "built before": a part receives what it uses through its constructor, so the
+publisher exists before the pipeline whose receipts it carries, and nothing is bound late.
+Parts close in the reverse order (the HTTP API first, the stores and presence last). A device's
+request in a node goes: broker reader ─▶ ``RequestQueue.submit`` ─▶ ``InBrokerAdapter`` (a job
+per request) ─▶ ``Pipeline.handle`` ─▶ ``BrokerPublisher.publish`` ─▶ the broker's routing.
 
 The MQTT-client adapter runs beside any broker (here in its own process, so both cores work);
-the in-broker adapter saves the MQTT hop between broker and bridge. The supervisor restarts a
-crashed child (logged) and stops them cleanly on Ctrl-C / SIGTERM. Children get their settings
-as ``MQCHAT_*`` environment variables and write Prometheus samples to a shared directory, so
-``/metrics`` covers every process.
+the in-broker adapter saves the MQTT hop between broker and bridge. A child process runs until
+a signal or until one of its workers dies (``watch_workers``; the supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -23,55 +32,59 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
 
 from bridge.http import PresenceLookup, create_app
-from bridge.http_edge import HeaderTimeoutProtocol
-from bridge.inbroker_adapter import InBrokerAdapter
-from bridge.mqtt_adapter import MqttClientAdapter
+from bridge.http.edge import HeaderTimeoutProtocol
+from bridge.inbroker_adapter import BrokerPublisher, InBrokerAdapter, RequestQueue
+from bridge.mqtt_adapter import MqttClientAdapter, MqttPublisher
 from bridge.outgoing import Outgoing
 from bridge.pipeline import Pipeline, RequestLimits
 from bridge.presence import PresenceMirror
 from bridge.ratelimit import RateLimit
-from bridge.receipts import ReceiptCoalescer
+from bridge.receipts import Publish, ReceiptCoalescer
 from broker.membership import MembershipCache
 from broker.server import MqchatBroker, serve_broker, tune_gc
-from mqchat.config import Config, config_to_env
+from mqchat.config import Config
 from mqchat.errors import ConfigError, MqchatError
+from mqchat.service import Service
+from mqchat.supervisor import EXIT_CANNOT_START, EXIT_WORKER_DIED
+from mqchat.tasks import STOP_BOUND_S
 from mqchat.tokens import TokenVerifier, service_password
 from push.dispatcher import ConnectedDevices, PushDispatcher
 from push.providers import ApnsProvider, FcmProvider, LogProvider, PushConfigError, PushProvider
-from storage.base import MessageStore, UserSettings
+from storage import open_storage
+from storage.base import MessageStore, Storage, UserSettings
 from storage.files import private_dir
 from storage.presence import MemoryPresence, PresenceRegistry
-from storage.push_store import SqlitePushStore
-from storage.sqlite import SqliteMessageStore
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "EXIT_CANNOT_START",
+    "EXIT_WORKER_DIED",
+    "BridgeHandle",
+    "WorkerDied",
+    "ensure_data_dir",
+    "ensure_ports_free",
+    "free_port",
+    "local_host",
+    "run_bridge",
+    "run_broker",
+    "run_child",
+    "run_node",
+    "setup_logging",
+    "watch_workers",
+]
 
-def children_for(config: Config) -> tuple[str, ...]:
-    """The processes `serve` runs: broker and bridge apart (MQTT-client adapter) or one node."""
-    return ("node",) if config.bridge.adapter == "inbroker" else ("broker", "bridge")
-
-
-RESTART_BACKOFF_MAX_S = 10.0
-STOP_GRACE_S = 10.0
-# A child that cannot start for a reason a restart would not mend (bad settings, a port in use)
-# exits with this code (sysexits' EX_CONFIG), and the supervisor stops instead of restarting it.
-EXIT_CANNOT_START = 78
-EXIT_WORKER_DIED = 70  # sysexits' EX_SOFTWARE: restarted like any crash
 WATCHDOG_EVERY_S = 1.0
 WATCHDOG_GRACE_S = 2.0
 
@@ -132,42 +145,69 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+class HttpServer(Service):
+    """uvicorn serving ``app`` on a socket bound here: a service whose one worker is the server.
+    Entered, it listens (``port``); ``aclose()`` asks it to stop and waits for its graceful end
+    (bounded), closing the socket last."""
+
+    name = "HTTP API"
+
+    def __init__(
+        self, *, app: Any, host: str, port: int, max_connections: int = 1000, header_timeout_s: float = 10.0
+    ) -> None:
+        super().__init__()
+        protocol = type("_Protocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
+        self._server = _Server(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+                http=protocol,
+                limit_concurrency=max_connections,
+                timeout_keep_alive=5,
+            )
+        )
+        self._host = host
+        self._port = port
+        self._sock: socket.socket | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def _start(self) -> None:
+        # Bound here, not by uvicorn: a failure is an OSError of ours (uvicorn would log it and
+        # call sys.exit inside its task).
+        self._sock = bind_tcp(self._host, self._port)
+        self._serving = self.start_worker(self._server.serve(sockets=[self._sock]), name="http-server")
+        while not self._server.started:
+            if self._serving.done():
+                raise RuntimeError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        logger.info("HTTP API listening on http://%s:%d", self._host, self.port)
+
+    async def _stopping(self) -> None:
+        self._server.should_exit = True
+        if self._serving is not None:
+            await asyncio.wait([self._serving], timeout=STOP_BOUND_S)
+
+    async def _stopped(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+
 @asynccontextmanager
 async def serve_http(
     app: Any, *, host: str, port: int, max_connections: int = 1000, header_timeout_s: float = 10.0
 ) -> AsyncIterator[HttpHandle]:
-    protocol = type("_Protocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        access_log=False,
-        http=protocol,
-        limit_concurrency=max_connections,
-        timeout_keep_alive=5,
+    """Serve ``app`` until the block ends; the handle names the port bound."""
+    server = HttpServer(
+        app=app, host=host, port=port, max_connections=max_connections, header_timeout_s=header_timeout_s
     )
-    server = _Server(config)
-    # Bound here, not by uvicorn: a failure is an OSError of ours (uvicorn would log it and call
-    # sys.exit inside its task).
-    sock = bind_tcp(host, port)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="http-server")
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("HTTP server stopped during start-up")
-            await asyncio.sleep(0.01)
-        bound = server.servers[0].sockets[0].getsockname()[1]
-        logger.info("HTTP API listening on http://%s:%d", host, bound)
-        yield HttpHandle(port=bound)
-    finally:
-        server.should_exit = True
-        try:
-            await task
-        finally:
-            sock.close()
+    async with server:
+        yield HttpHandle(port=server.port)
 
 
 # --- presence --------------------------------------------------------------------------------
@@ -240,7 +280,7 @@ async def push_providers(config: Config) -> AsyncIterator[dict[str, PushProvider
                 await provider.aclose()
 
 
-# --- bridge ----------------------------------------------------------------------------------
+# --- the parts of a bridge -------------------------------------------------------------------
 
 
 class Adapter(Protocol):
@@ -249,17 +289,6 @@ class Adapter(Protocol):
     def dead_workers(self) -> list[str]: ...
 
     async def publish(self, outgoing: list[Outgoing]) -> None: ...
-
-
-class _LateAdapter:
-    """Stands for the adapter in what must exist before it (the pipeline's receipt coalescer)."""
-
-    def __init__(self) -> None:
-        self.target: Adapter | None = None
-
-    async def publish(self, outgoing: list[Outgoing]) -> None:
-        if self.target is not None:
-            await self.target.publish(outgoing)
 
 
 class HasWorkers(Protocol):
@@ -280,41 +309,35 @@ class BridgeHandle:
     mqtt_port: int = 0  # set when the broker runs in the same process (in-broker adapter)
 
 
-@dataclass(frozen=True, slots=True)
-class _Core:
-    store: SqliteMessageStore
-    pipeline: Pipeline
-    late: _LateAdapter
-    push_store: SqlitePushStore
-    dispatcher: PushDispatcher
+@asynccontextmanager
+async def push_dispatcher(
+    config: Config, storage: Storage, connected_devices: ConnectedDevices
+) -> AsyncIterator[PushDispatcher]:
+    """The configured providers, started, and the dispatcher that feeds them."""
+    async with (
+        push_providers(config) as providers,
+        PushDispatcher(
+            store=storage.messages,
+            push_store=storage.push,
+            connected_devices=connected_devices,
+            providers=providers,
+            window_s=config.push.window_s,
+            max_per_s=config.push.max_per_s,
+        ) as dispatcher,
+    ):
+        yield dispatcher
 
 
 @asynccontextmanager
-async def _bridge_core(config: Config, connected_devices: ConnectedDevices) -> AsyncIterator[_Core]:
-    """Store, push (store, providers, dispatcher), receipts and the pipeline."""
-    async with contextlib.AsyncExitStack() as stack:
-        store = await SqliteMessageStore.open(config.storage.sqlite_path)
-        stack.push_async_callback(store.aclose)
-        push_store = await SqlitePushStore.open(config.storage.data_dir / "push.sqlite3")
-        stack.push_async_callback(push_store.aclose)
-        providers = await stack.enter_async_context(push_providers(config))
-        dispatcher = await stack.enter_async_context(
-            PushDispatcher(
-                store=store,
-                push_store=push_store,
-                connected_devices=connected_devices,
-                providers=providers,
-                window_s=config.push.window_s,
-                max_per_s=config.push.max_per_s,
-            )
-        )
-        late = _LateAdapter()
-        receipts = await stack.enter_async_context(
-            ReceiptCoalescer(publish=late.publish, window_s=config.bridge.receipt_window_s)
-        )
-        bridge = config.bridge
-        pipeline = Pipeline(
-            store=store,
+async def bridge_pipeline(
+    config: Config, storage: Storage, dispatcher: PushDispatcher, publish: Publish
+) -> AsyncIterator[Pipeline]:
+    """The pipeline, with its receipt coalescer publishing through ``publish``; open windows
+    flush when the block ends."""
+    bridge = config.bridge
+    async with ReceiptCoalescer(publish=publish, window_s=bridge.receipt_window_s) as receipts:
+        yield Pipeline(
+            store=storage.messages,
             receipts=receipts,
             max_envelope_bytes=bridge.max_envelope_bytes,
             on_stored=dispatcher.notify,
@@ -324,22 +347,20 @@ async def _bridge_core(config: Config, connected_devices: ConnectedDevices) -> A
                 device_receipts=RateLimit(bridge.receipt_rate, bridge.receipt_burst),
             ),
         )
-        yield _Core(store, pipeline, late, push_store, dispatcher)
 
 
-@asynccontextmanager
-async def _serve_api(
+def serve_api(
     config: Config,
-    core: _Core,
+    storage: Storage,
     adapter: Adapter,
     presence: PresenceLookup,
     dead_workers: Callable[[], list[str]],
-) -> AsyncIterator[HttpHandle]:
-    store = core.store
+) -> AbstractAsyncContextManager[HttpHandle]:
+    """The HTTP API over the store, publishing through the adapter, until the block ends."""
     app = create_app(
         presence=presence,
-        push_store=core.push_store,
-        store=store,
+        push_store=storage.push,
+        store=storage.messages,
         verifier=TokenVerifier(secret=config.auth.jwt_secret),
         history_max_limit=config.bridge.history_max_limit,
         max_group_members=config.bridge.max_group_members,
@@ -350,34 +371,42 @@ async def _serve_api(
         default_settings=UserSettings(who_may_add=config.bridge.default_who_may_add),
         publish=adapter.publish,
     )
-    async with serve_http(
+    return serve_http(
         app,
         host=config.network.host,
         port=config.network.http_port,
         max_connections=config.bridge.http_max_connections,
         header_timeout_s=config.bridge.http_header_timeout_s,
-    ) as http:
-        yield http
+    )
+
+
+# --- one process -----------------------------------------------------------------------------
 
 
 @asynccontextmanager
 async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> AsyncIterator[BridgeHandle]:
-    """The bridge beside a broker: store + pipeline + MQTT-client adapter + HTTP API. Presence
-    comes from the shared registry (Redis) or, without one, from the broker's retained states."""
+    """The bridge beside a broker: storage + push + pipeline + MQTT-client adapter + HTTP API.
+    Presence comes from the shared registry (Redis) or, without one, from the broker's retained
+    states (``PresenceMirror``)."""
     async with contextlib.AsyncExitStack() as stack:
+        parts: list[HasWorkers] = []
         mirror: PresenceMirror | None = None
-        registry: PresenceRegistry | None = None
         if config.presence.redis_url:
             registry = await stack.enter_async_context(presence_registry(config))
+            parts.append(registry)
             lookup: PresenceLookup = registry.lookup
             devices: ConnectedDevices = registry.devices
         else:
             mirror = PresenceMirror()
             lookup, devices = mirror.lookup, mirror.devices
-        core = await stack.enter_async_context(_bridge_core(config, devices))
+        storage = await stack.enter_async_context(open_storage(config.storage))
+        dispatcher = await stack.enter_async_context(push_dispatcher(config, storage, devices))
+        publisher = MqttPublisher()
+        pipeline = await stack.enter_async_context(bridge_pipeline(config, storage, dispatcher, publisher.publish))
         adapter = await stack.enter_async_context(
             MqttClientAdapter(
-                pipeline=core.pipeline,
+                pipeline=pipeline,
+                publisher=publisher,
                 host=mqtt_host,
                 port=mqtt_port,
                 service_password=service_password(config.auth.jwt_secret),
@@ -385,27 +414,23 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
                 on_presence=mirror.update if mirror is not None else None,
             )
         )
-        parts: list[HasWorkers] = [core.store, core.dispatcher, adapter]
-        if registry is not None:
-            parts.append(registry)
-        dead = dead_workers_of(*parts)
-        http = await stack.enter_async_context(_serve_api(config, core, adapter, lookup, dead))
-        core.late.target = adapter
-        yield BridgeHandle(http_port=http.port, adapter=adapter, store=core.store, dead_workers=dead)
+        dead = dead_workers_of(storage, dispatcher, adapter, *parts)
+        http = await stack.enter_async_context(serve_api(config, storage, adapter, lookup, dead))
+        yield BridgeHandle(http_port=http.port, adapter=adapter, store=storage.messages, dead_workers=dead)
 
 
 @asynccontextmanager
 async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
     """The broker alone; it reads the store only for its ACL's membership answers."""
     async with (
-        await SqliteMessageStore.open(config.storage.sqlite_path) as store,
+        open_storage(config.storage) as storage,
         presence_registry(config) as presence,
         serve_broker(
             host=config.network.host,
             port=config.network.mqtt_port,
             secret=config.auth.jwt_secret,
             presence=presence,
-            membership=MembershipCache(store),
+            membership=MembershipCache(storage.messages),
             device_topics=not config.presence.redis_url,  # the bridge's only view of devices then
         ) as broker,
     ):
@@ -414,56 +439,43 @@ async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
 
 @asynccontextmanager
 async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
-    """Broker and bridge in one process: the in-broker adapter, no MQTT hop between them."""
-    async with presence_registry(config) as presence, _bridge_core(config, presence.devices) as core:
-        store = core.store
-        # The adapter publishes through the broker, and the broker feeds the adapter.
-        broker_box: list[MqchatBroker] = []
-
-        async def publish(topic: str, payload: bytes, qos: int) -> None:
-            await broker_box[0].internal_message_broadcast(topic, payload, qos)
-
-        async with (
-            InBrokerAdapter(
-                pipeline=core.pipeline, publish=publish, max_inflight=config.bridge.max_inflight
-            ) as adapter,
+    """Broker and bridge in one process: the in-broker adapter, no MQTT hop between them. The
+    broker hands each device's request to the ``RequestQueue``; its ``BrokerPublisher`` carries
+    replies and receipts back; the ``InBrokerAdapter`` joins the two through the pipeline."""
+    async with contextlib.AsyncExitStack() as stack:
+        presence = await stack.enter_async_context(presence_registry(config))
+        storage = await stack.enter_async_context(open_storage(config.storage))
+        dispatcher = await stack.enter_async_context(push_dispatcher(config, storage, presence.devices))
+        queue = RequestQueue()
+        broker = await stack.enter_async_context(
             serve_broker(
                 host=config.network.host,
                 port=config.network.mqtt_port,
                 secret=config.auth.jwt_secret,
-                inbound_hook=adapter.submit,
+                inbound_hook=queue.submit,
                 presence=presence,
-                membership=MembershipCache(store),
-            ) as broker,
-        ):
-            broker_box.append(broker)
-            core.late.target = adapter
-            dead = dead_workers_of(core.store, core.dispatcher, adapter, presence, broker)
-            async with _serve_api(config, core, adapter, presence.lookup, dead) as http:
-                yield BridgeHandle(
-                    http_port=http.port, adapter=adapter, store=store, dead_workers=dead, mqtt_port=broker.bound_port
-                )
+                membership=MembershipCache(storage.messages),
+            )
+        )
+        publisher = BrokerPublisher(route=broker.internal_message_broadcast)
+        pipeline = await stack.enter_async_context(bridge_pipeline(config, storage, dispatcher, publisher.publish))
+        adapter = await stack.enter_async_context(
+            InBrokerAdapter(
+                pipeline=pipeline, requests=queue, publisher=publisher, max_inflight=config.bridge.max_inflight
+            )
+        )
+        dead = dead_workers_of(storage, dispatcher, adapter, presence, broker)
+        http = await stack.enter_async_context(serve_api(config, storage, adapter, presence.lookup, dead))
+        yield BridgeHandle(
+            http_port=http.port,
+            adapter=adapter,
+            store=storage.messages,
+            dead_workers=dead,
+            mqtt_port=broker.bound_port,
+        )
 
 
 # --- child processes -------------------------------------------------------------------------
-
-
-def _run_until_signalled(body: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await body()
-
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
 
 
 def ensure_data_dir(config: Config) -> None:
@@ -561,153 +573,44 @@ def run_child(which: str, config: Config) -> int:
 def _run_child(which: str, config: Config, started: list[bool]) -> None:
     if which != "bridge":
         tune_gc()
-
-    async def node_body() -> None:
-        async with run_node(config) as node:
-            started.append(True)
-            await watch_workers(node.dead_workers)
-
-    async def broker_body() -> None:
-        async with run_broker(config) as broker:
-            started.append(True)
-            await watch_workers(broker.dead_workers)
-
-    async def bridge_body() -> None:
-        host, port = local_host(config.network.host), config.network.mqtt_port
-        async with run_bridge(config, mqtt_host=host, mqtt_port=port) as bridge:
-            started.append(True)
-            await watch_workers(bridge.dead_workers)
-
-    _run_until_signalled({"broker": broker_body, "bridge": bridge_body, "node": node_body}[which])
+    _run_until_signalled(_serve_child(which, config, started))
 
 
-# --- supervisor ------------------------------------------------------------------------------
+def _open_child(which: str, config: Config) -> AbstractAsyncContextManager[HasWorkers]:
+    """What child process ``which`` runs."""
+    if which == "node":
+        return run_node(config)
+    if which == "broker":
+        return run_broker(config)
+    return run_bridge(config, mqtt_host=local_host(config.network.host), mqtt_port=config.network.mqtt_port)
 
 
-def child_env(config: Config, metrics_dir: Path | None) -> dict[str, str]:
-    """Settings for a child; with metrics_dir, Prometheus samples are shared across children."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MQCHAT_CONFIG", "PROMETHEUS_MULTIPROC_DIR")}
-    env.update(config_to_env(config))
-    if metrics_dir is not None:
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    return env
+async def _serve_child(which: str, config: Config, started: list[bool]) -> None:
+    """Run child ``which`` until a worker dies (WorkerDied) or the task is cancelled."""
+    async with _open_child(which, config) as running:
+        started.append(True)
+        await watch_workers(running.dead_workers)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the supervisor dies."""
-    if sys.platform == "linux":
-        import ctypes
+def _run_until_signalled(body: Coroutine[Any, Any, None]) -> None:
+    """Run ``body`` in a new event loop (uvloop when installed) until it ends or SIGTERM/SIGINT
+    cancels it."""
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-class Supervisor:
-    """Runs the broker and bridge processes; restarts either when it dies."""
-
-    def __init__(self, *, config: Config) -> None:
-        self._config = config
-        self._run_dir = config.storage.data_dir / "run"
-        self._metrics_dir = self._run_dir / "metrics"
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
-        self._children = children_for(config)
-        self._stopping = False
-        self._failed = False
-
-    async def _spawn(self, which: str) -> asyncio.subprocess.Process:
-        # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops the
-        # children in order; the parent-death signal stops them if the supervisor is killed.
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "mqchat",
-            "_child",
-            which,
-            # One child serves its own metrics; several share them through files (which costs a
-            # pid check on every sample update).
-            env=child_env(self._config, self._metrics_dir if len(self._children) > 1 else None),
-            process_group=0,
-            preexec_fn=_die_with_parent,
-        )
-        (self._run_dir / f"{which}.pid").write_text(f"{proc.pid}\n")
-        self._procs[which] = proc
-        logger.info("started %s (pid %d)", which, proc.pid)
-        return proc
-
-    async def run(self) -> int:
-        """Run until SIGTERM/SIGINT (0), or until a child cannot start (1)."""
-        shutil.rmtree(self._metrics_dir, ignore_errors=True)
-        self._metrics_dir.mkdir(parents=True, exist_ok=True)
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            # The bridge retries until the broker listens; no need to wait here.
-            for which in self._children:
-                await self._spawn(which)
-            async with asyncio.TaskGroup() as tg:
-                watchers = [tg.create_task(self._watch(name, stop), name=f"watch-{name}") for name in self._children]
-                await stop.wait()
-                self._stopping = True
-                if not self._failed:
-                    logger.info("stopping")
-                await self._stop_children()
-                for w in watchers:
-                    w.cancel()
-        finally:
-            await self._stop_children()
-            for which in self._children:
-                with contextlib.suppress(FileNotFoundError):
-                    (self._run_dir / f"{which}.pid").unlink()
-        return 1 if self._failed else 0
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await body
 
-    async def _watch(self, which: str, stop: asyncio.Event) -> None:
-        failures = 0
-        first_start = True
-        while not self._stopping:
-            proc = self._procs[which]
-            started = time.monotonic()
-            code = await proc.wait()
-            self._mark_dead(proc.pid)
-            if self._stopping:
-                return
-            if code == EXIT_CANNOT_START and first_start:
-                # It said why on stderr; restarting would not mend it. After a crash, though, a
-                # restart that cannot bind yet (the dead process's sockets are still closing) is
-                # retried with backoff like any other failure.
-                self._failed = True
-                stop.set()
-                return
-            first_start = False
-            failures = 1 if time.monotonic() - started > 30 else failures + 1
-            delay = min(RESTART_BACKOFF_MAX_S, 0.25 * 2 ** (failures - 1))
-            logger.error("%s (pid %d) exited with code %s; restarting in %.2fs", which, proc.pid, code, delay)
-            await asyncio.sleep(delay)
-            if not self._stopping:
-                await self._spawn(which)
+    try:
+        import uvloop
 
-    def _mark_dead(self, pid: int) -> None:
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
-
-    async def _stop_children(self) -> None:
-        # The bridge first, so it finishes in-flight requests while the broker still runs.
-        for which in reversed(self._children):
-            proc = self._procs.get(which)
-            if proc is None or proc.returncode is not None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                async with asyncio.timeout(STOP_GRACE_S):
-                    await proc.wait()
-            except TimeoutError:
-                logger.warning("%s did not stop in %.0fs; killing it", which, STOP_GRACE_S)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
 
 
 def free_port(host: str = "127.0.0.1") -> int:

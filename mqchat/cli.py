@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--adapter", choices=("mqtt", "inbroker"), help="how requests reach the bridge pipeline (default inbroker)"
     )
+    serve.add_argument("--storage-backend", help="where messages and push state live: sqlite (default), cassandra")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     serve.add_argument(
         "--redis-url",
@@ -212,7 +213,8 @@ def _token(args: argparse.Namespace, config: Config) -> int:
 
 
 def _serve(config: Config) -> int:
-    from mqchat.app import Supervisor, ensure_data_dir, ensure_ports_free, local_host, setup_logging
+    from mqchat.app import ensure_data_dir, ensure_ports_free, local_host, setup_logging
+    from mqchat.supervisor import Supervisor
 
     setup_logging(config.log_level, "serve")
     try:

@@ -160,6 +160,9 @@ class Service:
         try:
             await coro
         except asyncio.CancelledError:
+            if worker and not self.__closed:
+                logger.error("%s: worker %s was cancelled while the service runs", self.name, name)
+                self.__died.append(name)
             raise
         except Exception:
             if not worker:

@@ -28,12 +28,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Container, Mapping
-from types import TracebackType
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
-from mqchat.tasks import cancel_and_wait, ended
+from mqchat.service import Service
 from push.providers import (
     Outcome,
     PushMessage,
@@ -43,8 +42,7 @@ from push.providers import (
     send_with_retries,
     token_fingerprint,
 )
-from storage.base import MessageStore, StoredMessage
-from storage.push_store import Pending, PushJob, SqlitePushStore
+from storage.base import MessageStore, Pending, PushJob, PushStore, StoredMessage
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +63,19 @@ ConnectedDevices = Callable[[str], Awaitable[Container[str]]]
 PREVIEW_CHARS = 120
 
 
-class PushDispatcher:
-    """Async context manager running the intake and the delivery loop."""
+class PushDispatcher(Service):
+    """A service (async context manager) running two workers, the intake and the delivery loop;
+    each send is a job. At ``aclose()`` a send in flight may finish within ``SEND_FINISH_S`` (or
+    its job stays 'sending' and is dropped at the next start)."""
+
+    name = "push dispatcher"
+    job_grace_s = SEND_FINISH_S
 
     def __init__(
         self,
         *,
         store: MessageStore,
-        push_store: SqlitePushStore,
+        push_store: PushStore,
         connected_devices: ConnectedDevices,
         providers: Mapping[str, PushProvider],
         window_s: float = 2.0,
@@ -82,6 +85,7 @@ class PushDispatcher:
         send_timeout_s: float = 10.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        super().__init__()
         self._store = store
         self._push = push_store
         self._connected = connected_devices
@@ -96,33 +100,16 @@ class PushDispatcher:
             maxsize=100_000
         )
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._sends: set[asyncio.Task[None]] = set()
         self._reported: set[str] = set()  # platforms whose misconfiguration was reported
         self._names: dict[str, str] = {}  # group names for titles
 
-    async def __aenter__(self) -> PushDispatcher:
+    async def _start(self) -> None:
         dropped = await self._push.drop_interrupted()
         if dropped:
             logger.warning("dropped %d push notifications interrupted by a restart (never sent twice)", dropped)
             PUSH_SUPPRESSED.labels(reason="interrupted").inc(dropped)
-        self._tasks = [
-            asyncio.create_task(self._run_intake(), name="push-intake"),
-            asyncio.create_task(self._run_delivery(), name="push-delivery"),
-        ]
-        return self
-
-    def dead_workers(self) -> list[str]:
-        return ended(self._tasks)
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await cancel_and_wait(self._tasks, what="push dispatcher")
-        # A send in flight may finish (or its job stays 'sending' and is dropped at the next start).
-        if self._sends:
-            _, late = await asyncio.wait(list(self._sends), timeout=SEND_FINISH_S)
-            await cancel_and_wait(late, what="push sends")
+        self.start_worker(self._run_intake(), name="push-intake")
+        self.start_worker(self._run_delivery(), name="push-delivery")
 
     # --- intake -------------------------------------------------------------------------------------
 
@@ -187,9 +174,7 @@ class PushDispatcher:
             try:
                 jobs = await self._push.claim_due(self._clock.time_ms(), limit=50)
                 for job in jobs:
-                    task = asyncio.create_task(self._deliver(job), name="push-send")
-                    self._sends.add(task)
-                    task.add_done_callback(self._sends.discard)
+                    self.start_job(self._deliver(job), name="push-send")
                     await self._clock.sleep(self._interval_s)  # a backlog drains at a bounded rate
                 if time.monotonic() - last_depth > 1.0:
                     PUSH_QUEUE_DEPTH.set(await self._push.depth())

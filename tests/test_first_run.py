@@ -23,8 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mqchat.app import EXIT_CANNOT_START, Supervisor, free_port
+from mqchat.app import free_port
 from mqchat.config import load_config
+from mqchat.supervisor import EXIT_CANNOT_START, Supervisor
 from tests.helpers import repo_env
 
 README = Path(__file__).resolve().parent.parent / "README.md"
