@@ -51,12 +51,13 @@ from broker.plugins import is_service
 from broker.queues import LeanQueue
 from broker.session import InboundQueue
 from mqchat import mqtt_codec as codec
+from mqchat.errors import MqchatError
 from mqchat.mqtt_codec import MalformedPacket
 
 logger = logging.getLogger(__name__)
 
 
-class PacketTooLarge(Exception):
+class PacketTooLarge(MqchatError):
     """A client sent a packet over the size limit; its connection is closed."""
 
 

@@ -520,7 +520,7 @@ def cannot_start_reason(exc: BaseException) -> str | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, ConfigError | PushConfigError):
+        if isinstance(e, ConfigError):  # PushConfigError included
             return str(e)
         if isinstance(e, OSError) and e.errno in BIND_ERRNOS:
             return f"cannot listen: {e.strerror or e}"

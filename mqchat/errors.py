@@ -7,12 +7,17 @@ Exception tree::
     │   └── PushConfigError      (push.providers) unusable push credentials or options
     ├── AuthError                a token or service credential that does not verify
     ├── RequestError             a client request refused; carries a stable ErrorCode
+    ├── MalformedPacket          (mqchat.mqtt_codec) bytes that are not an MQTT 3.1.1 packet
+    ├── PacketTooLarge           (broker.handler) a packet over the broker's limit: connection closed
     ├── StoreRefusal             (storage.base) a write the store refuses; its class names the
     │   ├── SeqBeyondEnd         ErrorCode the client is told
     │   ├── NotMember
     │   └── NoSuchConversation
     └── StorageError             a backend failure, translated at the backend boundary
         └── StorageClosed        the store was used after aclose()
+
+The SDK's exceptions (``clients.errors.ClientError``) and the tools' (``mqchat.bench``'s
+``BenchError``, ``clients.testing.loadgen``'s ``LoadgenError``) derive from ``MqchatError`` too.
 
 A client never sees a traceback: it sees ``{"type":"error","code":ErrorCode,"message":…}`` on
 MQTT, or an HTTP status (``ErrorCode.http_status``) with ``{"error":ErrorCode,"message":…}``.

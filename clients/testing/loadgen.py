@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from mqchat import mqtt_codec as codec
+from mqchat.errors import MqchatError
 from mqchat.ids import dm_conv
 
 __all__ = [
@@ -57,7 +58,7 @@ Progress = Callable[[str], None]
 _STAMP = struct.Struct(">QI")  # intended send time (monotonic ns), sequence number
 
 
-class LoadgenError(Exception):
+class LoadgenError(MqchatError):
     """A load-generator connection failed (closed, timed out, protocol error)."""
 
 

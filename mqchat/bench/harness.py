@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.testing.loadgen import Creds
+from mqchat.errors import MqchatError
 from mqchat.tokens import issue_token
 
 SYSTEMS = ("ours", "stock", "mosquitto")
@@ -42,7 +43,7 @@ PAYLOAD_BYTES = 100
 CTX = multiprocessing.get_context("fork")
 
 
-class BenchError(Exception):
+class BenchError(MqchatError):
     """A benchmark step failed (a broker did not start, a load process failed or timed out)."""
 
 
