@@ -59,6 +59,10 @@ class Delivery:
         self.deliver(topic, payload, None)
         return retained
 
+    def retained_on(self, topic: str) -> RetainedApplicationMessage | None:
+        """The message retained on topic, if any."""
+        return self._retained.get(topic)
+
     def deliver(self, topic: str, data: bytes | bytearray, published_qos: int | None) -> None:
         """Deliver one message to the sessions whose filters match, found through the index.
 

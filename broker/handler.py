@@ -1,7 +1,7 @@
 """The per-connection protocol handler and reader, with mqchat's fixes to amqtt 0.12.
 
 - Keepalive is enforced: no packet within the allowance (1.5 × the client's keepalive, see
-  ``MqchatBroker``) closes the connection as a network failure, so the will is published and
+  ``Admission.fit``) closes the connection as a network failure, so the will is published and
   the disconnect hook fires. amqtt only logs the read timeout and keeps waiting forever.
 - Outgoing QoS 1 messages stay in flight until PUBACKed: while connected there is no timeout
   (MQTT 3.1.1 resends only on reconnect), and a message not acked when the connection drops is
@@ -78,14 +78,6 @@ class LimitedReader(StreamReaderAdapter):
             await self.inbound.wait_not_full()
         data: bytes = await super().read(n)
         return data
-
-
-def _incoming(packet_id: int | None, topic: str, qos: int, data: bytes, retain: bool) -> IncomingApplicationMessage:
-    """amqtt's message object for a decoded PUBLISH, built once (no intermediate packet object)."""
-    message = IncomingApplicationMessage(packet_id, topic, qos, data, retain)
-    if retain:  # the broker looks at the packet only for the retain flag
-        message.publish_packet = PublishPacket.build(topic, data, packet_id, False, qos, retain)
-    return message
 
 
 class MqchatProtocolHandler(BrokerProtocolHandler):
@@ -169,11 +161,9 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
                     self.handle_read_timeout()
                     continue
                 kind = first >> 4
-                if kind == PUBLISH and (first >> 1) & 3 == 3:
-                    raise MalformedPacket("[MQTT-3.3.1-4] PUBLISH with QoS 3")
                 if kind in (SUBSCRIBE, UNSUBSCRIBE) and length <= 2:
                     raise MalformedPacket("[MQTT-3.8.3-3/3.10.3-2] SUBSCRIBE or UNSUBSCRIBE without a topic filter")
-                if kind == PUBLISH and (first >> 1) & 3 in (0, 1):
+                if kind == PUBLISH and first & 0x06 != 0x04:  # QoS 0 or 1 (QoS 3: the codec refuses it)
                     await self._receive_publish(first, body)
                 elif kind == PUBACK and length == 2:
                     self._receive_puback(int.from_bytes(body, "big"))
@@ -200,12 +190,18 @@ class MqchatProtocolHandler(BrokerProtocolHandler):
         await self.stop()
 
     async def _receive_publish(self, first: int, body: bytes) -> None:
-        message = codec.decode_publish_into(first, body, _incoming)
+        """A PUBLISH at QoS 0 or 1, decoded straight into amqtt's message object (no packet object)."""
+        message = codec.decode_publish_into(first, body, IncomingApplicationMessage)
         if (first & 0x08 and not message.qos) or self.session is None:
             return  # [MQTT-3.3.1-2] DUP on a QoS 0 message: ignored, as amqtt does
-        if message.retain and not is_service(self.session):
-            # Devices never leave state on the broker: refused visibly, not dropped in silence.
-            raise MalformedPacket("a retained PUBLISH from a device (only the server retains messages)")
+        if message.retain:
+            if not is_service(self.session):
+                # Devices never leave state on the broker: refused visibly, not dropped in silence.
+                raise MalformedPacket("a retained PUBLISH from a device (only the server retains messages)")
+            # The broker looks at the packet only for the retain flag.
+            message.publish_packet = PublishPacket.build(
+                message.topic, message.data, message.packet_id, bool(first & 0x08), message.qos, True
+            )
         direct = self.direct_inbound
         queue = self.session.delivered_message_queue
         if direct is not None and message.topic == direct[0]:

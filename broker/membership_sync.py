@@ -87,9 +87,11 @@ class MembershipSync(Service):
             return
         # A removal from a group may end the last conversation two users shared: their presence
         # subscriptions to each other are checked again.
+        if not self.running:
+            logger.debug("membership of %s changed while stopped: presence subscriptions not rechecked", conv)
+            return
         pairs = [(s, f) for s, f in self.device_subscriptions("p/") if _user_of(s) in removed or f[2:] in removed]
-        if self.running:
-            self.start_job(self._recheck_job(pairs), name="acl-recheck")
+        self.start_job(self._recheck_job(pairs), name="acl-recheck")
 
     def device_subscriptions(self, prefix: str) -> list[tuple[Session, str]]:
         """(session, filter) of every device subscription whose filter starts with prefix."""

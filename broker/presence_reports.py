@@ -6,6 +6,7 @@
                                                                    ├─▶ PresenceRegistry.connected/disconnected
                                                                    └─▶ retained $mqchat/devices/{user} (device_topics)
     PresenceRegistry ─transition (this broker's or, shared, any other's)─▶ retained p/{user}
+    a subscription to p/{user} with nothing retained yet ─▶ retain_current: the registry's answer
 
 Reports leave the connect path at once and reach the registry one by one, in the order they
 happened (a device's connect is never overtaken by its own earlier disconnect).
@@ -88,6 +89,17 @@ class PresenceReports(Service):
             logger.error("presence registry unavailable; devices of %s not published: %s", user, exc)
             return
         self._delivery.retain(f"{DEVICES_TOPIC_PREFIX}{user}", encode({"devices": sorted(devices)}))
+
+    async def retain_current(self, user: str) -> bool:
+        """Retain ``p/{user}`` as the registry has it now, for a subscriber whose broker holds no
+        state for the user yet (it started after the user's last change). False when a
+        transition arrived while the registry was asked: that one is retained and current."""
+        found = (await self.presence.lookup([user]))[user]
+        topic = presence_topic(user)
+        if self._delivery.retained_on(topic) is not None:
+            return False
+        self._delivery.retain(topic, encode(found.envelope()))
+        return True
 
     def _on_presence(self, presence: Presence) -> None:
         self._delivery.retain(presence_topic(presence.user), encode(presence.envelope()))

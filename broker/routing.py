@@ -113,6 +113,13 @@ class SubscriptionIndex(dict[str, list[tuple[Any, int]]]):
     def filters_of(self, client_id: str) -> set[str]:
         return set(self.by_client.get(client_id, ()))
 
+    def granted(self, client_id: str) -> list[tuple[str, int]]:
+        """(filter, granted QoS) of each of the client's own subscriptions."""
+        return [
+            (topic_filter, next((q for s, q in self.get(topic_filter, ()) if s.client_id == client_id), 0))
+            for topic_filter in self.filters_of(client_id)
+        ]
+
     # --- routing ----------------------------------------------------------------------------------
 
     def matching_filters(self, topic: str) -> Iterator[str]:

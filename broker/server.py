@@ -5,7 +5,8 @@
     TCP accept ─▶ read CONNECT (broker.connect: timeout, size limit, protocol level)
         ─▶ Admission: limits ─▶ authenticate the *incoming* session ─▶ resolve the session
         ─▶ take over an older connection of the same device ─▶ CONNACK ─▶ queued messages
-        ─▶ retained messages for this session's own subscriptions only
+        ─▶ retained messages for this session's own subscriptions only (p/{user} with none
+           retained yet: PresenceReports asks the registry)
         ─▶ message loop (MqchatProtocolHandler: keepalive enforced, codec-framed reader)
            a device's request on its own out topic ─▶ inbound hook (the in-broker bridge adapter)
            $mqchat/membership from the service ─▶ MembershipSync
@@ -18,19 +19,17 @@
 amqtt stays a pinned dependency; the methods here override its own, written against 0.12.1
 (``check_amqtt_version`` refuses to start on another version). Each override either adapts
 amqtt to a part or fixes one of its defects (keepalive, takeover before auth, retained leak,
-lost QoS 1, O(all subscriptions) routing).
+lost QoS 1, O(all subscriptions) routing). ``broker.serve`` runs one in a process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import gc
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 from amqtt.broker import Broker
@@ -42,7 +41,7 @@ from amqtt.mqtt.constants import QOS_1
 from amqtt.session import Session
 
 from broker.admission import Admission
-from broker.amqtt_compat import AMQTT_VERSION, ClosingStreamWriter, check_amqtt_version
+from broker.amqtt_compat import ClosingStreamWriter, check_amqtt_version
 from broker.delivery import Delivery
 from broker.handler import LimitedReader, MqchatProtocolHandler
 from broker.limits import BrokerLimits
@@ -52,20 +51,10 @@ from broker.plugins import is_service, session_identity
 from broker.presence_reports import PresenceReports
 from broker.routing import SubscriptionIndex, is_wildcard
 from mqchat.internal_topics import MEMBERSHIP_TOPIC
-from mqchat.protocol import encode, out_topic
+from mqchat.protocol import out_topic
 from storage.presence import PresenceRegistry
 
-__all__ = [
-    "AMQTT_VERSION",
-    "BrokerLimits",
-    "ClosingStreamWriter",
-    "InboundHook",
-    "MqchatBroker",
-    "broker_config",
-    "check_amqtt_version",
-    "serve_broker",
-    "tune_gc",
-]
+__all__ = ["InboundHook", "MqchatBroker"]
 
 logger = logging.getLogger(__name__)
 
@@ -237,10 +226,8 @@ class MqchatBroker(Broker):
             reports.connected(identity.user, identity.device, connection)
         try:
             await self._publish_session_retained_messages(session)
-            for topic_filter in self._subscriptions.filters_of(client_id):  # only its own subscriptions
-                subscribers = self._subscriptions.get(topic_filter, [])
-                qos = next((q for s, q in subscribers if s.client_id == client_id), 0)
-                await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
+            for subscription in self._subscriptions.granted(client_id):  # only its own subscriptions
+                await self._publish_retained_messages_for_subscription(subscription, session)
             await self._client_message_loop(session, handler)
             if session.transitions.is_connected():
                 # amqtt's loop stops on a forbidden PUBLISH (a wildcard or a $ topic) but leaves the
@@ -319,13 +306,10 @@ class MqchatBroker(Broker):
             await super()._publish_retained_messages_for_subscription(subscription, session)
             return
         retained = self._retained_messages.get(topic_filter)
-        if retained is None and self.presence is not None and topic_filter.startswith("p/"):
-            user = topic_filter[2:]
-            found = (await self.presence.lookup([user]))[user]
-            retained = self._retained_messages.get(topic_filter)
-            if retained is None:  # no transition arrived meanwhile: what the registry said is current
-                self.delivery.retain(topic_filter, encode(found.envelope()))
+        if retained is None and self.reports is not None and topic_filter.startswith("p/"):
+            if await self.reports.retain_current(topic_filter[2:]):
                 return  # sent to every subscriber of the topic, this one included
+            retained = self._retained_messages.get(topic_filter)
         handler = self._get_handler(session)
         if retained is not None and retained.data and handler is not None:
             await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
@@ -415,58 +399,3 @@ class MqchatBroker(Broker):
             return
         for topic_filter in self._subscriptions.filters_of(session.client_id):
             self._del_subscription(topic_filter, session)
-
-
-def broker_config(*, host: str, port: int, secret: str, max_connections: int = 0) -> dict[str, Any]:
-    """amqtt configuration for mqchat's broker."""
-    return {
-        "listeners": {
-            "default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": max_connections},
-        },
-        "plugins": {
-            "broker.plugins.JwtAuthPlugin": {"secret": secret},
-            "broker.plugins.TopicAclPlugin": {},
-            "broker.plugins.MetricsPlugin": {},
-        },
-    }
-
-
-def tune_gc() -> None:
-    """A broker holds tens of thousands of long-lived objects per thousand connections; with
-    CPython's default thresholds the cyclic collector walks them again and again, and connects
-    slow down as the broker fills. Move what exists at start-up out of the collector's view and
-    collect the young generation less often. Call it once in a process that runs a broker."""
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
-
-
-@asynccontextmanager
-async def serve_broker(
-    *,
-    host: str,
-    port: int,
-    secret: str,
-    limits: BrokerLimits | None = None,
-    inbound_hook: InboundHook | None = None,
-    presence: PresenceRegistry | None = None,
-    membership: MembershipCache | None = None,
-    device_topics: bool = False,
-    revalidate_s: float = 60.0,
-) -> AsyncIterator[MqchatBroker]:
-    """Run the broker until the block exits."""
-    broker = MqchatBroker(
-        broker_config(host=host, port=port, secret=secret),
-        limits=limits,
-        inbound_hook=inbound_hook,
-        presence=presence,
-        membership=membership,
-        device_topics=device_topics,
-        revalidate_s=revalidate_s,
-    )
-    await broker.start()
-    logger.info("MQTT broker listening on %s:%d", host, broker.bound_port)
-    try:
-        yield broker
-    finally:
-        with contextlib.suppress(Exception):
-            await broker.shutdown()

@@ -214,7 +214,8 @@ T = TypeVar("T")
 
 def decode_publish_into(first: int, body: bytes, build: Callable[[int | None, str, int, bytes, bool], T]) -> T:
     """Decode a PUBLISH and hand (packet id, topic, qos, payload, retain) to ``build``: the
-    broker builds amqtt's message object directly, with no intermediate one."""
+    broker builds amqtt's message object directly, with no intermediate one. QoS 3 is refused
+    here ([MQTT-3.3.1-4]); the broker's reader relies on it."""
     qos = (first >> 1) & 3
     if qos == 3:
         raise MalformedPacket("[MQTT-3.3.1-4] PUBLISH with QoS 3")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any
 
 import pytest
 from amqtt.adapters import StreamWriterAdapter
 
-from broker.server import ClosingStreamWriter
+from broker.amqtt_compat import ClosingStreamWriter
 
 
 class _PeerGoneWriter:
@@ -76,3 +78,39 @@ async def test_the_broker_serves_connections_with_our_writer() -> None:
         await broker.shutdown()
     assert len(seen) == 1
     assert isinstance(seen[0], ClosingStreamWriter)
+
+
+class _Authority:
+    async def may_subscribe(self, session: Any, topic_filter: str) -> bool:
+        return False
+
+    def end_subscription(self, topic_filter: str, session: Any) -> None:
+        pass
+
+
+def test_a_membership_change_while_the_sync_is_stopped_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from broker.membership_sync import MembershipSync
+    from broker.routing import SubscriptionIndex
+
+    sync = MembershipSync(authority=_Authority(), subscriptions=SubscriptionIndex(), membership=None)
+    change = json.dumps({"conv": "g1", "kind": "group", "removed": ["bob"]}).encode()
+    with caplog.at_level(logging.DEBUG, logger="broker.membership_sync"):
+        sync.changed(change)
+    assert "not rechecked" in caplog.text
+
+
+async def test_a_presence_state_not_retained_yet_is_taken_from_the_registry() -> None:
+    from broker.delivery import Delivery
+    from broker.limits import BrokerLimits
+    from broker.presence_reports import PresenceReports
+    from broker.routing import SubscriptionIndex
+    from storage.presence import MemoryPresence
+
+    registry = MemoryPresence()
+    await registry.connected("alice", "a1", "1")  # before this broker listens to the registry
+    retained: dict[str, Any] = {}
+    delivery = Delivery(limits=BrokerLimits(), subscriptions=SubscriptionIndex(), sessions={}, retained=retained)
+    reports = PresenceReports(presence=registry, delivery=delivery)
+    assert await reports.retain_current("alice")
+    assert json.loads(retained["p/alice"].data)["state"] == "online"
+    assert not await reports.retain_current("alice"), "a retained state is current: left as it is"

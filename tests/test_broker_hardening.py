@@ -22,8 +22,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from broker.amqtt_compat import AMQTT_VERSION, check_amqtt_version
+from broker.limits import BrokerLimits
 from broker.routing import SubscriptionIndex
-from broker.server import AMQTT_VERSION, BrokerLimits, MqchatBroker, broker_config, check_amqtt_version
+from broker.serve import broker_config
+from broker.server import MqchatBroker
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, issue_token, service_password
 from tests.helpers import unique
 from tests.mqtt_raw import RawClient, puback_packet, publish_packet

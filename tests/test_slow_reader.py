@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import REGISTRY
 
-from broker.server import BrokerLimits, MqchatBroker, serve_broker
+from broker.limits import BrokerLimits
+from broker.serve import serve_broker
+from broker.server import MqchatBroker
 from mqchat.tokens import issue_token
 from tests.mqtt_raw import connect_packet, subscribe_packet
 from tests.test_broker_reader import SECRET, Conn, device
