@@ -8,7 +8,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +21,7 @@ import pytest_timeout
 
 from bridge.mqtt_adapter import MqttClientAdapter
 from mqchat.app import run_bridge, run_broker, run_node
+from mqchat.bench.processes import serve_command
 from mqchat.config import AuthConfig, BridgeConfig, Config, NetworkConfig, PresenceConfig, StorageConfig
 from mqchat.tokens import issue_token
 from storage.base import MessageStore
@@ -221,20 +221,7 @@ def start_served(
     env = repo_env() | {"MQCHAT_JWT_SECRET": secret} | (env or {})
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mqchat",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--mqtt-port",
-                str(mqtt_port),
-                "--http-port",
-                str(http_port),
-                "--adapter",
-                adapter,
-            ],
+            serve_command(mqtt_port=mqtt_port, http_port=http_port, data_dir=data_dir, adapter=adapter),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""Test helpers: raw MQTT devices (aiomqtt, no mqchat SDK), unique ids, bounded waits."""
+"""Test helpers: raw MQTT devices (aiomqtt, no mqchat SDK), unique ids, bounded waits, `mqchat serve`."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import contextlib
 import itertools
 import json
 import os
+import signal
+import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
+
+from mqchat.bench.processes import free_port, serve_command, wait_healthy
 
 _counter = itertools.count()
 
@@ -112,6 +117,31 @@ def send_env(conv: str, body: str = "hello", *, id: str | None = None) -> dict[s
 def repo_env() -> dict[str, str]:
     """Environment for subprocesses: no stray MQCHAT_* settings from the caller."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("MQCHAT_", "PROMETHEUS_"))}
+
+
+@contextlib.contextmanager
+def serve_in(
+    home: Path, log: Path, *, preexec_fn: Callable[[], object] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    """`python -m mqchat serve` as `make serve` runs it: in ``home``, with the default data dir
+    and the secret it generates there. Yields (process, mqtt port, http port) once ``/healthz``
+    answers (within 60 s); stopped with SIGTERM on the way out."""
+    mqtt_port, http_port = free_port(), free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            serve_command(mqtt_port=mqtt_port, http_port=http_port),
+            cwd=home,
+            env=repo_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
+        )
+    try:
+        assert wait_healthy(proc, http_port, limit_s=60), f"mqchat serve did not become healthy:\n{log.read_text()}"
+        yield proc, mqtt_port, http_port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 async def send_until_acked(

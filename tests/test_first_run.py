@@ -26,7 +26,7 @@ import pytest
 from mqchat.app import free_port
 from mqchat.config import load_config
 from mqchat.supervisor import EXIT_CANNOT_START, Supervisor
-from tests.helpers import repo_env
+from tests.helpers import repo_env, serve_in
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BIN = Path(sys.executable).parent  # where the mqchat console script is installed
@@ -244,36 +244,14 @@ def make_serve(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
     """`mqchat serve` as `make serve` runs it: its own folder, default data dir, generated secret."""
     home = tmp_path / "checkout"
     home.mkdir()
-    mqtt_port, http_port = free_port(), free_port()
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mqchat", "serve", "--mqtt-port", str(mqtt_port), "--http-port", str(http_port)],
-        cwd=home,
-        env=repo_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not become healthy"
-            time.sleep(0.1)
+    log = tmp_path / "serve.log"
+    with serve_in(home, log) as (proc, mqtt_port, http_port):
         yield home, mqtt_port, http_port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
-        startup = (tmp_path / "serve.log").read_text()
-        assert proc.returncode == 0, startup
-        assert "Traceback" not in startup, startup
-        assert not re.search(r"deprecat|warning:", startup, re.IGNORECASE), startup
-        assert "mqchat: mqchat" not in startup, startup
+    startup = log.read_text()
+    assert proc.returncode == 0, startup
+    assert "Traceback" not in startup, startup
+    assert not re.search(r"deprecat|warning:", startup, re.IGNORECASE), startup
+    assert "mqchat: mqchat" not in startup, startup
 
 
 def wait_subscribed(http_port: int, at_least: int) -> None:

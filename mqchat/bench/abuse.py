@@ -13,7 +13,7 @@ from typing import Any
 
 from mqchat.bench.harness import HOST, BenchError, Options, heading
 from mqchat.bench.processes import run_load, run_serve
-from mqchat.bench.report import paired_bars, print_notes, print_ratios, print_table, pyplot, save
+from mqchat.bench.report import dress, figure, paired_bars, print_notes, print_ratios, print_table, save
 from mqchat.ids import dm_conv
 
 _RUNS = (
@@ -107,22 +107,29 @@ def table(data: dict[str, Any]) -> None:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (left, right) = figure(2, size=(11, 4.5))
     systems = [s for s in data["systems"].values() if "ack" in s]
     labels = [s["label"].replace(", ", ",\n") for s in systems]
     paired_bars(left, [(pct[:-3], [s["ack"][pct] or 0 for s in systems]) for pct in ("p50_ms", "p99_ms")])
     left.axhline(50, color="red", linestyle="--", linewidth=1, label="target p99 50 ms")
-    left.set_xticks(range(len(systems)), labels, fontsize=7)
-    left.set_ylabel("legit user's send→ack (ms)")
-    left.legend(fontsize=8)
-    left.set_title("Another user's latency")
+    dress(
+        left,
+        title="Another user's latency",
+        ylabel="legit user's send→ack (ms)",
+        xticks=labels,
+        tick_size=7,
+        legend_size=8,
+    )
     acked = [s["flood_acked"] for s in systems]
     refused = [sum(s["flood_errors"].values()) for s in systems]
     right.bar(range(len(systems)), acked, label="acked (stored)")
     right.bar(range(len(systems)), refused, bottom=acked, label="rate_limited (nothing stored)")
-    right.set_xticks(range(len(systems)), labels, fontsize=7)
-    right.set_ylabel("flood sends answered")
-    right.legend(fontsize=8)
-    right.set_title(f"The flood ({data['parameters']['seconds']:g} s)")
+    dress(
+        right,
+        title=f"The flood ({data['parameters']['seconds']:g} s)",
+        ylabel="flood sends answered",
+        xticks=labels,
+        tick_size=7,
+        legend_size=8,
+    )
     save(fig, path, data)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from broker.membership import MembershipCache
-from broker.server import serve_broker
+from broker.serve import serve_broker
 from clients.testing.loadgen import connect
 from mqchat.bench.harness import Options, device_creds, progress
-from mqchat.bench.report import logy, paired_bars, print_notes, print_ratios, print_table, pyplot, save
+from mqchat.bench.report import dress, figure, paired_bars, print_notes, print_ratios, print_table, save
 from mqchat.ids import new_group_id
 from storage.sqlite import SqliteMessageStore
 
@@ -96,7 +96,7 @@ async def measure(workdir: Path, *, quick: bool, progress: Callable[[str], None]
             assert group is not None
             a, b = rng.sample(list(group.users), 2)
             sharing.append((a, b))
-        cache = MembershipCache(store)
+        cache = MembershipCache(groups=store, privacy=store)
         for a, b in sharing:  # fill
             await cache.shares_conversation(a, b)
         for user in users:
@@ -124,8 +124,9 @@ async def measure(workdir: Path, *, quick: bool, progress: Callable[[str], None]
         topics = [f"p/{u}" for u in sorted(friends)] + [f"c/{channel}/in"]
         topics = (topics * (1 + 400 // max(1, len(topics))))[:400]
         progress(f"acl: {len(topics)} SUBSCRIBEs through the broker, cached and uncached")
-        cached_rate = await _subscribe_rate(store, MembershipCache(store), topics, viewer)
-        uncached_rate = await _subscribe_rate(store, MembershipCache(store, ttl_s=0), topics, viewer)
+        cached_rate = await _subscribe_rate(store, MembershipCache(groups=store, privacy=store), topics, viewer)
+        uncached = MembershipCache(groups=store, privacy=store, ttl_s=0)
+        uncached_rate = await _subscribe_rate(store, uncached, topics, viewer)
         results["cache"]["subscribes_per_s"] = round(cached_rate, 1)
         results["store"]["subscribes_per_s"] = round(uncached_rate, 1)
     finally:
@@ -176,18 +177,23 @@ def table(data: dict[str, Any]) -> None:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    fig, (left, right) = figure(2, size=(10, 4.5))
     systems = list(data["systems"].values())
     paired_bars(left, [(question, [s[question]["mean_us"] for s in systems]) for question in ("shares", "member")])
-    left.set_xticks(range(len(systems)), [s["label"] for s in systems], fontsize=8)
-    left.set_ylabel("µs per answer (mean)")
-    logy(left)
-    left.legend()
-    left.set_title("One membership question")
+    dress(
+        left,
+        title="One membership question",
+        ylabel="µs per answer (mean)",
+        xticks=[s["label"] for s in systems],
+        log=True,
+    )
     rates = [s["subscribes_per_s"] for s in systems]
     bars = right.bar(["uncached (store)", "cached"], [rates[0], rates[1]])
     right.bar_label(bars, labels=[f"{v:,.0f}" for v in rates], fontsize=8)
-    right.set_ylabel("SUBSCRIBE/s (one client, sequential)")
-    right.set_title(f"{data['parameters']['topics']} SUBSCRIBEs via the broker")
+    dress(
+        right,
+        title=f"{data['parameters']['topics']} SUBSCRIBEs via the broker",
+        ylabel="SUBSCRIBE/s (one client, sequential)",
+        legend=False,
+    )
     save(fig, path, data)

@@ -14,7 +14,7 @@ from typing import Any
 
 from mqchat.bench.harness import HOST, PAYLOAD_BYTES, BenchError, Options, heading, progress, ratio
 from mqchat.bench.processes import ServeProc, netem_proxy, run_load, run_serve
-from mqchat.bench.report import fmt, logy, p99_p50_lines, print_table, pyplot, save
+from mqchat.bench.report import dress, figure, fmt, p99_p50_lines, print_table, save
 
 
 def _params(opts: Options) -> dict[str, Any]:
@@ -127,8 +127,7 @@ def table(data: dict[str, Any]) -> None:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = figure(2, size=(13, 5))
     for ax, key, title in ((axes[0], "ack", "send → ack"), (axes[1], "delivery", "send → recipient delivery")):
         for s in data["systems"].values():
             if not s.get("available"):
@@ -139,10 +138,13 @@ def plot(data: dict[str, Any], path: Path) -> None:
                 ax, rates, [st[key]["p99_ms"] for st in steps], [st[key]["p50_ms"] for st in steps], s["label"]
             )
         ax.axhline(100, color="red", lw=0.8, ls=":", label="100 ms target")
-        logy(ax)
-        ax.set_xlabel("offered sends/s (open loop)")
-        ax.set_ylabel("latency ms (log)")
-        ax.set_title(f"{title}: p99 solid, p50 dashed")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        dress(
+            ax,
+            title=f"{title}: p99 solid, p50 dashed",
+            xlabel="offered sends/s (open loop)",
+            ylabel="latency ms (log)",
+            log=True,
+            grid=True,
+            legend_size=7,
+        )
     save(fig, path, data)

@@ -42,7 +42,7 @@ from mqchat.bench.harness import (
     stop_process,
 )
 from mqchat.bench.processes import BrokerProc, run_broker, run_load
-from mqchat.bench.report import logy, ok, paired_bars, print_notes, print_table, pyplot, save
+from mqchat.bench.report import dress, figure, ok, paired_bars, print_notes, print_table, save
 
 SLICE = 2000  # connections per slice of the connect-rate curve (smaller for small ramps)
 STALL_RATE = 20.0  # a ramp slower than this (connects/s) ...
@@ -349,28 +349,35 @@ def table(data: dict[str, Any]) -> None:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig, axes = figure(3, size=(16, 5))
     systems = ok(data)
+    params = data["parameters"]
     ax = axes[0]
     for s in systems:
         sl = s.get("slices", [])
         ax.plot([x["to"] for x in sl], [x["rate"] for x in sl], marker="o", label=s["label"])
-    logy(ax)
-    ax.set_xlabel("connections reached (end of slice)")
-    ax.set_ylabel("connect + auth + subscribe per second (log)")
-    ax.set_title(f"Connect rate per {data['parameters']['slice']:,}-connection slice")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    dress(
+        ax,
+        title=f"Connect rate per {params['slice']:,}-connection slice",
+        xlabel="connections reached (end of slice)",
+        ylabel="connect + auth + subscribe per second (log)",
+        log=True,
+        grid=True,
+        legend_size=8,
+    )
     ax = axes[1]
     vals = [(s.get("rss_per_connection_bytes") or 0) / 1024 for s in systems]
     bars = ax.bar(range(len(systems)), vals)
     ax.bar_label(bars, labels=[f"{v:.1f}" for v in vals], fontsize=8)
-    ax.set_xticks(range(len(systems)), [s["label"] for s in systems], fontsize=8)
-    ax.set_ylabel("KiB of broker RSS per idle connection")
-    ax.set_title("Memory per connection")
+    dress(
+        ax,
+        title="Memory per connection",
+        ylabel="KiB of broker RSS per idle connection",
+        xticks=[s["label"] for s in systems],
+        legend=False,
+    )
     ax = axes[2]
-    base = data["parameters"]["baseline_connections"]
+    base = params["baseline_connections"]
     paired_bars(
         ax,
         [
@@ -378,9 +385,12 @@ def plot(data: dict[str, Any], path: Path) -> None:
             for key, label in (("latency_at_base", f"p99 with {base} idle"), ("latency_at_n", "p99 with N idle"))
         ],
     )
-    ax.set_xticks(range(len(systems)), [f"{s['label']}\nN={s.get('connected', 0):,}" for s in systems], fontsize=8)
-    logy(ax)
-    ax.set_ylabel("ms (log)")
-    ax.set_title(f"1:1 QoS1 latency @{data['parameters']['latency_rate']:g}/s")
-    ax.legend(fontsize=8)
+    dress(
+        ax,
+        title=f"1:1 QoS1 latency @{params['latency_rate']:g}/s",
+        ylabel="ms (log)",
+        xticks=[f"{s['label']}\nN={s.get('connected', 0):,}" for s in systems],
+        log=True,
+        legend_size=8,
+    )
     save(fig, path, data)

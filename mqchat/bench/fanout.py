@@ -15,7 +15,7 @@ import httpx
 
 from mqchat.bench.harness import HOST, BenchError, Options, available_systems, heading, progress, ratio, recorded
 from mqchat.bench.processes import run_broker, run_load, run_serve
-from mqchat.bench.report import ok, paired_bars, print_notes, print_table, pyplot, save
+from mqchat.bench.report import dress, figure, ok, paired_bars, print_notes, print_table, save
 from mqchat.tokens import issue_token
 
 
@@ -112,13 +112,14 @@ def table(data: dict[str, Any]) -> None:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure(1, size=(8, 5))
     systems = ok(data)
     paired_bars(ax, [(key[:3], [s[key] or 0 for s in systems]) for key in ("p50_ms", "p99_ms")])
-    ax.set_xticks(range(len(systems)), [s["label"] for s in systems], fontsize=8)
-    ax.set_ylabel("ms until the last subscriber has the message")
     p = data["parameters"]
-    ax.set_title(f"Fan-out of one QoS{p['qos']} publish to {p['subscribers']} subscribers ({p['repeats']} repeats)")
-    ax.legend()
+    dress(
+        ax,
+        title=f"Fan-out of one QoS{p['qos']} publish to {p['subscribers']} subscribers ({p['repeats']} repeats)",
+        ylabel="ms until the last subscriber has the message",
+        xticks=[s["label"] for s in systems],
+    )
     save(fig, path, data)

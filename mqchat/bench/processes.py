@@ -6,6 +6,7 @@
     run_load(fn, kwargs) ─▶ result        clients.testing.loadgen.<fn> in a forked process on CPU 1
     netem_proxy(port)   ──▶ port          clients.testing.netem.LossyProxy in a forked process on CPU 1
     run_serve(adapter)  ──▶ ServeProc     ``python -m mqchat serve`` on CPU 0, with its own data dir and log
+                                          (serve_command, wait_healthy: also how the tests start and await it)
 
 Each is bounded: a child that does not report within its limit raises ``BenchError`` and is
 stopped on the way out.
@@ -83,7 +84,7 @@ def _python_broker_child(kind: str, port: int, secret: str, ready: Connection) -
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         listeners = {"default": {"type": "tcp", "bind": f"{HOST}:{port}", "max_connections": 0}}
         if kind == "ours":
-            from broker.server import serve_broker, tune_gc
+            from broker.serve import serve_broker, tune_gc
             from storage.presence import MemoryPresence
 
             tune_gc()
@@ -275,6 +276,43 @@ def netem_proxy(target_port: int, preset: str | None) -> Iterator[int]:
 SEND_LIMITS = ("SEND_RATE", "SEND_BURST", "USER_SEND_RATE", "USER_SEND_BURST")
 
 
+def serve_command(
+    *,
+    mqtt_port: int,
+    http_port: int,
+    data_dir: Path | None = None,
+    adapter: str | None = None,
+    log_level: str | None = None,
+) -> list[str]:
+    """The command line of ``python -m mqchat serve`` on these ports (the tests start it this way too)."""
+    cmd = [sys.executable, "-m", "mqchat", "serve"]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    cmd += ["--mqtt-port", str(mqtt_port), "--http-port", str(http_port)]
+    if adapter is not None:
+        cmd += ["--adapter", adapter]
+    if log_level is not None:
+        cmd += ["--log-level", log_level]
+    return cmd
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], http_port: int, limit_s: float = 30.0) -> bool:
+    """Whether ``/healthz`` on ``http_port`` answers 200 within ``limit_s`` (False at once if
+    ``proc`` exits)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://{HOST}:{http_port}/healthz", timeout=1) as resp,
+        ):
+            if resp.status == 200:
+                return True
+        time.sleep(0.2)
+    return False
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServeProc:
     """A running ``mqchat serve``: its ports, the JWT secret it trusts, and its log."""
@@ -287,18 +325,7 @@ class ServeProc:
 
     def wait_healthy(self, limit_s: float = 30.0) -> bool:
         """Whether ``/healthz`` answers 200 within ``limit_s`` (False at once if the process exits)."""
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"http://{HOST}:{self.http_port}/healthz", timeout=1) as resp,
-            ):
-                if resp.status == 200:
-                    return True
-            time.sleep(0.2)
-        return False
+        return wait_healthy(self.proc, self.http_port, limit_s)
 
     def exited(self) -> bool:
         return self.proc.poll() is not None
@@ -324,22 +351,9 @@ def run_serve(adapter: str, workdir: Path, *, limits: bool = False, name: str = 
     unlimited = {} if limits else {f"MQCHAT_{key}": "1000000000" for key in SEND_LIMITS}
     env = {**os.environ, "MQCHAT_JWT_SECRET": secret, **unlimited}
     env.pop("MQCHAT_CONFIG", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mqchat",
-        "serve",
-        "--data-dir",
-        str(data_dir),
-        "--mqtt-port",
-        str(mqtt_port),
-        "--http-port",
-        str(http_port),
-        "--adapter",
-        adapter,
-        "--log-level",
-        "WARNING",
-    ]
+    cmd = serve_command(
+        mqtt_port=mqtt_port, http_port=http_port, data_dir=data_dir, adapter=adapter, log_level="WARNING"
+    )
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: pin(BROKER_CPU))
     try:

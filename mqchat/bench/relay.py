@@ -23,7 +23,7 @@ from mqchat.bench.harness import (
     recorded,
 )
 from mqchat.bench.processes import BrokerProc, run_broker, run_load
-from mqchat.bench.report import fmt, logy, ok, p99_p50_lines, paired_bars, print_notes, print_table, pyplot, save
+from mqchat.bench.report import dress, figure, fmt, ok, p99_p50_lines, paired_bars, print_notes, print_table, save
 
 
 def relay_params(opts: Options) -> dict[str, Any]:
@@ -145,8 +145,7 @@ def table(data: dict[str, Any]) -> None:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig, axes = figure(3, size=(16, 5))
     systems = ok(data)
     ax = axes[0]
     paired_bars(
@@ -154,21 +153,26 @@ def plot(data: dict[str, Any], path: Path) -> None:
         [(f"QoS{qos}", [s[f"qos{qos}"]["throughput"]["msg_per_s"] for s in systems]) for qos in (0, 1)],
         value_format="{:,.0f}",
     )
-    ax.set_xticks(range(len(systems)), [s["label"] for s in systems], fontsize=8)
-    logy(ax)
+    dress(
+        ax,
+        title="Max throughput, 4 publishers → 1 subscriber",
+        ylabel="messages/s (log scale)",
+        xticks=[s["label"] for s in systems],
+        log=True,
+    )
     ax.set_ylim(bottom=100)
-    ax.set_ylabel("messages/s (log scale)")
-    ax.set_title("Max throughput, 4 publishers → 1 subscriber")
-    ax.legend()
     for ax, qos in ((axes[1], 0), (axes[2], 1)):
         for s in systems:
             lat = [r for r in s[f"qos{qos}"]["latency"] if r["p99_ms"] is not None]
             rates = [r["rate"] for r in lat]
             p99_p50_lines(ax, rates, [r["p99_ms"] for r in lat], [r["p50_ms"] for r in lat], s["label"])
-        logy(ax)
-        ax.set_xlabel("offered rate (messages/s, open loop)")
-        ax.set_ylabel("latency ms (log scale)")
-        ax.set_title(f"QoS{qos} latency: p99 solid, p50 dashed")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        dress(
+            ax,
+            title=f"QoS{qos} latency: p99 solid, p50 dashed",
+            xlabel="offered rate (messages/s, open loop)",
+            ylabel="latency ms (log scale)",
+            log=True,
+            grid=True,
+            legend_size=7,
+        )
     save(fig, path, data)

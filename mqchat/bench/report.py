@@ -2,7 +2,9 @@
 
 A scenario's ``run`` returns a result body (``parameters``, ``systems``, ``skipped``, ``ratios``,
 ``notes``); ``write_result`` adds when and where it ran and writes ``SCENARIO.json``; the
-scenario's ``table`` prints it and its ``plot`` draws ``SCENARIO.png`` with the helpers here.
+scenario's ``table`` prints it and its ``plot`` draws ``SCENARIO.png`` with the helpers here:
+``figure`` opens the figure, the scenario draws its data, ``dress`` labels each plot and ``save``
+titles the figure with where and when it ran and writes it.
 """
 
 from __future__ import annotations
@@ -138,13 +140,43 @@ def ok(data: dict[str, Any]) -> list[dict[str, Any]]:
 # --- plots ---------------------------------------------------------------------------------------
 
 
-def pyplot() -> Any:
+def figure(ncols: int, *, size: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure of ``size`` inches with ``ncols`` plots side by side (matplotlib's Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(1, ncols, figsize=size)
+
+
+def dress(
+    ax: Any,
+    *,
+    title: str,
+    ylabel: str,
+    xlabel: str | None = None,
+    xticks: Sequence[str] | None = None,
+    tick_size: float = 8,
+    log: bool = False,
+    grid: bool = False,
+    legend: bool = True,
+    legend_size: float | None = None,
+) -> None:
+    """Label one plot once its data is drawn: the systems as x ticks (``xticks``), a log y axis
+    (``log``), a grid, the legend (at ``legend_size``, else matplotlib's size) and the title."""
+    if xticks is not None:
+        ax.set_xticks(range(len(xticks)), xticks, fontsize=tick_size)
+    if log:
+        logy(ax)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if grid:
+        ax.grid(True, which="both", alpha=0.3)
+    if legend:
+        ax.legend(**({} if legend_size is None else {"fontsize": legend_size}))
 
 
 def logy(ax: Any) -> None:
