@@ -9,7 +9,7 @@ the HTTP API shares the pipeline's rules through services.
     Pipeline.handle ── parse + validate ──✗──▶ error ─────────────────▶ u/{user}/{device}/in
         │ membership (history.require_member; dm:{a}:{b}: the sender must be a or b)
         ▼
-    MessageStore.append ── dedup (sender, id) → seq + ULID mid → durable group commit
+    MessageLog.append ──── dedup (sender, id) → seq + ULID mid → durable group commit
         │
         ├──▶ ack ───────────────────────────────────────────────────▶ u/{user}/{device}/in
         └──▶ msg ────────────────────────────────────────────────────▶ u/{member}/in (each)
@@ -17,14 +17,15 @@ the HTTP API shares the pipeline's rules through services.
     HTTP API (bridge.http: routers that parse, call a service, render)
         sync, history ──▶ history.History      (the join point; require_member, which the
         │                                        pipeline's reads use too)
-        groups ─────────▶ groups.Groups ───────▶ conv events + broker notice ─▶ adapter
+        groups ─────────▶ groups.GroupService ─▶ conv events + broker notice ─▶ adapter
         presence ───────▶ visibility.Visibility
-        push tokens ────▶ devices.Devices
-        settings ───────▶ settings.Settings
+        push tokens ────▶ devices.DeviceService
+        settings ───────▶ settings.SettingsService
         /healthz, /metrics
 
 The pipeline returns what to publish where (``Outgoing``); the adapter publishes it. The
 pipeline never raises on input: every bad request becomes an ``error`` envelope. A refusal
-(``RequestError``, a store's ``StoreRefusal``) is translated once on each side: into an
-``error`` envelope by the pipeline, into ``ErrorCode.http_status`` by the HTTP API.
+(``RequestError``, a store's ``StoreRefusal``) is worded once (``refusals``) and translated
+once on each side: into an ``error`` envelope by the pipeline, into ``ErrorCode.http_status``
+by the HTTP API.
 """

@@ -2,31 +2,35 @@
 
 ::
 
-    Groups.create / add_members / remove_member / promote
+    GroupService.create / add_members / remove_member / promote
         │ the caller's standing (bad_conv / not_found / not_member / forbidden for non-admins)
         │ size limit (groups) and consent (storage.privacy: each added user's who_may_add_me)
         │ the broker must be reachable before a membership change (unavailable otherwise)
         ▼
-    MessageStore (one transaction per change)
+    storage Groups (one transaction per change)
         ▼
     announce: the change to the broker first (MEMBERSHIP_TOPIC: its ACL drops cached answers and
     a removed member's channel subscription), then a ``conv`` event to every member's u/{m}/in
     (a channel: once on c/{conv}/in and to the users the change names)
+
+A caller's standing in one group (``group_member``, without loading a channel's member list)
+is asked here by the other services too (history's join point, settings).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from bridge.history import as_group_member, group_member
 from bridge.outgoing import Outgoing
+from bridge.refusals import parse_conversation
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import ErrorCode, RequestError
-from mqchat.ids import new_group_id, parse_conv
+from mqchat.ids import new_group_id
 from mqchat.internal_topics import MEMBERSHIP_TOPIC
 from mqchat.protocol import channel_topic, encode, user_in_topic
-from storage import privacy
-from storage.base import DEFAULT_SETTINGS, Group, GroupMember, MessageStore, UserSettings
+from storage.base import Groups, PrivacySettings
+from storage.privacy import refusing_to_be_added
+from storage.records import DEFAULT_SETTINGS, Group, GroupMember, UserSettings
 
 Publish = Callable[[list[Outgoing]], Awaitable[None]]
 
@@ -62,41 +66,50 @@ class BrokerLink:
 
 def group_id(conv: str) -> str | None:
     """The id of group or channel conv; None for a 1:1 conversation (bad_conv if not an id)."""
-    parsed = parse_conv(conv)
-    if parsed is None:
-        raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
+    parsed = parse_conversation(conv)
     return parsed.id if parsed.kind == "group" else None
 
 
-class Groups:
-    """The rules of groups and channels, over the store; every change is announced."""
+def as_group_member(found: object, member: GroupMember | None) -> GroupMember:
+    """member, or the group API's refusal: not_found when found is None, else not_member."""
+    if found is None:
+        raise RequestError(ErrorCode.NOT_FOUND, "no such group")
+    if member is None:
+        raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
+    return member
+
+
+async def group_member(groups: Groups, gid: str, user: str) -> GroupMember:
+    """user's membership of group or channel gid, without loading its member list."""
+    standing = await groups.membership(conv=gid, user=user)
+    return as_group_member(standing, standing.member if standing is not None else None)
+
+
+class GroupService:
+    """The rules of groups and channels, over the store's groups and its users' consent; every
+    change is announced."""
 
     def __init__(
         self,
         *,
-        store: MessageStore,
+        groups: Groups,
+        privacy: PrivacySettings,
         broker: BrokerLink,
         max_group_members: int = 1000,
         default_settings: UserSettings = DEFAULT_SETTINGS,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._store = store
+        self._groups = groups
+        self._privacy = privacy
         self._broker = broker
         self._max_members = max_group_members
         self._default_settings = default_settings
         self._clock = clock
 
-    async def membership(self, conv: str, user: str) -> GroupMember:
-        """user's membership of group or channel conv, without loading its member list."""
-        gid = group_id(conv)
-        if gid is None:
-            return as_group_member(None, None)  # not_found: a 1:1 conversation is no group
-        return await group_member(self._store, gid, user)
-
     async def member_group(self, conv: str, user: str) -> tuple[Group, GroupMember]:
         """The group named by conv and user's membership in it (bad_conv / not_found / not_member)."""
         gid = group_id(conv)
-        group = await self._store.group(gid) if gid is not None else None
+        group = await self._groups.group(gid) if gid is not None else None
         member = as_group_member(group, group.member(user) if group is not None else None)
         assert group is not None  # as_group_member raised otherwise
         return group, member
@@ -112,7 +125,7 @@ class Groups:
         if kind == "group" and len(everyone) > self._max_members:
             raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {self._max_members} members")
         await self._require_consent(creator, list(everyone))
-        group = await self._store.create_group(
+        group = await self._groups.create_group(
             conv=new_group_id(), name=name, kind=kind, creator=creator, members=everyone, ts=self._clock.time_ms()
         )
         await self._announce(group, "created", list(group.users), creator, added=list(group.users))
@@ -125,7 +138,7 @@ class Groups:
         if group.kind == "group" and len(group.members) + len(new) > self._max_members:
             raise RequestError(ErrorCode.TOO_LARGE, f"a group has at most {self._max_members} members")
         await self._require_consent(by, new)
-        group = await self._store.add_members(conv=group.conv, users=tuple(new), ts=self._clock.time_ms())
+        group = await self._groups.add_members(conv=group.conv, users=tuple(new), ts=self._clock.time_ms())
         if new:
             await self._announce(group, "members_added", new, by, added=new)
         return group
@@ -139,7 +152,7 @@ class Groups:
         if group.member(user) is None:
             raise RequestError(ErrorCode.NOT_FOUND, "no such member")
         self._broker.require()
-        group = await self._store.remove_member(conv=group.conv, user=user)
+        group = await self._groups.remove_member(conv=group.conv, user=user)
         await self._announce(group, "members_removed", [user], by, removed=[user])
         return group
 
@@ -147,12 +160,14 @@ class Groups:
         group = await self.admin_group(conv, by)
         if group.member(user) is None:
             raise RequestError(ErrorCode.NOT_FOUND, "no such member")
-        group = await self._store.set_role(conv=group.conv, user=user, role="admin")
+        group = await self._groups.set_role(conv=group.conv, user=user, role="admin")
         await self._announce(group, "admin_added", [user], by)
         return group
 
     async def _require_consent(self, adder: str, users: list[str]) -> None:
-        refusing = await privacy.refusing_to_be_added(self._store, adder, users, default=self._default_settings)
+        refusing = await refusing_to_be_added(
+            adder, users, groups=self._groups, privacy=self._privacy, default=self._default_settings
+        )
         if refusing:
             names = ", ".join(refusing[:5]) + (f" and {len(refusing) - 5} more" if len(refusing) > 5 else "")
             raise RequestError(ErrorCode.FORBIDDEN, f"{names} may not be added by you (their privacy settings)")

@@ -4,12 +4,12 @@ pages and sync.
 The pipeline (every ``recv``/``read``/``typing``) and the HTTP API (history, catch-up, sync)
 ask the same questions here::
 
-    require_member(store, user, conv) ──▶ Audience (who hears the conversation's events)
+    require_member(groups, user, conv) ─▶ Audience (who hears the conversation's events)
     History.first_readable(user, conv) ─▶ the join point: a group member reads from the seq
                                           they joined at; 1 in a 1:1 conversation
     History.page / History.changes ─────▶ messages below the join point are never returned
 
-A store refusal becomes the client's error in one place, ``refusal_error``.
+A refusal is worded in ``bridge.refusals``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
+from bridge.groups import group_member
+from bridge.refusals import no_such_conversation, not_member
 from mqchat.errors import ErrorCode, RequestError
 from mqchat.ids import Conv
 from mqchat.protocol import msg_envelope
-from storage.base import ConvState, GroupMember, MessageStore, Page, StoredMessage, StoreRefusal
+from storage.base import ConversationStates, Groups, MessageLog
+from storage.records import ConvState, Page, StoredMessage
 
 __all__ = [
     "Audience",
@@ -30,10 +33,8 @@ __all__ = [
     "SyncPage",
     "decode_cursor",
     "encode_cursor",
-    "group_member",
     "members_of",
     "message_event",
-    "refusal_error",
     "require_member",
 ]
 
@@ -41,24 +42,6 @@ __all__ = [
 def members_of(conv: Conv) -> tuple[str, ...]:
     """Members of a conversation, as far as the pipeline knows them (dm: from the id)."""
     return conv.members
-
-
-def not_member(conv: str, id: str | None = None) -> RequestError:
-    return RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this conversation", id=id, conv=conv)
-
-
-def no_such_conversation(conv: str, id: str | None = None) -> RequestError:
-    return RequestError(ErrorCode.NOT_FOUND, "no such conversation", id=id, conv=conv)
-
-
-def refusal_error(exc: StoreRefusal, *, id: str | None = None, conv: str | None = None) -> RequestError:
-    """What a client is told when the store refuses its request. Membership refusals get the
-    protocol's fixed wording (the store's own names users); the others say what the store said."""
-    if exc.code is ErrorCode.NOT_MEMBER:
-        return RequestError(exc.code, "you are not a member of this conversation", id=id, conv=conv)
-    if exc.code is ErrorCode.NOT_FOUND:
-        return RequestError(exc.code, "no such conversation", id=id, conv=conv)
-    return RequestError(exc.code, str(exc), id=id, conv=conv)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +53,7 @@ class Audience:
     members: tuple[str, ...]
 
 
-async def require_member(store: MessageStore, user: str, conv: Conv, *, id: str | None = None) -> Audience:
+async def require_member(groups: Groups, user: str, conv: Conv, *, id: str | None = None) -> Audience:
     """The conversation's audience, after checking that it exists and user is a member
     (RequestError not_found / not_member otherwise). Every read goes through here; writes are
     checked again inside the store's transaction, in order with membership changes."""
@@ -78,32 +61,17 @@ async def require_member(store: MessageStore, user: str, conv: Conv, *, id: str 
         if user not in conv.members:
             raise not_member(conv.id, id)
         return Audience("dm", members_of(conv))
-    membership = await store.membership(conv=conv.id, user=user)
+    membership = await groups.membership(conv=conv.id, user=user)
     if membership is None:
         raise no_such_conversation(conv.id, id)
     if membership.member is None:
         raise not_member(conv.id, id)
     if membership.kind == "channel":
         return Audience("channel", (user,))
-    group = await store.group(conv.id)
+    group = await groups.group(conv.id)
     if group is None:
         raise no_such_conversation(conv.id, id)
     return Audience(membership.kind, group.users)
-
-
-def as_group_member(found: object, member: GroupMember | None) -> GroupMember:
-    """member, or the group API's refusal: not_found when found is None, else not_member."""
-    if found is None:
-        raise RequestError(ErrorCode.NOT_FOUND, "no such group")
-    if member is None:
-        raise RequestError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
-    return member
-
-
-async def group_member(store: MessageStore, gid: str, user: str) -> GroupMember:
-    """user's membership of group or channel gid, without loading its member list."""
-    standing = await store.membership(conv=gid, user=user)
-    return as_group_member(standing, standing.member if standing is not None else None)
 
 
 def message_event(stored: StoredMessage) -> dict[str, object]:
@@ -169,14 +137,16 @@ class SyncPage:
 class History:
     """History, catch-up and sync for one user at a time, from the join point on."""
 
-    def __init__(self, *, store: MessageStore) -> None:
-        self._store = store
+    def __init__(self, *, log: MessageLog, states: ConversationStates, groups: Groups) -> None:
+        self._log = log
+        self._states = states
+        self._groups = groups
 
     async def first_readable(self, user: str, conv: Conv) -> int:
         """The first seq user may read in conv (not_found / not_member if they may read none)."""
         if conv.kind == "group":
-            return (await group_member(self._store, conv.id, user)).joined_seq
-        await require_member(self._store, user, conv)
+            return (await group_member(self._groups, conv.id, user)).joined_seq
+        await require_member(self._groups, user, conv)
         return 1
 
     async def page(self, user: str, conv: Conv, *, after: int | None, before: int | None, limit: int) -> HistoryPage:
@@ -185,11 +155,11 @@ class History:
         if after is not None and before is not None:
             raise RequestError(ErrorCode.BAD_REQUEST, "give after or before, not both")
         if before is not None:
-            visible, more = _from_join_point(await self._store.fetch_before(conv.id, before, limit), first)
+            visible, more = _from_join_point(await self._log.fetch_before(conv.id, before, limit), first)
         else:
-            page = await self._store.fetch_after(conv.id, max(after or 0, first - 1), limit)
+            page = await self._log.fetch_after(conv.id, max(after or 0, first - 1), limit)
             visible, more = list(page.messages), page.more
-        return HistoryPage(conv.id, visible, more, await self._store.last_seq(conv.id))
+        return HistoryPage(conv.id, visible, more, await self._log.last_seq(conv.id))
 
     async def changes(self, user: str, *, since: str | None, limit: int, include_messages: int) -> SyncPage:
         """The conversations that changed for user since the cursor ``since`` (None: all), each
@@ -197,17 +167,17 @@ class History:
         after = 0
         if since is not None:
             decoded = decode_cursor(since)
-            if decoded is None or decoded > await self._store.current_version():
+            if decoded is None or decoded > await self._states.current_version():
                 raise RequestError(ErrorCode.BAD_CURSOR, "not a cursor from this server; sync again without one")
             after = decoded
-        page = await self._store.changes_since(user=user, version=after, limit=limit)
+        page = await self._states.changes_since(user=user, version=after, limit=limit)
         changes = []
         for state in page.states:
             recent: list[StoredMessage] | None = None
             recent_more: bool | None = None
             if include_messages:
                 first = await self._join_point(user, state)
-                newest = await self._store.fetch_before(state.conv, state.last_seq + 1, include_messages)
+                newest = await self._log.fetch_before(state.conv, state.last_seq + 1, include_messages)
                 recent, recent_more = _from_join_point(newest, first)
             changes.append(ConversationChange(state, recent, recent_more))
         return SyncPage(changes, encode_cursor(page.version), page.more)
@@ -216,6 +186,6 @@ class History:
         """The first seq user may read in a conversation of their sync (past the end: none)."""
         if state.kind == "dm":
             return 1
-        standing = await self._store.membership(conv=state.conv, user=user)
+        standing = await self._groups.membership(conv=state.conv, user=user)
         member = standing.member if standing is not None else None
         return member.joined_seq if member is not None else state.last_seq + 1

@@ -2,7 +2,7 @@
 
 Who may read or write a conversation is asked of ``bridge.history`` (the same checks the HTTP
 API makes); a refusal, from there or from the store, becomes the request's ``error`` reply in
-one place (``Pipeline._refused``)."""
+one place (``Pipeline._refused``, worded by ``bridge.refusals``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bridge import metrics
-from bridge.history import members_of, message_event, not_member, refusal_error, require_member
+from bridge.history import members_of, message_event, require_member
 from bridge.outgoing import Outgoing
 from bridge.ratelimit import UNLIMITED, RateLimit, RateLimiter
 from bridge.receipts import ReceiptCoalescer, receipt_outgoing
+from bridge.refusals import not_member, refusal_error
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import ErrorCode, RequestError, StorageError
 from mqchat.protocol import (
@@ -32,7 +33,8 @@ from mqchat.protocol import (
     parse_request,
     user_in_topic,
 )
-from storage.base import MessageStore, NewMessage, StoredMessage, StoreRefusal
+from storage.base import ConversationStates, Groups, MessageLog, StoreRefusal
+from storage.records import NewMessage, StoredMessage
 
 __all__ = ["Outgoing", "Pipeline", "RequestLimits"]
 
@@ -65,7 +67,9 @@ class Pipeline:
     def __init__(
         self,
         *,
-        store: MessageStore,
+        log: MessageLog,
+        states: ConversationStates,
+        groups: Groups,
         receipts: ReceiptCoalescer | None = None,
         max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
         typing_interval_s: float = 1.0,
@@ -74,7 +78,9 @@ class Pipeline:
         on_stored: Callable[[StoredMessage, tuple[str, ...]], Awaitable[None] | None] | None = None,
         limits: RequestLimits | None = None,
     ) -> None:
-        self._store = store
+        self._log = log
+        self._states = states
+        self._groups = groups
         limits = limits or RequestLimits()
         self._sends_per_device = RateLimiter(limits.device_sends, clock=clock)
         self._sends_per_user = RateLimiter(limits.user_sends, clock=clock)
@@ -186,7 +192,7 @@ class Pipeline:
     async def _typing(self, user: str, device: str, req: TypingRequest) -> list[Outgoing]:
         """Relay to the other members, QoS 0, never stored. A repeat of the same state within the
         interval is dropped quietly; a device over its per-minute budget gets rate_limited."""
-        audience = await require_member(self._store, user, req.conv)
+        audience = await require_member(self._groups, user, req.conv)
         if audience.kind == "channel":
             raise RequestError(ErrorCode.UNSUPPORTED, "typing is not relayed in channels", conv=req.conv.id)
         now = self._clock.monotonic()
@@ -206,9 +212,9 @@ class Pipeline:
         return [Outgoing(user_in_topic(m), event, qos=0) for m in audience.members if m != user]
 
     async def _watermark(self, user: str, req: WatermarkRequest) -> list[Outgoing]:
-        members = (await require_member(self._store, user, req.conv)).members
+        members = (await require_member(self._groups, user, req.conv)).members
         is_read = req.type == "read"
-        result = await self._store.set_watermark(
+        result = await self._states.set_watermark(
             conv=req.conv.id, user=user, delivered=None if is_read else req.seq, read=req.seq if is_read else None
         )
         if not result.changed:
@@ -224,7 +230,7 @@ class Pipeline:
         # by the store inside the transaction that sequences the message.
         if req.conv.kind == "dm" and user not in members_of(req.conv):
             raise not_member(req.conv.id, req.id)
-        result = await self._store.append(
+        result = await self._log.append(
             NewMessage(
                 conv=req.conv.id,
                 members=members_of(req.conv),

@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 from mqchat.errors import ErrorCode, RequestError
-from storage import privacy
-from storage.base import MessageStore
+from storage.base import Groups, PrivacySettings
 from storage.presence import Presence
+from storage.privacy import sees_presence
 
 PresenceLookup = Callable[[list[str]], Awaitable[dict[str, Presence]]]
 
@@ -17,14 +17,17 @@ PresenceLookup = Callable[[list[str]], Awaitable[dict[str, Presence]]]
 class Visibility:
     """Presence of users, for a viewer allowed to see each of them."""
 
-    def __init__(self, *, store: MessageStore, lookup: PresenceLookup | None = None) -> None:
-        self._store = store
+    def __init__(self, *, groups: Groups, privacy: PrivacySettings, lookup: PresenceLookup | None = None) -> None:
+        self._groups = groups
+        self._privacy = privacy
         self._lookup = lookup  # None: this server has no presence (unavailable)
 
     async def presence(self, viewer: str, users: Sequence[str]) -> dict[str, Presence]:
         """The presence of each of users, or forbidden naming the users viewer may not see."""
         others = [u for u in users if u != viewer]
-        visible = await asyncio.gather(*(privacy.sees_presence(self._store, viewer, u) for u in others))
+        visible = await asyncio.gather(
+            *(sees_presence(viewer, u, groups=self._groups, privacy=self._privacy) for u in others)
+        )
         hidden = [u for u, ok in zip(others, visible, strict=True) if not ok]
         if hidden:
             raise RequestError(

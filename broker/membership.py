@@ -23,7 +23,7 @@ from prometheus_client import Counter
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from storage import privacy
-from storage.base import MessageStore
+from storage.base import Groups, PrivacySettings
 
 LOOKUPS = Counter(
     "mqchat_broker_membership_lookups_total", "Membership questions of the broker's ACL", ["question", "result"]
@@ -39,9 +39,16 @@ class _Entry:
 
 class MembershipCache:
     def __init__(
-        self, store: MessageStore, *, ttl_s: float = 60.0, max_entries: int = 200_000, clock: Clock = SYSTEM_CLOCK
+        self,
+        *,
+        groups: Groups,
+        privacy: PrivacySettings,
+        ttl_s: float = 60.0,
+        max_entries: int = 200_000,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._store = store
+        self._groups = groups
+        self._privacy = privacy
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._clock = clock
@@ -54,7 +61,7 @@ class MembershipCache:
         """Whether user is a member of group or channel conv now."""
 
         async def ask() -> bool:
-            standing = await self._store.membership(conv=conv, user=user)
+            standing = await self._groups.membership(conv=conv, user=user)
             return standing is not None and standing.member is not None
 
         generations = (self._conv_gen.get(conv, 0), self._user_gen.get(user, 0))
@@ -66,7 +73,7 @@ class MembershipCache:
         a, b = min(a, b), max(a, b)
         generations = (self._user_gen.get(a, 0), self._user_gen.get(b, 0))
         return await self._cached(
-            ("shares", a, b), generations, lambda: self._store.shares_conversation(a, b), keep_no=False
+            ("shares", a, b), generations, lambda: self._groups.shares_conversation(a, b), keep_no=False
         )
 
     async def sees_presence(self, viewer: str, target: str) -> bool:
@@ -78,7 +85,7 @@ class MembershipCache:
         return await self._cached(
             ("presence", viewer, target),
             generations,
-            lambda: privacy.sees_presence(self._store, viewer, target),
+            lambda: privacy.sees_presence(viewer, target, groups=self._groups, privacy=self._privacy),
             keep_no=False,
         )
 

@@ -42,7 +42,8 @@ from push.providers import (
     send_with_retries,
     token_fingerprint,
 )
-from storage.base import MessageStore, Pending, PushJob, PushStore, StoredMessage
+from storage.base import ConversationStates, Groups, PushStore
+from storage.records import Pending, PushJob, StoredMessage
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class PushDispatcher(Service):
     def __init__(
         self,
         *,
-        store: MessageStore,
+        states: ConversationStates,
+        groups: Groups,
         push_store: PushStore,
         connected_devices: ConnectedDevices,
         providers: Mapping[str, PushProvider],
@@ -86,7 +88,8 @@ class PushDispatcher(Service):
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__()
-        self._store = store
+        self._states = states
+        self._groups = groups
         self._push = push_store
         self._connected = connected_devices
         self._providers = dict(providers)
@@ -209,7 +212,7 @@ class PushDispatcher(Service):
         if job.device in await self._connected(job.user):
             PUSH_SUPPRESSED.labels(reason="online").inc()
             return False
-        state = await self._store.conversation_state(conv=job.conv, user=job.user)
+        state = await self._states.conversation_state(conv=job.conv, user=job.user)
         if state is not None and state.read >= job.last_seq:
             PUSH_SUPPRESSED.labels(reason="read").inc()
             return False
@@ -233,7 +236,7 @@ class PushDispatcher(Service):
             collapse_id=job.conv,
             title=title,
             body=body,
-            badge=await self._store.total_unread(job.user),
+            badge=await self._states.total_unread(job.user),
             priority="high" if dm and not muted else "normal",
             content_free=e2e and not muted,
             data={"conv": job.conv, "seq": str(job.last_seq), "count": str(job.count)},
@@ -282,6 +285,6 @@ class PushDispatcher(Service):
 
     async def _group_name(self, conv: str) -> str:
         if conv not in self._names:
-            group = await self._store.group(conv)
+            group = await self._groups.group(conv)
             self._names[conv] = group.name if group is not None else "New message"
         return self._names[conv]

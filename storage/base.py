@@ -1,5 +1,5 @@
 """The storage interfaces, at the level of the domain: one per thing held, two aggregates that a
-backend implements, and the bundle the factory (``storage.open_storage``) yields.
+backend implements, and the bundles the factory (``storage.open_storage``) yields.
 
 ::
 
@@ -11,8 +11,11 @@ backend implements, and the bundle the factory (``storage.open_storage``) yields
                                         ├─ PushSettings        muted per user and conversation, e2e per conversation
                                         └─ PushQueue           pending notifications: enqueue, claim, finish
 
-A consumer annotates with the narrowest part it uses; the values passed in and out are the
-dataclasses of ``storage.records`` (re-exported here).
+    MessageStorage: messages only (a process that keeps no push state, e.g. the broker)
+
+A consumer takes each part it uses as its own keyword argument, annotated with that part
+(``Pipeline(log=…, states=…, groups=…)``); only the wiring holds the aggregates. The values
+passed in and out are the dataclasses of ``storage.records``.
 
 Shaped so that a wide-column store (Cassandra / ScyllaDB) fits without a cross-partition
 transaction:
@@ -39,21 +42,16 @@ from dataclasses import dataclass
 
 from mqchat.errors import ErrorCode, MqchatError
 from storage.records import (
-    DEFAULT_SETTINGS,
-    PRESENCE_VISIBILITY,
-    WHO_MAY_ADD,
     AppendResult,
     ChangesPage,
     ConvState,
     DeviceToken,
     Group,
-    GroupMember,
     Membership,
     NewMessage,
     Page,
     Pending,
     PushJob,
-    StoredMessage,
     StoreStatistics,
     UserSettings,
     WatermarkResult,
@@ -61,38 +59,21 @@ from storage.records import (
 
 __all__ = [
     "BUCKET_SIZE",
-    "DEFAULT_SETTINGS",
-    "PRESENCE_VISIBILITY",
-    "WHO_MAY_ADD",
-    "AppendResult",
-    "ChangesPage",
-    "ConvState",
     "ConversationStates",
-    "DeviceToken",
     "DeviceTokens",
-    "Group",
-    "GroupMember",
     "Groups",
-    "Membership",
     "MessageLog",
+    "MessageStorage",
     "MessageStore",
-    "NewMessage",
     "NoSuchConversation",
     "NotMember",
-    "Page",
-    "Pending",
     "PrivacySettings",
-    "PushJob",
     "PushQueue",
     "PushSettings",
     "PushStore",
     "SeqBeyondEnd",
     "Storage",
     "StoreRefusal",
-    "StoreStatistics",
-    "StoredMessage",
-    "UserSettings",
-    "WatermarkResult",
 ]
 
 BUCKET_SIZE = 10_000
@@ -325,18 +306,27 @@ class PushStore(DeviceTokens, PushSettings, PushQueue):
         """Release the backend."""
 
 
-# --- the bundle ----------------------------------------------------------------------------------
+# --- the bundles ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Storage:
-    """One backend's stores, opened together by ``storage.open_storage``."""
+class MessageStorage:
+    """A backend's message store alone: ``storage.open_storage(config, push=False)``."""
 
     messages: MessageStore
-    push: PushStore
 
     def statistics(self) -> StoreStatistics:
         return self.messages.statistics()
+
+    def dead_workers(self) -> list[str]:
+        return self.messages.dead_workers()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Storage(MessageStorage):
+    """A backend's message store and push store, opened together by ``storage.open_storage``."""
+
+    push: PushStore
 
     def dead_workers(self) -> list[str]:
         return [*self.messages.dead_workers(), *self.push.dead_workers()]

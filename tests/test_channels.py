@@ -12,11 +12,12 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from broker.membership import MembershipCache
-from broker.server import serve_broker
+from broker.serve import serve_broker
 from clients.testing.loadgen import Creds, MqttClient, connect
+from mqchat.config import StorageConfig
 from mqchat.ids import dm_conv, new_group_id
 from mqchat.tokens import issue_token
-from storage.sqlite import SqliteMessageStore
+from storage import open_storage
 from tests.conftest import Stack, both_adapters
 from tests.helpers import connect_device, send_env, unique, wait_until
 
@@ -176,14 +177,14 @@ async def test_channel_sync_unread_receipts_and_typing(stack: Stack) -> None:
 async def test_a_lost_membership_change_still_ends_the_subscription(tmp_path: Path) -> None:
     """The broker checks presence and channel subscriptions again periodically: a removal whose
     membership change never reached it (here: made in the store directly) still ends the feed."""
-    store = await SqliteMessageStore.open(tmp_path / "s.sqlite3")
     secret = secrets.token_urlsafe(32)
-    try:
+    async with open_storage(StorageConfig(data_dir=tmp_path), push=False) as storage:
+        store = storage.messages
         group = await store.create_group(
             conv=new_group_id(), name="c", kind="channel", creator="owner", members=("bob",), ts=0
         )
         topic = f"c/{group.conv}/in"
-        cache = MembershipCache(store, ttl_s=0.2)
+        cache = MembershipCache(groups=store, privacy=store, ttl_s=0.2)
         async with serve_broker(host="127.0.0.1", port=0, secret=secret, membership=cache, revalidate_s=0.3) as broker:
             got: list[bytes] = []
             bob = await connect(
@@ -204,8 +205,6 @@ async def test_a_lost_membership_change_still_ends_the_subscription(tmp_path: Pa
             finally:
                 bob.disconnect()
                 await bob.wait_closed()
-    finally:
-        await store.aclose()
 
 
 async def test_members_are_added_1000_per_call_while_others_are_served(stack: Stack) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import httpx
 import pytest
 
 from mqchat.ids import dm_conv
@@ -112,3 +115,41 @@ def test_every_error_is_an_mqchat_error_and_every_code_has_an_http_status() -> N
     assert statuses[ErrorCode.NOT_MEMBER] == 403
     assert statuses[ErrorCode.UNAVAILABLE] == 503
     assert all(400 <= status < 600 for status in statuses.values())
+
+
+async def test_a_store_refusal_reaching_a_route_is_answered_with_its_code(tmp_path: Path) -> None:
+    """Two admins remove the same member at once: both find bob in the group, the store refuses
+    the second removal (NotMember), and the route answers 403 not_member, not 500. Every store
+    refusal is translated the same way: not_found 404, bad_seq 400."""
+    from bridge.http import create_app
+    from bridge.refusals import refusal_error
+    from mqchat.tokens import TokenVerifier, issue_token
+    from storage.base import NoSuchConversation, SeqBeyondEnd
+    from storage.records import Group
+    from storage.sqlite import SqliteMessageStore
+
+    class RemovedMeanwhile(SqliteMessageStore):
+        """bob leaves the group between the service's read of it and its write."""
+
+        async def group(self, conv: str) -> Group | None:
+            found = await super().group(conv)
+            if found is not None and found.member("bob") is not None:
+                await self.remove_member(conv=conv, user="bob")
+            return found
+
+    secret = "s" * 40
+    async with await RemovedMeanwhile.open(tmp_path / "s.sqlite3") as store:
+        app = create_app(store=store, verifier=TokenVerifier(secret=secret))
+        token = issue_token(secret=secret, user="alice", device="a1", ttl_s=60)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://mqchat",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as http:
+            created = await http.post("/v1/groups", json={"name": "g", "members": ["bob"]})
+            assert created.status_code == 201, created.text
+            removed = await http.delete(f"/v1/groups/{created.json()['conv']}/members/bob")
+    assert removed.status_code == 403
+    assert removed.json() == {"error": "not_member", "message": "you are not a member of this conversation"}
+    assert refusal_error(NoSuchConversation("g:x")).code.http_status == 404
+    assert refusal_error(SeqBeyondEnd("past the end")).code.http_status == 400

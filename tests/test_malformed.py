@@ -11,9 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.pipeline import Pipeline
+from mqchat.config import StorageConfig
 from mqchat.errors import StorageError
 from mqchat.ids import dm_conv
-from storage.base import NewMessage
+from storage import open_storage
+from storage.records import NewMessage
 from storage.sqlite import SqliteMessageStore
 from tests.conftest import Stack, both_adapters
 from tests.helpers import connect_device, send_env, unique
@@ -155,18 +157,18 @@ payloads = st.one_of(envelopes.map(lambda e: json.dumps(e).encode()), st.binary(
 
 
 @pytest.fixture(scope="module")
-def fuzz_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fuzz") / "fuzz.sqlite3"
+def fuzz_storage(tmp_path_factory: pytest.TempPathFactory) -> StorageConfig:
+    return StorageConfig(data_dir=tmp_path_factory.mktemp("fuzz"))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=payloads, user=st.sampled_from([ALICE, BOB, "carol"]))
 async def test_fuzzed_envelopes_never_crash_and_get_the_right_kind_of_reply(
-    fuzz_db: Path, payload: bytes, user: str
+    fuzz_storage: StorageConfig, payload: bytes, user: str
 ) -> None:
-    store = await SqliteMessageStore.open(fuzz_db)
-    try:
-        pipeline = Pipeline(store=store, max_envelope_bytes=4096)
+    async with open_storage(fuzz_storage, push=False) as storage:
+        store = storage.messages
+        pipeline = Pipeline(log=store, states=store, groups=store, max_envelope_bytes=4096)
         before = await store.last_seq(CONV)
         out = await pipeline.handle(user, "d1", payload)
         replies: list[dict[str, Any]] = [json.loads(o.payload) for o in out]
@@ -191,8 +193,6 @@ async def test_fuzzed_envelopes_never_crash_and_get_the_right_kind_of_reply(
         else:
             assert {o.topic for o in out[1:]} <= member_topics
             assert all(r["type"] == "msg" and r["seq"] == first["seq"] for r in replies[1:])
-    finally:
-        await store.aclose()
 
 
 # --- the same fuzz through the real broker: the node still acks a normal send after each ----------

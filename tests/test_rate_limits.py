@@ -16,8 +16,9 @@ from bridge.pipeline import Pipeline, RequestLimits
 from bridge.ratelimit import RateLimit, RateLimiter
 from clients import ChatClient
 from mqchat.clock import Clock
+from mqchat.config import StorageConfig
 from mqchat.ids import dm_conv
-from storage.sqlite import SqliteMessageStore
+from storage import open_storage
 from tests.conftest import make_config, open_stack
 from tests.helpers import connect_device, send_env, unique
 
@@ -146,10 +147,10 @@ async def test_sends_behind_a_refused_one_are_never_stored_ahead_of_it(tmp_path:
     """However late a device's later sends arrive (a slow link), none is stored before the send
     that was refused: after the hold, only the refused one is accepted first."""
     clock = FakeClock()
-    store = await SqliteMessageStore.open(tmp_path / "s.sqlite3")
-    try:
+    async with open_storage(StorageConfig(data_dir=tmp_path), push=False) as storage:
+        store = storage.messages
         limits = RequestLimits(device_sends=RateLimit(rate=10, burst=1))
-        pipeline = Pipeline(store=store, limits=limits, clock=clock)
+        pipeline = Pipeline(log=store, states=store, groups=store, limits=limits, clock=clock)
         conv = dm_conv("alice", "bob")
 
         async def send(id: str) -> dict[str, Any]:
@@ -165,5 +166,3 @@ async def test_sends_behind_a_refused_one_are_never_stored_ahead_of_it(tmp_path:
         assert (await send("m2"))["seq"] == 2
         clock.now += 1
         assert (await send("m3"))["seq"] == 3
-    finally:
-        await store.aclose()

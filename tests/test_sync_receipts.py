@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bridge.http import encode_cursor
+from bridge.history import encode_cursor
 from mqchat.ids import dm_conv
 from tests.conftest import Stack, make_config
 from tests.helpers import connect_device, send_env, unique
@@ -194,7 +194,7 @@ async def test_sync_cost_follows_what_changed_not_how_many_conversations(tmp_pat
     """5,000 conversations, 3 new messages: the answer holds 3, found through the (user, version) index."""
     import sqlite3
 
-    from storage.base import NewMessage
+    from storage.records import NewMessage
     from storage.sqlite import SqliteMessageStore
 
     path = tmp_path / "many.sqlite3"
@@ -240,7 +240,8 @@ async def test_sync_cost_follows_what_changed_not_how_many_conversations(tmp_pat
 async def test_typing_is_relayed_to_the_others_rate_limited_and_never_stored(tmp_path: Path) -> None:
     from bridge.pipeline import Pipeline
     from mqchat.clock import Clock
-    from storage.sqlite import SqliteMessageStore
+    from mqchat.config import StorageConfig
+    from storage import open_storage
 
     class FakeClock(Clock):
         def __init__(self) -> None:
@@ -250,9 +251,11 @@ async def test_typing_is_relayed_to_the_others_rate_limited_and_never_stored(tmp
             return self.now
 
     clock = FakeClock()
-    store = await SqliteMessageStore.open(tmp_path / "t.sqlite3")
-    try:
-        pipeline = Pipeline(store=store, typing_interval_s=1.0, typing_per_minute=3, clock=clock)
+    async with open_storage(StorageConfig(data_dir=tmp_path), push=False) as storage:
+        store = storage.messages
+        pipeline = Pipeline(
+            log=store, states=store, groups=store, typing_interval_s=1.0, typing_per_minute=3, clock=clock
+        )
         conv = dm_conv("alice", "bob")
 
         async def typing(state: bool, user: str = "alice", c: str = conv) -> list[Any]:
@@ -273,5 +276,3 @@ async def test_typing_is_relayed_to_the_others_rate_limited_and_never_stored(tmp
         assert refused[0][2]["code"] == "not_member"
         assert await store.last_seq(conv) == 0  # never stored
         assert (await store.changes_since(user="alice", version=0, limit=10)).states == ()
-    finally:
-        await store.aclose()

@@ -7,11 +7,11 @@ settings, health and metrics.
         router: parse the path, query and body (schemas) ─▶ a service ─▶ render the answer
             sync, messages ─▶ bridge.history.History   (the join point: a member reads from
                                                           the seq they joined at)
-            groups ─────────▶ bridge.groups.Groups     (consent, limits, ``conv`` events and
+            groups ─────────▶ bridge.groups.GroupService  (consent, limits, ``conv`` events and
                                                           the broker's membership notice)
             presence ───────▶ bridge.visibility.Visibility
-            devices ────────▶ bridge.devices.Devices
-            settings ───────▶ bridge.settings.Settings
+            devices ────────▶ bridge.devices.DeviceService
+            settings ───────▶ bridge.settings.SettingsService
             healthz, metrics
         a refusal (RequestError, StoreRefusal) ─▶ errors.on_refusal ─▶ ErrorCode.http_status
 
@@ -20,9 +20,7 @@ Every ``/v1`` call takes ``Authorization: Bearer <access token>`` (the same JWT 
 Errors are JSON: ``{"error": <stable code>, "message": <reason>}`` with a 4xx/5xx status.
 """
 
-from bridge.history import decode_cursor, encode_cursor
 from bridge.http.app import create_app
-from bridge.http.health import metrics_payload
 from bridge.visibility import PresenceLookup
 
-__all__ = ["PresenceLookup", "create_app", "decode_cursor", "encode_cursor", "metrics_payload"]
+__all__ = ["PresenceLookup", "create_app"]

@@ -1,4 +1,4 @@
-"""The app factory: services built over the store, routers included, edge middleware added."""
+"""The app factory: services built over the store's parts, routers included, edge middleware added."""
 
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -6,8 +6,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from bridge.devices import Devices
-from bridge.groups import BrokerLink, Groups, no_publish
+from bridge.devices import DeviceService
+from bridge.groups import BrokerLink, GroupService, no_publish
 from bridge.history import History
 from bridge.http import devices as device_routes
 from bridge.http import groups as group_routes
@@ -20,12 +20,13 @@ from bridge.http.errors import install_error_handlers
 from bridge.http.sync import sync_router
 from bridge.outgoing import Outgoing
 from bridge.ratelimit import UNLIMITED, RateLimit, RateLimiter
-from bridge.settings import Settings
+from bridge.settings import SettingsService
 from bridge.visibility import PresenceLookup, Visibility
 from mqchat import __version__
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.tokens import TokenVerifier
-from storage.base import DEFAULT_SETTINGS, MessageStore, PushStore, UserSettings
+from storage.base import MessageStore, PushStore
+from storage.records import DEFAULT_SETTINGS, UserSettings
 
 
 def create_app(
@@ -44,7 +45,8 @@ def create_app(
     push_store: PushStore | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> FastAPI:
-    """Build the ASGI app over the given store and token verifier.
+    """Build the ASGI app over the given stores and token verifier; each service receives the
+    parts of the store it uses.
 
     ``broker_connected`` tells /healthz whether the bridge currently reaches the broker, and
     ``dead_workers`` which background workers have died (any: /healthz answers 503);
@@ -54,8 +56,13 @@ def create_app(
     body (413 beyond). Both, and authentication, are checked before a body is read (bridge.http.edge).
     """
     broker = BrokerLink(publish=publish, connected=broker_connected)
-    group_service = Groups(
-        store=store, broker=broker, max_group_members=max_group_members, default_settings=default_settings, clock=clock
+    group_service = GroupService(
+        groups=store,
+        privacy=store,
+        broker=broker,
+        max_group_members=max_group_members,
+        default_settings=default_settings,
+        clock=clock,
     )
     app = FastAPI(
         title="mqchat",
@@ -63,13 +70,13 @@ def create_app(
         description="HTTP API of mqchat: history and catch-up. The MQTT side is in docs/protocol.md.",
     )
     app.state.api = ApiContext(
-        history=History(store=store),
+        history=History(log=store, states=store, groups=store),
         groups=group_service,
-        settings=Settings(
-            store=store, groups=group_service, broker=broker, push_store=push_store, default_settings=default_settings
+        settings=SettingsService(
+            groups=store, privacy=store, broker=broker, push_settings=push_store, default_settings=default_settings
         ),
-        devices=Devices(push_store=push_store, clock=clock),
-        visibility=Visibility(store=store, lookup=presence),
+        devices=DeviceService(tokens=push_store, clock=clock),
+        visibility=Visibility(groups=store, privacy=store, lookup=presence),
         broker_connected=broker_connected,
         dead_workers=dead_workers,
     )

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 
-from bridge.devices import Devices
-from bridge.groups import Groups
+from bridge.devices import DeviceService
+from bridge.groups import GroupService
 from bridge.history import History
 from bridge.http.schemas import ErrorBody
-from bridge.settings import Settings
+from bridge.settings import SettingsService
 from bridge.visibility import Visibility
 from mqchat.errors import ErrorCode, RequestError
 from mqchat.ids import ID_PATTERN
@@ -23,9 +23,9 @@ class ApiContext:
     """The services behind the routes, and what /healthz reports."""
 
     history: History
-    groups: Groups
-    settings: Settings
-    devices: Devices
+    groups: GroupService
+    settings: SettingsService
+    devices: DeviceService
     visibility: Visibility
     broker_connected: Callable[[], bool]  # the bridge reaches the broker now
     dead_workers: Callable[[], list[str]]  # background workers that died

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bridge.history import refusal_error
+from bridge.refusals import refusal_error
 from mqchat.errors import ErrorCode, RequestError, StorageError
 from storage.base import StoreRefusal
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from bridge.http.context import ERROR_RESPONSES, Api, Caller, ConvPath, IdPath
 from bridge.http.schemas import GroupIn, GroupOut, MembersIn
-from storage.base import Group
+from storage.records import Group
 
 router = APIRouter(responses=ERROR_RESPONSES)
 

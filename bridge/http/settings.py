@@ -7,7 +7,7 @@ from fastapi import APIRouter
 
 from bridge.http.context import ERROR_RESPONSES, Api, Caller, ConvPath
 from bridge.http.schemas import PrivacyIn, PrivacyOut, SettingsIn, SettingsOut
-from storage.base import UserSettings
+from storage.records import UserSettings
 
 router = APIRouter(responses=ERROR_RESPONSES)
 

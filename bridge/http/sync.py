@@ -8,8 +8,7 @@ from fastapi import APIRouter, Query
 from bridge.history import HistoryPage, SyncPage, message_event
 from bridge.http.context import ERROR_RESPONSES, Api, Caller, ConvPath
 from bridge.http.schemas import ConversationsPage, MessagesPage
-from mqchat.errors import ErrorCode, RequestError
-from mqchat.ids import parse_conv
+from bridge.refusals import parse_conversation
 
 
 def render_page(page: HistoryPage) -> dict[str, Any]:
@@ -60,9 +59,7 @@ def sync_router(*, max_limit: int) -> APIRouter:
         before: Annotated[int | None, Query(ge=1, lt=2**63)] = None,
         limit: Limit = 100,
     ) -> dict[str, Any]:
-        parsed = parse_conv(conv)
-        if parsed is None:
-            raise RequestError(ErrorCode.BAD_CONV, "not a conversation id")
+        parsed = parse_conversation(conv)
         return render_page(await api.history.page(who.user, parsed, after=after, before=before, limit=limit))
 
     @router.get(

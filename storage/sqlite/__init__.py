@@ -16,7 +16,8 @@
 Appends are taken by the writer strictly in call order, so a device's sends keep their order in
 seq. A batch is as large as what queued up while the previous commit was fsyncing, so many
 concurrent sends share one fsync and an idle store commits at once. The schema and its
-migrations are in ``schema.py``; ``open_backend`` is what ``storage.open_storage`` calls.
+migrations are in ``schema.py``; ``open_message_store`` and ``open_push_store`` are what
+``storage.open_storage`` calls.
 """
 
 from __future__ import annotations
@@ -25,19 +26,27 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from mqchat.config import StorageConfig
-from storage.base import Storage
 from storage.sqlite.push import SqlitePushStore
 from storage.sqlite.store import SqliteMessageStore
 
-__all__ = ["SqliteMessageStore", "SqlitePushStore", "open_backend"]
+__all__ = ["SqliteMessageStore", "SqlitePushStore", "open_message_store", "open_push_store"]
 
 
 @contextlib.asynccontextmanager
-async def open_backend(config: StorageConfig) -> AsyncIterator[Storage]:
-    """Both stores, in config's data directory."""
-    async with contextlib.AsyncExitStack() as stack:
-        messages = await SqliteMessageStore.open(config.sqlite_path)
-        stack.push_async_callback(messages.aclose)
-        push = await SqlitePushStore.open(config.data_dir / "push.sqlite3")
-        stack.push_async_callback(push.aclose)
-        yield Storage(messages=messages, push=push)
+async def open_message_store(config: StorageConfig) -> AsyncIterator[SqliteMessageStore]:
+    """The message store, ``mqchat.sqlite3`` in config's data directory."""
+    store = await SqliteMessageStore.open(config.sqlite_path)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_push_store(config: StorageConfig) -> AsyncIterator[SqlitePushStore]:
+    """The push store, ``push.sqlite3`` in config's data directory."""
+    store = await SqlitePushStore.open(config.data_dir / "push.sqlite3")
+    try:
+        yield store
+    finally:
+        await store.aclose()

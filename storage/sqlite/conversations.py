@@ -8,7 +8,8 @@ import sqlite3
 import time
 
 from mqchat.ids import parse_conv
-from storage.base import ChangesPage, ConversationStates, ConvState, NotMember, SeqBeyondEnd, WatermarkResult
+from storage.base import ConversationStates, NotMember, SeqBeyondEnd
+from storage.records import ChangesPage, ConvState, WatermarkResult
 from storage.sqlite.database import SqliteDatabase
 from storage.sqlite.queries import conversation_kind, is_member, last_seq, next_version
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Self, TypeVar, cast
 
 from mqchat.errors import StorageClosed, StorageError
-from storage.base import AppendResult, StoreRefusal, StoreStatistics
+from storage.base import StoreRefusal
+from storage.records import AppendResult, StoreStatistics
 from storage.sqlite.connection import connect
 from storage.sqlite.schema import init_schema
 

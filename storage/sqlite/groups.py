@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from storage.base import Group, GroupMember, Groups, Membership, NoSuchConversation, NotMember
+from storage.base import Groups, NoSuchConversation, NotMember
+from storage.records import Group, GroupMember, Membership
 from storage.sqlite.database import SqliteDatabase
 from storage.sqlite.queries import conversation_kind, last_seq, next_version
 

@@ -7,7 +7,8 @@ import sqlite3
 from typing import Any
 
 from mqchat.ids import new_mid
-from storage.base import AppendResult, MessageLog, NewMessage, NotMember, Page, StoredMessage
+from storage.base import MessageLog, NotMember
+from storage.records import AppendResult, NewMessage, Page, StoredMessage
 from storage.sqlite.database import SqliteDatabase
 from storage.sqlite.queries import conversation_kind, is_member, members_now, next_version
 

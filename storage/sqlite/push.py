@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mqchat.errors import StorageError
-from storage.base import DeviceToken, Pending, PushJob, PushStore
+from storage.base import PushStore
+from storage.records import DeviceToken, Pending, PushJob
 from storage.sqlite.connection import chunks, connect, placeholders, prepare_file
 
 T = TypeVar("T")

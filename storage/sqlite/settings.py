@@ -5,7 +5,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from storage.base import PrivacySettings, UserSettings
+from storage.base import PrivacySettings
+from storage.records import UserSettings
 from storage.sqlite.connection import chunks, placeholders
 from storage.sqlite.database import SqliteDatabase
 

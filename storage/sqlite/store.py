@@ -1,5 +1,6 @@
 """``SqliteMessageStore``: the message store's SQLite parts composed into one class over one
-database (one writer, one file)."""
+database file. The domain classes share one ``SqliteDatabase`` (one writer thread, group
+commit), so an append, a watermark and a membership change are ordered in one queue."""
 
 from __future__ import annotations
 

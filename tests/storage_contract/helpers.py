@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage.base import NewMessage
+from storage.records import NewMessage
 
 
 def new(conv: str, client_id: str, sender: str = "alice", body: str = "hi", ts: int = 1) -> NewMessage:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from storage.base import DeviceToken, PushStore
+from storage.base import PushStore
+from storage.records import DeviceToken
 
 
 def token(user: str, device: str, value: str, registered_at: int = 1) -> DeviceToken:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from storage.base import MessageStore, NewMessage, NoSuchConversation, NotMember
+from storage.base import MessageStore, NoSuchConversation, NotMember
+from storage.records import NewMessage
 
 
 async def test_groups_membership_and_join_points(store: MessageStore) -> None:

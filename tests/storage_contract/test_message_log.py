@@ -9,7 +9,8 @@ import pytest
 from mqchat.config import StorageConfig
 from mqchat.errors import StorageClosed
 from storage import open_storage
-from storage.base import MessageStore, NewMessage
+from storage.base import MessageStore
+from storage.records import NewMessage
 from tests.storage_contract.helpers import new
 
 

@@ -9,17 +9,31 @@ import pytest
 from mqchat.config import STORAGE_BACKENDS, StorageConfig, load_config
 from mqchat.errors import ConfigError
 from storage import BACKENDS, open_storage
-from storage.base import MessageStore, PushStore
+from storage.base import MessageStorage, MessageStore, PushStore, Storage
 
 SECRET = {"MQCHAT_JWT_SECRET": "s" * 40}
 
 
 async def test_the_storage_bundle_holds_both_stores_and_closes_them(storage_config: StorageConfig) -> None:
     async with open_storage(storage_config) as storage:
+        assert isinstance(storage, Storage)
         assert isinstance(storage.messages, MessageStore)
         assert isinstance(storage.push, PushStore)
         assert storage.dead_workers() == []
         assert storage.statistics().appended == 0
+
+
+async def test_a_process_without_push_opens_the_message_store_alone(storage_config: StorageConfig) -> None:
+    """The broker keeps no push state: it opens (and creates) no push store."""
+    async with open_storage(storage_config, push=False) as storage:
+        assert isinstance(storage, MessageStorage)
+        assert not isinstance(storage, Storage)
+        assert not hasattr(storage, "push")
+        assert isinstance(storage.messages, MessageStore)
+        assert storage.dead_workers() == []
+    if storage_config.backend == "sqlite":
+        assert (storage_config.data_dir / "mqchat.sqlite3").exists()
+        assert not (storage_config.data_dir / "push.sqlite3").exists()
 
 
 def test_every_configurable_backend_is_registered() -> None:

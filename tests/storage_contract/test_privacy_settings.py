@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from storage.base import MessageStore, UserSettings
+from storage.base import MessageStore
+from storage.records import UserSettings
 
 
 async def test_settings_are_absent_until_saved_and_replaced_when_saved_again(store: MessageStore) -> None:

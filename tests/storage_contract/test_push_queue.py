@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mqchat.config import StorageConfig
 from storage import open_storage
-from storage.base import Pending, PushStore
+from storage.base import PushStore
+from storage.records import Pending
 
 
 def pending(seq: int, device: str = "b1", preview: str = "hi") -> Pending:
