@@ -21,8 +21,9 @@ Data flow::
 
 ``clients.aio.ChatClient`` is the asyncio client (aiomqtt); ``clients.blocking.BlockingChatClient``
 the same for scripts (paho-mqtt, no event loop); ``clients.cli`` the ``mqchat chat|send|listen``
-commands. The SDK imports only ``mqchat.protocol``, ``mqchat.ids`` and ``mqchat.errors`` from the
-server, so it ships on its own.
+commands. The SDK imports only leaves of ``mqchat`` (``protocol``, ``ids``, ``errors``, ``tasks``,
+``mqtt_client``), never server code, so it ships on its own (``make test`` checks it).
+``clients.testing`` (load generator, lossy-network proxy) is tooling the SDK never imports.
 """
 
 from clients.aio import ChatClient, ClientStatistics, Clock, backoff_delay

@@ -2,7 +2,7 @@
 
 ::
 
-    mqchat serve ──▶ mqchat.supervisor ──spawn/restart──▶ run_child(broker | bridge | node)
+    mqchat serve ──▶ mqchat.supervisor ──spawn/restart──▶ mqchat.child.run_child(broker | bridge | node)
 
     [broker]  run_broker: presence registry + store (membership answers) ──▶ amqtt + plugins  :mqtt_port
 
@@ -22,21 +22,17 @@ per request) ─▶ ``Pipeline.handle`` ─▶ ``BrokerPublisher.publish`` ─�
 
 The MQTT-client adapter runs beside any broker (here in its own process, so both cores work);
 the in-broker adapter saves the MQTT hop between broker and bridge. A child process runs until
-a signal or until one of its workers dies (``watch_workers``; the supervisor restarts it).
+a signal or until one of its workers dies (``mqchat.child``; the supervisor restarts it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import os
-import signal
 import socket
-import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,64 +48,21 @@ from bridge.presence import PresenceMirror
 from bridge.ratelimit import RateLimit
 from bridge.receipts import Publish, ReceiptCoalescer
 from broker.membership import MembershipCache
-from broker.server import MqchatBroker, serve_broker, tune_gc
+from broker.serve import serve_broker
+from broker.server import MqchatBroker
 from mqchat.config import Config
-from mqchat.errors import ConfigError, MqchatError
+from mqchat.errors import ConfigError
 from mqchat.service import Service
-from mqchat.supervisor import EXIT_CANNOT_START, EXIT_WORKER_DIED
 from mqchat.tasks import STOP_BOUND_S
 from mqchat.tokens import TokenVerifier, service_password
 from push.dispatcher import ConnectedDevices, PushDispatcher
 from push.providers import ApnsProvider, FcmProvider, LogProvider, PushConfigError, PushProvider
 from storage import open_storage
-from storage.base import MessageStore, Storage, UserSettings
-from storage.files import private_dir
+from storage.base import MessageStore, Storage
 from storage.presence import MemoryPresence, PresenceRegistry
+from storage.records import UserSettings
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "EXIT_CANNOT_START",
-    "EXIT_WORKER_DIED",
-    "BridgeHandle",
-    "WorkerDied",
-    "ensure_data_dir",
-    "ensure_ports_free",
-    "free_port",
-    "local_host",
-    "run_bridge",
-    "run_broker",
-    "run_child",
-    "run_node",
-    "setup_logging",
-    "watch_workers",
-]
-
-WATCHDOG_EVERY_S = 1.0
-WATCHDOG_GRACE_S = 2.0
-
-
-BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
-
-
-def _not_a_bind_failure(record: logging.LogRecord) -> bool:
-    """amqtt logs a failed start with a traceback; an address that cannot be bound is reported
-    by run_child in one line instead."""
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (isinstance(exc, OSError) and exc.errno in BIND_ERRNOS)
-
-
-def setup_logging(level: str, process: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)-7s [{process}] %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    # amqtt logs every connection at INFO; transitions logs every state change.
-    for noisy in ("amqtt", "transitions", "uvicorn.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    logging.getLogger("amqtt.broker").addFilter(_not_a_bind_failure)
 
 
 def local_host(host: str) -> str:
@@ -125,11 +78,6 @@ class _Server(uvicorn.Server):
 
     def capture_signals(self) -> Any:
         return nullcontext()
-
-
-@dataclass(frozen=True, slots=True)
-class HttpHandle:
-    port: int
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:
@@ -183,7 +131,7 @@ class HttpServer(Service):
         self._serving = self.start_worker(self._server.serve(sockets=[self._sock]), name="http-server")
         while not self._server.started:
             if self._serving.done():
-                raise RuntimeError("HTTP server stopped during start-up")
+                raise RuntimeError("the HTTP server stopped during start-up (its error is logged above)")
             await asyncio.sleep(0.01)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
         logger.info("HTTP API listening on http://%s:%d", self._host, self.port)
@@ -196,18 +144,6 @@ class HttpServer(Service):
     async def _stopped(self) -> None:
         if self._sock is not None:
             self._sock.close()
-
-
-@asynccontextmanager
-async def serve_http(
-    app: Any, *, host: str, port: int, max_connections: int = 1000, header_timeout_s: float = 10.0
-) -> AsyncIterator[HttpHandle]:
-    """Serve ``app`` until the block ends; the handle names the port bound."""
-    server = HttpServer(
-        app=app, host=host, port=port, max_connections=max_connections, header_timeout_s=header_timeout_s
-    )
-    async with server:
-        yield HttpHandle(port=server.port)
 
 
 # --- presence --------------------------------------------------------------------------------
@@ -305,6 +241,8 @@ class BridgeHandle:
     http_port: int
     adapter: Adapter
     store: MessageStore
+    # Every part's dead workers, the HTTP server's included: the watchdog's answer (/healthz
+    # answers for the parts behind the API).
     dead_workers: Callable[[], list[str]]
     mqtt_port: int = 0  # set when the broker runs in the same process (in-broker adapter)
 
@@ -317,7 +255,8 @@ async def push_dispatcher(
     async with (
         push_providers(config) as providers,
         PushDispatcher(
-            store=storage.messages,
+            states=storage.messages,
+            groups=storage.messages,
             push_store=storage.push,
             connected_devices=connected_devices,
             providers=providers,
@@ -337,7 +276,9 @@ async def bridge_pipeline(
     bridge = config.bridge
     async with ReceiptCoalescer(publish=publish, window_s=bridge.receipt_window_s) as receipts:
         yield Pipeline(
-            store=storage.messages,
+            log=storage.messages,
+            states=storage.messages,
+            groups=storage.messages,
             receipts=receipts,
             max_envelope_bytes=bridge.max_envelope_bytes,
             on_stored=dispatcher.notify,
@@ -355,8 +296,9 @@ def serve_api(
     adapter: Adapter,
     presence: PresenceLookup,
     dead_workers: Callable[[], list[str]],
-) -> AbstractAsyncContextManager[HttpHandle]:
-    """The HTTP API over the store, publishing through the adapter, until the block ends."""
+) -> HttpServer:
+    """The HTTP API over the store, publishing through the adapter (a service: enter it to serve;
+    ``port`` is the port bound)."""
     app = create_app(
         presence=presence,
         push_store=storage.push,
@@ -371,8 +313,8 @@ def serve_api(
         default_settings=UserSettings(who_may_add=config.bridge.default_who_may_add),
         publish=adapter.publish,
     )
-    return serve_http(
-        app,
+    return HttpServer(
+        app=app,
         host=config.network.host,
         port=config.network.http_port,
         max_connections=config.bridge.http_max_connections,
@@ -416,21 +358,26 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
         )
         dead = dead_workers_of(storage, dispatcher, adapter, *parts)
         http = await stack.enter_async_context(serve_api(config, storage, adapter, lookup, dead))
-        yield BridgeHandle(http_port=http.port, adapter=adapter, store=storage.messages, dead_workers=dead)
+        yield BridgeHandle(
+            http_port=http.port,
+            adapter=adapter,
+            store=storage.messages,
+            dead_workers=dead_workers_of(storage, dispatcher, adapter, *parts, http),
+        )
 
 
 @asynccontextmanager
 async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
     """The broker alone; it reads the store only for its ACL's membership answers."""
     async with (
-        open_storage(config.storage) as storage,
+        open_storage(config.storage, push=False) as storage,
         presence_registry(config) as presence,
         serve_broker(
             host=config.network.host,
             port=config.network.mqtt_port,
             secret=config.auth.jwt_secret,
             presence=presence,
-            membership=MembershipCache(storage.messages),
+            membership=MembershipCache(groups=storage.messages, privacy=storage.messages),
             device_topics=not config.presence.redis_url,  # the bridge's only view of devices then
         ) as broker,
     ):
@@ -454,7 +401,7 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
                 secret=config.auth.jwt_secret,
                 inbound_hook=queue.submit,
                 presence=presence,
-                membership=MembershipCache(storage.messages),
+                membership=MembershipCache(groups=storage.messages, privacy=storage.messages),
             )
         )
         publisher = BrokerPublisher(route=broker.internal_message_broadcast)
@@ -470,147 +417,9 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
             http_port=http.port,
             adapter=adapter,
             store=storage.messages,
-            dead_workers=dead,
+            dead_workers=dead_workers_of(storage, dispatcher, adapter, presence, broker, http),
             mqtt_port=broker.bound_port,
         )
-
-
-# --- child processes -------------------------------------------------------------------------
-
-
-def ensure_data_dir(config: Config) -> None:
-    """Create the data dir (0700) if needed; raise ConfigError, naming it, when it cannot be used."""
-    data_dir = config.storage.data_dir
-    try:
-        private_dir(data_dir)
-    except OSError as exc:
-        raise ConfigError(f"cannot use data_dir {data_dir}: {exc.strerror or exc}") from None
-    if not os.access(data_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot use data_dir {data_dir}: not writable by this user")
-
-
-def ensure_ports_free(config: Config) -> None:
-    """Raise ConfigError, naming the setting, when a port `serve` listens on is taken or the
-    address cannot be used (checked the way the servers bind: SO_REUSEADDR, so a port in
-    TIME_WAIT is fine)."""
-    net = config.network
-    for key, port in (("mqtt_port", net.mqtt_port), ("http_port", net.http_port)):
-        if port == 0:
-            continue
-        try:
-            bind_tcp(net.host, port).close()
-        except OSError as exc:
-            raise ConfigError(_bind_failure(key, net.host, port, exc)) from None
-
-
-def _bind_failure(key: str, host: str, port: int, exc: OSError) -> str:
-    flag = "--" + key.replace("_", "-")
-    if exc.errno == errno.EADDRINUSE:
-        return f"port {port} on {host} is already in use (by another mqchat serve or MQTT broker?); use {flag} PORT"
-    return f"cannot listen on {host}:{port} ({key}): {exc.strerror or exc}"
-
-
-def cannot_start_reason(exc: BaseException) -> str | None:
-    """Why a child cannot start, if a restart would not help: a configuration error or an address
-    that cannot be bound, found anywhere in exc's groups, causes and contexts."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ConfigError):  # PushConfigError included
-            return str(e)
-        if isinstance(e, OSError) and e.errno in BIND_ERRNOS:
-            return f"cannot listen: {e.strerror or e}"
-        if isinstance(e, BaseExceptionGroup):
-            todo.extend(e.exceptions)
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-    return None
-
-
-class WorkerDied(MqchatError):
-    """A background worker of this process ended; the process exits so the supervisor restarts it."""
-
-
-async def watch_workers(
-    dead_workers: Callable[[], list[str]], *, every_s: float = WATCHDOG_EVERY_S, grace_s: float = WATCHDOG_GRACE_S
-) -> None:
-    """Run until a worker dies, then (after grace_s, while /healthz answers 503 for probes and
-    load balancers to see) raise WorkerDied. Workers isolate their jobs' failures; one that
-    dies anyway is a bug, and a fresh process is the way back to a known state."""
-    while True:
-        await asyncio.sleep(every_s)
-        dead = dead_workers()
-        if dead:
-            logger.error(
-                "worker(s) died: %s; /healthz is red; restarting this process in %.0f s", ", ".join(dead), grace_s
-            )
-            await asyncio.sleep(grace_s)
-            raise WorkerDied(", ".join(dead))
-
-
-def run_child(which: str, config: Config) -> int:
-    """Entry point of a child process (``python -m mqchat _child broker|bridge|node``). Returns
-    its exit code: 0 when stopped by a signal, EXIT_CANNOT_START with one line on stderr when it
-    cannot start for a reason that a restart would not mend; anything else is raised."""
-    setup_logging(config.log_level, which)
-    started: list[bool] = []  # set once the process serves: a later failure is a crash, restarted
-    try:
-        _run_child(which, config, started)
-    except WorkerDied:
-        return EXIT_WORKER_DIED
-    except Exception as exc:
-        reason = None if started else cannot_start_reason(exc)
-        if reason is None:
-            raise
-        print(f"mqchat: {reason}", file=sys.stderr, flush=True)
-        return EXIT_CANNOT_START
-    return 0
-
-
-def _run_child(which: str, config: Config, started: list[bool]) -> None:
-    if which != "bridge":
-        tune_gc()
-    _run_until_signalled(_serve_child(which, config, started))
-
-
-def _open_child(which: str, config: Config) -> AbstractAsyncContextManager[HasWorkers]:
-    """What child process ``which`` runs."""
-    if which == "node":
-        return run_node(config)
-    if which == "broker":
-        return run_broker(config)
-    return run_bridge(config, mqtt_host=local_host(config.network.host), mqtt_port=config.network.mqtt_port)
-
-
-async def _serve_child(which: str, config: Config, started: list[bool]) -> None:
-    """Run child ``which`` until a worker dies (WorkerDied) or the task is cancelled."""
-    async with _open_child(which, config) as running:
-        started.append(True)
-        await watch_workers(running.dead_workers)
-
-
-def _run_until_signalled(body: Coroutine[Any, Any, None]) -> None:
-    """Run ``body`` in a new event loop (uvloop when installed) until it ends or SIGTERM/SIGINT
-    cancels it."""
-
-    async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await body
-
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
 
 
 def free_port(host: str = "127.0.0.1") -> int:

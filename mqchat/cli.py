@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _child(which: str) -> int:
-    from mqchat.app import run_child
+    from mqchat.child import run_child
 
     try:
         config, _ = load_config({})
@@ -213,7 +213,8 @@ def _token(args: argparse.Namespace, config: Config) -> int:
 
 
 def _serve(config: Config) -> int:
-    from mqchat.app import ensure_data_dir, ensure_ports_free, local_host, setup_logging
+    from mqchat.app import local_host
+    from mqchat.child import ensure_data_dir, ensure_ports_free, setup_logging
     from mqchat.supervisor import Supervisor
 
     setup_logging(config.log_level, "serve")

@@ -9,6 +9,7 @@ Exception tree::
     ├── RequestError             a client request refused; carries a stable ErrorCode
     ├── MalformedPacket          (mqchat.mqtt_codec) bytes that are not an MQTT 3.1.1 packet
     ├── PacketTooLarge           (broker.handler) a packet over the broker's limit: connection closed
+    ├── WorkerDied               (mqchat.child) a background worker ended: the process exits, restarted
     ├── StoreRefusal             (storage.base) a write the store refuses; its class names the
     │   ├── SeqBeyondEnd         ErrorCode the client is told
     │   ├── NotMember

@@ -19,8 +19,10 @@ Two kinds of task:
   finish, then are cancelled.
 
 No task of a service is fire-and-forget: each one is a child of the service's ``TaskGroup`` and
-is waited for before ``aclose()`` returns, which never waits longer than its bounds (on 3.11,
-see :mod:`mqchat.tasks`). A leaf module: everyone may import it.
+is waited for before ``aclose()`` returns. ``aclose()`` never waits past its bounds: jobs get
+``job_grace_s``, then every cancelled task ``stop_bound_s``; a task that loses every cancellation
+(on 3.11, see :mod:`mqchat.tasks`) is logged and left behind with the group rather than waited
+for. A leaf module: everyone may import it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Service:
 
     name = "service"
     job_grace_s = STOP_BOUND_S  # how long jobs in flight may finish at aclose()
+    stop_bound_s = STOP_BOUND_S  # how long cancelled tasks may take to end before they are left
 
     def __init__(self) -> None:
         self.__group: asyncio.TaskGroup | None = None
@@ -93,12 +96,15 @@ class Service:
         try:
             await self._stopping()
         finally:
-            await cancel_and_wait(self.__workers, what=self.name)
+            stuck = await cancel_and_wait(self.__workers, bound_s=self.stop_bound_s, what=self.name)
             if self.__jobs:
                 _, late = await asyncio.wait(list(self.__jobs), timeout=self.job_grace_s)
-                await cancel_and_wait(late, what=f"{self.name} jobs")
-            # Every task has ended: the group's exit returns at once (none of our tasks raise).
-            await group.__aexit__(None, None, None)
+                stuck += await cancel_and_wait(late, bound_s=self.stop_bound_s, what=f"{self.name} jobs")
+            if not stuck:
+                # Every task has ended: the group's exit returns at once (none of our tasks raise).
+                await group.__aexit__(None, None, None)
+            # else a task lost every cancellation (logged by cancel_and_wait): the group's exit
+            # would wait for it without a bound, so the group is left behind with it.
             await self._stopped()
 
     @property

@@ -9,7 +9,7 @@
                          │       EXIT_CANNOT_START on a first start ──▶ stop serve (exit 1)
                          └── SIGTERM / SIGINT ──▶ _stop_children: bridge first, then broker
 
-A child's entry point is ``mqchat.app.run_child``; the exit codes below are the contract
+A child's entry point is ``mqchat.child.run_child``; the exit codes below are the contract
 between the two. Children write Prometheus samples to a shared directory, so ``/metrics``
 covers every process. This module imports no server code: the supervisor process stays small.
 """

@@ -23,12 +23,6 @@ RECANCEL_EVERY_S = 0.1
 STOP_BOUND_S = 10.0
 
 
-def ended(tasks: Iterable[asyncio.Task[Any]]) -> list[str]:
-    """The names of the tasks that have ended: a long-lived worker that ended has died (its
-    service reports it through ``dead_workers()``, and /healthz turns red)."""
-    return [task.get_name() for task in tasks if task.done()]
-
-
 async def cancel_and_wait(
     tasks: Iterable[asyncio.Task[Any]],
     *,

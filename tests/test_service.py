@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -93,3 +94,31 @@ async def test_no_task_can_start_outside_the_context() -> None:
     with pytest.raises(RuntimeError, match="closed"):
         service.start_job(nothing(), name="late")
     await service.aclose()  # idempotent
+
+
+class Stubborn(Sample):
+    stop_bound_s = 0.3
+
+
+async def test_close_is_bounded_even_when_a_task_swallows_its_cancellation() -> None:
+    """The 3.11 ``wait_for`` defect (see mqchat.tasks) in miniature: a task that catches every
+    cancellation and goes on. aclose() gives up on it after the bound instead of hanging."""
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    service = Stubborn()
+    await service.__aenter__()
+    task = service.start_worker(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await service.aclose()
+    assert loop.time() - started < 5
+    assert not task.done()
+    assert service.log == ["stopping", "stopped"]
+    release.set()
+    await task

@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mqchat.app import WorkerDied, run_node, watch_workers
+from mqchat.app import run_node
+from mqchat.child import WorkerDied, watch_workers
 from mqchat.ids import dm_conv
 from mqchat.tokens import issue_token
 from tests.conftest import make_config
