@@ -21,7 +21,8 @@
     $mqchat/membership ──▶ MembershipSync ──▶ MembershipCache invalidated, subscriptions rechecked
 
 ``MqchatBroker`` (``broker.server``) holds only the adaptation to amqtt 0.12.1 and hands the work
-to these parts. ``MetricsPlugin`` counts connected clients. The bridge connects as the service
+to these parts; ``broker.serve`` runs one in a process (its amqtt config, ``serve_broker``, GC
+tuning). ``MetricsPlugin`` counts connected clients. The bridge connects as the service
 user with an HMAC-derived credential that no device token can equal (see ``mqchat.tokens``).
 ``broker`` never imports ``bridge``; ``mqchat.app`` wires them.
 """

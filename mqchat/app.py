@@ -366,9 +366,18 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerHandle:
+    broker: MqchatBroker
+    mqtt_port: int
+    store: MessageStore
+    # The broker's dead workers, its store's and its presence registry's: the watchdog's answer.
+    dead_workers: Callable[[], list[str]]
+
+
 @asynccontextmanager
-async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
-    """The broker alone; it reads the store only for its ACL's membership answers."""
+async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
+    """The broker alone; it reads the store only for its ACL (membership and privacy answers)."""
     async with (
         open_storage(config.storage, push=False) as storage,
         presence_registry(config) as presence,
@@ -381,7 +390,12 @@ async def run_broker(config: Config) -> AsyncIterator[MqchatBroker]:
             device_topics=not config.presence.redis_url,  # the bridge's only view of devices then
         ) as broker,
     ):
-        yield broker
+        yield BrokerHandle(
+            broker=broker,
+            mqtt_port=broker.bound_port,
+            store=storage.messages,
+            dead_workers=dead_workers_of(storage, presence, broker),
+        )
 
 
 @asynccontextmanager
@@ -420,11 +434,3 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
             dead_workers=dead_workers_of(storage, dispatcher, adapter, presence, broker, http),
             mqtt_port=broker.bound_port,
         )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An unused TCP port (for tests and benchmarks)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port

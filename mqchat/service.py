@@ -20,9 +20,9 @@ Two kinds of task:
 
 No task of a service is fire-and-forget: each one is a child of the service's ``TaskGroup`` and
 is waited for before ``aclose()`` returns. ``aclose()`` never waits past its bounds: jobs get
-``job_grace_s``, then every cancelled task ``stop_bound_s``; a task that loses every cancellation
-(on 3.11, see :mod:`mqchat.tasks`) is logged and left behind with the group rather than waited
-for. A leaf module: everyone may import it.
+``job_grace_s``, then every cancelled task ``stop_bound_s`` (each stage has its own bound); a task
+that loses every cancellation (on 3.11, see :mod:`mqchat.tasks`) is logged and left behind with
+the group (``_stopped`` is then not called) rather than waited for. A leaf module: everyone may import it.
 """
 
 from __future__ import annotations
@@ -100,12 +100,15 @@ class Service:
             if self.__jobs:
                 _, late = await asyncio.wait(list(self.__jobs), timeout=self.job_grace_s)
                 stuck += await cancel_and_wait(late, bound_s=self.stop_bound_s, what=f"{self.name} jobs")
-            if not stuck:
+            if stuck:
+                # A task lost every cancellation (logged by cancel_and_wait): the group's exit
+                # would wait for it without a bound, and what the task uses must stay open, so
+                # the group and the service's resources are left behind with it.
+                logger.error("%s: left behind with %d task(s) still running", self.name, len(stuck))
+            else:
                 # Every task has ended: the group's exit returns at once (none of our tasks raise).
                 await group.__aexit__(None, None, None)
-            # else a task lost every cancellation (logged by cancel_and_wait): the group's exit
-            # would wait for it without a bound, so the group is left behind with it.
-            await self._stopped()
+                await self._stopped()
 
     @property
     def running(self) -> bool:
@@ -118,7 +121,8 @@ class Service:
         """Called first at aclose(), while tasks still run (override)."""
 
     async def _stopped(self) -> None:
-        """Called last at aclose(), after every task has ended (override)."""
+        """Called last at aclose(), after every task has ended (override); not called when a
+        task could not be stopped."""
 
     # --- tasks ----------------------------------------------------------------------------------
 

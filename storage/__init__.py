@@ -2,7 +2,7 @@
 
 ::
 
-    config.storage.backend ──▶ open_storage(config) ──▶ BACKENDS[name].module
+    config.storage.backend ──▶ open_storage(config.storage) ──▶ BACKENDS[name].module
                                   ├─ open_message_store(config) ──▶ messages: MessageStore
                                   └─ open_push_store(config) ─────▶ push: PushStore  (not with push=False)
 
@@ -13,8 +13,10 @@
 
 ``sqlite`` (``storage.sqlite``) is the embedded default and needs nothing installed. A backend
 whose driver is not installed, or that this version does not ship, is refused with a
-``ConfigError`` that says what to install. Presence has its own registries
-(``presence.py``, ``redis_presence.py``).
+``ConfigError`` that says what to install. Beside them: ``records.py`` (the dataclasses the
+interfaces take and return), ``privacy.py`` (who may add whom, who sees whose presence, decided
+from the groups and privacy parts), ``files.py`` (data files readable by the server only), and
+the presence registries (``presence.py``, ``redis_presence.py``).
 """
 
 from __future__ import annotations

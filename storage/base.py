@@ -14,7 +14,8 @@ backend implements, and the bundles the factory (``storage.open_storage``) yield
     MessageStorage: messages only (a process that keeps no push state, e.g. the broker)
 
 A consumer takes each part it uses as its own keyword argument, annotated with that part
-(``Pipeline(log=…, states=…, groups=…)``); only the wiring holds the aggregates. The values
+(``Pipeline(log=…, states=…, groups=…)``). The aggregates are held where parts are handed out:
+the wiring (``mqchat.app``) and the HTTP app factory that builds the bridge's services. The values
 passed in and out are the dataclasses of ``storage.records``.
 
 Shaped so that a wide-column store (Cassandra / ScyllaDB) fits without a cross-partition

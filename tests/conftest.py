@@ -133,11 +133,11 @@ async def open_stack(config: Config, adapter: str = "mqtt") -> AsyncIterator[Sta
         return
     async with (
         run_broker(config) as broker,
-        run_bridge(config, mqtt_host="127.0.0.1", mqtt_port=broker.bound_port) as bridge,
+        run_bridge(config, mqtt_host="127.0.0.1", mqtt_port=broker.mqtt_port) as bridge,
     ):
         assert isinstance(bridge.adapter, MqttClientAdapter)
         await bridge.adapter.wait_connected()
-        yield Stack(config=config, mqtt_port=broker.bound_port, http_port=bridge.http_port, store=bridge.store)
+        yield Stack(config=config, mqtt_port=broker.mqtt_port, http_port=bridge.http_port, store=bridge.store)
 
 
 @pytest.fixture
@@ -215,7 +215,7 @@ def start_served(
     data_dir: Path, secret: str, log_path: Path, *, adapter: str = "mqtt", env: dict[str, str] | None = None
 ) -> Served:
     """`python -m mqchat serve` on free ports; env adds MQCHAT_* settings."""
-    from mqchat.app import free_port
+    from mqchat.bench.processes import free_port
 
     mqtt_port, http_port = free_port(), free_port()
     env = repo_env() | {"MQCHAT_JWT_SECRET": secret} | (env or {})

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mqchat.app import free_port
+from mqchat.bench.processes import free_port
 from mqchat.config import load_config
 from mqchat.supervisor import EXIT_CANNOT_START, Supervisor
 from tests.helpers import repo_env, serve_in

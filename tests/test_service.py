@@ -119,6 +119,6 @@ async def test_close_is_bounded_even_when_a_task_swallows_its_cancellation() -> 
     await service.aclose()
     assert loop.time() - started < 5
     assert not task.done()
-    assert service.log == ["stopping", "stopped"]
+    assert service.log == ["stopping"]  # what the stuck task uses is not closed under it
     release.set()
     await task

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mqchat.app import run_node
+from mqchat.app import run_bridge, run_broker, run_node
 from mqchat.child import WorkerDied, watch_workers
 from mqchat.ids import dm_conv
 from mqchat.tokens import issue_token
@@ -56,3 +56,27 @@ async def test_a_dead_task_worker_turns_healthz_red(tmp_path: Path, worker: str)
 
 def _http(port: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10)
+
+
+@pytest.mark.parametrize("worker", ["http-server", "bridge-mqtt-adapter"])
+async def test_the_bridge_process_watchdog_sees_its_http_server_and_adapter(tmp_path: Path, worker: str) -> None:
+    """The HTTP server cannot report its own death on /healthz: the watchdog (which restarts
+    the process) must see it."""
+    config = make_config(tmp_path)
+    async with run_broker(config) as broker, run_bridge(config, mqtt_host="127.0.0.1", mqtt_port=broker.mqtt_port) as b:
+        assert b.dead_workers() == []
+        task = next(t for t in asyncio.all_tasks() if t.get_name() == worker)
+        task.cancel()
+        await asyncio.wait([task])
+        with pytest.raises(WorkerDied, match=worker):
+            async with asyncio.timeout(10):
+                await watch_workers(b.dead_workers, every_s=0.05, grace_s=0.1)
+
+
+async def test_the_broker_process_watchdog_sees_its_store_writer(tmp_path: Path) -> None:
+    async with run_broker(make_config(tmp_path)) as broker:
+        assert broker.dead_workers() == []
+        broker.store._jobs.put(None)  # type: ignore[attr-defined]  # the writer thread ends, as if it had crashed
+        with pytest.raises(WorkerDied, match="sqlite-writer"):
+            async with asyncio.timeout(10):
+                await watch_workers(broker.dead_workers, every_s=0.05, grace_s=0.1)

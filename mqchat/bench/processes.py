@@ -15,6 +15,7 @@ stopped on the way out.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import secrets
 import signal
@@ -304,7 +305,7 @@ def wait_healthy(proc: subprocess.Popen[bytes], http_port: int, limit_s: float =
         if proc.poll() is not None:
             return False
         with (
-            contextlib.suppress(OSError),
+            contextlib.suppress(OSError, http.client.HTTPException),  # refused, reset, cut mid-answer
             urllib.request.urlopen(f"http://{HOST}:{http_port}/healthz", timeout=1) as resp,
         ):
             if resp.status == 200:
