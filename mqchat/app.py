@@ -55,8 +55,11 @@ from mqchat.errors import ConfigError
 from mqchat.service import Service
 from mqchat.tasks import STOP_BOUND_S
 from mqchat.tokens import TokenVerifier, service_password
+from push.apns import ApnsProvider
+from push.base import PushConfigError, PushProvider
 from push.dispatcher import ConnectedDevices, PushDispatcher
-from push.providers import ApnsProvider, FcmProvider, LogProvider, PushConfigError, PushProvider
+from push.fcm import FcmProvider
+from push.log import LogProvider
 from storage import open_storage
 from storage.base import MessageStore, Storage
 from storage.presence import MemoryPresence, PresenceRegistry

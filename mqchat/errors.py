@@ -4,7 +4,7 @@ Exception tree::
 
     MqchatError
     ├── ConfigError              bad or missing configuration (reported once at start-up)
-    │   └── PushConfigError      (push.providers) unusable push credentials or options
+    │   └── PushConfigError      (push.base) unusable push credentials or options
     ├── AuthError                a token or service credential that does not verify
     ├── RequestError             a client request refused; carries a stable ErrorCode
     ├── MalformedPacket          (mqchat.mqtt_codec) bytes that are not an MQTT 3.1.1 packet

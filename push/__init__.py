@@ -12,7 +12,8 @@
         ─▶ an invalid token is deleted; the job is finished (never sent twice)
 
 ``push.dispatcher`` holds ``PushDispatcher`` (a service with the intake and delivery workers);
-``push.providers`` the provider interface and its three implementations. ``mqchat.app`` builds
-the configured providers and the dispatcher and hands ``notify`` to the pipeline. Push imports
-``storage`` (messages and the push queue) and never ``broker`` or ``bridge``.
+``push.base`` the provider interface (``PushProvider``, ``PushMessage``, the ``Outcome`` of a
+send, ``send_with_retries``), which ``push.apns``, ``push.fcm`` and ``push.log`` implement.
+``mqchat.app`` builds the configured providers and the dispatcher and hands ``notify`` to the
+pipeline. Push imports ``storage`` (messages and the push queue) and never ``broker`` or ``bridge``.
 """

@@ -33,7 +33,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.service import Service
-from push.providers import (
+from push.base import (
     Outcome,
     PushMessage,
     PushProvider,

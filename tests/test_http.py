@@ -106,7 +106,7 @@ async def test_health_metrics_and_openapi(stack: Stack, history: tuple[str, str,
 
 def test_every_error_is_an_mqchat_error_and_every_code_has_an_http_status() -> None:
     from mqchat.errors import ConfigError, ErrorCode, MqchatError
-    from push.providers import PushConfigError
+    from push.base import PushConfigError
     from storage.base import StoreRefusal
 
     assert issubclass(PushConfigError, ConfigError)

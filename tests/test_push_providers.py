@@ -15,20 +15,19 @@ from typing import Any
 import google.oauth2.credentials
 import pytest
 
-from push.providers import (
-    ApnsProvider,
-    FcmProvider,
-    LogProvider,
+from push.apns import ApnsProvider, apns_result
+from push.base import (
     Outcome,
     PushConfigError,
     PushMessage,
     PushProvider,
     PushResult,
-    apns_result,
     derive_notification_id,
     send_with_retries,
     token_fingerprint,
 )
+from push.fcm import FcmProvider
+from push.log import LogProvider
 from tests.fakes.apns import ApnsReply, FakeApns, new_p256_key_pem
 from tests.fakes.fcm import DEFAULT_ACCESS_TOKEN, FakeFcm, FcmReply
 
