@@ -28,6 +28,7 @@ the group (``_stopped`` is then not called) rather than waited for. A leaf modul
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -137,7 +138,6 @@ class Service:
         """Run a short ``coro``; its failure is logged and goes no further."""
         task = self._create(coro, name=name, worker=False)
         self.__jobs.add(task)
-        task.add_done_callback(self.__jobs.discard)
         return task
 
     def _create(self, coro: Coroutine[Any, Any, None], *, name: str, worker: bool) -> asyncio.Task[None]:
@@ -147,8 +147,12 @@ class Service:
             coro.close()  # never started: no "was never awaited" warning
             raise
         task = group.create_task(self._guard(coro, name=name, worker=worker), name=name)
-        task.add_done_callback(lambda _: coro.close())  # cancelled before its start: not a warning
+        task.add_done_callback(functools.partial(self._ended, coro))  # one callback per task: jobs are per request
         return task
+
+    def _ended(self, coro: Coroutine[Any, Any, None], task: asyncio.Task[None]) -> None:
+        self.__jobs.discard(task)  # a worker was never there
+        coro.close()  # a task cancelled before its start: no "was never awaited" warning
 
     def dead_workers(self) -> list[str]:
         """The workers that ended while the service ran (not those stopped by aclose())."""
