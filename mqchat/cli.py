@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", choices=("mqtt", "inbroker"), help="how requests reach the bridge pipeline (default inbroker)"
     )
     serve.add_argument("--storage-backend", help="where messages and push state live: sqlite (default), cassandra")
+    serve.add_argument(
+        "--store",
+        help="the storage backend as a URL: sqlite:DIR, sqlite:///ABS/DIR, "
+        "cassandra://HOST[,HOST…][:PORT]/KEYSPACE[?dc=…&rf=…&consistency=…] (env MQCHAT_STORE)",
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     serve.add_argument(
         "--redis-url",
@@ -233,12 +238,13 @@ def _serve(config: Config) -> int:
         )
     net = config.network
     logger.info(
-        "version %s: MQTT on %s:%d, HTTP on http://%s:%d, data in %s",
+        "version %s: MQTT on %s:%d, HTTP on http://%s:%d, data in %s, store %s",
         __version__,
         net.host,
         net.mqtt_port,
         local_host(net.host),
         net.http_port,
         config.storage.data_dir.resolve(),
+        config.storage.url,
     )
     return asyncio.run(Supervisor(config=config).run())

@@ -5,11 +5,19 @@ Precedence, highest first: command-line flags, environment (``MQCHAT_*``), a TOM
 defaults. Sizes ("64KiB") and durations ("1h") are parsed here, once. Each component receives
 only its own section. The JWT secret is never logged; when none is configured one is generated
 into the data dir (file mode 0600) and reused from there.
+
+The ``store`` key is a URL that sets several storage fields at once (``sqlite:DIR``,
+``cassandra://HOSTS/KEYSPACE?…``; see parse_store_url); a field's own key
+(``storage_backend``, ``data_dir``, ``cassandra_consistency``, …) may repeat what the URL says but
+never contradict it, whichever layer each came from. A password (in the URL or in
+``cassandra_password``) is never shown, in reprs or in error messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import re
 import secrets
@@ -18,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from mqchat.errors import ConfigError
 
@@ -36,15 +45,15 @@ _SIZE_UNITS = {
     "gb": 1000**3,
     "gib": 1024**3,
 }
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_size(value: str | int) -> int:
     """Bytes from ``65536``, ``"64KiB"``, ``"1MB"``."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    m = _SIZE_RE.fullmatch(value.strip())
+    m = _SIZE_RE.fullmatch(value.strip()) if isinstance(value, str) else None
     if not m:
         raise ConfigError(f"not a size: {value!r} (try 65536, 64KiB, 1MiB)")
     return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
@@ -52,9 +61,9 @@ def parse_size(value: str | int) -> int:
 
 def parse_duration(value: str | float) -> float:
     """Seconds from ``3600``, ``"1h"``, ``"30m"``, ``"500ms"``."""
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    m = _DURATION_RE.fullmatch(value.strip())
+    m = _DURATION_RE.fullmatch(value.strip()) if isinstance(value, str) else None
     if not m:
         raise ConfigError(f"not a duration: {value!r} (try 30s, 15m, 1h, 7d)")
     return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()]
@@ -141,6 +150,28 @@ class AuthConfig:
 
 
 STORAGE_BACKENDS = ("sqlite", "cassandra")
+CONSISTENCY_LEVELS = ("ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE")
+SERIAL_CONSISTENCY_LEVELS = ("SERIAL", "LOCAL_SERIAL")
+CASSANDRA_DEFAULT_PORT = 9042
+# Cassandra's own keyspaces: a store never writes into them.
+_SYSTEM_KEYSPACES = frozenset(
+    {
+        "system",
+        "system_auth",
+        "system_distributed",
+        "system_schema",
+        "system_traces",
+        "system_views",
+        "system_virtual_schema",
+    }
+)
+_KEYSPACE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+# Letters, digits, _ . - : names every snitch produces, and safe inside a CQL string literal.
+_DC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 
 def parse_storage_backend(value: str) -> str:
@@ -149,14 +180,278 @@ def parse_storage_backend(value: str) -> str:
     return value
 
 
+def parse_consistency(value: str) -> str:
+    level = str(value).strip().upper()
+    if level not in CONSISTENCY_LEVELS:
+        raise ValueError(f"{value!r} is not a consistency level ({', '.join(CONSISTENCY_LEVELS)})")
+    return level
+
+
+def parse_serial_consistency(value: str) -> str:
+    level = str(value).strip().upper()
+    if level not in SERIAL_CONSISTENCY_LEVELS:
+        raise ValueError(f"{value!r} is not a serial consistency level ({', '.join(SERIAL_CONSISTENCY_LEVELS)})")
+    return level
+
+
+def parse_datacenter(value: str) -> str:
+    """A Cassandra datacenter name, or "" for the driver's default (fine with one DC)."""
+    name = str(value)
+    if name and not _DC_RE.fullmatch(name):
+        raise ValueError(f"{value!r} is not a datacenter name (letters, digits, _ . -; at most 64)")
+    return name
+
+
+def parse_keyspace(value: str) -> str:
+    """A CQL keyspace name, folded to lower case as CQL folds an unquoted name."""
+    if not _KEYSPACE_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a keyspace name (a letter, then letters, digits or _; at most 48)")
+    name = value.lower()
+    if name in _SYSTEM_KEYSPACES:
+        raise ValueError(f"{value!r} is one of Cassandra's own keyspaces")
+    return name
+
+
+def parse_request_timeout(value: str | float) -> float:
+    seconds = parse_positive_duration(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
+    return seconds
+
+
+def parse_credential(value: str) -> str:
+    """A Cassandra user name or password. The message never quotes it: it may be a secret."""
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate?)") from None
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    data_dir: Path = Path("data")
+    data_dir: Path = Path("data")  # SQLite's files, and the generated secret whatever the backend
     backend: str = "sqlite"  # which storage.BACKENDS entry holds messages and push state
+    # Cassandra: contact points (all on one port), and the keyspace, created with
+    # NetworkTopologyStrategy and cassandra_rf replicas in each datacenter.
+    cassandra_hosts: tuple[str, ...] = ("127.0.0.1",)
+    cassandra_port: int = CASSANDRA_DEFAULT_PORT
+    cassandra_keyspace: str = "mqchat"
+    cassandra_dc: str = ""  # the local datacenter for DC-aware load balancing; "": the driver's default
+    cassandra_rf: int = 3
+    cassandra_consistency: str = "LOCAL_QUORUM"
+    cassandra_serial_consistency: str = "LOCAL_SERIAL"  # of conditional (lightweight) writes
+    cassandra_timeout_s: float = 5.0  # per request
+    cassandra_username: str = ""  # with a password: PasswordAuthenticator
+    cassandra_password: str = dataclasses.field(default="", repr=False)
 
     @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "mqchat.sqlite3"
+
+    @property
+    def url(self) -> str:
+        """These settings as a ``store`` URL, without user name and password (fit for a log)."""
+        if self.backend == "sqlite":
+            path = str(self.data_dir).replace("%", "%25").replace("?", "%3F").replace("#", "%23")
+            return f"sqlite://{path}" if self.data_dir.is_absolute() else f"sqlite:{path}"
+        hosts = ",".join(f"[{host}]" if ":" in host else host for host in self.cassandra_hosts)
+        params = [f"dc={self.cassandra_dc}"] if self.cassandra_dc else []
+        params += [
+            f"rf={self.cassandra_rf}",
+            f"consistency={self.cassandra_consistency}",
+            f"serial_consistency={self.cassandra_serial_consistency}",
+            f"timeout={self.cassandra_timeout_s!r}",
+        ]
+        return f"{self.backend}://{hosts}:{self.cassandra_port}/{self.cassandra_keyspace}?{'&'.join(params)}"
+
+
+# A cassandra URL's query parameters → (StorageConfig field, parser).
+STORE_URL_PARAMS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "dc": ("cassandra_dc", parse_datacenter),
+    "rf": ("cassandra_rf", parse_positive_int),
+    "consistency": ("cassandra_consistency", parse_consistency),
+    "serial_consistency": ("cassandra_serial_consistency", parse_serial_consistency),
+    "timeout": ("cassandra_timeout_s", parse_request_timeout),
+}
+_STORE_URL_FORMS = "sqlite:DIR, sqlite:///ABS/DIR or cassandra://HOST[,HOST…][:PORT]/KEYSPACE"
+
+
+def parse_store_url(value: object) -> dict[str, Any]:
+    """The StorageConfig fields a ``store`` URL sets; ConfigError, in one line, if it is not one.
+
+    ``sqlite:``, ``sqlite://``
+        the SQLite backend in the data dir (``data_dir``, default ./data)
+    ``sqlite:DIR``, ``sqlite:///ABS/DIR``
+        the SQLite backend with DIR as the data dir (relative to the working directory
+        unless it starts with /); ``sqlite://NAME…`` (a host) is refused
+    ``cassandra://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…][/KEYSPACE][?NAME=VALUE&…]``
+        HOST a name, an IPv4 address or ``[IPv6]``; one PORT for all (default 9042); KEYSPACE
+        default ``mqchat``; NAME one of STORE_URL_PARAMS. User and password are percent-decoded.
+
+    A URL sets only what it names. Messages quote the parts at fault, never the user info.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"a store URL is text: {_STORE_URL_FORMS}")
+    scheme, colon, rest = value.partition(":")
+    if not colon or not _SCHEME_RE.fullmatch(scheme):
+        raise ConfigError(f"not a store URL: {_STORE_URL_FORMS}")
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        return _sqlite_url_fields(rest)
+    if scheme == "cassandra":
+        return _cassandra_url_fields(rest)
+    raise ConfigError(f"unknown scheme {scheme + ':'!r}: {_STORE_URL_FORMS}")
+
+
+def _sqlite_url_fields(rest: str) -> dict[str, Any]:
+    if rest.startswith("//"):
+        rest = rest[2:]
+        if rest and not rest.startswith("/"):
+            raise ConfigError(
+                "sqlite:// takes no host: sqlite:///ABS/DIR for an absolute directory, sqlite:DIR otherwise"
+            )
+    if "?" in rest or "#" in rest:
+        raise ConfigError("a sqlite URL takes no parameters (in a directory name write ? as %3F, # as %23)")
+    if not rest:
+        return {"backend": "sqlite"}
+    path = unquote(rest, errors="surrogateescape")  # undecodable bytes as os.fsdecode has them
+    if "\0" in path:
+        raise ConfigError("a directory name holds no NUL character")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ConfigError(f"{path!r} is not a directory name this system can use") from None
+    return {"backend": "sqlite", "data_dir": Path(path)}
+
+
+def _cassandra_url_fields(rest: str) -> dict[str, Any]:
+    if not rest.startswith("//"):
+        raise ConfigError("a cassandra URL starts cassandra:// (cassandra://HOST[,HOST…][:PORT]/KEYSPACE)")
+    fields: dict[str, Any] = {"backend": "cassandra"}
+    # The last @ ends the user info: hosts, keyspace and parameters hold none.
+    userinfo, at, rest = rest[2:].rpartition("@")
+    if at:
+        fields.update(_userinfo_fields(userinfo))
+    if "#" in rest:
+        raise ConfigError("a cassandra URL takes no #fragment")
+    rest, question, query = rest.partition("?")
+    hosts, _, keyspace = rest.partition("/")
+    fields.update(_host_fields(hosts))
+    if keyspace:
+        try:
+            fields["cassandra_keyspace"] = parse_keyspace(keyspace)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if question:
+        fields.update(_param_fields(query))
+    return fields
+
+
+def _userinfo_fields(userinfo: str) -> dict[str, Any]:
+    if any(c in userinfo for c in "/?#"):
+        raise ConfigError("the part before @ is not USER:PASSWORD (percent-encode / ? # @ in them)")
+    user, _, password = userinfo.partition(":")
+    fields: dict[str, Any] = {"cassandra_username": _decode_credential(user, "user name")}
+    if not fields["cassandra_username"]:
+        raise ConfigError("the user info names no user (cassandra://USER:PASSWORD@HOST/KEYSPACE)")
+    if password:
+        fields["cassandra_password"] = _decode_credential(password, "password")
+    return fields
+
+
+def _decode_credential(text: str, what: str) -> str:
+    try:
+        return parse_credential(unquote(text, errors="strict"))
+    except ValueError:  # UnicodeDecodeError included; its message would quote the bytes
+        raise ConfigError(f"the {what} is not percent-encoded UTF-8") from None
+
+
+def _host_fields(hosts: str) -> dict[str, Any]:
+    if not hosts:
+        raise ConfigError("no host (cassandra://HOST[,HOST…][:PORT]/KEYSPACE)")
+    names: list[str] = []
+    ports: dict[int, str] = {}
+    for item in hosts.split(","):
+        host, port = _host_and_port(item)
+        if host in names:
+            raise ConfigError(f"host {host!r} is listed twice")
+        names.append(host)
+        if port is not None:
+            ports.setdefault(port, item)
+    if len(ports) > 1:
+        raise ConfigError(
+            f"the hosts name different ports ({', '.join(ports.values())}): the driver uses one port for all"
+        )
+    fields: dict[str, Any] = {"cassandra_hosts": tuple(names)}
+    if ports:
+        fields["cassandra_port"] = next(iter(ports))
+    return fields
+
+
+def _host_and_port(item: str) -> tuple[str, int | None]:
+    """(host, port or None) from ``name``, ``1.2.3.4:9042``, ``[::1]:9042``."""
+    if item.startswith("["):
+        host, bracket, after = item[1:].partition("]")
+        if not bracket or not _is_ipv6(host) or after[:1] not in ("", ":"):
+            raise ConfigError(f"{item!r} is not [IPv6] or [IPv6]:PORT")
+    else:
+        host = item.partition(":")[0]
+        after = item[len(host) :]
+        if not item:
+            raise ConfigError("an empty host in the host list")
+        if item.count(":") > 1:
+            raise ConfigError(f"{item!r}: write an IPv6 address in brackets, [IPv6]:PORT")
+        if not host:
+            raise ConfigError(f"{item!r} names no host")
+        if not _is_host(host):
+            raise ConfigError(f"{host!r} is not a host name or IP address")
+    if not after:
+        return host, None
+    port = after[1:]
+    if not _PORT_RE.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{port!r} (in {item!r}) is not a port (1-65535)")
+    return host, int(port)
+
+
+def _is_ipv6(host: str) -> bool:
+    if not host.isascii():
+        return False
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host(host: str) -> bool:
+    if len(host) > 253 or not _HOSTNAME_RE.fullmatch(host):
+        return False
+    if all(c.isdigit() or c == "." for c in host):  # only an IPv4 address looks like this
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+    return True
+
+
+def _param_fields(query: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for item in filter(None, query.split("&")):
+        name, eq, raw = item.partition("=")
+        if name not in STORE_URL_PARAMS:
+            raise ConfigError(f"unknown parameter {name!r} (known: {', '.join(STORE_URL_PARAMS)})")
+        field, parse = STORE_URL_PARAMS[name]
+        if field in fields:
+            raise ConfigError(f"parameter {name} is given twice")
+        if not eq:
+            raise ConfigError(f"parameter {name} has no value ({name}=…)")
+        try:
+            fields[field] = parse(raw)
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return fields
 
 
 ADAPTERS = ("mqtt", "inbroker")
@@ -263,6 +558,13 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "http_port": ("network", "http_port", parse_port),
     "data_dir": ("storage", "data_dir", Path),
     "storage_backend": ("storage", "backend", parse_storage_backend),
+    "cassandra_dc": ("storage", "cassandra_dc", parse_datacenter),
+    "cassandra_rf": ("storage", "cassandra_rf", parse_positive_int),
+    "cassandra_consistency": ("storage", "cassandra_consistency", parse_consistency),
+    "cassandra_serial_consistency": ("storage", "cassandra_serial_consistency", parse_serial_consistency),
+    "cassandra_timeout": ("storage", "cassandra_timeout_s", parse_request_timeout),
+    "cassandra_username": ("storage", "cassandra_username", parse_credential),
+    "cassandra_password": ("storage", "cassandra_password", parse_credential),
     "jwt_secret": ("auth", "jwt_secret", str),
     "adapter": ("bridge", "adapter", parse_adapter),
     "max_envelope_bytes": ("bridge", "max_envelope_bytes", parse_size),
@@ -300,16 +602,46 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "fcm_endpoint": ("push", "fcm_endpoint", str),
     "log_level": ("", "log_level", parse_log_level),
 }
-KNOWN_KEYS = frozenset(_KEYS)
+# ``store`` sets several storage fields at once (parse_store_url); its own keys name the others.
+STORE_KEY = "store"
+KNOWN_KEYS = frozenset(_KEYS) | {STORE_KEY}
+_STORAGE_KEYS = {field: key for key, (section, field, _) in _KEYS.items() if section == "storage"}
+_SECRET_FIELDS = frozenset({"cassandra_username", "cassandra_password"})
 
 
 def config_to_env(config: Config) -> dict[str, str]:
-    """The ``MQCHAT_*`` environment that reproduces config (the secret included) in a child process."""
+    """The ``MQCHAT_*`` environment that reproduces config (the secrets included) in a child process."""
     env: dict[str, str] = {}
     for key, (section, field, _) in _KEYS.items():
         value = getattr(getattr(config, section) if section else config, field)
         env[f"MQCHAT_{key.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
+    storage = dataclasses.replace(config.storage, data_dir=config.storage.data_dir.resolve())
+    env[f"MQCHAT_{STORE_KEY.upper()}"] = storage.url  # hosts, port, keyspace; agrees with the keys above
     return env
+
+
+def _merge_store_url(from_url: Mapping[str, Any], from_keys: Mapping[str, Any]) -> dict[str, Any]:
+    """The storage fields of the ``store`` URL and of their own keys; ConfigError where they disagree."""
+    for field, value in from_url.items():
+        if field not in from_keys or _same_setting(field, value, from_keys[field]):
+            continue
+        key = _STORAGE_KEYS[field]
+        if field in _SECRET_FIELDS:
+            raise ConfigError(f"{STORE_KEY} and {key} name different {key.partition('_')[2]}s: give one of them")
+        raise ConfigError(
+            f"{STORE_KEY} sets {key} to {_shown(value)} but {key} is {_shown(from_keys[field])}: give one of them"
+        )
+    return {**from_keys, **from_url}
+
+
+def _same_setting(field: str, a: Any, b: Any) -> bool:
+    if field == "data_dir":
+        return bool(os.path.abspath(a) == os.path.abspath(b))
+    return bool(a == b)
+
+
+def _shown(value: Any) -> str:
+    return str(value) if isinstance(value, Path) else repr(value)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -434,16 +766,22 @@ def load_config(
         "": {},
     }
     for key, value in raw.items():
-        if key == "jwt_secret":
+        if key in ("jwt_secret", STORE_KEY):
             continue
         section, field, parse = _KEYS[key]
         try:
             sections[section][field] = parse(value)
         except (TypeError, ValueError, ConfigError) as exc:
             raise ConfigError(f"bad value for {key}: {exc}") from None
-    storage = StorageConfig(**sections["storage"])
+    from_url: dict[str, Any] = {}
+    if STORE_KEY in raw:
+        try:
+            from_url = parse_store_url(raw[STORE_KEY])
+        except ConfigError as exc:
+            raise ConfigError(f"bad value for {STORE_KEY}: {exc}") from None
+    storage = StorageConfig(**_merge_store_url(from_url, sections["storage"]))
     jwt_secret, generated = resolve_jwt_secret(
-        raw.get("jwt_secret"), storage.data_dir, mode=secret, explicit_dir="data_dir" in raw
+        raw.get("jwt_secret"), storage.data_dir, mode=secret, explicit_dir="data_dir" in raw or "data_dir" in from_url
     )
     config = Config(
         network=NetworkConfig(**sections["network"]),

@@ -45,6 +45,9 @@ def test_secret_is_generated_once_privately_and_reused(tmp_path: Path) -> None:
         {"mqtt_port": "x"},
         {"mqtt_port": 70000},
         {"max_envelope_bytes": "lots"},
+        {"max_envelope_bytes": True},
+        {"receipt_window": ["1s"]},  # a TOML list: refused, not an AttributeError
+        {"receipt_window": True},
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, bad: dict[str, object]) -> None:
@@ -64,6 +67,8 @@ def test_sizes_and_durations() -> None:
     assert parse_size("1MB") == 1_000_000
     assert parse_duration("1h") == 3600
     assert parse_duration("500ms") == 0.5
+    assert parse_duration("1e-05") == 1e-05  # how str() writes a small float, as config_to_env does
+    assert parse_duration("2e3ms") == 2.0
     with pytest.raises(ConfigError):
         parse_duration("soon")
 
