@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test lint typecheck pytest install install-test install-bench system-deps bench clean
+.PHONY: serve test lint typecheck pytest install install-test install-bench system-deps cassandra-jars cassandra-node bench clean
 
 # Every install is held to the versions the suite last passed with (a new release of a linter or
 # a library cannot turn a clean clone red); pyproject.toml keeps the ranges users install from.
@@ -32,10 +32,18 @@ serve: install
 	$(BIN)/mqchat serve $(ARGS)
 
 ## Lint (ruff; the layering contracts in pyproject.toml), type-check and run the whole test suite (installs what the tests need).
-test: install-test system-deps lint typecheck pytest
+test: install-test system-deps cassandra-jars lint typecheck pytest
 
 system-deps:
 	@sh .ci/system-deps.sh
+
+## Fetch Cassandra 5.0's jars with Maven, once (into $MQCHAT_CASSANDRA_HOME, default ~/.cache/mqchat/cassandra).
+cassandra-jars: install-test system-deps
+	$(BIN)/python -m storage.cassandra.devnode fetch
+
+## Run a single-node Cassandra 5.0 in the foreground for `mqchat serve --store cassandra://…` (data in ./data/cassandra; ARGS="--port 9043"; Ctrl-C stops it).
+cassandra-node: cassandra-jars
+	$(BIN)/python -m storage.cassandra.devnode run $(ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .

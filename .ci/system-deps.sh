@@ -1,14 +1,29 @@
 #!/bin/sh
 # Debian packages the test suite talks to for real: Mosquitto (interop, reference client tools)
-# and Redis (the shared presence registry), and curl (the README tour). Only what is missing is
-# installed; their system services are left stopped (see apt_install).
+# and Redis (the shared presence registry), curl (the README tour), and a Java 17 runtime with
+# Maven for the Cassandra test node (storage/cassandra/devnode.py runs Cassandra 5.0 from Maven
+# Central's jars; 5.0 needs Java 17: not 21+, whatever `java` is the default). Only what is
+# missing is installed; their system services are left stopped (see apt_install).
 set -eu
 . "$(dirname "$0")/lib.sh"
+
+# A Java 17 where devnode.py looks for one: $JAVA_HOME, the java on PATH, /usr/lib/jvm/*.
+has_java17() {
+    for java in ${JAVA_HOME:+"$JAVA_HOME/bin/java"} "$(command -v java 2>/dev/null || true)" /usr/lib/jvm/*/bin/java; do
+        [ -n "$java" ] && [ -x "$java" ] && "$java" -version 2>&1 | grep -q 'version "17[."]' && return 0
+    done
+    return 1
+}
+
 missing=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
 command -v mosquitto_pub >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing="$missing redis-server"
 command -v curl >/dev/null 2>&1 || missing="$missing curl ca-certificates"
+# Debian 12 and Ubuntu 22.04/24.04 carry openjdk-17-jre-headless; Debian 13 does not (install a
+# JDK 17 from elsewhere and point JAVA_HOME at it).
+has_java17 || missing="$missing openjdk-17-jre-headless"
+command -v mvn >/dev/null 2>&1 || missing="$missing maven"
 [ -z "$missing" ] && exit 0
 # shellcheck disable=SC2086  # a list of package names
 apt_install $missing
