@@ -18,7 +18,7 @@ from bridge.ratelimit import UNLIMITED, RateLimit, RateLimiter
 from bridge.receipts import ReceiptCoalescer, receipt_outgoing
 from bridge.refusals import not_member, refusal_error
 from mqchat.clock import SYSTEM_CLOCK, Clock
-from mqchat.errors import ErrorCode, RequestError, StorageError
+from mqchat.errors import ErrorCode, RequestError, StorageError, StorageUnavailable
 from mqchat.protocol import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     Request,
@@ -114,6 +114,9 @@ class Pipeline:
                 out = await self._typing(user, device, request)
         except (RequestError, StoreRefusal) as exc:
             return [self._refused(reply_topic, exc, request)]
+        except StorageUnavailable as exc:
+            logger.warning("storage unavailable while handling a request from %s/%s: %s", user, device, exc)
+            return [self._error(reply_topic, ErrorCode.UNAVAILABLE, "storage unavailable; retry", request=request)]
         except StorageError:
             logger.exception("storage failed while handling a request from %s/%s", user, device)
             return [self._error(reply_topic, ErrorCode.INTERNAL, "storage unavailable; retry", request=request)]

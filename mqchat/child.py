@@ -6,7 +6,7 @@ that ends it when a worker dies, and the exit codes the supervisor reads.
     mqchat.supervisor ──spawn──▶ python -m mqchat _child broker|bridge|node ──▶ run_child
         run_child ──▶ the process's parts (mqchat.app: run_broker | run_bridge | run_node)
                   └─▶ watch_workers: a dead worker ─▶ WorkerDied ─▶ exit EXIT_WORKER_DIED (restarted)
-        cannot start (bad config, a port in use) ─▶ one line on stderr, exit EXIT_CANNOT_START
+        cannot start (bad config, a port in use, the store unreachable) ─▶ one line on stderr, exit EXIT_CANNOT_START
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 from broker.serve import tune_gc
 from mqchat.app import HasWorkers, bind_tcp, local_host, run_bridge, run_broker, run_node
 from mqchat.config import Config
-from mqchat.errors import ConfigError, MqchatError
+from mqchat.errors import ConfigError, MqchatError, StorageUnavailable
 from mqchat.supervisor import EXIT_CANNOT_START, EXIT_WORKER_DIED
 from storage.files import private_dir
 
@@ -91,8 +91,9 @@ def _bind_failure(key: str, host: str, port: int, exc: OSError) -> str:
 
 
 def cannot_start_reason(exc: BaseException) -> str | None:
-    """Why a child cannot start, if a restart would not help: a configuration error or an address
-    that cannot be bound, found anywhere in exc's groups, causes and contexts."""
+    """Why a child cannot start, if a restart would not help: a configuration error, a store that
+    cannot be reached, or an address that cannot be bound, found anywhere in exc's groups, causes
+    and contexts. (After a first start, the supervisor restarts a child that exits so.)"""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -100,7 +101,7 @@ def cannot_start_reason(exc: BaseException) -> str | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, ConfigError):  # PushConfigError included
+        if isinstance(e, ConfigError | StorageUnavailable):  # PushConfigError included; a store not there
             return str(e)
         if isinstance(e, OSError) and e.errno in BIND_ERRNOS:
             return f"cannot listen: {e.strerror or e}"

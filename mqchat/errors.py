@@ -10,12 +10,15 @@ Exception tree::
     ├── MalformedPacket          (mqchat.mqtt_codec) bytes that are not an MQTT 3.1.1 packet
     ├── PacketTooLarge           (broker.handler) a packet over the broker's limit: connection closed
     ├── WorkerDied               (mqchat.child) a background worker ended: the process exits, restarted
+    ├── DevNodeError             (storage.cassandra.devnode) the local Cassandra node cannot be fetched or started
     ├── StoreRefusal             (storage.base) a write the store refuses; its class names the
     │   ├── SeqBeyondEnd         ErrorCode the client is told
     │   ├── NotMember
     │   └── NoSuchConversation
     └── StorageError             a backend failure, translated at the backend boundary
-        └── StorageClosed        the store was used after aclose()
+        ├── StorageClosed        the store was used after aclose()
+        └── StorageUnavailable   the backend cannot answer now (cluster unreachable, timeout):
+                                 the client is told ``unavailable`` and retries
 
 The SDK's exceptions (``clients.errors.ClientError``) and the tools' (``mqchat.bench``'s
 ``BenchError``, ``clients.testing.loadgen``'s ``LoadgenError``) derive from ``MqchatError`` too.
@@ -115,3 +118,7 @@ class StorageError(MqchatError):
 
 class StorageClosed(StorageError):
     """The store was used after it was closed."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend cannot answer right now (unreachable, timed out); nothing was lost, retry later."""

@@ -1,9 +1,11 @@
-"""Fixtures: a real amqtt broker and a real bridge on ephemeral ports, real SQLite files."""
+"""Fixtures: a real amqtt broker and a real bridge on ephemeral ports, real SQLite files, and
+(for modules marked ``pytestmark = both_stores``) the same tests again on a real Cassandra node."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import signal
@@ -25,6 +27,7 @@ from mqchat.bench.processes import serve_command
 from mqchat.config import AuthConfig, BridgeConfig, Config, NetworkConfig, PresenceConfig, StorageConfig
 from mqchat.tokens import issue_token
 from storage.base import MessageStore
+from tests.cassandra_store import cassandra_node, cassandra_session, cassandra_storage_config  # noqa: F401
 from tests.helpers import repo_env
 
 # --- a timeout shows where every asyncio task waits -----------------------------------------------
@@ -94,13 +97,38 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
     return True
 
 
+# --- the store under the stack: SQLite, or (modules marked both_stores) Cassandra as well ----------
+
+
+@pytest.fixture(params=["sqlite", "cassandra"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Which backend the stack of a test runs on; a module opts in with ``pytestmark = both_stores``."""
+    return str(request.param)
+
+
+both_stores = pytest.mark.usefixtures("store_backend")
+
+
+def storage_for(request: pytest.FixtureRequest, data_dir: Path) -> StorageConfig:
+    """The test's StorageConfig: SQLite in data_dir, or the session's Cassandra node (emptied)."""
+    if "store_backend" in request.fixturenames and request.getfixturevalue("store_backend") == "cassandra":
+        config: StorageConfig = request.getfixturevalue("cassandra_storage_config")
+        return dataclasses.replace(config, data_dir=data_dir)
+    return StorageConfig(data_dir=data_dir)
+
+
 def make_config(
-    data_dir: Path, *, secret: str | None = None, presence: PresenceConfig | None = None, **bridge: int
+    data_dir: Path,
+    *,
+    secret: str | None = None,
+    presence: PresenceConfig | None = None,
+    storage: StorageConfig | None = None,
+    **bridge: int,
 ) -> Config:
     return Config(
         network=NetworkConfig(host="127.0.0.1", mqtt_port=0, http_port=0),
         auth=AuthConfig(jwt_secret=secret or secrets.token_urlsafe(32)),
-        storage=StorageConfig(data_dir=data_dir),
+        storage=storage or StorageConfig(data_dir=data_dir),
         bridge=BridgeConfig(**bridge),
         presence=presence or PresenceConfig(),
     )
@@ -144,7 +172,8 @@ async def open_stack(config: Config, adapter: str = "mqtt") -> AsyncIterator[Sta
 async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
     """`open_stack` with default settings; parametrize indirectly with "inbroker" for the
     in-broker adapter (default: the MQTT-client adapter)."""
-    async with open_stack(make_config(tmp_path), getattr(request, "param", "mqtt")) as stack:
+    config = make_config(tmp_path, storage=storage_for(request, tmp_path))
+    async with open_stack(config, getattr(request, "param", "mqtt")) as stack:
         yield stack
 
 
@@ -245,7 +274,9 @@ def stop_served(served: Served) -> int:
 async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Served]:
     """`mqchat serve` as processes; parametrize indirectly with "inbroker" for the one-node mode."""
     adapter = getattr(request, "param", "mqtt")
-    s = start_served(tmp_path / "data", secrets.token_urlsafe(32), tmp_path / "serve.log", adapter=adapter)
+    storage = storage_for(request, tmp_path / "data")
+    env = {"MQCHAT_STORE": storage.url} if storage.backend != "sqlite" else None
+    s = start_served(tmp_path / "data", secrets.token_urlsafe(32), tmp_path / "serve.log", adapter=adapter, env=env)
     try:
         await s.wait_healthy()
         yield s

@@ -18,7 +18,7 @@ from mqchat.config import StorageConfig
 from mqchat.ids import dm_conv, new_group_id
 from mqchat.tokens import issue_token
 from storage import open_storage
-from tests.conftest import Stack, both_adapters
+from tests.conftest import Stack, both_adapters, both_stores
 from tests.helpers import connect_device, send_env, unique, wait_until
 
 
@@ -45,6 +45,7 @@ async def raw_device(stack: Stack, user: str, device: str, on_message: Any = Non
 
 
 @both_adapters
+@both_stores
 async def test_a_channel_message_reaches_2000_devices_through_one_publish(stack: Stack) -> None:
     owner = unique("owner")
     users = [unique("sub") for _ in range(1999)]
@@ -86,6 +87,7 @@ async def test_a_channel_message_reaches_2000_devices_through_one_publish(stack:
 
 
 @both_adapters
+@both_stores
 async def test_only_members_subscribe_and_a_removed_member_stops_receiving(stack: Stack) -> None:
     owner, bob, carol, eve = (unique(n) for n in ("owner", "bob", "carol", "eve"))
     conv = await create_channel(stack, owner, [bob])
@@ -141,6 +143,7 @@ async def test_only_members_subscribe_and_a_removed_member_stops_receiving(stack
         assert [m["body"] for m in page["messages"]] == ["first", "second"]
 
 
+@both_stores
 async def test_channel_sync_unread_receipts_and_typing(stack: Stack) -> None:
     owner, bob = unique("owner"), unique("bob")
     conv = await create_channel(stack, owner, [bob])
@@ -207,6 +210,7 @@ async def test_a_lost_membership_change_still_ends_the_subscription(tmp_path: Pa
                 await bob.wait_closed()
 
 
+@both_stores
 async def test_members_are_added_1000_per_call_while_others_are_served(stack: Stack) -> None:
     """One call takes at most 1,000 users (more: 400, nothing changed); adding 1,000 does not hold
     up another user's sends (their send->ack latency is measured alongside)."""

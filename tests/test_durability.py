@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mqchat.ids import dm_conv
-from tests.conftest import Served, start_served, stop_served
+from tests.conftest import Served, both_stores, start_served, stop_served
 from tests.helpers import send_env, send_until_acked, unique
 
 
@@ -61,14 +61,17 @@ async def _kill_while_sending(served: Served, which: str, count: int = 300) -> N
     assert again[more[0]["id"]]["seq"] == count + 1
 
 
+@both_stores
 async def test_kill9_bridge_mid_stream_loses_no_acked_message(served: Served) -> None:
     await _kill_while_sending(served, "bridge")
 
 
+@both_stores
 async def test_kill9_broker_mid_stream_loses_no_acked_message(served: Served) -> None:
     await _kill_while_sending(served, "broker")
 
 
+@both_stores
 @pytest.mark.parametrize("served", ["inbroker"], indirect=True)
 async def test_kill9_of_the_single_node_mid_stream_loses_no_acked_message(served: Served) -> None:
     await _kill_while_sending(served, "node")

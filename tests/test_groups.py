@@ -13,7 +13,7 @@ import pytest
 
 from clients.testing.loadgen import Creds, MqttClient, connect
 from mqchat.app import run_node
-from tests.conftest import Stack, both_adapters, make_config
+from tests.conftest import Stack, both_adapters, both_stores, make_config
 from tests.helpers import connect_device, send_env, unique
 
 
@@ -25,6 +25,7 @@ async def create(stack: Stack, creator: str, members: list[str], **extra: Any) -
     return body
 
 
+@both_stores
 async def test_a_group_fans_out_to_every_member_and_refuses_outsiders(stack: Stack) -> None:
     alice, bob, carol, dave = (unique(n) for n in ("alice", "bob", "carol", "dave"))
     async with (
@@ -67,6 +68,7 @@ async def test_a_group_fans_out_to_every_member_and_refuses_outsiders(stack: Sta
     assert await stack.store.last_seq(conv) == 1
 
 
+@both_stores
 async def test_removal_and_addition_take_effect_for_the_next_message(stack: Stack) -> None:
     alice, bob, carol, erin = (unique(n) for n in ("alice", "bob", "carol", "erin"))
     group = await create(stack, alice, [bob, carol])
@@ -145,6 +147,7 @@ async def test_admin_rules_and_limits(tmp_path: Path) -> None:
 
 
 @both_adapters
+@both_stores
 async def test_one_send_reaches_500_members_exactly_once(stack: Stack) -> None:
     owner = unique("owner")
     users = [f"{unique('m')}" for _ in range(499)]
@@ -188,6 +191,7 @@ async def test_one_send_reaches_500_members_exactly_once(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("stack", ["inbroker"], indirect=True)
+@both_stores
 async def test_groups_work_with_the_in_broker_adapter_too(stack: Stack) -> None:
     alice, bob = unique("alice"), unique("bob")
     group = await create(stack, alice, [bob])

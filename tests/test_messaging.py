@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from mqchat.ids import dm_conv
-from tests.conftest import Stack, both_adapters
+from tests.conftest import Stack, both_adapters, both_stores
 from tests.helpers import connect_device, send_env, unique
 
 
 @both_adapters
+@both_stores
 async def test_alice_and_bob_chat_with_gapless_seq_and_multi_device(stack: Stack) -> None:
     alice, bob = unique("alice"), unique("bob")
     conv = dm_conv(alice, bob)
@@ -45,6 +46,7 @@ async def test_alice_and_bob_chat_with_gapless_seq_and_multi_device(stack: Stack
 
 
 @both_adapters
+@both_stores
 async def test_duplicate_send_is_stored_once_and_acked_identically(stack: Stack) -> None:
     alice, bob = unique("alice"), unique("bob")
     conv = dm_conv(alice, bob)
@@ -61,6 +63,7 @@ async def test_duplicate_send_is_stored_once_and_acked_identically(stack: Stack)
 
 
 @both_adapters
+@both_stores
 async def test_one_devices_sends_keep_their_order_under_load(stack: Stack) -> None:
     alice, bob = unique("alice"), unique("bob")
     conv = dm_conv(alice, bob)
@@ -76,6 +79,7 @@ async def test_one_devices_sends_keep_their_order_under_load(stack: Stack) -> No
 
 
 @both_adapters
+@both_stores
 async def test_reusing_an_id_in_another_conversation_is_refused_and_leaks_nothing(stack: Stack) -> None:
     alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
     first = send_env(dm_conv(alice, bob), "for bob only", id="reused-1")
@@ -96,6 +100,7 @@ async def test_reusing_an_id_in_another_conversation_is_refused_and_leaks_nothin
 
 
 @both_adapters
+@both_stores
 async def test_typing_reaches_the_other_member_only(stack: Stack) -> None:
     alice, bob = unique("alice"), unique("bob")
     conv = dm_conv(alice, bob)

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from mqchat.config import PushConfig
-from tests.conftest import Stack, make_config, open_stack, start_served, stop_served
+from tests.conftest import Stack, both_stores, make_config, open_stack, start_served, stop_served, storage_for
 from tests.fakes.apns import ApnsReply, FakeApns
 from tests.fakes.fcm import FakeFcm
 from tests.helpers import connect_device, send_env, unique
@@ -83,9 +83,14 @@ async def settle(apns: FakeApns, fcm: FakeFcm, *, quiet_s: float = WINDOW_S * 2.
         await asyncio.sleep(quiet_s)
 
 
-async def test_bursts_pushes_badges_and_suppression(tmp_path: Path, fakes: tuple[FakeApns, FakeFcm]) -> None:
+@both_stores
+async def test_bursts_pushes_badges_and_suppression(
+    tmp_path: Path, fakes: tuple[FakeApns, FakeFcm], request: pytest.FixtureRequest
+) -> None:
     apns, fcm = fakes
-    config = replace(make_config(tmp_path), push=push_config(tmp_path, apns, fcm))
+    config = replace(
+        make_config(tmp_path, storage=storage_for(request, tmp_path)), push=push_config(tmp_path, apns, fcm)
+    )
     alice, bob, carol, dan = unique("alice"), unique("bob"), unique("carol"), unique("dan")
     dm_bob = ":".join(("dm", *sorted((alice, bob))))
     dm_carol = ":".join(("dm", *sorted((alice, carol))))
@@ -178,9 +183,15 @@ async def test_bursts_pushes_badges_and_suppression(tmp_path: Path, fakes: tuple
     assert report["suppressed_read"] == 1, "carol's phone: read before the window closed"
 
 
-async def test_a_restart_mid_window_sends_exactly_one_push(tmp_path: Path, fakes: tuple[FakeApns, FakeFcm]) -> None:
+@both_stores
+async def test_a_restart_mid_window_sends_exactly_one_push(
+    tmp_path: Path, fakes: tuple[FakeApns, FakeFcm], request: pytest.FixtureRequest
+) -> None:
     apns, fcm = fakes
-    config = replace(make_config(tmp_path), push=replace(push_config(tmp_path, apns, fcm), window_s=3.0))
+    config = replace(
+        make_config(tmp_path, storage=storage_for(request, tmp_path)),
+        push=replace(push_config(tmp_path, apns, fcm), window_s=3.0),
+    )
     alice, dave = unique("alice"), unique("dave")
     dm = ":".join(("dm", *sorted((alice, dave))))
     ids = [unique("m") for _ in range(3)]
@@ -207,9 +218,14 @@ async def test_a_restart_mid_window_sends_exactly_one_push(tmp_path: Path, fakes
     assert push.payload["seq"] == "3"
 
 
-async def test_tokens_rebind_and_invalid_tokens_are_deleted(tmp_path: Path, fakes: tuple[FakeApns, FakeFcm]) -> None:
+@both_stores
+async def test_tokens_rebind_and_invalid_tokens_are_deleted(
+    tmp_path: Path, fakes: tuple[FakeApns, FakeFcm], request: pytest.FixtureRequest
+) -> None:
     apns, fcm = fakes
-    config = replace(make_config(tmp_path), push=push_config(tmp_path, apns, fcm))
+    config = replace(
+        make_config(tmp_path, storage=storage_for(request, tmp_path)), push=push_config(tmp_path, apns, fcm)
+    )
     alice, erin, frank = unique("alice"), unique("erin"), unique("frank")
     async with open_stack(config, "inbroker") as stack:
         # The same physical token registered by erin's old device, then by frank's: only frank is pushed.
@@ -260,13 +276,17 @@ async def test_provider_auth_errors_keep_tokens_and_are_reported_once(
     assert "tok-gina" not in caplog.text, "tokens are never logged"
 
 
+@both_stores
 async def test_kill9_of_the_server_mid_window_sends_exactly_one_push(
-    tmp_path: Path, fakes: tuple[FakeApns, FakeFcm]
+    tmp_path: Path, fakes: tuple[FakeApns, FakeFcm], request: pytest.FixtureRequest
 ) -> None:
     apns, fcm = fakes
     settings = push_config(tmp_path, apns, fcm)
     env = {f"MQCHAT_{key.upper()}": str(getattr(settings, field)) for key, field in _PUSH_ENV.items()}
     env["MQCHAT_PUSH_WINDOW"] = "3s"
+    storage = storage_for(request, tmp_path / "data")
+    if storage.backend != "sqlite":
+        env["MQCHAT_STORE"] = storage.url
     served = start_served(
         tmp_path / "data", secrets.token_urlsafe(32), tmp_path / "serve.log", adapter="inbroker", env=env
     )

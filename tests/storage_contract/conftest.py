@@ -1,4 +1,5 @@
-"""Fixtures of the storage contract. A new backend runs the whole suite by joining BACKENDS."""
+"""Fixtures of the storage contract: every test runs on each backend of BACKENDS (SQLite files
+in the test's directory; Cassandra on the session's real node, its tables emptied first)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import pytest
 from mqchat.config import StorageConfig
 from storage import open_storage
 from storage.base import MessageStore, PushStore, Storage
+from tests.cassandra_store import cassandra_node, cassandra_session, cassandra_storage_config  # noqa: F401
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "cassandra"]
 
 
 @pytest.fixture(params=BACKENDS)
 def storage_config(request: pytest.FixtureRequest, tmp_path: Path) -> StorageConfig:
+    if request.param == "cassandra":
+        config: StorageConfig = request.getfixturevalue("cassandra_storage_config")
+        return config
     return StorageConfig(data_dir=tmp_path / "data", backend=request.param)
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 import pytest
 
+from mqchat.bench.processes import free_port
 from mqchat.config import STORAGE_BACKENDS, StorageConfig, load_config
-from mqchat.errors import ConfigError
-from storage import BACKENDS, open_storage
+from mqchat.errors import ConfigError, StorageUnavailable
+from storage import BACKENDS, Backend, open_storage
 from storage.base import MessageStorage, MessageStore, PushStore, Storage
 
 SECRET = {"MQCHAT_JWT_SECRET": "s" * 40}
@@ -55,7 +58,15 @@ def test_an_unknown_backend_is_refused_naming_the_key_and_the_choices() -> None:
     assert str(refused.value) == "bad value for storage_backend: 'mongodb' is not one of sqlite, cassandra"
 
 
-async def test_a_backend_without_its_driver_says_what_to_install(tmp_path: Path) -> None:
+async def test_a_backend_without_its_driver_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def without_the_driver(name: str, package: str | None = None) -> ModuleSpec | None:
+        return None if name == "cassandra" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_the_driver)
     with pytest.raises(ConfigError) as refused:
         async with open_storage(StorageConfig(data_dir=tmp_path, backend="cassandra")):
             pass
@@ -65,11 +76,17 @@ async def test_a_backend_without_its_driver_says_what_to_install(tmp_path: Path)
 
 
 async def test_a_backend_this_version_does_not_ship_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    driver = tmp_path / "drivers" / "cassandra"
-    driver.mkdir(parents=True)
-    (driver / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(driver.parent))  # the driver is installed
+    monkeypatch.setitem(BACKENDS, "cassandra", Backend(module="storage.not_shipped"))
     with pytest.raises(ConfigError) as refused:
         async with open_storage(StorageConfig(data_dir=tmp_path, backend="cassandra")):
             pass
     assert str(refused.value) == "storage backend 'cassandra' is not available in this version of mqchat"
+
+
+async def test_an_unreachable_cluster_is_one_clear_error(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    config = StorageConfig(data_dir=tmp_path, backend="cassandra", cassandra_port=port, cassandra_timeout_s=2.0)
+    with pytest.raises(StorageUnavailable) as refused:
+        async with open_storage(config):
+            pass
+    assert str(refused.value) == f"cannot reach the Cassandra cluster at 127.0.0.1:{port}: NoHostAvailable"

@@ -1,0 +1,90 @@
+"""The distributed backend: Apache Cassandra 5 or ScyllaDB through ``cassandra-driver``.
+
+::
+
+    CassandraMessageStore = CassandraMessageLog + CassandraConversationStates + CassandraGroups
+                            + CassandraPrivacySettings, each a CassandraPart (core.py)
+    CassandraPushStore    = tokens, push settings, the push queue (push.py)
+          └── both over one Cql (session.py): one driver Session per process and cluster,
+              prepared statements, execute_async bridged onto the event loop
+
+Every node of a deployment opens the same keyspace; nothing of a node's state lives on its
+disk. The schema, the sequencer and the sizing are explained in docs/design/cassandra.md;
+``schema.py`` creates and migrates the keyspace; ``devnode.py`` runs a local node from Maven
+Central's jars for development and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator
+
+from mqchat.config import StorageConfig
+from storage.cassandra import push, store
+from storage.cassandra.push import CassandraPushStore, owner_of
+from storage.cassandra.schema import ensure_schema
+from storage.cassandra.session import Cql, connect
+from storage.cassandra.store import CassandraMessageStore
+
+__all__ = ["CassandraMessageStore", "CassandraPushStore", "open_message_store", "open_push_store"]
+
+
+class _Shared:
+    """One connection per process and configuration, handed to both stores and closed by the last."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        self._open: dict[StorageConfig, tuple[Cql, int]] = {}
+
+    def _lock(self) -> asyncio.Lock:
+        return self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+
+    async def acquire(self, config: StorageConfig) -> Cql:
+        async with self._lock():
+            held = self._open.get(config)
+            if held is not None:
+                self._open[config] = (held[0], held[1] + 1)
+                return held[0]
+            cql = await connect(config)
+            try:
+                await ensure_schema(cql, config)
+                await cql.prepare({**store.STATEMENTS, **push.STATEMENTS})
+            except BaseException:
+                await cql.aclose()
+                raise
+            self._open[config] = (cql, 1)
+            return cql
+
+    async def release(self, config: StorageConfig) -> None:
+        async with self._lock():
+            cql, count = self._open[config]
+            if count > 1:
+                self._open[config] = (cql, count - 1)
+                return
+            del self._open[config]
+        await cql.aclose()
+
+
+_shared = _Shared()
+
+
+@contextlib.asynccontextmanager
+async def open_message_store(config: StorageConfig) -> AsyncIterator[CassandraMessageStore]:
+    cql = await _shared.acquire(config)
+    s = CassandraMessageStore(cql, release=lambda: _shared.release(config))
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_push_store(config: StorageConfig) -> AsyncIterator[CassandraPushStore]:
+    cql = await _shared.acquire(config)
+    s = CassandraPushStore(cql, owner=owner_of(config), release=lambda: _shared.release(config))
+    try:
+        yield s
+    finally:
+        await s.aclose()

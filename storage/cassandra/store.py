@@ -1,0 +1,40 @@
+"""``CassandraMessageStore``: the message store's Cassandra parts composed into one class over
+one connection (``session.Cql``), with the statements of every part prepared at open."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from storage.base import MessageStore
+from storage.cassandra import conversations, core, groups, messages, settings
+from storage.cassandra.conversations import CassandraConversationStates
+from storage.cassandra.groups import CassandraGroups
+from storage.cassandra.messages import CassandraMessageLog
+from storage.cassandra.session import Cql
+from storage.cassandra.settings import CassandraPrivacySettings
+
+__all__ = ["STATEMENTS", "CassandraMessageStore"]
+
+STATEMENTS = {
+    **core.STATEMENTS,
+    **messages.STATEMENTS,
+    **conversations.STATEMENTS,
+    **groups.STATEMENTS,
+    **settings.STATEMENTS,
+}
+
+
+class CassandraMessageStore(
+    CassandraMessageLog, CassandraConversationStates, CassandraGroups, CassandraPrivacySettings, MessageStore
+):
+    """Cassandra-backed MessageStore; ``storage.cassandra.open_message_store`` opens it."""
+
+    def __init__(self, cql: Cql, *, release: Callable[[], Awaitable[None]]) -> None:
+        self._init_part(cql)
+        self._init_log()
+        self._release = release
+
+    async def aclose(self) -> None:
+        """Finish the queued appends, then give the connection back."""
+        await self._drain()
+        await self._release()
