@@ -123,7 +123,7 @@ def make_config(
     secret: str | None = None,
     presence: PresenceConfig | None = None,
     storage: StorageConfig | None = None,
-    **bridge: int,
+    **bridge: float,
 ) -> Config:
     return Config(
         network=NetworkConfig(host="127.0.0.1", mqtt_port=0, http_port=0),

@@ -115,7 +115,7 @@ async def test_kill9_of_cassandra_mid_traffic_then_restart(
     cassandra_node: CassandraEndpoint, cassandra_storage_config: StorageConfig, tmp_path: Path
 ) -> None:
     """The JVM is killed with kill -9 while a device sends: the device is told `unavailable`
-    meanwhile; after the node is back, every message is acked once, nothing acked is lost, no seq
+    meanwhile (and HTTP answers 503); after the node is back, every message is acked once, nothing acked is lost, no seq
     is reused, and the mqchat node recovered by itself."""
     node = cassandra_node.node
     if node is None:
@@ -131,6 +131,10 @@ async def test_kill9_of_cassandra_mid_traffic_then_restart(
         acked_before = await send_until_acked(stack.mqtt_port, alice, "d1", token, before)
         node.kill()
         restarted = asyncio.create_task(asyncio.to_thread(_restart_after, node, 3.0))
+        async with stack.http(bob) as http:  # the node is down for several seconds from here
+            down = await http.get(f"/v1/conversations/{conv}/messages")
+        assert down.status_code == 503, down.text
+        assert down.json()["error"] == "unavailable"
         acks, errors = await _send_collecting(stack.mqtt_port, alice, token, during, deadline_s=240)
         await restarted
         assert any(e.get("code") == "unavailable" for e in errors), f"no unavailable error seen: {errors[:3]}"

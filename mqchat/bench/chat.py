@@ -8,6 +8,7 @@ highest tested rate with both p99s under 100 ms and nothing lost.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,8 @@ def _one_adapter(serve: ServeProc, params: dict[str, Any], netem: str | None, ad
 
 def run(opts: Options, workdir: Path) -> dict[str, Any]:
     params = _params(opts)
+    if opts.store:
+        return _compare_stores(params, workdir, opts.netem)
     results: dict[str, Any] = {}
     for adapter in ("mqtt", "inbroker"):
         heading(f"chat: mqchat serve --adapter {adapter}")
@@ -92,6 +95,111 @@ def run(opts: Options, workdir: Path) -> dict[str, Any]:
     }
     notes = ["Rates not listed for an adapter were skipped after a rate lost more than a fifth of its messages."]
     return {"parameters": params, "systems": results, "skipped": {}, "ratios": ratios, "notes": notes}
+
+
+def _compare_stores(params: dict[str, Any], workdir: Path, netem: str | None) -> dict[str, Any]:
+    """The in-broker adapter on SQLite, then on a Cassandra 5 node started here, same load."""
+    from storage.cassandra.devnode import CassandraNode, DevNodeError
+
+    params = {**params, "adapter": "inbroker", "cassandra": "one local node: heap 1g, commitlog_sync batch, unpinned"}
+    results: dict[str, Any] = {}
+    heading("chat: mqchat serve on SQLite")
+    with run_serve("inbroker", workdir, name="-sqlite") as serve:
+        results["sqlite"] = _with_cpu(serve, params, netem, "sqlite", extra_pids=())
+    heading("chat: mqchat serve on Cassandra (starting a node)")
+    node = CassandraNode(directory=workdir / "cassandra", heap="1g")
+    try:
+        node.start()
+    except DevNodeError as exc:
+        results["cassandra"] = {"label": "mqchat serve --store cassandra", "available": False, "reason": str(exc)}
+    else:
+        try:
+            with run_serve("inbroker", workdir, name="-cassandra", store=node.store_url) as serve:
+                assert node.pid is not None
+                results["cassandra"] = _with_cpu(serve, params, netem, "cassandra", extra_pids=(node.pid,))
+        finally:
+            node.stop()
+    ratios = {
+        "max_rate_cassandra_vs_sqlite": ratio(
+            results.get("cassandra", {}).get("max_sustainable_rate"),
+            results.get("sqlite", {}).get("max_sustainable_rate"),
+        )
+    }
+    notes = [
+        "Both runs use the in-broker adapter; the Cassandra node runs on the same 2-core machine, unpinned.",
+        "CPU per message: CPU seconds of the server's processes (and the Cassandra JVM) over the whole run, "
+        "divided by the messages offered.",
+    ]
+    return {"parameters": params, "systems": results, "skipped": {}, "ratios": ratios, "notes": notes}
+
+
+def _with_cpu(
+    serve: ServeProc, params: dict[str, Any], netem: str | None, store: str, *, extra_pids: tuple[int, ...]
+) -> dict[str, Any]:
+    """One store's run, with the CPU its server (and store) spent and, on Cassandra, the cost of
+    the sequencing rounds from the server's /metrics."""
+    import psutil  # type: ignore[import-untyped]
+
+    def cpu(pids: list[int]) -> dict[int, float]:
+        out = {}
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                out[pid] = t.user + t.system
+        return out
+
+    server = [serve.proc.pid]
+    with contextlib.suppress(psutil.Error):
+        server += [c.pid for c in psutil.Process(serve.proc.pid).children(recursive=True)]
+    serve.wait_healthy()
+    with contextlib.suppress(psutil.Error):
+        server += [c.pid for c in psutil.Process(serve.proc.pid).children(recursive=True)]
+    before_server, before_store = cpu(server), cpu(list(extra_pids))
+    entry = _one_adapter(serve, params, netem, "inbroker")
+    after_server, after_store = cpu(server), cpu(list(extra_pids))
+    entry["label"] = f"mqchat serve --store {store}"
+    offered = sum(st["rate"] * params["seconds_per_rate"] for st in entry.get("steps", []))
+    if offered:
+        spent_server = sum(after_server.get(p, 0.0) - before_server.get(p, 0.0) for p in before_server)
+        spent_store = sum(after_store.get(p, 0.0) - before_store.get(p, 0.0) for p in before_store)
+        entry["cpu_ms_per_message"] = {
+            "server": round(spent_server * 1000 / offered, 3),
+            "store": round(spent_store * 1000 / offered, 3) if extra_pids else None,
+        }
+    if store == "cassandra":
+        entry["sequencing"] = _sequencing(serve.http_port)
+    return entry
+
+
+def _sequencing(http_port: int) -> dict[str, Any]:
+    """Mean round time and messages per round, from the server's Prometheus metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{http_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in (
+            "mqchat_cassandra_sequence_round_seconds_sum",
+            "mqchat_cassandra_sequence_round_seconds_count",
+            "mqchat_cassandra_sequence_batch_messages_sum",
+            "mqchat_cassandra_sequence_batch_messages_count",
+            "mqchat_cassandra_sequence_conflicts_total",
+        ):
+            if line.startswith(name + " "):
+                values[name] = values.get(name, 0.0) + float(line.split()[-1])
+    rounds = values.get("mqchat_cassandra_sequence_round_seconds_count", 0.0)
+    applied = values.get("mqchat_cassandra_sequence_batch_messages_count", 0.0)
+    return {
+        "rounds": int(rounds),
+        "mean_round_ms": round(values.get("mqchat_cassandra_sequence_round_seconds_sum", 0.0) * 1000 / rounds, 2)
+        if rounds
+        else None,
+        "messages_per_round": round(values.get("mqchat_cassandra_sequence_batch_messages_sum", 0.0) / applied, 2)
+        if applied
+        else None,
+        "conflicts": int(values.get("mqchat_cassandra_sequence_conflicts_total", 0.0)),
+    }
 
 
 def table(data: dict[str, Any]) -> None:
@@ -122,6 +230,10 @@ def table(data: dict[str, Any]) -> None:
     for s in data["systems"].values():
         if s.get("available"):
             print(f"{s['label']}: max sustainable rate {fmt(s.get('max_sustainable_rate'))} sends/s")
+            if "cpu_ms_per_message" in s:
+                print(f"  CPU per message offered (ms): {s['cpu_ms_per_message']}")
+            if "sequencing" in s:
+                print(f"  sequencing rounds: {s['sequencing']}")
         else:
             print(f"{s['label']}: unavailable: {s.get('reason', '').splitlines()[0]}")
 

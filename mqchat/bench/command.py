@@ -40,6 +40,8 @@ def run_scenario(name: str, opts: Options) -> dict[str, Any]:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"mqchat-bench-{name}-") as tmp:
         body = scenario.run(opts, Path(tmp))
+    if name == "chat" and opts.store:
+        name = "chat-store"  # its own result files: the adapters' comparison stays as it was
     data = write_result(name, body, quick=opts.quick, wall_seconds=time.monotonic() - started, out=opts.out)
     scenario.table(data)
     for s in data["systems"].values():
@@ -73,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat: put a lossy-network proxy between the phones and the server (the load generator does not "
         "reconnect, so with cuts a cut connection's messages count as lost: use good_4g for latency)",
     )
+    p.add_argument(
+        "--store",
+        choices=("cassandra",),
+        help="chat: run mqchat serve (in-broker adapter) on SQLite and on a local Cassandra 5 node side by side, "
+        "instead of comparing the adapters (results in chat-store.json/png)",
+    )
     return p
 
 
@@ -98,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rates=rates,
         connections=args.connections,
         netem=args.netem,
+        store=args.store,
     )
     pin(LOAD_CPU)  # keep the orchestrator off the brokers' CPU
     raise_nofile()

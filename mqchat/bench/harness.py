@@ -58,6 +58,7 @@ class Options:
     rates: tuple[float, ...] | None = None
     connections: int | None = None
     netem: str | None = None  # chat: a lossy-network preset between the phones and the server
+    store: str | None = None  # chat: "cassandra" compares the stores (in-broker adapter) instead of the adapters
 
 
 # --- placement -----------------------------------------------------------------------------------

@@ -341,16 +341,18 @@ class ServeProc:
 
 
 @contextlib.contextmanager
-def run_serve(adapter: str, workdir: Path, *, limits: bool = False, name: str = "") -> Iterator[ServeProc]:
+def run_serve(
+    adapter: str, workdir: Path, *, limits: bool = False, name: str = "", store: str | None = None
+) -> Iterator[ServeProc]:
     """``mqchat serve`` pinned to the broker's CPU with a fresh secret; stopped on exit. The
     pipeline's capacity is measured with few devices sending fast, so the send rate limits are
-    lifted unless ``limits``."""
+    lifted unless ``limits``. ``store``: a ``--store`` URL (default: SQLite in the workdir)."""
     secret = secrets.token_urlsafe(32)
     mqtt_port, http_port = free_port(), free_port()
     data_dir = workdir / f"data-{adapter}{name}"
     log_path = workdir / f"serve-{adapter}{name}.log"
     unlimited = {} if limits else {f"MQCHAT_{key}": "1000000000" for key in SEND_LIMITS}
-    env = {**os.environ, "MQCHAT_JWT_SECRET": secret, **unlimited}
+    env = {**os.environ, "MQCHAT_JWT_SECRET": secret, **unlimited, **({"MQCHAT_STORE": store} if store else {})}
     env.pop("MQCHAT_CONFIG", None)
     cmd = serve_command(
         mqtt_port=mqtt_port, http_port=http_port, data_dir=data_dir, adapter=adapter, log_level="WARNING"

@@ -6,6 +6,7 @@ transaction (``IF NOT EXISTS``); joining and leaving write both sides."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 from storage.base import Groups, NoSuchConversation, NotMember
@@ -20,9 +21,6 @@ STATEMENTS = {
     ),
     "group_get": "SELECT conv, name, kind, creator, created_at FROM {ks}.groups WHERE conv = ?",
     "member_put": "INSERT INTO {ks}.group_members (conv, user, role, joined_seq) VALUES (?, ?, ?, ?)",
-    "member_add": (
-        "INSERT INTO {ks}.group_members (conv, user, role, joined_seq) VALUES (?, ?, 'member', ?) IF NOT EXISTS"
-    ),
     "member_delete": "DELETE FROM {ks}.group_members WHERE conv = ? AND user = ?",
     "member_role": "UPDATE {ks}.group_members SET role = ? WHERE conv = ? AND user = ? IF EXISTS",
     "state_delete": "DELETE FROM {ks}.user_convs WHERE user = ? AND conv = ?",
@@ -33,6 +31,22 @@ STATEMENTS = {
 }
 
 _CHUNK = 100
+_CONCURRENT = 16
+"""Batches in flight at once when many members join."""
+
+
+async def _bounded(jobs: list[Coroutine[Any, Any, None]]) -> None:
+    """Run jobs, at most _CONCURRENT at a time; the first failure is raised once all have ended."""
+    slots = asyncio.Semaphore(_CONCURRENT)
+
+    async def one(job: Coroutine[Any, Any, None]) -> None:
+        async with slots:
+            await job
+
+    results = await asyncio.gather(*(one(j) for j in jobs), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise failed[0]
 
 
 class CassandraGroups(CassandraPart, Groups):
@@ -51,14 +65,22 @@ class CassandraGroups(CassandraPart, Groups):
         )
 
     async def _join(self, conv: str, kind: str, users: list[str], ts: int, *, start: int) -> None:
-        """Give users a state row in conv (watermarks at the join point), in the change index."""
+        """Give users a state row in conv (watermarks at the join point), in the change index:
+        one small batch per user (its own partitions), a bounded number at a time."""
         writes, _ = self._state_writes(conv=conv, kind=kind, users=users, ts=ts)
+        per_user: dict[str, list[tuple[str, tuple[Any, ...]]]] = {user: [] for user in users}
+        for name, params in writes:
+            per_user[params[3] if name == "state_touch" else params[0]].append((name, params))
         for user in users:
-            writes.extend(self._mark_writes(conv=conv, user=user, delivered=start, read=start))
+            per_user[user].extend(self._mark_writes(conv=conv, user=user, delivered=start, read=start))
             if kind == "channel":
-                writes.append(("channel_join", (user, conv)))
-        for part in range(0, len(writes), _CHUNK):
-            await self._cql.batch(writes[part : part + _CHUNK])
+                per_user[user].append(("channel_join", (user, conv)))
+        await _bounded([self._cql.batch(batch) for batch in per_user.values()])
+
+    async def _put_members(self, conv: str, rows: list[tuple[str, str, int]]) -> None:
+        """Member rows of conv (one partition): single-partition batches of _CHUNK rows."""
+        puts: list[tuple[str, tuple[Any, ...]]] = [("member_put", (conv, u, role, joined)) for u, role, joined in rows]
+        await _bounded([self._cql.batch(puts[i : i + _CHUNK]) for i in range(0, len(puts), _CHUNK)])
 
     async def create_group(
         self, *, conv: str, name: str, kind: str, creator: str, members: tuple[str, ...], ts: int
@@ -68,11 +90,7 @@ class CassandraGroups(CassandraPart, Groups):
             raise NoSuchConversation(f"{conv} exists already")  # ids are fresh ULIDs: not reached in practice
         self._kinds.remember(conv, kind)
         everyone = list(dict.fromkeys((creator, *members)))
-        puts: list[tuple[str, tuple[Any, ...]]] = [
-            ("member_put", (conv, user, "admin" if user == creator else "member", 1)) for user in everyone
-        ]
-        for part in range(0, len(puts), _CHUNK):
-            await self._cql.batch(puts[part : part + _CHUNK])
+        await self._put_members(conv, [(u, "admin" if u == creator else "member", 1) for u in everyone])
         await self._join(conv, kind, everyone, ts, start=0)
         return await self._load(conv)
 
@@ -83,14 +101,15 @@ class CassandraGroups(CassandraPart, Groups):
             return None
 
     async def add_members(self, *, conv: str, users: tuple[str, ...], ts: int) -> Group:
-        kind = (await self._load(conv)).kind
+        group = await self._load(conv)
         joined = await self._head(conv) + 1
-        answers = await asyncio.gather(
-            *(self._cql.conditional("member_add", (conv, user, joined)) for user in dict.fromkeys(users))
-        )
-        added = [user for user, answer in zip(dict.fromkeys(users), answers, strict=True) if answer.get("[applied]")]
+        # Existing members are kept as they are. Two admins adding the same user at the same
+        # moment both write the same row (the later join point wins): no transaction per member,
+        # since a thousand conditional writes on one partition would queue behind each other.
+        added = [user for user in dict.fromkeys(users) if group.member(user) is None]
+        await self._put_members(conv, [(user, "member", joined) for user in added])
         # a new member's watermarks start at the join point: nothing before it is unread
-        await self._join(conv, kind, added, ts, start=joined - 1)
+        await self._join(conv, group.kind, added, ts, start=joined - 1)
         return await self._load(conv)
 
     async def remove_member(self, *, conv: str, user: str) -> Group:

@@ -30,6 +30,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter, Histogram
+
 from mqchat.errors import StorageClosed, StorageError
 from mqchat.ids import new_mid
 from storage.base import BUCKET_SIZE, MessageLog, NotMember, StoreRefusal
@@ -55,6 +57,21 @@ STATEMENTS = {
     "dedup_pending": "INSERT INTO {ks}.client_ids (sender, client_id, conv, mid, after_seq) VALUES (?, ?, ?, ?, ?)",
     "dedup_done": "UPDATE {ks}.client_ids SET seq = ? WHERE sender = ? AND client_id = ?",
 }
+
+SEQUENCE_ROUND = Histogram(
+    "mqchat_cassandra_sequence_round_seconds",
+    "One sequencing round: the conditional batch that takes seqs and writes their messages",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+SEQUENCE_BATCH = Histogram(
+    "mqchat_cassandra_sequence_batch_messages",
+    "Messages written by one applied sequencing round",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+SEQUENCE_CONFLICTS = Counter(
+    "mqchat_cassandra_sequence_conflicts_total",
+    "Sequencing rounds not applied because another writer took the seq first (retried at once)",
+)
 
 MAX_BATCH_MESSAGES = 64
 """Messages per sequencing round (and so per conditional batch)."""
@@ -298,14 +315,17 @@ class CassandraMessageLog(CassandraPart, MessageLog):
                          list(m.media) or None),
                     )
                 )  # fmt: skip
-            answer = await self._cql.conditional_batch(statements)
+            with SEQUENCE_ROUND.time():
+                answer = await self._cql.conditional_batch(statements)
             if answer.get("[applied]"):
+                SEQUENCE_BATCH.observe(len(chunk))
                 self._commits += 1
                 head += len(chunk)
                 self._heads.remember(conv, head)
                 written.extend(stored)
                 pending = pending[len(chunk) :]
                 continue
+            SEQUENCE_CONFLICTS.inc()
             now = answer.get("last_seq")
             head = int(now) if now is not None else await self._head(conv)
             if now is not None and head == (bucket + 1) * BUCKET_SIZE - 1:

@@ -35,6 +35,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture, Session
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, dict_factory, tuple_factory
+from prometheus_client import Counter
 
 from mqchat.config import StorageConfig
 from mqchat.errors import ConfigError, StorageClosed, StorageError, StorageUnavailable
@@ -45,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 LWT_PROFILE = "lwt"
 """Execution profile of conditional writes: rows as dicts (``[applied]`` and the current values)."""
+
+UNAVAILABLE = Counter(
+    "mqchat_cassandra_unavailable_total", "Requests the Cassandra cluster could not answer (unreachable, timed out)"
+)
 
 RECONNECT_MAX_S = 5.0
 """The longest wait between attempts to reach a node that is down."""
@@ -70,6 +75,7 @@ def translate(exc: BaseException) -> StorageError:
     if isinstance(exc, StorageError):
         return exc
     if isinstance(exc, _UNAVAILABLE):
+        UNAVAILABLE.inc()
         return StorageUnavailable(f"the Cassandra cluster did not answer: {type(exc).__name__}")
     if isinstance(exc, (RequestExecutionException, DriverException)):
         return StorageError(f"Cassandra refused a request: {type(exc).__name__}: {exc}")
