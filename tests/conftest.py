@@ -1,5 +1,5 @@
 """Fixtures: a real amqtt broker and a real bridge on ephemeral ports, real SQLite files, and
-(for modules marked ``pytestmark = both_stores``) the same tests again on a real Cassandra node."""
+(for tests marked ``@both_stores``) the same tests again on a real Cassandra node."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
 
 @pytest.fixture(params=["sqlite", "cassandra"])
 def store_backend(request: pytest.FixtureRequest) -> str:
-    """Which backend the stack of a test runs on; a module opts in with ``pytestmark = both_stores``."""
+    """Which backend the stack of a test runs on; a test opts in with ``@both_stores``."""
     return str(request.param)
 
 

@@ -50,7 +50,7 @@ class _Shared:
             cql = await connect(config)
             try:
                 await ensure_schema(cql, config)
-                await cql.prepare({**store.STATEMENTS, **push.STATEMENTS})
+                await cql.prepare({**store.STATEMENTS, **push.STATEMENTS}, page_rows=store.PAGE_ROWS)
             except BaseException:
                 await cql.aclose()
                 raise

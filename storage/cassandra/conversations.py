@@ -23,7 +23,6 @@ __all__ = ["STATEMENTS", "CassandraConversationStates"]
 STATEMENTS = {
     "state_get": "SELECT kind, version, updated_at FROM {ks}.user_convs WHERE user = ? AND conv = ?",
     "state_list": "SELECT conv, kind FROM {ks}.user_convs WHERE user = ?",
-    "marks_get": "SELECT mark, value FROM {ks}.watermarks WHERE user = ? AND conv = ? PER PARTITION LIMIT 10",
     "mark_max": "SELECT value FROM {ks}.watermarks WHERE user = ? AND conv = ? AND mark = ? LIMIT 1",
     "changes_after": "SELECT version, conv FROM {ks}.user_changes WHERE user = ? AND version > ?",
     "change_delete": "DELETE FROM {ks}.user_changes WHERE user = ? AND version = ? AND conv = ?",
@@ -32,6 +31,12 @@ STATEMENTS = {
 }
 
 _PAGE = 200
+
+CHANGES_PAGE_ROWS = 200
+"""Change-index rows per page: each costs a state read, so a page's reads stay bounded."""
+
+CLOCK_SKEW_US = 60 * 1_000_000
+"""How far ahead of this node's clock a cursor made on another node may be."""
 
 CHANGE_TTL_S = 14 * 24 * 3600
 """How long the change index keeps a row (the table's default_time_to_live)."""
@@ -98,7 +103,10 @@ class CassandraConversationStates(CassandraPart, ConversationStates):
         now = self._clock.now() // 1000
         writes, version = self._state_writes(conv=conv, kind=state.kind, users=[user], ts=now)
         writes.extend(self._mark_writes(conv=conv, user=user, delivered=new_delivered, read=new_read))
-        await self._cql.batch(writes)
+        try:
+            await self._cql.batch(writes)
+        finally:
+            self._clock.written(version)
         changed = ConvState(conv, state.kind, head, new_delivered, new_read, now, max(version, state.version))
         return WatermarkResult(changed, changed=True)
 
@@ -137,7 +145,8 @@ class CassandraConversationStates(CassandraPart, ConversationStates):
                     found[conv] = state
         if stale:
             await self._cql.batch(stale[:_PAGE])
-        ordered = sorted(found.values(), key=lambda s: (s.version, s.conv))
+        settled = self._clock.settled()  # changes above it may still be landing: the next sync has them
+        ordered = sorted((s for s in found.values() if s.version <= settled), key=lambda s: (s.version, s.conv))
         chosen = tuple(ordered[:limit])
         return ChangesPage(chosen, version=chosen[-1].version if chosen else version, more=len(ordered) > limit)
 
@@ -149,7 +158,8 @@ class CassandraConversationStates(CassandraPart, ConversationStates):
         for start in range(0, len(convs), _PAGE):
             found = await asyncio.gather(*(self._state(user, c) for c in convs[start : start + _PAGE]))
             states.extend(s for s in found if s is not None and s.version > version)
-        states.sort(key=lambda s: (s.version, s.conv))
+        settled = self._clock.settled()
+        states = sorted((s for s in states if s.version <= settled), key=lambda s: (s.version, s.conv))
         chosen = tuple(states[:limit])
         return ChangesPage(chosen, version=chosen[-1].version if chosen else version, more=len(states) > limit)
 
@@ -159,7 +169,8 @@ class CassandraConversationStates(CassandraPart, ConversationStates):
         return [c for c, v in zip(channels, versions, strict=True) if v is not None and int(v[0] or 0) > version]
 
     async def current_version(self) -> int:
-        return self._clock.now()
+        # Cursors come from every node's clock: one made on a node a little ahead is still valid.
+        return self._clock.now() + CLOCK_SKEW_US
 
     async def total_unread(self, user: str) -> int:
         convs = [str(r[0]) for r in await self._cql.all_pages("state_list", (user,))]

@@ -30,6 +30,8 @@ STATEMENTS = {
 }
 
 _CACHE_SIZE = 100_000
+_PRUNE_EVERY = 64
+"""Watermark rows below the maximum are pruned when the value is a multiple of this."""
 
 
 def bucket_of(seq: int) -> int:
@@ -39,17 +41,29 @@ def bucket_of(seq: int) -> int:
 
 class VersionClock:
     """Change versions: microseconds of the wall clock, strictly increasing within the process.
-    Across nodes they order by the clocks (docs/design/cassandra.md: nodes run NTP)."""
+    Across nodes they order by the clocks (docs/design/cassandra.md: nodes run NTP). A version is
+    taken before its write lands, so the versions still being written are tracked."""
 
     def __init__(self) -> None:
         self._last = 0
+        self._writing: set[int] = set()
 
     def next(self) -> int:
+        """A new version, counted as being written until ``written(version)``."""
         self._last = max(time.time_ns() // 1000, self._last + 1)
+        self._writing.add(self._last)
         return self._last
+
+    def written(self, version: int) -> None:
+        self._writing.discard(version)
 
     def now(self) -> int:
         return max(time.time_ns() // 1000, self._last)
+
+    def settled(self) -> int:
+        """The highest version below every one still being written by this process: a sync
+        cursor never passes it, so a change that lands late is not skipped."""
+        return min(self._writing) - 1 if self._writing else self.now()
 
 
 class _Lru(OrderedDict[str, Any]):
@@ -131,9 +145,11 @@ class CassandraPart:
 
     @staticmethod
     def _mark_writes(*, conv: str, user: str, delivered: int, read: int) -> list[tuple[str, tuple[Any, ...]]]:
-        """Raise user's watermarks (the stored value is the maximum written; older rows pruned)."""
+        """Raise user's watermarks (the stored value is the maximum written; rows below it are
+        pruned every _PRUNE_EVERY seqs, so a partition holds a few dozen short rows at most)."""
         writes: list[tuple[str, tuple[Any, ...]]] = []
         for mark, value in (("delivered", delivered), ("read", read)):
             writes.append(("mark_add", (user, conv, mark, value)))
-            writes.append(("mark_prune", (user, conv, mark, value)))
+            if value and value % _PRUNE_EVERY == 0:  # a range tombstone now and then, not one per write
+                writes.append(("mark_prune", (user, conv, mark, value)))
         return writes

@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
+from mqchat.errors import StorageError
 from storage.base import Groups, NoSuchConversation, NotMember
 from storage.cassandra.core import CassandraPart
 from storage.records import Group, GroupMember, Membership
@@ -67,7 +68,7 @@ class CassandraGroups(CassandraPart, Groups):
     async def _join(self, conv: str, kind: str, users: list[str], ts: int, *, start: int) -> None:
         """Give users a state row in conv (watermarks at the join point), in the change index:
         one small batch per user (its own partitions), a bounded number at a time."""
-        writes, _ = self._state_writes(conv=conv, kind=kind, users=users, ts=ts)
+        writes, version = self._state_writes(conv=conv, kind=kind, users=users, ts=ts)
         per_user: dict[str, list[tuple[str, tuple[Any, ...]]]] = {user: [] for user in users}
         for name, params in writes:
             per_user[params[3] if name == "state_touch" else params[0]].append((name, params))
@@ -75,7 +76,10 @@ class CassandraGroups(CassandraPart, Groups):
             per_user[user].extend(self._mark_writes(conv=conv, user=user, delivered=start, read=start))
             if kind == "channel":
                 per_user[user].append(("channel_join", (user, conv)))
-        await _bounded([self._cql.batch(batch) for batch in per_user.values()])
+        try:
+            await _bounded([self._cql.batch(batch) for batch in per_user.values()])
+        finally:
+            self._clock.written(version)
 
     async def _put_members(self, conv: str, rows: list[tuple[str, str, int]]) -> None:
         """Member rows of conv (one partition): single-partition batches of _CHUNK rows."""
@@ -87,7 +91,7 @@ class CassandraGroups(CassandraPart, Groups):
     ) -> Group:
         answer = await self._cql.conditional("group_create", (conv, name, kind, creator, ts))
         if not answer.get("[applied]"):
-            raise NoSuchConversation(f"{conv} exists already")  # ids are fresh ULIDs: not reached in practice
+            raise StorageError(f"group {conv} exists already")  # ids are fresh ULIDs: not reached in practice
         self._kinds.remember(conv, kind)
         everyone = list(dict.fromkeys((creator, *members)))
         await self._put_members(conv, [(u, "admin" if u == creator else "member", 1) for u in everyone])
@@ -107,9 +111,10 @@ class CassandraGroups(CassandraPart, Groups):
         # moment both write the same row (the later join point wins): no transaction per member,
         # since a thousand conditional writes on one partition would queue behind each other.
         added = [user for user in dict.fromkeys(users) if group.member(user) is None]
-        await self._put_members(conv, [(user, "member", joined) for user in added])
-        # a new member's watermarks start at the join point: nothing before it is unread
+        # A new member's watermarks start at the join point (nothing before it is unread). Their
+        # state rows first: a call that fails between the two is retried whole, as nobody joined.
         await self._join(conv, group.kind, added, ts, start=joined - 1)
+        await self._put_members(conv, [(user, "member", joined) for user in added])
         return await self._load(conv)
 
     async def remove_member(self, *, conv: str, user: str) -> Group:
@@ -122,7 +127,8 @@ class CassandraGroups(CassandraPart, Groups):
                 ("state_delete", (user, conv)),
                 ("marks_delete", (user, conv)),
                 ("channel_leave", (user, conv)),
-            ]
+            ],
+            logged=True,
         )
         return await self._load(conv)
 

@@ -103,6 +103,16 @@ def _message(conv: str, row: tuple[Any, ...]) -> StoredMessage:
     )
 
 
+def _settle(future: asyncio.Future[AppendResult], result: AppendResult) -> None:
+    if not future.done():  # a caller that gave up (cancelled) is not answered
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[AppendResult], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
 @dataclass(slots=True)
 class _Append:
     message: NewMessage
@@ -151,8 +161,7 @@ class CassandraMessageLog(CassandraPart, MessageLog):
                         known = isinstance(exc, StorageError | StoreRefusal)
                         failure = exc if known else StorageError(f"append failed: {exc!r}")
                         for item in batch:
-                            if not item.future.done():
-                                item.future.set_exception(failure)
+                            _fail(item.future, failure)
                         self._heads.pop(conv, None)  # the outcome may be unknown: re-read the head
         finally:
             # No await between the loop's last check and here: nothing was queued meanwhile.
@@ -195,7 +204,7 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             if done:
                 continue
             if item.message.sender not in allowed:
-                item.future.set_exception(NotMember(f"{item.message.sender} is not a member of {conv}"))
+                _fail(item.future, NotMember(f"{item.message.sender} is not a member of {conv}"))
                 continue
             to_write.append(item)
         if to_write:
@@ -209,19 +218,26 @@ class CassandraMessageLog(CassandraPart, MessageLog):
                     if i.after_seq is None
                 ]
             )
-            written = await self._sequence(conv, to_write, head)
-            await self._after(conv, kind, members, written)
-            for item, stored in zip(to_write, written, strict=True):
-                self._appended += 1
-                item.future.set_result(AppendResult(stored, duplicate=False, members=members, kind=kind))
+            written, landed = await self._sequence(conv, to_write, head)
+            await self._after(conv, kind, members, sorted([*written, *landed.values()], key=lambda m: m.seq))
+            by_mid = {m.mid: m for m in written}
+            for item in to_write:
+                duplicate = item.mid in landed
+                stored = landed[item.mid] if duplicate else by_mid[item.mid]
+                if duplicate:
+                    self._duplicates += 1
+                else:
+                    self._appended += 1
+                _settle(item.future, AppendResult(stored, duplicate=duplicate, members=members, kind=kind))
         for item, first in followers:
             await asyncio.wait([first.future])
-            if first.future.exception() is not None:
-                item.future.set_exception(first.future.exception())  # type: ignore[arg-type]
+            if first.future.cancelled() or first.future.exception() is not None:
+                error = None if first.future.cancelled() else first.future.exception()
+                _fail(item.future, error or StorageError("the first send with this id was cancelled"))
             else:
                 self._duplicates += 1
                 result = first.future.result()
-                item.future.set_result(AppendResult(result.message, duplicate=True, members=members, kind=kind))
+                _settle(item.future, AppendResult(result.message, duplicate=True, members=members, kind=kind))
 
     async def _known(self, items: list[_Append]) -> dict[tuple[str, str], tuple[Any, ...]]:
         """The dedup rows of items' (sender, client_id), one query per sender and 100 ids."""
@@ -251,17 +267,17 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             if stored is None:
                 if stored_conv == conv:
                     item.mid, item.after_seq = str(mid), int(after_seq or 0)
-                    return False
-                # recorded for another conversation but never stored there: this send takes over
+                # else recorded for another conversation but never stored there: this send takes over
                 return False
-            await self._after(str(stored_conv), kind, members, [stored])
+            if stored_conv == conv:  # the earlier attempt stored it; what follows a store may not have run
+                await self._after(conv, kind, members, [stored])
         else:
             found = await self._cql.one("msg_at", (stored_conv, bucket_of(int(seq)), int(seq)))
             if found is None:
                 raise StorageError(f"message {stored_conv}#{seq} is missing from the log")
             stored = _message(str(stored_conv), found)
         self._duplicates += 1
-        item.future.set_result(AppendResult(stored, duplicate=True, members=members, kind=kind))
+        _settle(item.future, AppendResult(stored, duplicate=True, members=members, kind=kind))
         return True
 
     async def _find_mid(self, conv: str, mid: str, after_seq: int) -> StoredMessage | None:
@@ -275,9 +291,13 @@ class CassandraMessageLog(CassandraPart, MessageLog):
                 return None
             after = page.messages[-1].seq
 
-    async def _sequence(self, conv: str, items: list[_Append], head: int) -> list[StoredMessage]:
-        """Give items the next seqs of conv, each round one conditional batch on one bucket."""
+    async def _sequence(
+        self, conv: str, items: list[_Append], head: int
+    ) -> tuple[list[StoredMessage], dict[str, StoredMessage]]:
+        """Give items the next seqs of conv, each round one conditional batch on one bucket.
+        Returns the messages written now, and (by mid) those of retried sends found stored."""
         written: list[StoredMessage] = []
+        found: dict[str, StoredMessage] = {}
         pending = list(items)
         while pending:
             bucket = bucket_of(head + 1)
@@ -285,7 +305,7 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             chunk: list[_Append] = []
             size = 0
             for item in pending:
-                cost = len(item.message.body) + 200
+                cost = len(item.message.body.encode("utf-8", "surrogatepass")) + 200
                 if chunk and (len(chunk) >= min(room, MAX_BATCH_MESSAGES) or size + cost > MAX_BATCH_BYTES):
                     break
                 chunk.append(item)
@@ -327,10 +347,29 @@ class CassandraMessageLog(CassandraPart, MessageLog):
                 continue
             SEQUENCE_CONFLICTS.inc()
             now = answer.get("last_seq")
-            head = int(now) if now is not None else await self._head(conv)
-            if now is not None and head == (bucket + 1) * BUCKET_SIZE - 1:
-                self._heads.remember(conv, head)
-        return written
+            moved_to = int(now) if now is not None else await self._head(conv)
+            recovering = {item.mid: item for item in pending if item.after_seq is not None}
+            if recovering:
+                # The round that moved the head may be an earlier attempt of a retried send, whose
+                # outcome was unknown and which Paxos has now finished: it is stored already.
+                landed = await self._stored_among(conv, head, moved_to, set(recovering))
+                for message in landed:
+                    found[message.mid] = message
+                pending = [item for item in pending if item.mid not in found]
+            head = moved_to
+            self._heads.remember(conv, head)
+        return written, found
+
+    async def _stored_among(self, conv: str, after: int, upto: int, mids: set[str]) -> list[StoredMessage]:
+        """The messages with one of mids among seqs after..upto of conv."""
+        found: list[StoredMessage] = []
+        while after < upto:
+            page = await self.fetch_after(conv, after, min(200, upto - after))
+            found.extend(m for m in page.messages if m.mid in mids)
+            if not page.messages:
+                break
+            after = page.messages[-1].seq
+        return found
 
     async def _after(self, conv: str, kind: str, members: tuple[str, ...], written: list[StoredMessage]) -> None:
         """What follows stored messages: their dedup rows completed, the members' state rows moved
@@ -348,10 +387,15 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             writes.extend(self._mark_writes(conv=conv, user=sender, delivered=seq, read=seq))
         if kind == "channel":
             writes.append(("channel_touch", (version, last.ts, conv)))
-        await asyncio.gather(
-            *(self._cql.batch(writes[i : i + _AFTER_BATCH]) for i in range(0, len(writes), _AFTER_BATCH)),
-            self._cql.run("head_hint_set", (conv, last.seq, last.seq)),
-        )
+        # The head hint only has to name the newest bucket: it is written when a bucket begins.
+        starts = [m.seq for m in written if m.seq % BUCKET_SIZE == 0]
+        try:
+            await asyncio.gather(
+                *(self._cql.batch(writes[i : i + _AFTER_BATCH]) for i in range(0, len(writes), _AFTER_BATCH)),
+                *(self._cql.run("head_hint_set", (conv, seq, seq)) for seq in starts[-1:]),
+            )
+        finally:
+            self._clock.written(version)
 
     # --- reads ----------------------------------------------------------------------------------
 

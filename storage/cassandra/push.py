@@ -174,9 +174,13 @@ class CassandraPushStore(PushStore):
     # --- the queue ------------------------------------------------------------------------------
 
     async def _open_window(self, user: str, device: str, conv: str, due_at: int) -> None:
+        # The index row first: a window is never open without it (a row left without its window,
+        # by a failure here, is deleted by the claim that meets it).
+        due = (_shard(user, device, conv), due_at, user, device, conv)
+        await self._cql.run("due_put", due)
         answer = await self._cql.conditional("window_open", (due_at, user, device, conv))
-        if answer.get("[applied]"):
-            await self._cql.run("due_put", (_shard(user, device, conv), due_at, user, device, conv))
+        if not answer.get("[applied]"):
+            await self._cql.run("due_delete", due)
 
     async def enqueue(self, pending: list[Pending], *, due_at: int) -> int:
         by_key: dict[tuple[str, str, str], list[Pending]] = {}
@@ -186,13 +190,14 @@ class CassandraPushStore(PushStore):
         return sum(counts)
 
     async def _enqueue_key(self, key: tuple[str, str, str], items: list[Pending], due_at: int) -> int:
+        # The items first, then the window: a finish that closes the window meanwhile sees them
+        # and opens the next one itself. Items at or below pushed_seq are never pushed (a claim
+        # skips them; the next close deletes them).
+        await self._cql.batch([("item_put", (*key, p.seq, p.sender, p.preview)) for p in items])
         window = await self._cql.one("window_get", key)
         pushed = int(window[0]) if window is not None and window[0] is not None else 0
         fresh = [p for p in items if p.seq > pushed]
-        if not fresh:
-            return 0
-        await self._cql.batch([("item_put", (*key, p.seq, p.sender, p.preview)) for p in fresh])
-        if window is None or (window[1] is None and window[2] is None):
+        if fresh and (window is None or (window[1] is None and window[2] is None)):
             await self._open_window(*key, due_at)
         return len(fresh)
 
@@ -212,11 +217,16 @@ class CassandraPushStore(PushStore):
     async def _claim(self, due_at: int, user: str, device: str, conv: str) -> PushJob | None:
         key = (user, device, conv)
         shard = _shard(*key)
-        answer = await self._cql.conditional("window_claim", (self._owner, _now_ms() + LEASE_MS, *key, due_at))
-        await self._cql.run("due_delete", (shard, due_at, *key))  # claimed, or a row the window moved past
+        lease_until = _now_ms() + LEASE_MS
+        # The claimed row first: a window is never owned without it, so its lease is always found.
+        await self._cql.run("claimed_put", (shard, *key, self._owner, lease_until))
+        answer = await self._cql.conditional("window_claim", (self._owner, lease_until, *key, due_at))
+        cleanup: list[tuple[str, tuple[Any, ...]]] = [("due_delete", (shard, due_at, *key))]  # claimed, or stale
+        if not answer.get("[applied]"):
+            cleanup.append(("claimed_delete", (shard, *key)))
+        await self._cql.batch(cleanup)
         if not answer.get("[applied]"):
             return None
-        await self._cql.run("claimed_put", (shard, *key, self._owner, _now_ms() + LEASE_MS))
         window = await self._cql.one("window_get", key)
         pushed = int(window[0]) if window is not None and window[0] is not None else 0
         items = [
@@ -242,12 +252,22 @@ class CassandraPushStore(PushStore):
     async def _close(self, key: tuple[str, str, str], pushed: int, *, owner: str | None = None) -> bool:
         """Close the window owner is sending, with everything up to pushed done."""
         answer = await self._cql.conditional("window_close", (pushed, *key, owner or self._owner))
-        await self._cql.batch([("items_drop", (*key, pushed)), ("claimed_delete", (_shard(*key), *key))])
-        return bool(answer.get("[applied]"))
+        applied = bool(answer.get("[applied]"))
+        cleanup: list[tuple[str, tuple[Any, ...]]] = [("claimed_delete", (_shard(*key), *key))]
+        if applied:  # not applied: the window is someone else's now, and so are its items
+            cleanup.append(("items_drop", (*key, pushed)))
+        await self._cql.batch(cleanup)
+        return applied
 
     async def finish(self, job: PushJob, *, sent: bool, next_due_at: int) -> None:
         key = (job.user, job.device, job.conv)
-        await self._close(key, job.last_seq)
+        if sent:
+            await self._close(key, job.last_seq)
+        else:  # dropped: its messages are forgotten, but not recorded as pushed
+            window = await self._cql.one("window_get", key)
+            pushed = int(window[0]) if window is not None and window[0] is not None else 0
+            if await self._close(key, pushed):
+                await self._cql.run("items_drop", (*key, job.last_seq))
         newer = [r for r in await self._cql.all_pages("items_get", key) if int(r[0]) > job.last_seq]
         if newer:
             await self._open_window(*key, next_due_at)

@@ -26,8 +26,8 @@ _TABLES = [
         mid text, sender text, device text, client_id text, ts bigint, kind text, body text, media list<text>,
         PRIMARY KEY ((conv, bucket), seq)
     ) WITH CLUSTERING ORDER BY (seq ASC)""",
-    # Where the log's head was last seen (a hint: written with USING TIMESTAMP = seq, so the
-    # highest seq wins under concurrent writers; the sequencer walks forward from it).
+    # The log's newest bucket (a hint written when a bucket begins, USING TIMESTAMP = seq so the
+    # highest wins under concurrent writers; the head is found by walking forward from it).
     "CREATE TABLE IF NOT EXISTS {ks}.conv_heads (conv text PRIMARY KEY, last_seq bigint)",
     # Idempotency: one partition per (sender, client id), written before the message (with the
     # seq it may take from after_seq on) and completed with its seq after; kept 30 days.
@@ -85,16 +85,17 @@ _TABLES = [
         user text, device text, conv text, pushed_seq bigint, due_at bigint, owner text, lease_until bigint,
         PRIMARY KEY ((user, device, conv))
     )""",
-    # Windows being sent, by owner (a node) and lease.
+    # Windows being sent, by owner (a node) and lease. This table and push_due are queues: their
+    # deletes' tombstones are collected after 3 hours (the default hint window), not 10 days.
     """CREATE TABLE IF NOT EXISTS {ks}.push_claimed (
         shard int, user text, device text, conv text, owner text, lease_until bigint,
         PRIMARY KEY (shard, user, device, conv)
-    )""",
+    ) WITH gc_grace_seconds = 10800""",
     # Open windows by due time, spread over PUSH_SHARDS partitions.
     """CREATE TABLE IF NOT EXISTS {ks}.push_due (
         shard int, due_at bigint, user text, device text, conv text,
         PRIMARY KEY (shard, due_at, user, device, conv)
-    )""",
+    ) WITH gc_grace_seconds = 10800""",
 ]
 
 SCHEMA_VERSION = 1

@@ -94,8 +94,9 @@ class Cql:
 
     # --- set-up (blocking in the driver: called in a thread at start-up) --------------------------
 
-    async def prepare(self, statements: Mapping[str, str]) -> None:
-        """Prepare every statement by name (``{ks}`` in the text is the keyspace)."""
+    async def prepare(self, statements: Mapping[str, str], *, page_rows: Mapping[str, int] | None = None) -> None:
+        """Prepare every statement by name (``{ks}`` in the text is the keyspace); page_rows sets
+        the page size of the reads that may span pages (default: the driver's 5,000 rows)."""
 
         def work() -> dict[str, PreparedStatement]:
             return {name: self.session.prepare(cql.format(ks=self.keyspace)) for name, cql in statements.items()}
@@ -104,6 +105,8 @@ class Cql:
             self._prepared.update(await asyncio.to_thread(work))
         except Exception as exc:
             raise translate(exc) from exc
+        for name, rows in (page_rows or {}).items():
+            self._prepared[name].fetch_size = rows
 
     def statement(self, name: str) -> PreparedStatement:
         return self._prepared[name]

@@ -13,7 +13,7 @@ from storage.cassandra.messages import CassandraMessageLog
 from storage.cassandra.session import Cql
 from storage.cassandra.settings import CassandraPrivacySettings
 
-__all__ = ["STATEMENTS", "CassandraMessageStore"]
+__all__ = ["PAGE_ROWS", "STATEMENTS", "CassandraMessageStore"]
 
 STATEMENTS = {
     **core.STATEMENTS,
@@ -22,6 +22,10 @@ STATEMENTS = {
     **groups.STATEMENTS,
     **settings.STATEMENTS,
 }
+
+
+PAGE_ROWS = {"changes_after": conversations.CHANGES_PAGE_ROWS}
+"""Reads whose pages are smaller than the driver's default (each row read costs more reads)."""
 
 
 class CassandraMessageStore(
