@@ -36,6 +36,12 @@ class StoredMessage:
     body: str
     media: tuple[str, ...]
 
+    @classmethod
+    def of(cls, message: NewMessage, *, seq: int, mid: str) -> StoredMessage:
+        """message as stored at seq with server id mid."""
+        m = message
+        return cls(m.conv, seq, mid, m.sender, m.device, m.client_id, m.ts, m.kind, m.body, m.media)
+
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:

@@ -315,18 +315,7 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             stored = []
             for offset, item in enumerate(chunk, start=1):
                 m = item.message
-                message = StoredMessage(
-                    conv=conv,
-                    seq=head + offset,
-                    mid=item.mid,
-                    sender=m.sender,
-                    device=m.device,
-                    client_id=m.client_id,
-                    ts=m.ts,
-                    kind=m.kind,
-                    body=m.body,
-                    media=m.media,
-                )
+                message = StoredMessage.of(m, seq=head + offset, mid=item.mid)
                 stored.append(message)
                 statements.append(
                     (

@@ -210,23 +210,20 @@ class Cql:
         await asyncio.to_thread(self.cluster.shutdown)
 
 
+def _profile(config: StorageConfig, row_factory: Any) -> ExecutionProfile:
+    return ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=config.cassandra_dc or None)),
+        consistency_level=_level(config.cassandra_consistency),
+        serial_consistency_level=_level(config.cassandra_serial_consistency),
+        request_timeout=config.cassandra_timeout_s,
+        row_factory=row_factory,
+    )
+
+
 async def connect(config: StorageConfig) -> Cql:
     """Connect to the cluster config names (protocol v5, token-aware, DC-aware) and make sure the
     keyspace exists; one clear error when the cluster cannot be reached."""
-    profile = ExecutionProfile(
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=config.cassandra_dc or None)),
-        consistency_level=_level(config.cassandra_consistency),
-        serial_consistency_level=_level(config.cassandra_serial_consistency),
-        request_timeout=config.cassandra_timeout_s,
-        row_factory=tuple_factory,
-    )
-    lwt = ExecutionProfile(
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=config.cassandra_dc or None)),
-        consistency_level=_level(config.cassandra_consistency),
-        serial_consistency_level=_level(config.cassandra_serial_consistency),
-        request_timeout=config.cassandra_timeout_s,
-        row_factory=dict_factory,
-    )
+    profile, lwt = _profile(config, tuple_factory), _profile(config, dict_factory)
     auth = (
         PlainTextAuthProvider(username=config.cassandra_username, password=config.cassandra_password)
         if config.cassandra_username

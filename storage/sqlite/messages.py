@@ -49,18 +49,7 @@ def _append_one(conn: sqlite3.Connection, m: NewMessage) -> AppendResult:
         "version = excluded.version RETURNING last_seq",
         (m.conv, m.ts, next_version(conn) if channel else 0),
     ).fetchone()
-    stored = StoredMessage(
-        conv=m.conv,
-        seq=seq,
-        mid=new_mid(),
-        sender=m.sender,
-        device=m.device,
-        client_id=m.client_id,
-        ts=m.ts,
-        kind=m.kind,
-        body=m.body,
-        media=m.media,
-    )
+    stored = StoredMessage.of(m, seq=seq, mid=new_mid())
     conn.execute(
         f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
