@@ -14,11 +14,14 @@ writes and one LWT.
     push_due     ((shard), due_at, key)        open windows by due time, over PUSH_SHARDS partitions
     push_claimed ((shard), key)                windows being sent: owner, lease
 
-    enqueue  ─▶ item row; window closed and not being sent? open it (LWT IF due_at = null AND
-                owner = null) and index it in push_due; otherwise the open window absorbs it
-    claim    ─▶ due rows ≤ now ─▶ LWT IF owner = null AND due_at = row's ─▶ push_claimed
-    finish   ─▶ LWT IF owner = me: pushed_seq = job's last, window closed; items ≤ it deleted;
-                items that arrived meanwhile open a new window (due at next_due_at)
+    enqueue  ─▶ item rows; then, window closed and not being sent? index it in push_due and open
+                it (LWT IF due_at = null AND owner = null); otherwise the open window absorbs them
+    claim    ─▶ due rows ≤ now ─▶ push_claimed row ─▶ LWT IF owner = null AND due_at = row's
+    finish   ─▶ LWT IF owner = me: pushed_seq = job's last (if sent), window closed; items ≤ it
+                deleted; items that arrived meanwhile open a new window (due at next_due_at)
+
+    Each step writes its index row before the state it indexes, so a failure between the two
+    leaves a row that the next reader deletes, never a window nobody can find.
     restart  ─▶ windows this node was sending are dropped (at most one push per message); a
                 window whose owner's lease ran out is dropped by whichever node sees it
 """
