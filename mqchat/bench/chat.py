@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mqchat.bench.harness import HOST, PAYLOAD_BYTES, BenchError, Options, heading, progress, ratio
-from mqchat.bench.processes import ServeProc, netem_proxy, run_load, run_serve
+from mqchat.bench.processes import ServeProc, cpu_seconds, netem_proxy, run_load, run_serve
 from mqchat.bench.report import dress, figure, fmt, p99_p50_lines, print_table, save
 
 
@@ -161,8 +161,7 @@ def _with_cpu(
         out = {}
         for pid in pids:
             with contextlib.suppress(psutil.Error):
-                t = psutil.Process(pid).cpu_times()
-                out[pid] = t.user + t.system
+                out[pid] = cpu_seconds(pid)
         return out
 
     server = [serve.proc.pid]

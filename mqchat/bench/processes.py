@@ -64,7 +64,8 @@ def _rss(pid: int) -> int:
     return rss
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has spent."""
     import psutil
 
     t = psutil.Process(pid).cpu_times()
@@ -135,7 +136,7 @@ class BrokerProc:
         return _rss(self.pid)
 
     def cpu_seconds(self) -> float:
-        return _cpu_seconds(self.pid)
+        return cpu_seconds(self.pid)
 
     def device(self, user: str, device: str) -> Creds:
         """Credentials of a device: a JWT on ours, anonymous elsewhere (same client id)."""

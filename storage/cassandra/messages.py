@@ -263,7 +263,7 @@ class CassandraMessageLog(CassandraPart, MessageLog):
         if seq is None:
             # Written before a message that may or may not have landed (its process died, or the
             # round's outcome was unknown): look for its mid after the head it saw.
-            stored = await self._find_mid(str(stored_conv), str(mid), int(after_seq or 0))
+            stored = (await self._find_mids(str(stored_conv), int(after_seq or 0), {str(mid)})).get(str(mid))
             if stored is None:
                 if stored_conv == conv:
                     item.mid, item.after_seq = str(mid), int(after_seq or 0)
@@ -280,16 +280,19 @@ class CassandraMessageLog(CassandraPart, MessageLog):
         _settle(item.future, AppendResult(stored, duplicate=True, members=members, kind=kind))
         return True
 
-    async def _find_mid(self, conv: str, mid: str, after_seq: int) -> StoredMessage | None:
-        after = after_seq
-        while True:
-            page = await self.fetch_after(conv, after, 200)
-            for message in page.messages:
-                if message.mid == mid:
-                    return message
-            if not page.more or not page.messages:
-                return None
+    async def _find_mids(
+        self, conv: str, after: int, mids: set[str], *, upto: int | None = None
+    ) -> dict[str, StoredMessage]:
+        """The messages of conv after seq after (up to upto, or the end) whose mid is one of mids."""
+        found: dict[str, StoredMessage] = {}
+        while len(found) < len(mids) and (upto is None or after < upto):
+            limit = 200 if upto is None else min(200, upto - after)
+            page = await self.fetch_after(conv, after, limit)
+            found.update((m.mid, m) for m in page.messages if m.mid in mids)
+            if not page.messages or (upto is None and not page.more):
+                break
             after = page.messages[-1].seq
+        return found
 
     async def _sequence(
         self, conv: str, items: list[_Append], head: int
@@ -341,24 +344,11 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             if recovering:
                 # The round that moved the head may be an earlier attempt of a retried send, whose
                 # outcome was unknown and which Paxos has now finished: it is stored already.
-                landed = await self._stored_among(conv, head, moved_to, set(recovering))
-                for message in landed:
-                    found[message.mid] = message
+                found.update(await self._find_mids(conv, head, set(recovering), upto=moved_to))
                 pending = [item for item in pending if item.mid not in found]
             head = moved_to
             self._heads.remember(conv, head)
         return written, found
-
-    async def _stored_among(self, conv: str, after: int, upto: int, mids: set[str]) -> list[StoredMessage]:
-        """The messages with one of mids among seqs after..upto of conv."""
-        found: list[StoredMessage] = []
-        while after < upto:
-            page = await self.fetch_after(conv, after, min(200, upto - after))
-            found.extend(m for m in page.messages if m.mid in mids)
-            if not page.messages:
-                break
-            after = page.messages[-1].seq
-        return found
 
     async def _after(self, conv: str, kind: str, members: tuple[str, ...], written: list[StoredMessage]) -> None:
         """What follows stored messages: their dedup rows completed, the members' state rows moved

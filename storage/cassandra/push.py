@@ -99,6 +99,11 @@ def _shard(user: str, device: str, conv: str) -> int:
     return zlib.crc32(f"{user}\0{device}\0{conv}".encode("utf-8", "surrogatepass")) % PUSH_SHARDS
 
 
+def _pushed(window: tuple[Any, ...] | None) -> int:
+    """The pushed_seq of a window_get row (0: nothing pushed yet, or no row)."""
+    return int(window[0]) if window is not None and window[0] is not None else 0
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -198,7 +203,7 @@ class CassandraPushStore(PushStore):
         # skips them; the next close deletes them).
         await self._cql.batch([("item_put", (*key, p.seq, p.sender, p.preview)) for p in items])
         window = await self._cql.one("window_get", key)
-        pushed = int(window[0]) if window is not None and window[0] is not None else 0
+        pushed = _pushed(window)
         fresh = [p for p in items if p.seq > pushed]
         if fresh and (window is None or (window[1] is None and window[2] is None)):
             await self._open_window(*key, due_at)
@@ -230,8 +235,7 @@ class CassandraPushStore(PushStore):
         await self._cql.batch(cleanup)
         if not answer.get("[applied]"):
             return None
-        window = await self._cql.one("window_get", key)
-        pushed = int(window[0]) if window is not None and window[0] is not None else 0
+        pushed = _pushed(await self._cql.one("window_get", key))
         items = [
             (int(s), str(snd), str(pv)) for s, snd, pv in await self._cql.all_pages("items_get", key) if s > pushed
         ]
@@ -267,9 +271,7 @@ class CassandraPushStore(PushStore):
         if sent:
             await self._close(key, job.last_seq)
         else:  # dropped: its messages are forgotten, but not recorded as pushed
-            window = await self._cql.one("window_get", key)
-            pushed = int(window[0]) if window is not None and window[0] is not None else 0
-            if await self._close(key, pushed):
+            if await self._close(key, _pushed(await self._cql.one("window_get", key))):
                 await self._cql.run("items_drop", (*key, job.last_seq))
         newer = [r for r in await self._cql.all_pages("items_get", key) if int(r[0]) > job.last_seq]
         if newer:
@@ -283,8 +285,7 @@ class CassandraPushStore(PushStore):
         key = (user, device, conv)
         items = await self._cql.all_pages("items_get", key)
         last = max((int(r[0]) for r in items), default=0)
-        window = await self._cql.one("window_get", key)
-        pushed = max(last, int(window[0]) if window is not None and window[0] is not None else 0)
+        pushed = max(last, _pushed(await self._cql.one("window_get", key)))
         await self._close(key, pushed, owner=owner)
 
     async def _drop_expired(self) -> None:

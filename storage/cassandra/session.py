@@ -166,7 +166,7 @@ class Cql:
     async def run(self, name: str, params: Sequence[Any]) -> None:
         await self.page(name, params)
 
-    async def all_pages(self, name: str, params: Sequence[Any], *, limit: int = 1_000_000) -> list[tuple[Any, ...]]:
+    async def all_pages(self, name: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Every row of a read that may span pages, fetched page by page on the loop's terms."""
         out: list[tuple[Any, ...]] = []
         state: bytes | None = None
@@ -174,7 +174,7 @@ class Cql:
             page = await self.page(name, params, paging_state=state)
             out.extend(page.rows)
             state = page.paging_state
-            if state is None or len(out) >= limit:
+            if state is None:
                 return out
 
     async def conditional(self, name: str, params: Sequence[Any]) -> dict[str, Any]:
