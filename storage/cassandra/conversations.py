@@ -12,6 +12,7 @@ beside the index, as on SQLite.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from storage.base import ConversationStates, NotMember, SeqBeyondEnd
@@ -145,10 +146,7 @@ class CassandraConversationStates(CassandraPart, ConversationStates):
                     found[conv] = state
         if stale:
             await self._cql.batch(stale[:_PAGE])
-        settled = self._clock.settled()  # changes above it may still be landing: the next sync has them
-        ordered = sorted((s for s in found.values() if s.version <= settled), key=lambda s: (s.version, s.conv))
-        chosen = tuple(ordered[:limit])
-        return ChangesPage(chosen, version=chosen[-1].version if chosen else version, more=len(ordered) > limit)
+        return self._page(found.values(), version, limit)
 
     async def _everything_since(self, user: str, version: int, limit: int) -> ChangesPage:
         """From the user's conversations themselves (a first sync, or a cursor older than the
@@ -158,10 +156,15 @@ class CassandraConversationStates(CassandraPart, ConversationStates):
         for start in range(0, len(convs), _PAGE):
             found = await asyncio.gather(*(self._state(user, c) for c in convs[start : start + _PAGE]))
             states.extend(s for s in found if s is not None and s.version > version)
+        return self._page(states, version, limit)
+
+    def _page(self, states: Iterable[ConvState], version: int, limit: int) -> ChangesPage:
+        """The oldest limit of states, by version, up to the settled version (changes above it
+        may still be landing: the next sync has them)."""
         settled = self._clock.settled()
-        states = sorted((s for s in states if s.version <= settled), key=lambda s: (s.version, s.conv))
-        chosen = tuple(states[:limit])
-        return ChangesPage(chosen, version=chosen[-1].version if chosen else version, more=len(states) > limit)
+        ordered = sorted((s for s in states if s.version <= settled), key=lambda s: (s.version, s.conv))
+        chosen = tuple(ordered[:limit])
+        return ChangesPage(chosen, version=chosen[-1].version if chosen else version, more=len(ordered) > limit)
 
     async def _channels_changed(self, user: str, version: int) -> list[str]:
         channels = [str(r[0]) for r in await self._cql.all_pages("channels_of", (user,))]

@@ -115,12 +115,14 @@ class CassandraPart:
         return await self._cql.one("group_member", (conv, user)) is not None
 
     async def _head(self, conv: str) -> int:
-        """The conversation's last seq, read from the log: from the hint, walk the buckets forward
-        while the bucket read is full."""
-        row = await self._cql.one("head_hint_get", (conv,))
-        hint = max(int(row[0]) if row and row[0] is not None else 0, int(self._heads.get(conv, 0)))
-        last = hint
-        bucket = bucket_of(hint)
+        """The conversation's last seq, read from the log: from the head this process saw last (or,
+        when it saw none, the hint), walk the buckets forward while the bucket read is full."""
+        seen = self._heads.get(conv)
+        if seen is None:
+            row = await self._cql.one("head_hint_get", (conv,))
+            seen = int(row[0]) if row and row[0] is not None else 0
+        last = int(seen)
+        bucket = bucket_of(last)
         while True:
             found = await self._cql.one("bucket_head", (conv, bucket))
             if found is None or found[0] is None:

@@ -118,8 +118,8 @@ class CassandraGroups(CassandraPart, Groups):
         return await self._load(conv)
 
     async def remove_member(self, *, conv: str, user: str) -> Group:
-        group = await self._load(conv)
-        if group.member(user) is None:
+        await self._kind(conv)  # NoSuchConversation for an unknown group
+        if not await self._is_member(conv, user):
             raise NotMember(f"{user} is not a member of {conv}")
         await self._cql.batch(
             [
@@ -133,7 +133,7 @@ class CassandraGroups(CassandraPart, Groups):
         return await self._load(conv)
 
     async def set_role(self, *, conv: str, user: str, role: str) -> Group:
-        await self._load(conv)
+        await self._kind(conv)  # NoSuchConversation for an unknown group (without reading every member)
         answer = await self._cql.conditional("member_role", (role, conv, user))
         if not answer.get("[applied]"):
             raise NotMember(f"{user} is not a member of {conv}")
