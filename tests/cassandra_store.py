@@ -3,7 +3,7 @@
 ``cassandra_storage_config(tmp_path)`` (a fixture) is a ``StorageConfig`` for the node of
 ``tests.cassandra_node`` with keyspace ``mqchat_test``: the schema is created once per session,
 and each test starts from empty tables (only the tables a test wrote to are truncated, since a
-``TRUNCATE`` flushes). Tests that need two keyspaces at once take ``cassandra_keyspace``.
+``TRUNCATE`` flushes).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from tests.cassandra_node import CassandraEndpoint, cassandra_node  # noqa: F401
 KEYSPACE = "mqchat_test"
 
 
-def storage_config_for(node: CassandraEndpoint, data_dir: Path, *, keyspace: str = KEYSPACE) -> StorageConfig:
+def storage_config_for(node: CassandraEndpoint, data_dir: Path) -> StorageConfig:
     return StorageConfig(
         data_dir=data_dir,
         backend="cassandra",
         cassandra_hosts=(node.host,),
         cassandra_port=node.port,
-        cassandra_keyspace=keyspace,
+        cassandra_keyspace=KEYSPACE,
         cassandra_rf=1,
         cassandra_timeout_s=10.0,
     )
