@@ -32,20 +32,22 @@ __all__ = ["CassandraMessageStore", "CassandraPushStore", "open_message_store", 
 
 
 class _Shared:
-    """One connection per process and configuration, handed to both stores and closed by the last."""
+    """One connection per event loop and configuration (its sockets are that loop's), handed to
+    both stores and closed by the last."""
 
     def __init__(self) -> None:
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
-        self._open: dict[StorageConfig, tuple[Cql, int]] = {}
+        self._open: dict[tuple[asyncio.AbstractEventLoop, StorageConfig], tuple[Cql, int]] = {}
 
     def _lock(self) -> asyncio.Lock:
         return self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
     async def acquire(self, config: StorageConfig) -> Cql:
+        key = (asyncio.get_running_loop(), config)
         async with self._lock():
-            held = self._open.get(config)
+            held = self._open.get(key)
             if held is not None:
-                self._open[config] = (held[0], held[1] + 1)
+                self._open[key] = (held[0], held[1] + 1)
                 return held[0]
             cql = await connect(config)
             try:
@@ -54,16 +56,17 @@ class _Shared:
             except BaseException:
                 await cql.aclose()
                 raise
-            self._open[config] = (cql, 1)
+            self._open[key] = (cql, 1)
             return cql
 
     async def release(self, config: StorageConfig) -> None:
+        key = (asyncio.get_running_loop(), config)
         async with self._lock():
-            cql, count = self._open[config]
+            cql, count = self._open[key]
             if count > 1:
-                self._open[config] = (cql, count - 1)
+                self._open[key] = (cql, count - 1)
                 return
-            del self._open[config]
+            del self._open[key]
         await cql.aclose()
 
 

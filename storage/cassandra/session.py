@@ -3,8 +3,8 @@
 ::
 
     part ──await cql.rows(name, params)──▶ session.execute_async(prepared)  (token-aware routing)
-                                              │  driver's event thread
-            ◀── loop.call_soon_threadsafe ────┘  result or error, onto an asyncio future
+                                              │  written at once by this loop (loopconn.py)
+            ◀── answer decoded on this loop ──┘  result or error, onto an asyncio future
 
 The event loop never blocks on the cluster: ``connect`` and ``prepare`` (blocking in the
 driver) run once at start-up in a thread; every query is a prepared statement executed with
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from prometheus_client import Counter
 
 from mqchat.config import StorageConfig
 from mqchat.errors import ConfigError, StorageClosed, StorageError, StorageUnavailable
+from storage.cassandra.loopconn import LoopConnection
 
 __all__ = ["Cql", "Page", "connect"]
 
@@ -119,6 +121,7 @@ class Cql:
         if self._closed:
             raise StorageClosed("the Cassandra store is closed")
         loop = asyncio.get_running_loop()
+        thread = threading.get_ident()
         waiter: asyncio.Future[Any] = loop.create_future()
         try:
             response: ResponseFuture = self.session.execute_async(
@@ -138,10 +141,16 @@ class Cql:
                 waiter.set_result(Page(list(result.current_rows), result.paging_state))
 
         def on_rows(_rows: object) -> None:
-            loop.call_soon_threadsafe(settle, None, False)
+            if threading.get_ident() == thread:
+                settle(None, False)
+            else:  # answered on one of the driver's threads (a retry it scheduled there)
+                loop.call_soon_threadsafe(settle, None, False)
 
         def on_error(exc: object) -> None:
-            loop.call_soon_threadsafe(settle, exc, True)
+            if threading.get_ident() == thread:
+                settle(exc, True)
+            else:
+                loop.call_soon_threadsafe(settle, exc, True)
 
         response.add_callbacks(on_rows, on_error)
         return waiter
@@ -239,6 +248,8 @@ async def connect(config: StorageConfig) -> Cql:
         control_connection_timeout=config.cassandra_timeout_s,
         # A node that comes back is used again within seconds (the default waits up to 10 min).
         reconnection_policy=ExponentialReconnectionPolicy(base_delay=0.5, max_delay=RECONNECT_MAX_S),
+        # Sockets read and written by this loop, not by a reactor thread of the driver's.
+        connection_class=LoopConnection.on(asyncio.get_running_loop()),
     )
     quiet = _DropConnectFailure()
     driver_log = logging.getLogger("cassandra.cluster")
