@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from mqchat.bench.harness import HOST, PAYLOAD_BYTES, BenchError, Options, heading, progress, ratio
+from mqchat.bench.harness import HOST, PAYLOAD_BYTES, BenchError, Options, heading, pinning, progress, ratio
 from mqchat.bench.processes import ServeProc, cpu_seconds, netem_proxy, run_load, run_serve
 from mqchat.bench.report import dress, figure, fmt, p99_p50_lines, print_table, save
 
@@ -107,6 +107,7 @@ as durable, but each of a lightweight transaction's phases waits for a 5 ms grou
 slower rounds here). MQCHAT_BENCH_CASSANDRA_COMMITLOG=periodic measures Cassandra's default,
 where a cluster's durability comes from its replicas."""
 WARMUP_RATE = 200.0
+_NODE_PLACEMENT = "on CPU 1, beside the load generator"
 
 
 def _compare_stores(params: dict[str, Any], workdir: Path, netem: str | None) -> dict[str, Any]:
@@ -117,7 +118,8 @@ def _compare_stores(params: dict[str, Any], workdir: Path, netem: str | None) ->
         **params,
         "warmup_s": 5.0 if params["seconds_per_rate"] <= 3 else 20.0,
         "adapter": "inbroker",
-        "cassandra": f"one local node: heap 1g, commitlog_sync {COMMITLOG}, on CPU 1 beside the load generator",
+        "cassandra": f"one local node: heap 1g, commitlog_sync {COMMITLOG}, "
+        + (_NODE_PLACEMENT if pinning() else "unpinned"),
     }
     results: dict[str, Any] = {}
     heading("chat: mqchat serve on SQLite")
@@ -143,9 +145,10 @@ def _compare_stores(params: dict[str, Any], workdir: Path, netem: str | None) ->
         )
     }
     notes = [
-        "Both runs use the in-broker adapter. The Cassandra node runs on CPU 1 beside the load generator (it "
-        "inherits the orchestrator's CPU); let onto both CPUs it measured 1.4x more JVM CPU per message and "
-        "3x the latency at 100/s, its threads waking each other across cores.",
+        "Both runs use the in-broker adapter. The Cassandra node inherits the orchestrator's CPU: "
+        f"{_NODE_PLACEMENT if pinning() else 'unpinned (this machine cannot pin)'}. Let onto both CPUs it "
+        "measured 1.4x more JVM CPU per message and 3x the latency at 100/s, its threads waking each other "
+        "across cores.",
         "CPU per message: CPU seconds of the server's processes (and the Cassandra JVM) over the whole run, "
         "divided by the messages offered.",
     ]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from mqchat.config import StorageConfig
 from storage.cassandra import push, store
@@ -39,16 +40,18 @@ class _Shared:
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         self._open: dict[tuple[asyncio.AbstractEventLoop, StorageConfig], tuple[Cql, int]] = {}
 
-    def _lock(self) -> asyncio.Lock:
-        return self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+    def _lock(self, loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
+        return self._locks.setdefault(loop, asyncio.Lock())
 
-    async def acquire(self, config: StorageConfig) -> Cql:
+    async def acquire(self, config: StorageConfig) -> tuple[Cql, Callable[[], Awaitable[None]]]:
+        """The connection for config on this loop, and what gives it back."""
         key = (asyncio.get_running_loop(), config)
-        async with self._lock():
+        release = functools.partial(self._release, key)
+        async with self._lock(key[0]):
             held = self._open.get(key)
             if held is not None:
                 self._open[key] = (held[0], held[1] + 1)
-                return held[0]
+                return held[0], release
             cql = await connect(config)
             try:
                 await ensure_schema(cql, config)
@@ -57,11 +60,10 @@ class _Shared:
                 await cql.aclose()
                 raise
             self._open[key] = (cql, 1)
-            return cql
+            return cql, release
 
-    async def release(self, config: StorageConfig) -> None:
-        key = (asyncio.get_running_loop(), config)
-        async with self._lock():
+    async def _release(self, key: tuple[asyncio.AbstractEventLoop, StorageConfig]) -> None:
+        async with self._lock(key[0]):
             cql, count = self._open[key]
             if count > 1:
                 self._open[key] = (cql, count - 1)
@@ -75,8 +77,8 @@ _shared = _Shared()
 
 @contextlib.asynccontextmanager
 async def open_message_store(config: StorageConfig) -> AsyncIterator[CassandraMessageStore]:
-    cql = await _shared.acquire(config)
-    s = CassandraMessageStore(cql, release=lambda: _shared.release(config))
+    cql, release = await _shared.acquire(config)
+    s = CassandraMessageStore(cql, release=release)
     try:
         yield s
     finally:
@@ -85,8 +87,8 @@ async def open_message_store(config: StorageConfig) -> AsyncIterator[CassandraMe
 
 @contextlib.asynccontextmanager
 async def open_push_store(config: StorageConfig) -> AsyncIterator[CassandraPushStore]:
-    cql = await _shared.acquire(config)
-    s = CassandraPushStore(cql, owner=owner_of(config), release=lambda: _shared.release(config))
+    cql, release = await _shared.acquire(config)
+    s = CassandraPushStore(cql, owner=owner_of(config), release=release)
     try:
         yield s
     finally:

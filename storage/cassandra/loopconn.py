@@ -18,6 +18,12 @@ Rules that come with it:
   ``ResultSet`` iteration) on the loop: it waits for an answer that only the loop can read.
   ``session.Cql`` calls them in a thread.
 - One cluster object per loop; ``storage.cassandra._Shared`` keys connections by loop.
+- A connection's requests wait for stream ids when about 32,000 are in flight, and that wait would
+  block the loop: ``session.Cql`` keeps far fewer in flight (``MAX_IN_FLIGHT``). That cap is also
+  the write queue's bound (a full socket queues frames, never refuses them).
+- A stalled loop stalls the Cassandra I/O and its timeouts with it; the driver's heartbeats (a
+  thread) then mark the connections defunct after about 30 s.
+- No TLS: ``session.connect`` never configures it.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ class _LoopTimer:
         if _on_loop(loop):
             self._handle = loop.call_later(timeout, self._fire)
         else:
-            loop.call_soon_threadsafe(self._arm, timeout)
+            with contextlib.suppress(RuntimeError):  # a closed loop: its connections are gone too
+                loop.call_soon_threadsafe(self._arm, timeout)
 
     def _arm(self, timeout: float) -> None:
         if not self.cancelled:
@@ -69,9 +76,6 @@ class _LoopTimer:
         if handle is not None and _on_loop(self._loop):
             handle.cancel()  # off the loop, _fire finds the flag when the handle comes due
 
-    def finish(self, time_now: float) -> bool:  # the driver's TimerManager protocol, unused here
-        return self.cancelled
-
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
     try:
@@ -84,6 +88,7 @@ class LoopConnection(Connection):  # type: ignore[misc]  # the driver is untyped
     """A driver connection read and written by one asyncio loop (see the module docstring)."""
 
     _loop: ClassVar[asyncio.AbstractEventLoop]
+    in_buffer_size = 64 * 1024  # bytes per recv (the driver's default, 4 KiB, reads big answers in crumbs)
     is_closed: bool  # the driver's own state, set by Connection.__init__
     is_defunct: bool
 
@@ -114,9 +119,13 @@ class LoopConnection(Connection):  # type: ignore[misc]  # the driver is untyped
         self._writer_on = False
         self._watching = False
         self._connect_socket()
-        self._socket.setblocking(False)
-        self._fd: int = self._socket.fileno()
-        self._loop.call_soon_threadsafe(self._watch)
+        try:
+            self._socket.setblocking(False)
+            self._fd: int = self._socket.fileno()
+            self._loop.call_soon_threadsafe(self._watch)
+        except BaseException:
+            self._socket.close()
+            raise
         self._send_options_message()
 
     # --- the loop's side --------------------------------------------------------------------------
@@ -144,10 +153,14 @@ class LoopConnection(Connection):  # type: ignore[misc]  # the driver is untyped
             self.defunct(exc)
             return
         if self._iobuf.tell():
-            self.process_io_buffer()
+            try:
+                self.process_io_buffer()
+            except Exception as exc:  # a frame that does not decode (or fails its checksum)
+                self.defunct(exc)
+                return
         if closed:
-            log.debug("Cassandra connection %s closed by the server", self.endpoint)
-            self.close()
+            # Defunct, not just closed: a handshake in progress hears why at once.
+            self.defunct(ConnectionShutdown(f"Connection to {self.endpoint} was closed by the server"))
 
     def _flush(self) -> None:
         """Write what is queued; when the socket is full, wait until it can take more."""
@@ -197,8 +210,8 @@ class LoopConnection(Connection):  # type: ignore[misc]  # the driver is untyped
             self._out.append(data)
         if _on_loop(self._loop):
             self._flush()
-        else:
-            self._call_on_loop(self._flush)
+        elif not self._call_on_loop(self._flush):
+            self.defunct(ConnectionShutdown(f"Connection to {self.endpoint}: its event loop is closed"))
 
     def close(self) -> None:
         with self.lock:

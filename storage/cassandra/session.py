@@ -54,6 +54,10 @@ UNAVAILABLE = Counter(
 )
 
 RECONNECT_MAX_S = 5.0
+
+MAX_IN_FLIGHT = 4096
+"""Requests of one process in flight at once, the rest waiting their turn on the loop: far below
+a connection's ~32,000 stream ids, past which the driver would wait for one on the loop itself."""
 """The longest wait between attempts to reach a node that is down."""
 
 _UNAVAILABLE = (NoHostAvailable, OperationTimedOut, Unavailable, Timeout, CoordinationFailure, ConnectionError)
@@ -93,6 +97,7 @@ class Cql:
         self.keyspace = keyspace
         self._prepared: dict[str, PreparedStatement] = {}
         self._closed = False
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     # --- set-up (blocking in the driver: called in a thread at start-up) --------------------------
 
@@ -114,6 +119,12 @@ class Cql:
         return self._prepared[name]
 
     # --- execution ------------------------------------------------------------------------------
+
+    async def _execute(
+        self, query: Any, params: Sequence[Any] | None, *, profile: object, paging_state: bytes | None = None
+    ) -> Any:
+        async with self._in_flight:
+            return await self._submit(query, params, profile=profile, paging_state=paging_state)
 
     def _submit(
         self, query: Any, params: Sequence[Any] | None, *, profile: object, paging_state: bytes | None = None
@@ -143,7 +154,7 @@ class Cql:
         def on_rows(_rows: object) -> None:
             if threading.get_ident() == thread:
                 settle(None, False)
-            else:  # answered on one of the driver's threads (a retry it scheduled there)
+            else:  # settled on one of the driver's threads (a retry given up, a defunct connection)
                 loop.call_soon_threadsafe(settle, None, False)
 
         def on_error(exc: object) -> None:
@@ -159,7 +170,7 @@ class Cql:
         self, name: str, params: Sequence[Any], *, paging_state: bytes | None = None, profile: object = None
     ) -> Page:
         """One page of a prepared read (its fetch size is the statement's)."""
-        result: Page = await self._submit(
+        result: Page = await self._execute(
             self.statement(name), params, profile=profile or EXEC_PROFILE_DEFAULT, paging_state=paging_state
         )
         return result
@@ -188,7 +199,7 @@ class Cql:
 
     async def conditional(self, name: str, params: Sequence[Any]) -> dict[str, Any]:
         """A lightweight transaction; its row (``[applied]`` and, when not applied, the values now)."""
-        page: Page = await self._submit(self.statement(name), params, profile=LWT_PROFILE)
+        page: Page = await self._execute(self.statement(name), params, profile=LWT_PROFILE)
         return dict(page.rows[0]) if page.rows else {"[applied]": True}
 
     async def conditional_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> dict[str, Any]:
@@ -196,7 +207,7 @@ class Cql:
         batch = BatchStatement(batch_type=BatchType.UNLOGGED)
         for name, params in statements:
             batch.add(self.statement(name), params)
-        page: Page = await self._submit(batch, None, profile=LWT_PROFILE)
+        page: Page = await self._execute(batch, None, profile=LWT_PROFILE)
         return dict(page.rows[0]) if page.rows else {"[applied]": True}
 
     async def batch(self, statements: Sequence[tuple[str, Sequence[Any]]], *, logged: bool = False) -> None:
@@ -210,7 +221,7 @@ class Cql:
         batch = BatchStatement(batch_type=BatchType.LOGGED if logged else BatchType.UNLOGGED)
         for name, params in statements:
             batch.add(self.statement(name), params)
-        await self._submit(batch, None, profile=EXEC_PROFILE_DEFAULT)
+        await self._execute(batch, None, profile=EXEC_PROFILE_DEFAULT)
 
     async def aclose(self) -> None:
         if self._closed:
