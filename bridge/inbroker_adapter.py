@@ -42,14 +42,18 @@ Request = tuple[str, str, bytes]  # user, device, payload
 
 
 class BrokerPublisher:
-    """Publishes the pipeline's results through the broker's own routing."""
+    """Publishes the pipeline's results through the broker's own routing, and (in a cluster)
+    hands them to ``relay`` for the other nodes' devices (which must not wait)."""
 
-    def __init__(self, *, route: Route) -> None:
+    def __init__(self, *, route: Route, relay: Callable[[list[Outgoing]], None] | None = None) -> None:
         self._route = route
+        self._relay = relay
 
     async def publish(self, outgoing: list[Outgoing]) -> None:
         for out in outgoing:
             await self._route(out.topic, out.payload, out.qos)
+        if self._relay is not None:
+            self._relay(outgoing)
 
 
 class RequestQueue:

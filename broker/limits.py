@@ -11,6 +11,7 @@ class BrokerLimits:
     max_queued_per_session: int = 1000  # messages waiting for one device session (in flight or offline)
     max_queued_service: int = 200_000  # the same for the bridge's session, which carries everyone's requests
     max_connections: int = 0  # 0: unlimited
+    listen_backlog: int = 4096  # the TCP listener's accept queue (the kernel caps it at somaxconn)
     connects_per_ip_per_s: float = 0.0  # 0: unlimited; a burst of 5 × the rate is allowed
     connect_timeout_s: float = 10.0  # a new connection must send CONNECT within this
     max_inbound_per_session: int = 256  # received publishes waiting to be routed (then TCP pushes back)

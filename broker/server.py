@@ -28,12 +28,13 @@ import asyncio
 import functools
 import itertools
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 from amqtt.broker import Broker
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import SERVER_UNAVAILABLE, ConnackPacket
@@ -124,6 +125,27 @@ class MqchatBroker(Broker):
             await super().shutdown()
         finally:
             await self._parts.aclose()
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        """amqtt's listener, with the accept queue of ``limits.listen_backlog`` for TCP (amqtt
+        leaves asyncio's default of 100, which a reconnect storm overflows)."""
+        if listener_type is not ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        return await asyncio.start_server(
+            functools.partial(self.stream_connected, listener_name=listener_name),
+            address,
+            port,
+            reuse_address=True,
+            ssl=ssl_context,
+            backlog=self.limits.listen_backlog,
+        )
 
     def dead_workers(self) -> list[str]:
         reports = self.reports.dead_workers() if self.reports is not None else []

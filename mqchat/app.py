@@ -47,11 +47,13 @@ from bridge.pipeline import Pipeline, RequestLimits
 from bridge.presence import PresenceMirror
 from bridge.ratelimit import RateLimit
 from bridge.receipts import Publish, ReceiptCoalescer
+from broker.limits import BrokerLimits
 from broker.membership import MembershipCache
 from broker.serve import serve_broker
 from broker.server import MqchatBroker
 from mqchat.config import Config
 from mqchat.errors import ConfigError
+from mqchat.internal_topics import MEMBERSHIP_TOPIC
 from mqchat.service import Service
 from mqchat.tasks import STOP_BOUND_S
 from mqchat.tokens import TokenVerifier, service_password
@@ -62,7 +64,7 @@ from push.fcm import FcmProvider
 from push.log import LogProvider
 from storage import open_storage
 from storage.base import MessageStore, Storage
-from storage.presence import MemoryPresence, PresenceRegistry
+from storage.presence import MemoryPresence, PresenceRegistry, Routed
 from storage.records import UserSettings
 
 logger = logging.getLogger(__name__)
@@ -315,6 +317,7 @@ def serve_api(
         max_body_bytes=config.bridge.http_max_body_bytes,
         default_settings=UserSettings(who_may_add=config.bridge.default_who_may_add),
         publish=adapter.publish,
+        node=config.network.node,
     )
     return HttpServer(
         app=app,
@@ -378,6 +381,41 @@ class BrokerHandle:
     dead_workers: Callable[[], list[str]]
 
 
+def relay_target(topic: str) -> tuple[bool, str | None]:
+    """Whether other nodes' devices may want a publish on topic, and whose: a user's (their
+    devices' topics) or everyone's (None: channel posts, membership changes)."""
+    if topic.startswith("u/"):
+        return True, topic.split("/", 2)[1]
+    if topic.startswith("c/") or topic == MEMBERSHIP_TOPIC:
+        return True, None
+    return False, None  # presence (each node's broker hears transitions itself)
+
+
+def cluster_relay(config: Config, presence: PresenceRegistry) -> Callable[[list[Outgoing]], None] | None:
+    """With Redis, what relays a node's publishes to the devices on other nodes."""
+    if not config.presence.redis_url:
+        return None
+
+    def relay(outgoing: list[Outgoing]) -> None:
+        routed: list[Routed] = []
+        for out in outgoing:
+            wanted, user = relay_target(out.topic)
+            if wanted:
+                routed.append((user, (out.topic, out.payload, out.qos)))
+        presence.relay(routed)
+
+    return relay
+
+
+def broker_limits(config: Config) -> BrokerLimits:
+    """The broker's bounds that the configuration sets (the rest keep their defaults)."""
+    return BrokerLimits(
+        listen_backlog=config.network.mqtt_backlog,
+        max_connections=config.network.mqtt_max_connections,
+        connects_per_ip_per_s=config.network.mqtt_connect_rate,
+    )
+
+
 @asynccontextmanager
 async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
     """The broker alone; it reads the store only for its ACL (membership and privacy answers)."""
@@ -388,11 +426,15 @@ async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
             host=config.network.host,
             port=config.network.mqtt_port,
             secret=config.auth.jwt_secret,
+            limits=broker_limits(config),
             presence=presence,
             membership=MembershipCache(groups=storage.messages, privacy=storage.messages),
             device_topics=not config.presence.redis_url,  # the bridge's only view of devices then
         ) as broker,
     ):
+        # Events other nodes relay for this broker's devices (a node running broker and bridge in
+        # one process relays its own; see run_node).
+        presence.relay_to(lambda event: broker.internal_message_broadcast(*event))
         yield BrokerHandle(
             broker=broker,
             mqtt_port=broker.bound_port,
@@ -416,12 +458,14 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
                 host=config.network.host,
                 port=config.network.mqtt_port,
                 secret=config.auth.jwt_secret,
+                limits=broker_limits(config),
                 inbound_hook=queue.submit,
                 presence=presence,
                 membership=MembershipCache(groups=storage.messages, privacy=storage.messages),
             )
         )
-        publisher = BrokerPublisher(route=broker.internal_message_broadcast)
+        publisher = BrokerPublisher(route=broker.internal_message_broadcast, relay=cluster_relay(config, presence))
+        presence.relay_to(lambda event: broker.internal_message_broadcast(*event))
         pipeline = await stack.enter_async_context(bridge_pipeline(config, storage, dispatcher, publisher.publish))
         adapter = await stack.enter_async_context(
             InBrokerAdapter(

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for phones on the LAN)")
     serve.add_argument("--mqtt-port", help="MQTT port (default 1883)")
     serve.add_argument("--http-port", help="HTTP port (default 8080)")
+    serve.add_argument("--node-id", help="this node's name in a cluster (default: host name and MQTT port)")
+    serve.add_argument("--mqtt-backlog", help="the MQTT listener's accept queue (default 4096)")
+    serve.add_argument("--mqtt-max-connections", help="MQTT connections at once, 0: no limit (default 0)")
+    serve.add_argument(
+        "--mqtt-connect-rate", help="new MQTT connections per second from one IP, 0: no limit (default 0)"
+    )
     serve.add_argument("--max-envelope-bytes", help="largest request envelope (default 64KiB)")
     serve.add_argument(
         "--adapter", choices=("mqtt", "inbroker"), help="how requests reach the bridge pipeline (default inbroker)"

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -96,18 +97,34 @@ def parse_port(value: str | int) -> int:
     return port
 
 
-def parse_positive_int(value: str | int) -> int:
-    number: int = _number(value, int, "a positive whole number")
-    if number < 1:
-        raise ValueError(f"{number} is not a positive whole number")
+def _whole_from(value: str | int, least: int, what: str) -> int:
+    number: int = _number(value, int, what)
+    if number < least:
+        raise ValueError(f"{number} is not {what}")
     return number
+
+
+def _finite_from(value: str | float, *, zero: bool, what: str) -> float:
+    number: float = _number(value, float, what)
+    if not (number >= 0 if zero else number > 0) or number == float("inf"):
+        raise ValueError(f"{value!r} is not {what}")
+    return number
+
+
+def parse_positive_int(value: str | int) -> int:
+    return _whole_from(value, 1, "a positive whole number")
+
+
+def parse_nonnegative_int(value: str | int) -> int:
+    return _whole_from(value, 0, "a whole number, 0 or more")
 
 
 def parse_positive_float(value: str | float) -> float:
-    number: float = _number(value, float, "a positive number")
-    if not 0 < number < float("inf"):
-        raise ValueError(f"{value!r} is not a positive number")
-    return number
+    return _finite_from(value, zero=False, what="a positive number")
+
+
+def parse_nonnegative_float(value: str | float) -> float:
+    return _finite_from(value, zero=True, what="a number, 0 or more")
 
 
 def parse_who_may_add(value: str) -> str:
@@ -137,11 +154,38 @@ def parse_nonnegative_duration(value: str | float) -> float:
     return seconds
 
 
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+def parse_node_id(value: str) -> str:
+    """A node's name in a cluster, or "" for the derived one (host name and MQTT port)."""
+    name = str(value)
+    if name and not _NODE_ID_RE.fullmatch(name):
+        raise ValueError(f"{value!r} is not a node id (letters, digits, _ . : -; at most 64; a letter or digit first)")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class NetworkConfig:
     host: str = "127.0.0.1"
     mqtt_port: int = 1883
     http_port: int = 8080
+    # This node's name in a cluster: in /healthz, and a label on every /metrics sample. "": the
+    # host name and the MQTT port, so that one configuration serves every node.
+    node_id: str = ""
+    # The MQTT listener's accept queue. A node that dies sends its devices to the others all at
+    # once; asyncio's default (100) overflows, and clients then wait out SYN retransmits (1 s,
+    # 3 s, …). The kernel caps it at net.core.somaxconn.
+    mqtt_backlog: int = 4096
+    mqtt_max_connections: int = 0  # connections at once; beyond: CONNACK refused (0: no limit)
+    # New connections per second from one IP address (a burst of 5 × allowed); 0: no limit. Behind
+    # a load balancer every device has the balancer's address: keep it 0 there, or size it for all.
+    mqtt_connect_rate: float = 0.0
+
+    @property
+    def node(self) -> str:
+        """node_id, or the one derived from the host name and the MQTT port."""
+        return self.node_id or f"{socket.gethostname()}:{self.mqtt_port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +600,10 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "host": ("network", "host", str),
     "mqtt_port": ("network", "mqtt_port", parse_port),
     "http_port": ("network", "http_port", parse_port),
+    "node_id": ("network", "node_id", parse_node_id),
+    "mqtt_backlog": ("network", "mqtt_backlog", parse_positive_int),
+    "mqtt_max_connections": ("network", "mqtt_max_connections", parse_nonnegative_int),
+    "mqtt_connect_rate": ("network", "mqtt_connect_rate", parse_nonnegative_float),
     "data_dir": ("storage", "data_dir", Path),
     "storage_backend": ("storage", "backend", parse_storage_backend),
     "cassandra_dc": ("storage", "cassandra_dc", parse_datacenter),

@@ -14,6 +14,11 @@ drops and comes back within the grace window never appears offline.
 ``conn`` names one connection of a device: when a device reconnects (takeover), the old
 connection's late ``disconnected`` does not remove the new one.
 
+Since the registry knows which process holds each device, it also relays events between those
+processes (a cluster's nodes): ``relay`` sends a user's events to the processes holding that
+user's devices, and others (channel posts, membership changes) to all; each process hands what
+it hears to the ``relay_to`` callback. The in-memory registry has no other process to relay to.
+
 Backends: ``MemoryPresence`` (one process, the embedded default) and
 ``storage.redis_presence.RedisPresence`` (several processes; TTL liveness per process, so the
 devices of a crashed broker go offline on their own). Both pass ``tests/test_presence_contract.py``.
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import Counter
@@ -55,6 +60,13 @@ class Presence:
 
 
 Listener = Callable[[Presence], None]
+
+
+Event = tuple[str, bytes, int]
+"""A publish relayed between processes: (topic, payload, qos)."""
+Deliver = Callable[[Event], Awaitable[None]]
+Routed = tuple[str | None, Event]
+"""An event and the user whose devices it is for (None: for every process)."""
 
 
 class PresenceRegistry(Service, ABC):
@@ -102,6 +114,18 @@ class PresenceRegistry(Service, ABC):
     @abstractmethod
     async def sweep(self) -> None:
         """Turn users whose grace window ended (and, per backend, whose process died) offline."""
+
+    # --- events between the processes that hold devices (a cluster's nodes) ----------------------
+
+    def relay_to(self, deliver: Deliver) -> None:
+        """Hand deliver the events other processes relay to this one (in the order they were
+        relayed). A registry of one process hears none."""
+
+    def relay(self, events: Sequence[Routed]) -> None:
+        """Relay events to the other processes, in order, without waiting: an event for a user to
+        those holding one of the user's devices, one for no user (None) to every process. At most
+        once: an event lost on the way is repaired by the device's catch-up. A registry of one
+        process has no one to relay to."""
 
     async def start(self) -> None:
         """Start the workers (what ``async with`` does on entry); ``aclose()`` stops them."""

@@ -15,6 +15,8 @@ Keys (``P`` = prefix, ``mqchat:`` by default)::
     P state:{user}      hash state ("online"|"offline"), last_seen (ms), left_at (ms, grace window)
     P due               zset user -> deadline (ms): last device gone, offline unless back by then
     P presence          pub/sub channel: {"user", "state", "last_seen"} per transition
+    P relay:{node}      pub/sub channel: events relayed to that process, a JSON list of
+                        [topic, qos, "t", text] (or [topic, qos, "b", base64] for a binary payload)
 
 Liveness: a process that stops refreshing ``node:{node}`` (killed, frozen, cut off) is dead once
 the key expires; any process's sweep then removes that node's devices (those still naming it)
@@ -26,6 +28,13 @@ A graceful ``aclose`` stops the workers (heartbeat, listener, sweep), then remov
 process's devices as disconnects would (offline after the grace window, turned by the sweep of
 any process still running) and retires the node.
 
+Relaying: ``relay`` queues events (without waiting); a worker looks up, in one round trip, which
+processes hold the devices of each event's user (``dev:{user}``; every node in ``nodes`` for an
+event for no user), and PUBLISHes one message per process in another. Each process subscribes to
+its own ``relay:{node}`` on the presence subscription and hands what it hears, in order, to its
+``relay_to`` callback. Either queue full, or Redis away: events are dropped and counted
+(``mqchat_relay_dropped_total``); devices catch up from the store.
+
 Limits: pub/sub delivers at most once; a transition published while a process is reconnecting
 to Redis is not heard by that process (logged). Scripts touch keys derived from their
 arguments, so this needs a standalone Redis (or a primary with replicas), not Redis Cluster.
@@ -35,14 +44,16 @@ Deadlines and ``last_seen`` use each process's wall clock.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -50,7 +61,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from mqchat.clock import SYSTEM_CLOCK, Clock
-from storage.presence import OFFLINE, ONLINE, Presence, PresenceRegistry
+from storage.presence import OFFLINE, ONLINE, Deliver, Event, Presence, PresenceRegistry, Routed
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +70,14 @@ MAX_BATCHES = 4  # script calls per kind of work per sweep
 KEEPALIVE_S = 10.0  # ping the subscription after this long without a message
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
+RELAY_QUEUE = 10_000  # relay batches waiting to be sent, or heard and waiting to be delivered
+
+RELAYED = Counter("mqchat_relay_events_total", "Events relayed between processes", ["direction"])
+RELAY_DROPPED = Counter(
+    "mqchat_relay_dropped_total",
+    "Relayed events dropped (devices catch up from the store)",
+    ["reason"],
+)
 
 # Shared by every script. Device members are "len(user):{user}{device}" (length in bytes), so
 # neither name needs escaping. Payloads are built by hand so that last_seen stays an exact integer.
@@ -284,6 +303,10 @@ class RedisPresence(PresenceRegistry):
         # node was declared dead while it was in fact still running.
         self._local: dict[tuple[str, str], str] = {}
         self._channel = f"{prefix}presence"
+        self._relay_channel = f"{prefix}relay:{self.node}"
+        self._deliver: Deliver | None = None
+        self._outbox: asyncio.Queue[Sequence[Routed]] = asyncio.Queue(RELAY_QUEUE)
+        self._inbox: asyncio.Queue[list[Event]] = asyncio.Queue(RELAY_QUEUE)
         self._k_nodes = f"{prefix}nodes"
         self._k_due = f"{prefix}due"
         self._k_alive = f"{prefix}node:{self.node}"
@@ -378,6 +401,8 @@ class RedisPresence(PresenceRegistry):
         self._retire_at_close = True
         self.start_worker(self._heartbeat_loop(), name="presence-heartbeat")
         self.start_worker(self._listen_loop(), name="presence-listen")
+        self.start_worker(self._relay_send_loop(), name="relay-send")
+        self.start_worker(self._relay_deliver_loop(), name="relay-deliver")
         await super()._start()
 
     async def _stopped(self) -> None:
@@ -463,13 +488,16 @@ class RedisPresence(PresenceRegistry):
     async def _subscribe(self) -> PubSub:
         pubsub = self._redis.pubsub()
         try:
-            await pubsub.subscribe(self._channel)
+            await pubsub.subscribe(self._channel, self._relay_channel)
             # SUBSCRIBE only counts once Redis confirms it: until then a PUBLISH could pass us by.
+            confirmed = 0
             async with asyncio.timeout(10.0):
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message["type"] == "subscribe":
-                        return pubsub
+                        confirmed += 1
+                        if confirmed == 2:
+                            return pubsub
         except BaseException:
             await _close_quietly(pubsub)
             raise
@@ -510,7 +538,10 @@ class RedisPresence(PresenceRegistry):
             if message is not None:
                 heard, pinged = now, None
                 if message["type"] == "message":
-                    self._hear(message["data"])
+                    if message["channel"] == self._relay_channel:
+                        self._hear_relayed(message["data"])
+                    else:
+                        self._hear(message["data"])
                 elif message["type"] == "subscribe":
                     logger.warning(
                         "presence: subscribed again at Redis %s; transitions made meanwhile were not heard",
@@ -534,6 +565,85 @@ class RedisPresence(PresenceRegistry):
             logger.warning("presence: ignored a malformed message on %s", self._channel)
             return
         self._emit(Presence(user, state, last_seen))
+
+    # --- relaying events between processes -------------------------------------------------------
+
+    def relay_to(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    def relay(self, events: Sequence[Routed]) -> None:
+        if not events:
+            return
+        try:
+            self._outbox.put_nowait(events)
+        except asyncio.QueueFull:
+            RELAY_DROPPED.labels(reason="send_queue_full").inc(len(events))
+
+    async def _relay_send_loop(self) -> None:
+        while True:
+            events = await self._outbox.get()
+            try:
+                await self._send_relayed(events)
+            except Exception as exc:  # Redis away: these events are lost to the relay, not to the store
+                RELAY_DROPPED.labels(reason="redis").inc(len(events))
+                logger.warning(
+                    "relay: could not relay %d events through Redis %s (%s: %s); devices catch up from the store",
+                    len(events),
+                    self.target,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    async def _send_relayed(self, events: Sequence[Routed]) -> None:
+        users = list(dict.fromkeys(user for user, _ in events if user is not None))
+        everywhere = any(user is None for user, _ in events)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.hvals(self._k_dev(user))
+            if everywhere:
+                pipe.smembers(self._k_nodes)
+            found: list[Any] = await pipe.execute()
+        holders = {user: {v.partition("|")[0] for v in values} for user, values in zip(users, found, strict=False)}
+        all_nodes: set[str] = set(found[-1]) if everywhere else set()
+        batches: dict[str, list[list[Any]]] = {}
+        for owner, (topic, payload, qos) in events:
+            encoded = _encode_event(topic, payload, qos)
+            for node in holders[owner] if owner is not None else all_nodes:
+                if node != self.node:
+                    batches.setdefault(node, []).append(encoded)
+        if not batches:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for node, batch in batches.items():
+                pipe.publish(f"{self.prefix}relay:{node}", json.dumps(batch, separators=(",", ":")))
+            await pipe.execute()
+        RELAYED.labels(direction="sent").inc(sum(len(b) for b in batches.values()))
+
+    def _hear_relayed(self, data: Any) -> None:
+        try:
+            events = [_decode_event(item) for item in json.loads(data)]
+        except (ValueError, TypeError, KeyError, IndexError):
+            logger.warning("relay: ignored a malformed message on %s", self._relay_channel)
+            return
+        try:
+            self._inbox.put_nowait(events)
+        except asyncio.QueueFull:
+            RELAY_DROPPED.labels(reason="deliver_queue_full").inc(len(events))
+
+    async def _relay_deliver_loop(self) -> None:
+        while True:
+            events = await self._inbox.get()
+            deliver = self._deliver
+            if deliver is None:
+                RELAY_DROPPED.labels(reason="no_receiver").inc(len(events))
+                continue
+            for event in events:
+                try:
+                    await deliver(event)
+                except Exception:  # one event's failure is its own
+                    RELAY_DROPPED.labels(reason="deliver_failed").inc()
+                    logger.exception("relay: delivering a relayed event on %s failed", event[0])
+            RELAYED.labels(direction="delivered").inc(len(events))
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -559,3 +669,21 @@ class RedisPresence(PresenceRegistry):
 
     def _k_state(self, user: str) -> str:
         return f"{self.prefix}state:{user}"
+
+
+def _encode_event(topic: str, payload: bytes, qos: int) -> list[Any]:
+    try:
+        return [topic, qos, "t", payload.decode("utf-8")]
+    except UnicodeDecodeError:
+        return [topic, qos, "b", base64.b64encode(payload).decode("ascii")]
+
+
+def _decode_event(item: list[Any]) -> Event:
+    topic, qos, kind, data = item
+    if not isinstance(topic, str) or qos not in (0, 1) or not isinstance(data, str):
+        raise ValueError("not a relayed event")
+    if kind == "t":
+        return topic, data.encode("utf-8"), qos
+    if kind == "b":
+        return topic, base64.b64decode(data, validate=True), qos
+    raise ValueError(f"unknown payload kind {kind!r}")

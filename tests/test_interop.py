@@ -14,6 +14,7 @@ import httpx
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from mqchat.ids import dm_conv
 from tests.conftest import Served
@@ -175,8 +176,11 @@ def test_metrics_cover_every_process(served: Served) -> None:
         c.loop_stop()
         c.disconnect()
     assert acked, "no ack"
-    samples = dict(
-        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#") and " " in line
-    )
-    assert float(samples["mqchat_messages_accepted_total"]) == 1.0
-    assert float(samples["mqchat_broker_connected_clients"]) >= 1.0
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if set(sample.labels) <= {"node"}  # every sample carries this node's label; nothing else here
+    }
+    assert samples["mqchat_messages_accepted_total"] == 1.0
+    assert samples["mqchat_broker_connected_clients"] >= 1.0

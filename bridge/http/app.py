@@ -44,10 +44,12 @@ def create_app(
     presence: PresenceLookup | None = None,
     push_store: PushStore | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    node: str = "",
 ) -> FastAPI:
     """Build the ASGI app over the given stores and token verifier; each service receives the
     parts of the store it uses.
 
+    ``node`` names this node in /healthz and labels every /metrics sample ("": no label);
     ``broker_connected`` tells /healthz whether the bridge currently reaches the broker, and
     ``dead_workers`` which background workers have died (any: /healthz answers 503);
     ``publish`` sends events (membership changes) to devices through the adapter;
@@ -79,6 +81,7 @@ def create_app(
         visibility=Visibility(groups=store, privacy=store, lookup=presence),
         broker_connected=broker_connected,
         dead_workers=dead_workers,
+        node=node,
     )
     install_error_handlers(app)
     app.include_router(sync_router(max_limit=history_max_limit))

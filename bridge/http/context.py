@@ -29,6 +29,7 @@ class ApiContext:
     visibility: Visibility
     broker_connected: Callable[[], bool]  # the bridge reaches the broker now
     dead_workers: Callable[[], list[str]]  # background workers that died
+    node: str = ""  # this node's name in a cluster ("": unnamed)
 
 
 async def api_context(request: Request) -> ApiContext:

@@ -217,19 +217,22 @@ def _round_metrics(http_port: int) -> dict[str, float]:
     """The sequencer's counters, from the server's Prometheus metrics."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"http://{HOST}:{http_port}/metrics", timeout=10) as answer:
         text = answer.read().decode()
+    wanted = {
+        "mqchat_cassandra_sequence_round_seconds_sum",
+        "mqchat_cassandra_sequence_round_seconds_count",
+        "mqchat_cassandra_sequence_batch_messages_sum",
+        "mqchat_cassandra_sequence_batch_messages_count",
+        "mqchat_cassandra_sequence_conflicts_total",
+    }
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        for name in (
-            "mqchat_cassandra_sequence_round_seconds_sum",
-            "mqchat_cassandra_sequence_round_seconds_count",
-            "mqchat_cassandra_sequence_batch_messages_sum",
-            "mqchat_cassandra_sequence_batch_messages_count",
-            "mqchat_cassandra_sequence_conflicts_total",
-        ):
-            if line.startswith(name + " "):
-                values[name] = values.get(name, 0.0) + float(line.split()[-1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:  # summed over labels (the node's, the process's)
+            if sample.name in wanted:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
 
 

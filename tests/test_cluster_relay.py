@@ -1,0 +1,135 @@
+"""Two mqchat nodes sharing one Cassandra keyspace and one Redis: a device may connect to either,
+and what one node's pipeline publishes reaches the devices on the other in real time (relayed
+through Redis by the presence registry, which knows which node holds which device). The store
+stays the truth: a device that was away catches up from it, whatever the relay missed."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mqchat.config import PresenceConfig, StorageConfig
+from mqchat.ids import dm_conv
+from tests.cassandra_store import cassandra_storage_config  # noqa: F401
+from tests.conftest import Stack, make_config, open_stack
+from tests.helpers import connect_device, send_env, unique
+from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401
+
+
+@asynccontextmanager
+async def two_nodes(storage: StorageConfig, redis: str, tmp_path: Path) -> AsyncIterator[tuple[Stack, Stack]]:
+    secret = secrets.token_urlsafe(32)
+    presence = PresenceConfig(redis_url=redis)
+    a = make_config(tmp_path / "a", secret=secret, presence=presence, storage=storage)
+    b = make_config(
+        tmp_path / "b", secret=secret, presence=presence, storage=dataclasses.replace(storage, data_dir=tmp_path / "b")
+    )
+    async with open_stack(a, "inbroker") as node_a, open_stack(b, "inbroker") as node_b:
+        yield node_a, node_b
+
+
+async def test_a_message_sent_through_one_node_reaches_the_recipient_on_the_other_live(
+    cassandra_storage_config: StorageConfig,  # noqa: F811
+    redis_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    async with (
+        two_nodes(cassandra_storage_config, redis_url, tmp_path) as (a, b),
+        connect_device(a.mqtt_port, alice, "a1", a.token(alice, "a1")) as a1,
+        connect_device(b.mqtt_port, bob, "b1", b.token(bob, "b1")) as b1,
+    ):
+        conv = dm_conv(alice, bob)
+        for i in range(5):
+            await a1.send(send_env(conv, f"hello {i}"))
+        acks = await a1.wait_for(lambda e: e["type"] == "ack", count=5)
+        got = await b1.wait_for(lambda e: e["type"] == "msg" and e["conv"] == conv, count=5)
+        assert [m["body"] for m in got] == [f"hello {i}" for i in range(5)]
+        assert [m["seq"] for m in got] == [ack["seq"] for ack in acks] == [1, 2, 3, 4, 5]
+        # And back: bob's answer through node B reaches alice on node A, with bob's read receipt.
+        await b1.send({"type": "read", "id": "r1", "conv": conv, "seq": 5})
+        await b1.send(send_env(conv, "hi alice"))
+        answer = await a1.wait_for(lambda e: e["type"] == "msg" and e["from"] == bob)
+        assert answer[0]["seq"] == 6
+        await a1.wait_for(lambda e: e["type"] == "receipt" and e.get("user") == bob and e.get("read", 0) >= 5)
+
+
+async def test_a_group_fans_out_to_members_on_both_nodes_and_a_late_device_catches_up(
+    cassandra_storage_config: StorageConfig,  # noqa: F811
+    redis_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
+    async with two_nodes(cassandra_storage_config, redis_url, tmp_path) as (a, b):
+        async with a.http(alice) as http:
+            created = await http.post("/v1/groups", json={"name": "team", "members": [bob, carol]})
+        assert created.status_code == 201, created.text
+        conv = created.json()["conv"]
+        async with (
+            connect_device(a.mqtt_port, alice, "a1", a.token(alice, "a1")) as a1,
+            connect_device(b.mqtt_port, bob, "b1", b.token(bob, "b1")) as b1,
+            connect_device(a.mqtt_port, bob, "b2", a.token(bob, "b2")) as b2,
+        ):
+            await a1.send(send_env(conv, "to the team"))
+            await a1.wait_for(lambda e: e["type"] == "ack")
+            for device in (b1, b2):  # bob's two devices, one on each node: each gets it once
+                await device.wait_for(lambda e: e["type"] == "msg" and e["conv"] == conv)
+                assert len(device.envelopes("msg")) == 1
+        # carol was connected nowhere: she finds it in the store, through either node.
+        for node in (a, b):
+            async with node.http(carol) as http:
+                page = await _history(http, conv)
+            assert [m["body"] for m in page["messages"]] == ["to the team"]
+
+
+async def _history(http: httpx.AsyncClient, conv: str) -> dict[str, Any]:
+    answer = await http.get(f"/v1/conversations/{conv}/messages", params={"after": 0})
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+async def test_while_redis_is_away_sends_are_stored_and_the_other_node_catches_up_then_relays_again(
+    cassandra_storage_config: StorageConfig,  # noqa: F811
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Redis stopped: node A still stores and acks alice's sends; bob on node B hears nothing
+    live (the relay is down), and finds them in the store. Redis back (empty): relaying resumes
+    once both nodes have registered again."""
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+    async with (
+        two_nodes(cassandra_storage_config, redis_server.url, tmp_path) as (a, b),
+        connect_device(a.mqtt_port, alice, "a1", a.token(alice, "a1")) as a1,
+        connect_device(b.mqtt_port, bob, "b1", b.token(bob, "b1")) as b1,
+    ):
+        await a1.send(send_env(conv, "before"))
+        await b1.wait_for(lambda e: e["type"] == "msg" and e["body"] == "before")
+        redis_server.stop()
+        await a1.send(send_env(conv, "while away"))
+        ack = (await a1.wait_for(lambda e: e["type"] == "ack" and e["seq"] == 2))[0]
+        async with b.http(bob) as http:
+            page = await _history(http, conv)
+        assert [(m["seq"], m["body"]) for m in page["messages"]] == [(1, "before"), (2, "while away")]
+        assert ack["seq"] == 2
+        redis_server.start()
+        # bob's device is registered again by node B's heartbeat (its liveness key is gone with
+        # the data): resend until a message sent now reaches him live.
+        deadline = asyncio.get_running_loop().time() + 30
+        sent = 2
+        while not [e for e in b1.envelopes("msg") if e["seq"] > 2]:
+            assert asyncio.get_running_loop().time() < deadline, "relaying never resumed"
+            await a1.send(send_env(conv, f"after {sent}"))
+            sent += 1
+            await asyncio.sleep(0.5)
+        live = [e["seq"] for e in b1.envelopes("msg")]
+        assert 2 not in live  # lost to the relay, found in the store above
+        assert live == sorted(live)
