@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,11 +16,12 @@ from typing import Any
 
 import httpx
 
+from clients.testing.loadgen import Creds, connect
 from mqchat.config import PresenceConfig, StorageConfig
 from mqchat.ids import dm_conv
 from tests.cassandra_store import cassandra_storage_config  # noqa: F401
 from tests.conftest import Stack, make_config, open_stack
-from tests.helpers import connect_device, send_env, unique
+from tests.helpers import connect_device, send_env, unique, wait_until
 from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401
 
 
@@ -133,3 +135,59 @@ async def test_while_redis_is_away_sends_are_stored_and_the_other_node_catches_u
         live = [e["seq"] for e in b1.envelopes("msg")]
         assert 2 not in live  # lost to the relay, found in the store above
         assert live == sorted(live)
+
+
+async def test_channel_posts_and_membership_changes_reach_the_other_node(
+    cassandra_storage_config: StorageConfig,  # noqa: F811
+    redis_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The channel is run through node A; its subscribers are on node B. B's ACL hears A's
+    membership changes: a refusal it cached is lifted by a join, and a removal ends the feed."""
+    owner, bob, carol = unique("owner"), unique("bob"), unique("carol")
+    async with two_nodes(cassandra_storage_config, redis_url, tmp_path) as (a, b):
+        async with a.http(owner) as http:
+            created = await http.post("/v1/groups", json={"name": "news", "kind": "channel", "members": [bob]})
+        assert created.status_code == 201, created.text
+        conv = created.json()["conv"]
+        topic = f"c/{conv}/in"
+        received: dict[str, list[str]] = {bob: [], carol: []}
+
+        def record(user: str) -> Any:
+            def on_message(t: str, payload: bytes, qos: int) -> None:
+                envelope = json.loads(payload)
+                if t == topic and envelope.get("type") == "msg":
+                    received[user].append(envelope["body"])
+
+            return on_message
+
+        on_b = {}
+        for user in (bob, carol):
+            creds = Creds(f"{user}-d", user, b.token(user, f"{user}-d"))
+            on_b[user] = await connect("127.0.0.1", b.mqtt_port, creds, on_message=record(user))
+        try:
+            assert await on_b[bob].subscribe([(topic, 1)]) == [1]
+            assert await on_b[carol].subscribe([(topic, 1)]) == [0x80], "not (yet) a member: refused, and cached on B"
+            async with a.http(owner) as http:
+                assert (await http.post(f"/v1/groups/{conv}/members", json={"members": [carol]})).status_code == 200
+            deadline = asyncio.get_running_loop().time() + 10
+            while await on_b[carol].subscribe([(topic, 1)]) != [1]:  # B's cache hears of the join
+                assert asyncio.get_running_loop().time() < deadline, "node B never heard of carol's join"
+                await asyncio.sleep(0.05)
+            async with connect_device(a.mqtt_port, owner, "o1", a.token(owner, "o1")) as o1:
+                await o1.send(send_env(conv, "first"))
+                await wait_until(lambda: received[bob] == ["first"] and received[carol] == ["first"])
+                async with a.http(owner) as http:
+                    assert (await http.delete(f"/v1/groups/{conv}/members/{bob}")).status_code == 200
+                deadline = asyncio.get_running_loop().time() + 10
+                while await on_b[bob].subscribe([(topic, 1)]) != [0x80]:  # B's ACL hears of the removal
+                    assert asyncio.get_running_loop().time() < deadline, "node B never heard of bob's removal"
+                    await asyncio.sleep(0.05)
+                await o1.send(send_env(conv, "second"))
+                await wait_until(lambda: received[carol] == ["first", "second"])
+                await asyncio.sleep(0.3)
+                assert received[bob] == ["first"], "the removal ended bob's feed on node B"
+        finally:
+            for client in on_b.values():
+                client.disconnect()
+            await asyncio.gather(*(c.wait_closed() for c in on_b.values()), return_exceptions=True)
