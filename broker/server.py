@@ -40,6 +40,7 @@ from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_1
 from amqtt.session import Session
+from prometheus_client import Counter
 
 from broker.admission import Admission
 from broker.amqtt_compat import ClosingStreamWriter, check_amqtt_version
@@ -58,6 +59,10 @@ from storage.presence import PresenceRegistry
 __all__ = ["InboundHook", "MqchatBroker"]
 
 logger = logging.getLogger(__name__)
+
+TAKEOVERS = Counter(
+    "mqchat_broker_takeovers_total", "Device sessions ended here because the device connected through another node"
+)
 
 InboundHook = Callable[[str, str, bytes], Awaitable[None]]
 """Takes (user, device, payload) of a device's request on its own ``u/{user}/{device}/out``."""
@@ -97,6 +102,10 @@ class MqchatBroker(Broker):
         self.membership = membership
         self._subscriptions: SubscriptionIndex = SubscriptionIndex()
         self._connections = itertools.count(1)
+        # (user, device) -> (connection, client id) of the device sessions served now
+        self._device_connections: dict[tuple[str, str], tuple[str, str]] = {}
+        if presence is not None:
+            presence.on_takeover(self.taken_over)
         self.admission = Admission(limits=self.limits, sessions=self._sessions)
         self.delivery = Delivery(
             limits=self.limits,
@@ -146,6 +155,17 @@ class MqchatBroker(Broker):
             ssl=ssl_context,
             backlog=self.limits.listen_backlog,
         )
+
+    def taken_over(self, user: str, device: str, connection: str) -> None:
+        """The device connected through another node: end its session here if connection is still
+        the one serving it (its queued messages go with it; the device catches up from the store)."""
+        served = self._device_connections.get((user, device))
+        if served is None or served[0] != connection:
+            return
+        found = self._sessions.get(served[1])
+        if found is not None:
+            TAKEOVERS.inc()
+            found[1].abort()
 
     def dead_workers(self) -> list[str]:
         reports = self.reports.dead_workers() if self.reports is not None else []
@@ -243,6 +263,8 @@ class MqchatBroker(Broker):
         )
         await handler.start()
         connection = f"{next(self._connections)}"
+        if identity is not None:
+            self._device_connections[(identity.user, identity.device)] = (connection, client_id)
         reports = self.reports if identity is not None else None
         if reports is not None and identity is not None:
             reports.connected(identity.user, identity.device, connection)
@@ -258,6 +280,10 @@ class MqchatBroker(Broker):
                 ended.set_result(None)
                 await self._handle_disconnect(session, handler, ended)
         finally:
+            if identity is not None:
+                key = (identity.user, identity.device)
+                if self._device_connections.get(key, (None,))[0] == connection:
+                    del self._device_connections[key]
             if reports is not None and identity is not None:
                 reports.disconnected(identity.user, identity.device, connection)
 

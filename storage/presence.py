@@ -81,6 +81,7 @@ class PresenceRegistry(Service, ABC):
         self.sweep_interval_s = sweep_interval_s
         self.clock = clock
         self._listeners: list[Listener] = []
+        self._takeover_callbacks: list[Callable[[str, str, str], None]] = []
 
     def listen(self, listener: Listener) -> None:
         """Call listener (on this loop) with every transition, wherever it was made."""
@@ -116,6 +117,19 @@ class PresenceRegistry(Service, ABC):
         """Turn users whose grace window ended (and, per backend, whose process died) offline."""
 
     # --- events between the processes that hold devices (a cluster's nodes) ----------------------
+
+    def on_takeover(self, callback: Callable[[str, str, str], None]) -> None:
+        """Call callback(user, device, conn) when a device that connection conn of this process
+        holds connects through another process: this one's session is stale and should end. (One
+        process sees its own takeovers itself: the MQTT client id is the device.)"""
+        self._takeover_callbacks.append(callback)
+
+    def _taken_over(self, user: str, device: str, conn: str) -> None:
+        for callback in self._takeover_callbacks:
+            try:
+                callback(user, device, conn)
+            except Exception:
+                logger.exception("takeover callback failed")
 
     def relay_to(self, deliver: Deliver) -> None:
         """Hand deliver the events other processes relay to this one (in the order they were

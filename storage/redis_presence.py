@@ -16,7 +16,9 @@ Keys (``P`` = prefix, ``mqchat:`` by default)::
     P due               zset user -> deadline (ms): last device gone, offline unless back by then
     P presence          pub/sub channel: {"user", "state", "last_seen"} per transition
     P relay:{node}      pub/sub channel: events relayed to that process, a JSON list of
-                        [topic, qos, "t", text] (or [topic, qos, "b", base64] for a binary payload)
+                        [topic, qos, "t", text] (or [topic, qos, "b", base64] for a binary payload);
+                        or {"takeover": [user, device, conn]}: that device of this process's
+                        connection conn has connected through another process
 
 Liveness: a process that stops refreshing ``node:{node}`` (killed, frozen, cut off) is dead once
 the key expires; any process's sweep then removes that node's devices (those still naming it)
@@ -119,14 +121,23 @@ end
 """
 
 # KEYS: dev:{user}, state:{user}, due, nodedev:{node}
-# ARGV: user, device, "node|conn", now ms, channel, member, only if absent ("1": re-registering)
+# ARGV: user, device, "node|conn", now ms, channel, member, only if absent ("1": re-registering),
+#       "node|", relay channel prefix
+# A device that was connected through another process (a takeover): that process hears of it on
+# its relay channel, {"takeover": [user, device, its connection]}, and ends the stale session.
 _CONNECT = (
     _LIB
     + """
+local current = redis.call('HGET', KEYS[1], ARGV[2])
 if ARGV[7] == '1' then
-  local current = redis.call('HGET', KEYS[1], ARGV[2])
   if current and current ~= ARGV[3] then
     return -1
+  end
+elseif current and current ~= ARGV[3] and string.sub(current, 1, #ARGV[8]) ~= ARGV[8] then
+  local bar = string.find(current, '|', 1, true)
+  if bar then
+    redis.call('PUBLISH', ARGV[9] .. string.sub(current, 1, bar - 1),
+      '{"takeover":' .. cjson.encode({ARGV[1], ARGV[2], string.sub(current, bar + 1)}) .. '}')
   end
 end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
@@ -621,7 +632,14 @@ class RedisPresence(PresenceRegistry):
 
     def _hear_relayed(self, data: Any) -> None:
         try:
-            events = [_decode_event(item) for item in json.loads(data)]
+            decoded = json.loads(data)
+            if isinstance(decoded, dict):
+                user, device, conn = decoded["takeover"]
+                if not all(isinstance(x, str) for x in (user, device, conn)):
+                    raise ValueError("unexpected fields")
+                self._taken_over(user, device, conn)
+                return
+            events = [_decode_event(item) for item in decoded]
         except (ValueError, TypeError, KeyError, IndexError):
             logger.warning("relay: ignored a malformed message on %s", self._relay_channel)
             return
@@ -658,6 +676,8 @@ class RedisPresence(PresenceRegistry):
                 self._channel,
                 _member(user, device),
                 "1" if only_if_absent else "0",
+                self._tag,
+                f"{self.prefix}relay:",
             ],
         )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from clients.testing.loadgen import Creds, connect
 from mqchat.config import PresenceConfig, StorageConfig
@@ -37,14 +38,22 @@ async def two_nodes(storage: StorageConfig, redis: str, tmp_path: Path) -> Async
         yield node_a, node_b
 
 
-async def test_a_message_sent_through_one_node_reaches_the_recipient_on_the_other_live(
+@pytest.fixture
+async def nodes(
     cassandra_storage_config: StorageConfig,  # noqa: F811
     redis_url: str,  # noqa: F811
     tmp_path: Path,
+) -> AsyncIterator[tuple[Stack, Stack]]:
+    async with two_nodes(cassandra_storage_config, redis_url, tmp_path) as pair:
+        yield pair
+
+
+async def test_a_message_sent_through_one_node_reaches_the_recipient_on_the_other_live(
+    nodes: tuple[Stack, Stack],
 ) -> None:
+    a, b = nodes
     alice, bob = unique("alice"), unique("bob")
     async with (
-        two_nodes(cassandra_storage_config, redis_url, tmp_path) as (a, b),
         connect_device(a.mqtt_port, alice, "a1", a.token(alice, "a1")) as a1,
         connect_device(b.mqtt_port, bob, "b1", b.token(bob, "b1")) as b1,
     ):
@@ -64,31 +73,29 @@ async def test_a_message_sent_through_one_node_reaches_the_recipient_on_the_othe
 
 
 async def test_a_group_fans_out_to_members_on_both_nodes_and_a_late_device_catches_up(
-    cassandra_storage_config: StorageConfig,  # noqa: F811
-    redis_url: str,  # noqa: F811
-    tmp_path: Path,
+    nodes: tuple[Stack, Stack],
 ) -> None:
     alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
-    async with two_nodes(cassandra_storage_config, redis_url, tmp_path) as (a, b):
-        async with a.http(alice) as http:
-            created = await http.post("/v1/groups", json={"name": "team", "members": [bob, carol]})
-        assert created.status_code == 201, created.text
-        conv = created.json()["conv"]
-        async with (
-            connect_device(a.mqtt_port, alice, "a1", a.token(alice, "a1")) as a1,
-            connect_device(b.mqtt_port, bob, "b1", b.token(bob, "b1")) as b1,
-            connect_device(a.mqtt_port, bob, "b2", a.token(bob, "b2")) as b2,
-        ):
-            await a1.send(send_env(conv, "to the team"))
-            await a1.wait_for(lambda e: e["type"] == "ack")
-            for device in (b1, b2):  # bob's two devices, one on each node: each gets it once
-                await device.wait_for(lambda e: e["type"] == "msg" and e["conv"] == conv)
-                assert len(device.envelopes("msg")) == 1
-        # carol was connected nowhere: she finds it in the store, through either node.
-        for node in (a, b):
-            async with node.http(carol) as http:
-                page = await _history(http, conv)
-            assert [m["body"] for m in page["messages"]] == ["to the team"]
+    a, b = nodes
+    async with a.http(alice) as http:
+        created = await http.post("/v1/groups", json={"name": "team", "members": [bob, carol]})
+    assert created.status_code == 201, created.text
+    conv = created.json()["conv"]
+    async with (
+        connect_device(a.mqtt_port, alice, "a1", a.token(alice, "a1")) as a1,
+        connect_device(b.mqtt_port, bob, "b1", b.token(bob, "b1")) as b1,
+        connect_device(a.mqtt_port, bob, "b2", a.token(bob, "b2")) as b2,
+    ):
+        await a1.send(send_env(conv, "to the team"))
+        await a1.wait_for(lambda e: e["type"] == "ack")
+        for device in (b1, b2):  # bob's two devices, one on each node: each gets it once
+            await device.wait_for(lambda e: e["type"] == "msg" and e["conv"] == conv)
+            assert len(device.envelopes("msg")) == 1
+    # carol was connected nowhere: she finds it in the store, through either node.
+    for node in (a, b):
+        async with node.http(carol) as http:
+            page = await _history(http, conv)
+        assert [m["body"] for m in page["messages"]] == ["to the team"]
 
 
 async def _history(http: httpx.AsyncClient, conv: str) -> dict[str, Any]:
@@ -137,57 +144,75 @@ async def test_while_redis_is_away_sends_are_stored_and_the_other_node_catches_u
         assert live == sorted(live)
 
 
-async def test_channel_posts_and_membership_changes_reach_the_other_node(
-    cassandra_storage_config: StorageConfig,  # noqa: F811
-    redis_url: str,  # noqa: F811
-    tmp_path: Path,
-) -> None:
+async def test_channel_posts_and_membership_changes_reach_the_other_node(nodes: tuple[Stack, Stack]) -> None:
     """The channel is run through node A; its subscribers are on node B. B's ACL hears A's
     membership changes: a refusal it cached is lifted by a join, and a removal ends the feed."""
     owner, bob, carol = unique("owner"), unique("bob"), unique("carol")
-    async with two_nodes(cassandra_storage_config, redis_url, tmp_path) as (a, b):
+    a, b = nodes
+    async with a.http(owner) as http:
+        created = await http.post("/v1/groups", json={"name": "news", "kind": "channel", "members": [bob]})
+    assert created.status_code == 201, created.text
+    conv = created.json()["conv"]
+    topic = f"c/{conv}/in"
+    received: dict[str, list[str]] = {bob: [], carol: []}
+
+    def record(user: str) -> Any:
+        def on_message(t: str, payload: bytes, qos: int) -> None:
+            envelope = json.loads(payload)
+            if t == topic and envelope.get("type") == "msg":
+                received[user].append(envelope["body"])
+
+        return on_message
+
+    on_b = {}
+    for user in (bob, carol):
+        creds = Creds(f"{user}-d", user, b.token(user, f"{user}-d"))
+        on_b[user] = await connect("127.0.0.1", b.mqtt_port, creds, on_message=record(user))
+    try:
+        assert await on_b[bob].subscribe([(topic, 1)]) == [1]
+        assert await on_b[carol].subscribe([(topic, 1)]) == [0x80], "not (yet) a member: refused, and cached on B"
         async with a.http(owner) as http:
-            created = await http.post("/v1/groups", json={"name": "news", "kind": "channel", "members": [bob]})
-        assert created.status_code == 201, created.text
-        conv = created.json()["conv"]
-        topic = f"c/{conv}/in"
-        received: dict[str, list[str]] = {bob: [], carol: []}
-
-        def record(user: str) -> Any:
-            def on_message(t: str, payload: bytes, qos: int) -> None:
-                envelope = json.loads(payload)
-                if t == topic and envelope.get("type") == "msg":
-                    received[user].append(envelope["body"])
-
-            return on_message
-
-        on_b = {}
-        for user in (bob, carol):
-            creds = Creds(f"{user}-d", user, b.token(user, f"{user}-d"))
-            on_b[user] = await connect("127.0.0.1", b.mqtt_port, creds, on_message=record(user))
-        try:
-            assert await on_b[bob].subscribe([(topic, 1)]) == [1]
-            assert await on_b[carol].subscribe([(topic, 1)]) == [0x80], "not (yet) a member: refused, and cached on B"
+            assert (await http.post(f"/v1/groups/{conv}/members", json={"members": [carol]})).status_code == 200
+        deadline = asyncio.get_running_loop().time() + 10
+        while await on_b[carol].subscribe([(topic, 1)]) != [1]:  # B's cache hears of the join
+            assert asyncio.get_running_loop().time() < deadline, "node B never heard of carol's join"
+            await asyncio.sleep(0.05)
+        async with connect_device(a.mqtt_port, owner, "o1", a.token(owner, "o1")) as o1:
+            await o1.send(send_env(conv, "first"))
+            await wait_until(lambda: received[bob] == ["first"] and received[carol] == ["first"])
             async with a.http(owner) as http:
-                assert (await http.post(f"/v1/groups/{conv}/members", json={"members": [carol]})).status_code == 200
+                assert (await http.delete(f"/v1/groups/{conv}/members/{bob}")).status_code == 200
             deadline = asyncio.get_running_loop().time() + 10
-            while await on_b[carol].subscribe([(topic, 1)]) != [1]:  # B's cache hears of the join
-                assert asyncio.get_running_loop().time() < deadline, "node B never heard of carol's join"
+            while await on_b[bob].subscribe([(topic, 1)]) != [0x80]:  # B's ACL hears of the removal
+                assert asyncio.get_running_loop().time() < deadline, "node B never heard of bob's removal"
                 await asyncio.sleep(0.05)
-            async with connect_device(a.mqtt_port, owner, "o1", a.token(owner, "o1")) as o1:
-                await o1.send(send_env(conv, "first"))
-                await wait_until(lambda: received[bob] == ["first"] and received[carol] == ["first"])
-                async with a.http(owner) as http:
-                    assert (await http.delete(f"/v1/groups/{conv}/members/{bob}")).status_code == 200
-                deadline = asyncio.get_running_loop().time() + 10
-                while await on_b[bob].subscribe([(topic, 1)]) != [0x80]:  # B's ACL hears of the removal
-                    assert asyncio.get_running_loop().time() < deadline, "node B never heard of bob's removal"
-                    await asyncio.sleep(0.05)
-                await o1.send(send_env(conv, "second"))
-                await wait_until(lambda: received[carol] == ["first", "second"])
-                await asyncio.sleep(0.3)
-                assert received[bob] == ["first"], "the removal ended bob's feed on node B"
-        finally:
-            for client in on_b.values():
-                client.disconnect()
-            await asyncio.gather(*(c.wait_closed() for c in on_b.values()), return_exceptions=True)
+            await o1.send(send_env(conv, "second"))
+            await wait_until(lambda: received[carol] == ["first", "second"])
+            await asyncio.sleep(0.3)
+            assert received[bob] == ["first"], "the removal ended bob's feed on node B"
+    finally:
+        for client in on_b.values():
+            client.disconnect()
+        await asyncio.gather(*(c.wait_closed() for c in on_b.values()), return_exceptions=True)
+
+
+async def test_a_device_that_reappears_on_the_other_node_takes_over_and_the_stale_session_ends(
+    nodes: tuple[Stack, Stack],
+) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+    a, b = nodes
+    stale = await connect("127.0.0.1", a.mqtt_port, Creds("phone", alice, a.token(alice, "phone")))
+    try:
+        async with connect_device(b.mqtt_port, alice, "phone", b.token(alice, "phone")) as moved:
+            # Node A hears that the device connected through node B, and ends its session.
+            await asyncio.wait_for(stale.wait_closed(), 10)
+            async with connect_device(a.mqtt_port, bob, "b1", a.token(bob, "b1")) as b1:
+                await b1.send(send_env(conv, "where are you?"))
+                await b1.wait_for(lambda e: e["type"] == "ack")
+                await moved.wait_for(lambda e: e["type"] == "msg" and e["body"] == "where are you?")
+            async with a.http(bob) as http:
+                online = (await http.get("/v1/presence", params={"users": alice})).json()
+            assert [p["state"] for p in online["users"]] == ["online"], online
+    finally:
+        stale.disconnect()
