@@ -104,6 +104,7 @@ class MqchatBroker(Broker):
         self._connections = itertools.count(1)
         # (user, device) -> (connection, client id) of the device sessions served now
         self._device_connections: dict[tuple[str, str], tuple[str, str]] = {}
+        self._taken_over: set[str] = set()  # connections whose sessions are dropped when they end
         if presence is not None:
             presence.on_takeover(self.taken_over)
         self.admission = Admission(limits=self.limits, sessions=self._sessions)
@@ -157,14 +158,16 @@ class MqchatBroker(Broker):
         )
 
     def taken_over(self, user: str, device: str, connection: str) -> None:
-        """The device connected through another node: end its session here if connection is still
-        the one serving it (its queued messages go with it; the device catches up from the store)."""
+        """The device connected through another node: end its connection here if it is still the
+        one serving it, and drop its session even if persistent (nothing more is queued here for
+        a device that lives elsewhere now; it catches up from the store)."""
         served = self._device_connections.get((user, device))
         if served is None or served[0] != connection:
             return
         found = self._sessions.get(served[1])
         if found is not None:
             TAKEOVERS.inc()
+            self._taken_over.add(connection)  # the session is dropped once this connection has ended
             found[1].abort()
 
     def dead_workers(self) -> list[str]:
@@ -280,6 +283,11 @@ class MqchatBroker(Broker):
                 ended.set_result(None)
                 await self._handle_disconnect(session, handler, ended)
         finally:
+            if connection in self._taken_over:
+                self._taken_over.discard(connection)
+                current = self._sessions.get(client_id)
+                if current is not None and current[0] is session:
+                    self._drop_session(session)
             if identity is not None:
                 key = (identity.user, identity.device)
                 if self._device_connections.get(key, (None,))[0] == connection:

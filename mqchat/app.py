@@ -383,17 +383,22 @@ class BrokerHandle:
 
 def relay_target(topic: str) -> tuple[bool, str | None]:
     """Whether other nodes' devices may want a publish on topic, and whose: a user's (their
-    devices' topics) or everyone's (None: channel posts, membership changes)."""
-    if topic.startswith("u/"):
-        return True, topic.split("/", 2)[1]
-    if topic.startswith("c/") or topic == MEMBERSHIP_TOPIC:
+    ``u/{user}/in``) or everyone's (None: channel posts, membership changes). A device's own
+    topic carries answers to that device, which is on this node; presence transitions reach
+    every node's broker through the registry itself."""
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == "u" and parts[2] == "in":
+        return True, parts[1]
+    if parts[0] == "c" or topic == MEMBERSHIP_TOPIC:
         return True, None
-    return False, None  # presence (each node's broker hears transitions itself)
+    return False, None
 
 
 def cluster_relay(config: Config, presence: PresenceRegistry) -> Callable[[list[Outgoing]], None] | None:
-    """With Redis, what relays a node's publishes to the devices on other nodes."""
-    if not config.presence.redis_url:
+    """What relays a node's publishes to the devices on other nodes: with Redis, and a store the
+    nodes share (nodes each on their own SQLite file number the same conversation apart: their
+    events must not meet)."""
+    if not config.presence.redis_url or config.storage.backend == "sqlite":
         return None
 
     def relay(outgoing: list[Outgoing]) -> None:
@@ -433,14 +438,17 @@ async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
         ) as broker,
     ):
         # Events other nodes relay for this broker's devices (a node running broker and bridge in
-        # one process relays its own; see run_node).
+        # one process relays its own; see run_node), until the broker stops.
         presence.relay_to(lambda event: broker.internal_message_broadcast(*event))
-        yield BrokerHandle(
-            broker=broker,
-            mqtt_port=broker.bound_port,
-            store=storage.messages,
-            dead_workers=dead_workers_of(storage, presence, broker),
-        )
+        try:
+            yield BrokerHandle(
+                broker=broker,
+                mqtt_port=broker.bound_port,
+                store=storage.messages,
+                dead_workers=dead_workers_of(storage, presence, broker),
+            )
+        finally:
+            presence.relay_to(None)
 
 
 @asynccontextmanager
@@ -466,6 +474,7 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
         )
         publisher = BrokerPublisher(route=broker.internal_message_broadcast, relay=cluster_relay(config, presence))
         presence.relay_to(lambda event: broker.internal_message_broadcast(*event))
+        stack.callback(presence.relay_to, None)  # before the broker stops
         pipeline = await stack.enter_async_context(bridge_pipeline(config, storage, dispatcher, publisher.publish))
         adapter = await stack.enter_async_context(
             InBrokerAdapter(

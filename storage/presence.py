@@ -131,9 +131,10 @@ class PresenceRegistry(Service, ABC):
             except Exception:
                 logger.exception("takeover callback failed")
 
-    def relay_to(self, deliver: Deliver) -> None:
+    def relay_to(self, deliver: Deliver | None) -> None:
         """Hand deliver the events other processes relay to this one (in the order they were
-        relayed). A registry of one process hears none."""
+        relayed); None: drop them (what they were for has stopped). A registry of one process
+        hears none."""
 
     def relay(self, events: Sequence[Routed]) -> None:
         """Relay events to the other processes, in order, without waiting: an event for a user to

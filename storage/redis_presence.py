@@ -73,6 +73,7 @@ KEEPALIVE_S = 10.0  # ping the subscription after this long without a message
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
 RELAY_QUEUE = 10_000  # relay batches waiting to be sent, or heard and waiting to be delivered
+RELAY_ROUND = 64  # batches sent together: one lookup and one publish round trip
 
 RELAYED = Counter("mqchat_relay_events_total", "Events relayed between processes", ["direction"])
 RELAY_DROPPED = Counter(
@@ -579,7 +580,7 @@ class RedisPresence(PresenceRegistry):
 
     # --- relaying events between processes -------------------------------------------------------
 
-    def relay_to(self, deliver: Deliver) -> None:
+    def relay_to(self, deliver: Deliver | None) -> None:
         self._deliver = deliver
 
     def relay(self, events: Sequence[Routed]) -> None:
@@ -592,7 +593,11 @@ class RedisPresence(PresenceRegistry):
 
     async def _relay_send_loop(self) -> None:
         while True:
-            events = await self._outbox.get()
+            events = list(await self._outbox.get())
+            for _ in range(RELAY_ROUND - 1):  # what queued meanwhile goes in the same round trips
+                if self._outbox.empty():
+                    break
+                events.extend(self._outbox.get_nowait())
             try:
                 await self._send_relayed(events)
             except Exception as exc:  # Redis away: these events are lost to the relay, not to the store
@@ -614,7 +619,9 @@ class RedisPresence(PresenceRegistry):
             if everywhere:
                 pipe.smembers(self._k_nodes)
             found: list[Any] = await pipe.execute()
-        holders = {user: {v.partition("|")[0] for v in values} for user, values in zip(users, found, strict=False)}
+        holders = {
+            user: {v.partition("|")[0] for v in values} for user, values in zip(users, found[: len(users)], strict=True)
+        }
         all_nodes: set[str] = set(found[-1]) if everywhere else set()
         batches: dict[str, list[list[Any]]] = {}
         for owner, (topic, payload, qos) in events:
@@ -627,8 +634,12 @@ class RedisPresence(PresenceRegistry):
         async with self._redis.pipeline(transaction=False) as pipe:
             for node, batch in batches.items():
                 pipe.publish(f"{self.prefix}relay:{node}", json.dumps(batch, separators=(",", ":")))
-            await pipe.execute()
-        RELAYED.labels(direction="sent").inc(sum(len(b) for b in batches.values()))
+            heard: list[int] = await pipe.execute()
+        for batch, listeners in zip(batches.values(), heard, strict=True):
+            if listeners:
+                RELAYED.labels(direction="sent").inc(len(batch))
+            else:  # a node that died (its registrations not yet reaped) or restarted under a new id
+                RELAY_DROPPED.labels(reason="no_listener").inc(len(batch))
 
     def _hear_relayed(self, data: Any) -> None:
         try:
@@ -661,7 +672,8 @@ class RedisPresence(PresenceRegistry):
                 except Exception:  # one event's failure is its own
                     RELAY_DROPPED.labels(reason="deliver_failed").inc()
                     logger.exception("relay: delivering a relayed event on %s failed", event[0])
-            RELAYED.labels(direction="delivered").inc(len(events))
+                else:
+                    RELAYED.labels(direction="delivered").inc()
 
     # --- helpers --------------------------------------------------------------------------------
 
