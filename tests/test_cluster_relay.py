@@ -19,22 +19,29 @@ import pytest
 from prometheus_client import REGISTRY
 
 from clients.testing.loadgen import Creds, connect
-from mqchat.config import PresenceConfig, StorageConfig
+from mqchat.config import PresenceConfig, PushConfig, StorageConfig
 from mqchat.ids import dm_conv
 from tests.cassandra_store import cassandra_storage_config  # noqa: F401
 from tests.conftest import Stack, make_config, open_stack
+from tests.fakes.apns import FakeApns
+from tests.fakes.fcm import FakeFcm
 from tests.helpers import connect_device, send_env, unique, wait_until
 from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401
+from tests.test_push_e2e import fakes, push_config, register, send_burst, settle  # noqa: F401
 
 
 @asynccontextmanager
-async def two_nodes(storage: StorageConfig, redis: str, tmp_path: Path) -> AsyncIterator[tuple[Stack, Stack]]:
+async def two_nodes(
+    storage: StorageConfig, redis: str, tmp_path: Path, *, push: PushConfig | None = None
+) -> AsyncIterator[tuple[Stack, Stack]]:
     secret = secrets.token_urlsafe(32)
     presence = PresenceConfig(redis_url=redis)
     a = make_config(tmp_path / "a", secret=secret, presence=presence, storage=storage)
     b = make_config(
         tmp_path / "b", secret=secret, presence=presence, storage=dataclasses.replace(storage, data_dir=tmp_path / "b")
     )
+    if push is not None:
+        a, b = dataclasses.replace(a, push=push), dataclasses.replace(b, push=push)
     async with open_stack(a, "inbroker") as node_a, open_stack(b, "inbroker") as node_b:
         yield node_a, node_b
 
@@ -252,3 +259,29 @@ async def test_a_device_that_reappears_on_the_other_node_takes_over_and_the_stal
         await b1.send(send_env(conv, "welcome back"))
         await back.wait_for(lambda e: e["type"] == "msg" and e["body"] == "welcome back")
         assert [m["body"] for m in back.envelopes("msg")] == ["welcome back"], "nothing replayed from node A"
+
+
+async def test_one_push_per_burst_cluster_wide_and_none_to_a_device_connected_to_the_other_node(
+    cassandra_storage_config: StorageConfig,  # noqa: F811
+    redis_url: str,  # noqa: F811
+    tmp_path: Path,
+    fakes: tuple[FakeApns, FakeFcm],  # noqa: F811
+) -> None:
+    """Both nodes run a push dispatcher over the one queue in Cassandra, and each asks the one
+    registry in Redis who is connected: bob's phone, offline, gets one push for a burst sent
+    through node A; his tablet, connected to node B, gets none."""
+    apns, fcm = fakes
+    alice, bob = unique("alice"), unique("bob")
+    conv = dm_conv(alice, bob)
+    push = push_config(tmp_path, apns, fcm)
+    async with two_nodes(cassandra_storage_config, redis_url, tmp_path, push=push) as (a, b):
+        await register(a, bob, "bob-phone", "apns", "tok-bob-phone")
+        await register(b, bob, "bob-tablet", "fcm", "tok-bob-tablet")
+        async with connect_device(b.mqtt_port, bob, "bob-tablet", b.token(bob, "bob-tablet")) as tablet:
+            await registered(a, bob)
+            await send_burst(a, alice, conv, 10)
+            await tablet.wait_for(lambda e: e["type"] == "msg", count=10)
+            await settle(apns, fcm)
+        (phone,) = apns.requests_for("tok-bob-phone")
+        assert phone.aps["alert"] == {"title": alice, "body": "10 new messages"}
+        assert fcm.requests_for("tok-bob-tablet") == [], "connected to a node: no push"
