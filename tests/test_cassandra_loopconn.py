@@ -36,7 +36,8 @@ async def test_answers_are_decoded_and_settled_on_the_loops_own_thread(
 
         response = cql.session.execute_async("SELECT release_version FROM system.local")
         response.add_callback(answered)
-        await asyncio.wait_for(done, 10)
+        async with asyncio.timeout(10):
+            await done
         assert called_on == [threading.get_ident()]
         # And the bridge used by every store part answers the same way, many at once.
         await cql.prepare({"local": "SELECT key FROM system.local"})

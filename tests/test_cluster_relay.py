@@ -242,7 +242,8 @@ async def test_a_device_that_reappears_on_the_other_node_takes_over_and_the_stal
         await registered(a, alice)
         async with connect_device(b.mqtt_port, alice, "phone", b.token(alice, "phone")) as moved:
             # Node A hears that the device connected through node B, and ends its session.
-            await asyncio.wait_for(stale.wait_closed(), 10)
+            async with asyncio.timeout(10):
+                await stale.wait_closed()
             async with connect_device(a.mqtt_port, bob, "b1", a.token(bob, "b1")) as b1:
                 await b1.send(send_env(conv, "where are you?"))
                 await b1.wait_for(lambda e: e["type"] == "ack")
