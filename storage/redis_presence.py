@@ -586,10 +586,7 @@ class RedisPresence(PresenceRegistry):
     def relay(self, events: Sequence[Routed]) -> None:
         if not events:
             return
-        try:
-            self._outbox.put_nowait(events)
-        except asyncio.QueueFull:
-            RELAY_DROPPED.labels(reason="send_queue_full").inc(len(events))
+        _enqueue(self._outbox, events, full="send_queue_full")
 
     async def _relay_send_loop(self) -> None:
         while True:
@@ -654,10 +651,7 @@ class RedisPresence(PresenceRegistry):
         except (ValueError, TypeError, KeyError, IndexError):
             logger.warning("relay: ignored a malformed message on %s", self._relay_channel)
             return
-        try:
-            self._inbox.put_nowait(events)
-        except asyncio.QueueFull:
-            RELAY_DROPPED.labels(reason="deliver_queue_full").inc(len(events))
+        _enqueue(self._inbox, events, full="deliver_queue_full")
 
     async def _relay_deliver_loop(self) -> None:
         while True:
@@ -701,6 +695,14 @@ class RedisPresence(PresenceRegistry):
 
     def _k_state(self, user: str) -> str:
         return f"{self.prefix}state:{user}"
+
+
+def _enqueue(queue: asyncio.Queue[Any], events: Sequence[Any], *, full: str) -> None:
+    """events onto one of the relay's queues; when it is full they are dropped, and counted."""
+    try:
+        queue.put_nowait(events)
+    except asyncio.QueueFull:
+        RELAY_DROPPED.labels(reason=full).inc(len(events))
 
 
 def _encode_event(topic: str, payload: bytes, qos: int) -> list[Any]:
