@@ -50,9 +50,11 @@ async def _kill_while_sending(served: Served, which: str, count: int = 300) -> N
     sender = asyncio.create_task(
         send_until_acked(served.mqtt_port, alice, "a1", served.token(alice, "a1"), sent, on_progress=progress)
     )
-    await asyncio.wait_for(killed.wait(), 60)
+    async with asyncio.timeout(60):
+        await killed.wait()
     await served.kill9(which)
-    acks = await asyncio.wait_for(sender, 120)
+    async with asyncio.timeout(120):
+        acks = await sender
     history = await _history(served, bob, conv)
     _assert_exactly_once(history, sent, acks)
     # seq continues after the restart, never reused

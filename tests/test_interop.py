@@ -66,8 +66,10 @@ async def test_mosquitto_clients_chat_and_the_message_survives_kill9(served: Ser
         "mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-i", "a1", "-u", alice, "-P", _cli_token(served, alice, "a1"),
         "-q", "1", "-t", f"u/{alice}/a1/out", "-m", json.dumps(send),
     )  # fmt: skip
-    assert await asyncio.wait_for(pub.wait(), 30) == 0
-    out, err = await asyncio.wait_for(sub.communicate(), 40)
+    async with asyncio.timeout(30):
+        assert await pub.wait() == 0
+    async with asyncio.timeout(40):
+        out, err = await sub.communicate()
     assert sub.returncode == 0, err
     msg = json.loads(out)
     assert msg["type"] == "msg"
@@ -88,7 +90,8 @@ async def test_mosquitto_sub_with_a_bad_token_is_refused(served: Served) -> None
         "-t", "u/bob/in", "-C", "1", "-W", "10",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    _, err = await asyncio.wait_for(sub.communicate(), 20)
+    async with asyncio.timeout(20):
+        _, err = await sub.communicate()
     assert sub.returncode != 0
     assert b"not authori" in err.lower()
 
@@ -142,13 +145,15 @@ async def test_cli_send_and_listen_commands(served: Served) -> None:
         "--to", bob, "--body", "via CLI", *common,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    send_out, send_err = await asyncio.wait_for(send.communicate(), 60)
+    async with asyncio.timeout(60):
+        send_out, send_err = await send.communicate()
     assert send.returncode == 0, send_err
     ack = json.loads(send_out)
     assert ack["type"] == "ack"
     assert ack["conv"] == dm_conv(alice, bob)
     assert ack["seq"] == 1
-    listen_out, listen_err = await asyncio.wait_for(listen.communicate(), 60)
+    async with asyncio.timeout(60):
+        listen_out, listen_err = await listen.communicate()
     assert listen.returncode == 0, listen_err
     event = json.loads(listen_out.splitlines()[0])
     assert (event["type"], event["from"], event["body"], event["seq"]) == ("msg", alice, "via CLI", 1)
