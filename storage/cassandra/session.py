@@ -151,17 +151,17 @@ class Cql:
                 result = response.result()  # done already: returns the first page without waiting
                 waiter.set_result(Page(list(result.current_rows), result.paging_state))
 
-        def on_rows(_rows: object) -> None:
+        def answered(outcome: object, failed: bool) -> None:
             if threading.get_ident() == thread:
-                settle(None, False)
+                settle(outcome, failed)
             else:  # settled on one of the driver's threads (a retry given up, a defunct connection)
-                loop.call_soon_threadsafe(settle, None, False)
+                loop.call_soon_threadsafe(settle, outcome, failed)
+
+        def on_rows(_rows: object) -> None:
+            answered(None, False)
 
         def on_error(exc: object) -> None:
-            if threading.get_ident() == thread:
-                settle(exc, True)
-            else:
-                loop.call_soon_threadsafe(settle, exc, True)
+            answered(exc, True)
 
         response.add_callbacks(on_rows, on_error)
         return waiter
