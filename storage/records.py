@@ -3,7 +3,7 @@ dataclasses, the same for every backend."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # --- messages ------------------------------------------------------------------------------------
 
@@ -116,9 +116,14 @@ class Group:
     creator: str
     created_at: int
     members: tuple[GroupMember, ...]
+    _by_user: dict[str, GroupMember] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A channel has thousands of members, and adding a thousand asks after each of them.
+        object.__setattr__(self, "_by_user", {m.user: m for m in self.members})
 
     def member(self, user: str) -> GroupMember | None:
-        return next((m for m in self.members if m.user == user), None)
+        return self._by_user.get(user)
 
     @property
     def users(self) -> tuple[str, ...]:
