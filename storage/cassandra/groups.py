@@ -34,6 +34,10 @@ STATEMENTS = {
 _CHUNK = 100
 _CONCURRENT = 16
 """Batches in flight at once when many members join."""
+_USERS_PER_BATCH = 8
+"""Joining users' rows per batch: a request per user cost the node twice the CPU, and more than 10
+partitions in one unlogged batch make Cassandra log a warning
+(``unlogged_batch_across_partitions_warn_threshold``)."""
 
 
 async def _bounded(jobs: list[Coroutine[Any, Any, None]]) -> None:
@@ -67,7 +71,8 @@ class CassandraGroups(CassandraPart, Groups):
 
     async def _join(self, conv: str, kind: str, users: list[str], ts: int, *, start: int) -> None:
         """Give users a state row in conv (watermarks at the join point), in the change index:
-        one small batch per user (its own partitions), a bounded number at a time."""
+        each user's rows in one partition per table, _USERS_PER_BATCH users per batch, a bounded
+        number of batches at a time."""
         writes, version = self._state_writes(conv=conv, kind=kind, users=users, ts=ts)
         per_user: dict[str, list[tuple[str, tuple[Any, ...]]]] = {user: [] for user in users}
         for name, params in writes:
@@ -77,7 +82,13 @@ class CassandraGroups(CassandraPart, Groups):
             if kind == "channel":
                 per_user[user].append(("channel_join", (user, conv)))
         try:
-            await _bounded([self._cql.batch(batch) for batch in per_user.values()])
+            batches = list(per_user.values())
+            await _bounded(
+                [
+                    self._cql.batch([write for batch in batches[i : i + _USERS_PER_BATCH] for write in batch])
+                    for i in range(0, len(batches), _USERS_PER_BATCH)
+                ]
+            )
         finally:
             self._clock.written(version)
 
