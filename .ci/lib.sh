@@ -13,7 +13,7 @@ as_root() {
 }
 
 # apt_install PACKAGE...: install from Debian. A package's system service (mosquitto on 1883,
-# redis-server on 6379) is neither started nor enabled: the tests run their own servers on free
+# redis-server on 6379, haproxy) is neither started nor enabled: the tests run their own servers on free
 # ports, and `make serve` needs port 1883 for itself.
 apt_install() {
     echo "installing Debian packages: $*"
@@ -31,7 +31,7 @@ apt_install() {
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
         for pkg in "$@"; do
             case "$pkg" in
-                mosquitto | redis-server) as_root systemctl disable --now "$pkg.service" >/dev/null 2>&1 || true ;;
+                mosquitto | redis-server | haproxy) as_root systemctl disable --now "$pkg.service" >/dev/null 2>&1 || true ;;
             esac
         done
     fi

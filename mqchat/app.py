@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, nullcontext
@@ -164,7 +165,10 @@ def presence_registry(config: Config) -> PresenceRegistry:
     except ImportError:
         raise ConfigError("--redis-url needs redis-py: pip install 'mqchat[redis]'") from None
     logger.info("presence shared through Redis at %s", redis_target(settings.redis_url))
-    return RedisPresence(settings.redis_url, grace_s=settings.grace_s, ttl_s=settings.ttl_s)
+    # This process's name in the registry: the node id, and an incarnation of its own, so that a
+    # node restarted after a crash is not taken for the one whose devices are still registered.
+    incarnation = f"{config.network.node}/{secrets.token_hex(4)}"
+    return RedisPresence(settings.redis_url, grace_s=settings.grace_s, ttl_s=settings.ttl_s, node=incarnation)
 
 
 # --- push ------------------------------------------------------------------------------------

@@ -113,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, help="stop after this many events")
     listen.add_argument("--timeout", type=float, help="stop after this many seconds")
 
+    deploy = sub.add_parser("deploy", help="print configuration for what runs in front of a cluster of nodes")
+    targets = deploy.add_subparsers(dest="target", required=True, metavar="TARGET", parser_class=_Parser)
+    haproxy = targets.add_parser("haproxy", help="an HAProxy load balancer for MQTT and HTTP (TCP mode)")
+    haproxy.add_argument(
+        "--node",
+        action="append",
+        required=True,
+        metavar="NAME=HOST:MQTT_PORT:HTTP_PORT",
+        help="a node (repeat for each); NAME is its --node-id",
+    )
+    haproxy.add_argument("--mqtt-bind", default=":1883", help="where devices connect (default :1883)")
+    haproxy.add_argument("--http-bind", default=":8080", help="where HTTP clients connect (default :8080)")
+    haproxy.add_argument("--check-interval", default="1s", help="health check interval (default 1s)")
+
     bench = sub.add_parser(
         "bench", help="benchmark against stock amqtt and Mosquitto (see `mqchat bench --help`)", add_help=False
     )
@@ -179,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         # How the supervisor starts its processes (settings in MQCHAT_* variables); not a command.
         return _child(argv[1])
     args = build_parser().parse_args(argv)
+    if args.command == "deploy":
+        return _deploy(args)
     # Only the server creates the secret; client commands find the server's (or need none: a token).
     mode: SecretMode = "find"
     if args.command == "serve":
@@ -198,6 +214,21 @@ def main(argv: list[str] | None = None) -> int:
         return _run_client(args, config)
     except KeyboardInterrupt:
         return 130
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from mqchat.deploy import haproxy_config, parse_node_address
+
+    try:
+        nodes = [parse_node_address(n) for n in args.node]
+        interval_ms = round(parse_duration(args.check_interval) * 1000)
+        if interval_ms < 1:
+            raise ValueError("--check-interval must be at least 1ms")
+        print(haproxy_config(nodes, mqtt_bind=args.mqtt_bind, http_bind=args.http_bind, check_interval_ms=interval_ms))
+    except (ConfigError, ValueError) as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _child(which: str) -> int:
