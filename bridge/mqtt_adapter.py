@@ -13,6 +13,13 @@ Requests are dispatched in arrival order, each in its own task (bounded by ``max
 beyond that the reader stops reading and the broker queues), so many share one group commit.
 The connection is re-established with capped exponential backoff; the persistent session lets
 the broker queue requests meanwhile, and devices re-send anything not acked.
+
+Several bridge workers (``mqchat bridge --workers N``, or many machines) share one broker's
+requests through a shared subscription, ``$share/mqchat-bridge/u/+/+/out`` (MQTT 5, and accepted
+by Mosquitto 2 and EMQX from 3.1.1 clients too): the broker hands each request to one of them.
+Each worker has its own client id (``$mqchat-bridge-{instance}``), so its persistent session keeps
+what it was handed but did not acknowledge until it is back. Sequencing and dedup live in the
+shared store, so the order in which workers take requests never decides a conversation's order.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from mqchat.service import Service
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME
 
 logger = logging.getLogger(__name__)
+
+SHARED_GROUP = "$share/mqchat-bridge"
+"""The shared subscription group of the bridge workers."""
 
 
 class MqttPublisher:
@@ -72,6 +82,7 @@ class MqttClientAdapter(Service):
         clock: Clock = SYSTEM_CLOCK,
         backoff_cap_s: float = 5.0,
         on_presence: Callable[[str, bytes], None] | None = None,
+        shared: bool = False,
     ) -> None:
         super().__init__()
         self._pipeline = pipeline
@@ -85,6 +96,7 @@ class MqttClientAdapter(Service):
         self._backoff_cap_s = backoff_cap_s
         self._connected = asyncio.Event()
         self._on_presence = on_presence  # set: also follow every user's retained p/{user} and devices
+        self._requests = f"{SHARED_GROUP}/{OUT_TOPIC_FILTER}" if shared else OUT_TOPIC_FILTER
 
     async def _start(self) -> None:
         self.start_worker(self._run(), name="bridge-mqtt-adapter")
@@ -128,7 +140,7 @@ class MqttClientAdapter(Service):
             keepalive=30,
             max_inflight_messages=1000,
         ) as client:
-            await client.subscribe(OUT_TOPIC_FILTER, qos=1)
+            await client.subscribe(self._requests, qos=1)
             if self._on_presence is not None:
                 await client.subscribe([(PRESENCE_TOPIC_FILTER, 1), (DEVICES_TOPIC_FILTER, 1)])
             logger.info("bridge connected to the broker at %s:%d", self._host, self._port)

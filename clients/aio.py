@@ -145,6 +145,10 @@ class ChatClient:
     ahead is held before the missing range is fetched. ``http_transport`` replaces httpx's
     network transport (tests use ``httpx.MockTransport``). HTTP calls are bounded by
     ``connect_timeout`` seconds each and retried with backoff when the failure is transient.
+    ``one_at_a_time`` publishes a send only once the one before it is answered: behind bridge
+    workers that share a broker's requests (``mqchat bridge --workers N``), two sends in flight at
+    once may reach two workers and be stored in either order; one at a time, they keep this
+    device's order, at one round trip per message.
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class ChatClient:
         auto_recv: bool = True,
         gap_grace_s: float = 1.0,
         http_transport: httpx.AsyncBaseTransport | None = None,
+        one_at_a_time: bool = False,
     ) -> None:
         if not (is_valid_id(user) and is_valid_id(device)):
             raise ValueError("user and device ids must be 1-64 characters of [A-Za-z0-9_.@-]")
@@ -182,6 +187,7 @@ class ChatClient:
         self._token = token
         self._keepalive = keepalive
         self._resend_after = resend_after
+        self._one_at_a_time = one_at_a_time
         self._owned_outbox: Outbox | None = None
         if outbox is None:
             outbox = self._owned_outbox = SqliteOutbox(state_path) if state_path is not None else MemoryOutbox()
@@ -407,6 +413,8 @@ class ChatClient:
         if self._held or self._replaying:
             self._last_sent[entry.id] = max(self._clock.monotonic(), self._hold_until) - self._resend_after
             return
+        if self._one_at_a_time and self._outbox.pending()[0].id != entry.id:
+            return  # published by the replay that follows the answer to the one before it
         await self._publish_now(entry)
 
     async def _replay(self, *, everything: bool) -> None:
@@ -422,9 +430,12 @@ class ChatClient:
             done: set[str] = set()
             while not self._held:
                 now = self._clock.monotonic()
+                pending = self._outbox.pending()
+                if self._one_at_a_time:
+                    pending = pending[:1]  # the oldest unanswered send; the next once it is answered
                 batch = [
                     e
-                    for e in self._outbox.pending()
+                    for e in pending
                     if e.id not in done
                     and (everything or now - self._last_sent.get(e.id, -math.inf) >= self._resend_after)
                 ]
@@ -613,6 +624,8 @@ class ChatClient:
     def _settle(self, id: str, result: Ack | ErrorReply) -> None:
         self._outbox.remove(id)
         self._last_sent.pop(id, None)
+        if self._one_at_a_time:
+            self._resend_wake.set()  # the resend task publishes the next send now
         self._results[id] = result
         self._results.move_to_end(id)
         while len(self._results) > _REMEMBERED_RESULTS:

@@ -86,12 +86,15 @@ class _Server(uvicorn.Server):
         return nullcontext()
 
 
-def bind_tcp(host: str, port: int) -> socket.socket:
+def bind_tcp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A TCP socket bound the way our servers bind (SO_REUSEADDR: a port in TIME_WAIT is free);
-    raises OSError when the address cannot be used."""
+    raises OSError when the address cannot be used. reuse_port: processes that all bind the port
+    share its connections (SO_REUSEPORT; the kernel spreads them)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except BaseException:
         sock.close()
@@ -107,9 +110,17 @@ class HttpServer(Service):
     name = "HTTP API"
 
     def __init__(
-        self, *, app: Any, host: str, port: int, max_connections: int = 1000, header_timeout_s: float = 10.0
+        self,
+        *,
+        app: Any,
+        host: str,
+        port: int,
+        max_connections: int = 1000,
+        header_timeout_s: float = 10.0,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__()
+        self._reuse_port = reuse_port
         protocol = type("_Protocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
         self._server = _Server(
             uvicorn.Config(
@@ -133,7 +144,7 @@ class HttpServer(Service):
     async def _start(self) -> None:
         # Bound here, not by uvicorn: a failure is an OSError of ours (uvicorn would log it and
         # call sys.exit inside its task).
-        self._sock = bind_tcp(self._host, self._port)
+        self._sock = bind_tcp(self._host, self._port, reuse_port=self._reuse_port)
         self._serving = self.start_worker(self._server.serve(sockets=[self._sock]), name="http-server")
         while not self._server.started:
             if self._serving.done():
@@ -329,6 +340,7 @@ def serve_api(
         port=config.network.http_port,
         max_connections=config.bridge.http_max_connections,
         header_timeout_s=config.bridge.http_header_timeout_s,
+        reuse_port=config.bridge.workers > 1,  # the bridge workers all serve the one HTTP port
     )
 
 
@@ -336,10 +348,13 @@ def serve_api(
 
 
 @asynccontextmanager
-async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> AsyncIterator[BridgeHandle]:
+async def run_bridge(
+    config: Config, *, mqtt_host: str, mqtt_port: int, instance: int = 0
+) -> AsyncIterator[BridgeHandle]:
     """The bridge beside a broker: storage + push + pipeline + MQTT-client adapter + HTTP API.
     Presence comes from the shared registry (Redis) or, without one, from the broker's retained
-    states (``PresenceMirror``)."""
+    states (``PresenceMirror``). Beside an external broker (``config.bridge.broker``), this is
+    worker ``instance`` of several, on a shared subscription."""
     async with contextlib.AsyncExitStack() as stack:
         parts: list[HasWorkers] = []
         mirror: PresenceMirror | None = None
@@ -364,6 +379,8 @@ async def run_bridge(config: Config, *, mqtt_host: str, mqtt_port: int) -> Async
                 service_password=service_password(config.auth.jwt_secret),
                 max_inflight=config.bridge.max_inflight,
                 on_presence=mirror.update if mirror is not None else None,
+                instance=instance,
+                shared=bool(config.bridge.broker),
             )
         )
         dead = dead_workers_of(storage, dispatcher, adapter, *parts)

@@ -24,9 +24,9 @@ from typing import Any
 
 from broker.serve import tune_gc
 from mqchat.app import HasWorkers, bind_tcp, local_host, run_bridge, run_broker, run_node
-from mqchat.config import Config
+from mqchat.config import Config, broker_host_port
 from mqchat.errors import ConfigError, MqchatError, StorageUnavailable
-from mqchat.supervisor import EXIT_CANNOT_START, EXIT_WORKER_DIED
+from mqchat.supervisor import EXIT_CANNOT_START, EXIT_WORKER_DIED, WORKER_PREFIX
 from storage.files import private_dir
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,10 @@ def ensure_ports_free(config: Config) -> None:
     address cannot be used (checked the way the servers bind: SO_REUSEADDR, so a port in
     TIME_WAIT is fine)."""
     net = config.network
-    for key, port in (("mqtt_port", net.mqtt_port), ("http_port", net.http_port)):
+    ports = [("http_port", net.http_port)]
+    if not config.bridge.broker:  # beside an external broker, there is no MQTT listener of ours
+        ports.insert(0, ("mqtt_port", net.mqtt_port))
+    for key, port in ports:
         if port == 0:
             continue
         try:
@@ -163,6 +166,9 @@ def _open_child(which: str, config: Config) -> AbstractAsyncContextManager[HasWo
         return run_node(config)
     if which == "broker":
         return run_broker(config)
+    if which.startswith(WORKER_PREFIX):  # a bridge worker beside an external broker
+        host, port = broker_host_port(config.bridge.broker)
+        return run_bridge(config, mqtt_host=host, mqtt_port=port, instance=int(which.removeprefix(WORKER_PREFIX)))
     return run_bridge(config, mqtt_host=local_host(config.network.host), mqtt_port=config.network.mqtt_port)
 
 

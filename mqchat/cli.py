@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -81,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--apns-sandbox", help="true for development builds (Apple's sandbox)")
     serve.add_argument("--fcm-credentials", help="Firebase service-account JSON file for Android push")
 
+    bridge = sub.add_parser(
+        "bridge", help="run bridge workers (pipeline and HTTP API) for an external MQTT broker, e.g. Mosquitto or EMQX"
+    )
+    _server_flags(bridge)
+    bridge.add_argument("--broker", required=True, help="the external broker, HOST:PORT")
+    bridge.add_argument("--workers", help="worker processes sharing the broker's requests (default 1)")
+    bridge.add_argument("--host", help="address the HTTP API listens on (default 127.0.0.1)")
+    bridge.add_argument("--http-port", help="HTTP port, shared by the workers (default 8080)")
+    bridge.add_argument("--node-id", help="this machine's name (default: host name and MQTT port)")
+    bridge.add_argument("--store", help="the shared store, cassandra://HOST[,HOST…][:PORT]/KEYSPACE (env MQCHAT_STORE)")
+    bridge.add_argument("--redis-url", help="the presence registry shared with the rest of the deployment")
+    bridge.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     token = sub.add_parser("token", help="print an access token (JWT) for local use")
     _server_flags(token)
     token.add_argument("--user", required=True)
@@ -126,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     haproxy.add_argument("--mqtt-bind", default=":1883", help="where devices connect (default :1883)")
     haproxy.add_argument("--http-bind", default=":8080", help="where HTTP clients connect (default :8080)")
     haproxy.add_argument("--check-interval", default="1s", help="health check interval (default 1s)")
+    mosquitto = targets.add_parser(
+        "mosquitto", help="write a Mosquitto 2 configuration (pattern ACLs, passwords) for `mqchat bridge`"
+    )
+    _server_flags(mosquitto)
+    mosquitto.add_argument("--dir", required=True, help="where to write mosquitto.conf, acl and passwd")
+    mosquitto.add_argument("--port", default="1883", help="Mosquitto's port (default 1883)")
+    mosquitto.add_argument("--bind", default="127.0.0.1", help="Mosquitto's address (default 127.0.0.1)")
+    mosquitto.add_argument(
+        "--run-as", default="mosquitto", help="the account Mosquitto runs as; it owns the files (default mosquitto)"
+    )
+    mosquitto.add_argument(
+        "--user",
+        action="append",
+        default=[],
+        metavar="NAME=PASSWORD",
+        help="a device user and its password (repeat); the bridge's own account comes from the JWT secret",
+    )
 
     bench = sub.add_parser(
         "bench", help="benchmark against stock amqtt and Mosquitto (see `mqchat bench --help`)", add_help=False
@@ -135,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CHILDREN = ("broker", "bridge", "node")
+WORKER_CHILD = re.compile(r"worker-(0|[1-9][0-9]{0,3})")
+
+
+def _is_child(name: str) -> bool:
+    return name in CHILDREN or WORKER_CHILD.fullmatch(name) is not None
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         from mqchat.bench import main as bench_main
 
         return bench_main(argv[1:])
-    if argv[:1] == ["_child"] and len(argv) == 2 and argv[1] in CHILDREN:
+    if argv[:1] == ["_child"] and len(argv) == 2 and _is_child(argv[1]):
         # How the supervisor starts its processes (settings in MQCHAT_* variables); not a command.
         return _child(argv[1])
     args = build_parser().parse_args(argv)
@@ -197,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return _deploy(args)
     # Only the server creates the secret; client commands find the server's (or need none: a token).
     mode: SecretMode = "find"
-    if args.command == "serve":
+    if args.command in ("serve", "bridge"):
         mode = "defer"
     elif args.command != "token" and _given_token(args):
         mode = "skip"
@@ -207,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2
     try:
-        if args.command == "serve":
+        if args.command in ("serve", "bridge"):
             return _serve(config)
         if args.command == "token":
             return _token(args, config)
@@ -219,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     from mqchat.deploy import haproxy_config, parse_node_address
 
+    if args.target == "mosquitto":
+        return _deploy_mosquitto(args)
     try:
         nodes = [parse_node_address(n) for n in args.node]
         interval_ms = round(parse_duration(args.check_interval) * 1000)
@@ -229,6 +266,56 @@ def _deploy(args: argparse.Namespace) -> int:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _deploy_mosquitto(args: argparse.Namespace) -> int:
+    from mqchat.config import parse_port
+    from mqchat.deploy import mosquitto_files
+    from mqchat.tokens import SERVICE_USERNAME, service_password
+
+    try:
+        wanted = {k: v for k, v in _flags(args).items() if k in ("config", "data_dir", "jwt_secret")}
+        config, _ = load_config(wanted, secret="find")
+        users = dict(u.split("=", 1) for u in args.user if "=" in u)
+        if len(users) != len(args.user):
+            raise ValueError("--user takes NAME=PASSWORD")
+        directory = Path(args.dir).resolve()
+        files = mosquitto_files(
+            str(directory),
+            service_user=SERVICE_USERNAME,
+            service_password=service_password(config.auth.jwt_secret),
+            users=users,
+            port=parse_port(args.port),
+            bind=args.bind,
+            run_as=args.run_as,
+        )
+        (directory / "data").mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name, text in files.items():
+            path = directory / name
+            path.touch(mode=0o600)
+            path.chmod(0o600)
+            path.write_text(text)
+        _give_to(args.run_as, [directory / "data", *(directory / name for name in files)])
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(files)} in {directory}; run: mosquitto -c {directory / 'mosquitto.conf'}")
+    return 0
+
+
+def _give_to(account: str, paths: list[Path]) -> None:
+    """Run as root: make account (if it exists) the owner of paths, which only it may read."""
+    import pwd
+    import shutil
+
+    if os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam(account)
+    except KeyError:
+        return
+    for path in paths:
+        shutil.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def _child(which: str) -> int:
@@ -261,6 +348,10 @@ def _serve(config: Config) -> int:
 
     setup_logging(config.log_level, "serve")
     try:
+        if config.bridge.workers > 1 and config.storage.backend == "sqlite":
+            raise ConfigError(
+                "several bridge workers need a store they share (--store cassandra://…): SQLite is one process's"
+            )
         ensure_ports_free(config)
         ensure_data_dir(config)
         config, generated = with_jwt_secret(config)
@@ -274,6 +365,17 @@ def _serve(config: Config) -> int:
             file=sys.stderr,
         )
     net = config.network
+    if config.bridge.broker:
+        logger.info(
+            "version %s: %d bridge worker(s) for the broker at %s, HTTP on http://%s:%d, store %s",
+            __version__,
+            config.bridge.workers,
+            config.bridge.broker,
+            local_host(net.host),
+            net.http_port,
+            config.storage.url,
+        )
+        return asyncio.run(Supervisor(config=config).run())
     logger.info(
         "version %s: MQTT on %s:%d, HTTP on http://%s:%d, data in %s, store %s",
         __version__,

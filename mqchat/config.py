@@ -507,11 +507,39 @@ def parse_adapter(value: str) -> str:
     return value
 
 
+def parse_broker_address(value: str) -> str:
+    """An external MQTT broker as ``HOST:PORT`` (an IPv6 host in brackets), or "" for none."""
+    text = str(value).strip()
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not bare or not re.fullmatch(r"[A-Za-z0-9._:-]+", bare) or (":" in bare and bare == host):
+        raise ValueError(f"{value!r} is not HOST:PORT (an IPv6 host in brackets)")
+    try:
+        number = parse_port(port)
+    except ValueError:
+        number = 0
+    if not number:
+        raise ValueError(f"{value!r}: the port must be 1-65535")
+    return f"{host}:{number}"
+
+
+def broker_host_port(address: str) -> tuple[str, int]:
+    """The host and port of a parse_broker_address value."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
     # How requests reach the pipeline: "inbroker" (broker and bridge in one process, no MQTT hop;
     # the faster, by `mqchat bench chat`) or "mqtt" (the bridge as an MQTT client of any broker).
     adapter: str = "inbroker"
+    # An external MQTT broker (HOST:PORT) the bridge serves instead of a broker of its own
+    # (`mqchat bridge`): workers processes share its requests through a shared subscription.
+    broker: str = ""
+    workers: int = 1
     max_envelope_bytes: int = 64 * 1024
     max_inflight: int = 2048  # requests being processed at once (backpressure beyond)
     history_max_limit: int = 500
@@ -615,6 +643,8 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "cassandra_password": ("storage", "cassandra_password", parse_credential),
     "jwt_secret": ("auth", "jwt_secret", str),
     "adapter": ("bridge", "adapter", parse_adapter),
+    "broker": ("bridge", "broker", parse_broker_address),
+    "workers": ("bridge", "workers", parse_positive_int),
     "max_envelope_bytes": ("bridge", "max_envelope_bytes", parse_size),
     "max_inflight": ("bridge", "max_inflight", parse_positive_int),
     "history_max_limit": ("bridge", "history_max_limit", parse_positive_int),

@@ -39,8 +39,14 @@ EXIT_WORKER_DIED = 70  # sysexits' EX_SOFTWARE: restarted like any crash
 STABLE_RUN_S = 30.0  # a child that ran this long before dying starts its backoff afresh
 
 
+WORKER_PREFIX = "worker-"
+
+
 def children_for(config: Config) -> tuple[str, ...]:
-    """The processes `serve` runs: broker and bridge apart (MQTT-client adapter) or one node."""
+    """The processes `serve` runs: broker and bridge apart (MQTT-client adapter) or one node;
+    beside an external broker (`mqchat bridge`), the bridge workers."""
+    if config.bridge.broker:
+        return tuple(f"{WORKER_PREFIX}{i}" for i in range(config.bridge.workers))
     return ("node",) if config.bridge.adapter == "inbroker" else ("broker", "bridge")
 
 
