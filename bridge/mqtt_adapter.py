@@ -38,11 +38,9 @@ from mqchat.mqtt_client import MqttClient
 from mqchat.protocol import OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER, parse_out_topic
 from mqchat.service import Service
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME
+from mqchat.topic_table import SHARED_REQUESTS
 
 logger = logging.getLogger(__name__)
-
-SHARED_GROUP = "$share/mqchat-bridge"
-"""The shared subscription group of the bridge workers."""
 
 
 class MqttPublisher:
@@ -96,7 +94,7 @@ class MqttClientAdapter(Service):
         self._backoff_cap_s = backoff_cap_s
         self._connected = asyncio.Event()
         self._on_presence = on_presence  # set: also follow every user's retained p/{user} and devices
-        self._requests = f"{SHARED_GROUP}/{OUT_TOPIC_FILTER}" if shared else OUT_TOPIC_FILTER
+        self._requests = SHARED_REQUESTS if shared else OUT_TOPIC_FILTER
 
     async def _start(self) -> None:
         self.start_worker(self._run(), name="bridge-mqtt-adapter")

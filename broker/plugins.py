@@ -13,8 +13,7 @@ from prometheus_client import Counter, Gauge
 
 from broker.membership import MembershipCache
 from mqchat.errors import AuthError, ErrorCode
-from mqchat.ids import is_valid_id, parse_conv
-from mqchat.internal_topics import DEVICES_TOPIC_FILTER, MEMBERSHIP_TOPIC
+from mqchat.internal_topics import DEVICES_TOPIC_FILTER
 from mqchat.protocol import (
     OUT_TOPIC_FILTER,
     PRESENCE_TOPIC_FILTER,
@@ -24,6 +23,7 @@ from mqchat.protocol import (
     out_topic,
 )
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, Identity, TokenVerifier
+from mqchat.topic_table import Ask, device_may, service_may_publish
 
 logger = logging.getLogger(__name__)
 
@@ -98,26 +98,8 @@ class JwtAuthPlugin(BaseAuthPlugin):
         return False
 
 
-def _service_may_publish(topic: str) -> bool:
-    if topic == MEMBERSHIP_TOPIC:
-        return True
-    parts = topic.split("/")
-    if parts[0] == "u":
-        return (len(parts) == 3 and parts[2] == "in") or (len(parts) == 4 and parts[3] == "in")
-    if parts[0] == "p":
-        return len(parts) == 2
-    if parts[0] == "c":
-        return len(parts) == 3 and parts[2] == "in"
-    return False
-
-
 class TopicAclPlugin(BaseTopicPlugin):
-    """The topic table of wire protocol v1.
-
-    A device publishes only to ``u/{self}/{device}/out`` and subscribes only to ``u/{self}/in``,
-    ``u/{self}/{device}/in``, ``p/{user}`` when it is the user or shares a conversation with
-    them, and ``c/{conv}/in`` when it is a member of channel conv (wildcards never). The
-    service subscribes to out topics and presence, and publishes replies and events. A refused
+    """The topic table of wire protocol v1 (``mqchat.topic_table``), enforced. A refused
     publish is dropped and answered with an ``error`` envelope (code ``forbidden``) on the
     device's own in topic; a refused subscribe gets SUBACK 0x80.
 
@@ -138,17 +120,15 @@ class TopicAclPlugin(BaseTopicPlugin):
             return True  # what a session may receive was decided when it subscribed
         if is_service(session):
             if action == Action.PUBLISH:
-                return _service_may_publish(topic)
+                return service_may_publish(topic)
             return topic in (OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER, DEVICES_TOPIC_FILTER)
         identity = session_identity(session)
         if identity is None:
             return False
-        if action == Action.PUBLISH:
-            allowed = topic == f"u/{identity.user}/{identity.device}/out"
-        else:
-            allowed = topic in (f"u/{identity.user}/in", f"u/{identity.user}/{identity.device}/in") or (
-                await self._may_read(identity, topic)
-            )
+        verdict = device_may(
+            "publish" if action == Action.PUBLISH else "subscribe", identity.user, identity.device, topic
+        )
+        allowed = verdict if isinstance(verdict, bool) else await self._ask(identity, verdict)
         if not allowed:
             ACL_DENIED.labels(action=str(action)).inc()
             logger.info("ACL refused %s on %s for %s/%s", action, _short(topic), identity.user, identity.device)
@@ -160,19 +140,15 @@ class TopicAclPlugin(BaseTopicPlugin):
                 )
         return allowed
 
-    async def _may_read(self, identity: Identity, topic: str) -> bool:
+    async def _ask(self, identity: Identity, ask: Ask) -> bool:
         # amqtt gives each plugin a copy of the broker's context, made before MqchatBroker's own
         # __init__ finishes; the broker itself is reachable from it.
         membership = getattr(getattr(self.context, "_broker_instance", None), "membership", None)
         if not isinstance(membership, MembershipCache):
             return False
-        parts = topic.split("/")
-        if len(parts) == 2 and parts[0] == "p" and is_valid_id(parts[1]):
-            return await membership.sees_presence(identity.user, parts[1])
-        if len(parts) == 3 and parts[0] == "c" and parts[2] == "in":
-            conv = parse_conv(parts[1])
-            return conv is not None and conv.kind == "group" and await membership.is_member(conv.id, identity.user)
-        return False
+        if ask.question == "presence":
+            return await membership.sees_presence(identity.user, ask.subject)
+        return await membership.is_member(ask.subject, identity.user)
 
 
 class MetricsPlugin(BasePlugin[Any]):

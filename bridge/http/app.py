@@ -6,12 +6,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from bridge.broker_hooks import BrokerHooks
 from bridge.devices import DeviceService
 from bridge.groups import BrokerLink, GroupService, no_publish
 from bridge.history import History
 from bridge.http import devices as device_routes
 from bridge.http import groups as group_routes
 from bridge.http import health as health_routes
+from bridge.http import hooks as hook_routes
 from bridge.http import presence as presence_routes
 from bridge.http import settings as settings_routes
 from bridge.http.context import ApiContext
@@ -79,13 +81,14 @@ def create_app(
         ),
         devices=DeviceService(tokens=push_store, clock=clock),
         visibility=Visibility(groups=store, privacy=store, lookup=presence),
+        hooks=BrokerHooks(verifier=verifier, groups=store, privacy_settings=store),
         broker_connected=broker_connected,
         dead_workers=dead_workers,
         node=node,
     )
     install_error_handlers(app)
     app.include_router(sync_router(max_limit=history_max_limit))
-    for routes in (group_routes, presence_routes, device_routes, settings_routes, health_routes):
+    for routes in (group_routes, presence_routes, device_routes, settings_routes, health_routes, hook_routes):
         app.include_router(routes.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Outermost last: Authenticate runs first, then BodyLimit, then the routes.

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 
+from bridge.broker_hooks import BrokerHooks
 from bridge.devices import DeviceService
 from bridge.groups import GroupService
 from bridge.history import History
@@ -27,6 +28,7 @@ class ApiContext:
     settings: SettingsService
     devices: DeviceService
     visibility: Visibility
+    hooks: BrokerHooks
     broker_connected: Callable[[], bool]  # the bridge reaches the broker now
     dead_workers: Callable[[], list[str]]  # background workers that died
     node: str = ""  # this node's name in a cluster ("": unnamed)

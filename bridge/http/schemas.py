@@ -1,6 +1,6 @@
 """The HTTP API's request and response bodies (their names are the OpenAPI schema names)."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -146,3 +146,32 @@ class SettingsOut(BaseModel):
     conv: str
     muted: bool
     e2e: bool
+
+
+class EmqxAuthnRequest(BaseModel):
+    """What EMQX 5's HTTP authenticator is configured to send (see the README)."""
+
+    model_config = ConfigDict(extra="ignore")
+    clientid: str = Field(max_length=1024)
+    username: str = Field(max_length=1024)
+    password: str = Field(max_length=16384)
+
+
+class EmqxAuthzRequest(BaseModel):
+    """What EMQX 5's HTTP authorizer is configured to send (see the README)."""
+
+    model_config = ConfigDict(extra="ignore")
+    clientid: str = Field(max_length=1024)
+    username: str = Field(max_length=1024)
+    topic: str = Field(max_length=65535)
+    action: Literal["publish", "subscribe"]
+
+
+class EmqxAuthnAnswer(BaseModel):
+    result: Literal["allow", "deny"]
+    is_superuser: bool = False
+    expire_at: int | None = Field(default=None, description="unix seconds: the token's expiry (EMQX 5.8+)")
+
+
+class EmqxAuthzAnswer(BaseModel):
+    result: Literal["allow", "deny"]
