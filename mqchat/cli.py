@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     haproxy.add_argument("--mqtt-bind", default=":1883", help="where devices connect (default :1883)")
     haproxy.add_argument("--http-bind", default=":8080", help="where HTTP clients connect (default :8080)")
     haproxy.add_argument("--check-interval", default="1s", help="health check interval (default 1s)")
+    emqx = targets.add_parser("emqx", help="print EMQX 5 settings that make EMQX ask mqchat (HTTP hooks)")
+    _server_flags(emqx)
+    emqx.add_argument("--url", required=True, help="where EMQX reaches mqchat's HTTP API, e.g. http://mqchat:8080")
     mosquitto = targets.add_parser(
         "mosquitto", help="write a Mosquitto 2 configuration (pattern ACLs, passwords) for `mqchat bridge`"
     )
@@ -256,6 +259,8 @@ def _deploy(args: argparse.Namespace) -> int:
 
     if args.target == "mosquitto":
         return _deploy_mosquitto(args)
+    if args.target == "emqx":
+        return _deploy_emqx(args)
     try:
         nodes = [parse_node_address(n) for n in args.node]
         interval_ms = round(parse_duration(args.check_interval) * 1000)
@@ -274,8 +279,7 @@ def _deploy_mosquitto(args: argparse.Namespace) -> int:
     from mqchat.tokens import SERVICE_USERNAME, service_password
 
     try:
-        wanted = {k: v for k, v in _flags(args).items() if k in ("config", "data_dir", "jwt_secret")}
-        config, _ = load_config(wanted, secret="find")
+        secret = _server_secret(args)
         users = dict(u.split("=", 1) for u in args.user if "=" in u)
         if len(users) != len(args.user):
             raise ValueError("--user takes NAME=PASSWORD")
@@ -283,7 +287,7 @@ def _deploy_mosquitto(args: argparse.Namespace) -> int:
         files = mosquitto_files(
             str(directory),
             service_user=SERVICE_USERNAME,
-            service_password=service_password(config.auth.jwt_secret),
+            service_password=service_password(secret),
             users=users,
             port=parse_port(args.port),
             bind=args.bind,
@@ -300,6 +304,25 @@ def _deploy_mosquitto(args: argparse.Namespace) -> int:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {', '.join(files)} in {directory}; run: mosquitto -c {directory / 'mosquitto.conf'}")
+    return 0
+
+
+def _server_secret(args: argparse.Namespace) -> str:
+    """The JWT secret the server uses (flags, environment, config file or the data dir's)."""
+    wanted = {k: v for k, v in _flags(args).items() if k in ("config", "data_dir", "jwt_secret")}
+    config, _ = load_config(wanted, secret="find")
+    return config.auth.jwt_secret
+
+
+def _deploy_emqx(args: argparse.Namespace) -> int:
+    from mqchat.deploy import emqx_config
+    from mqchat.tokens import service_password
+
+    try:
+        print(emqx_config(args.url, service_password(_server_secret(args))), end="")
+    except (ConfigError, ValueError) as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,14 +15,18 @@ from tests.cluster import haproxy_binary
 from tests.helpers import repo_env
 
 
-def deploy(*args: str) -> subprocess.CompletedProcess[str]:
+def mqchat_deploy(target: str, *args: str, secret: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mqchat", "deploy", "haproxy", *args],
-        env=repo_env(),
+        [sys.executable, "-m", "mqchat", "deploy", target, *args],
+        env=repo_env() | ({"MQCHAT_JWT_SECRET": secret} if secret else {}),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def deploy(*args: str) -> subprocess.CompletedProcess[str]:
+    return mqchat_deploy("haproxy", *args)
 
 
 def test_the_generated_configuration_is_valid_for_haproxy(tmp_path: Path) -> None:
@@ -69,3 +73,18 @@ def test_any_text_is_a_node_address_or_a_value_error(text: str) -> None:
     # Nothing that could end a line or a word of the configuration gets into it.
     assert not any(c.isspace() or c == "#" for c in node.name + node.host)
     assert haproxy_config([node]).count("\n    server ") == 2
+
+
+def test_the_emqx_settings_name_the_hooks_and_the_service_credential() -> None:
+    from mqchat.tokens import service_password
+
+    secret = "0123456789abcdefghijklmnopqrstuv"
+    done = mqchat_deploy("emqx", "--url", "http://10.0.0.5:8080/", secret=secret)
+    assert done.returncode == 0, done.stderr
+    assert 'url = "http://10.0.0.5:8080/hooks/emqx/authn"' in done.stdout
+    assert 'url = "http://10.0.0.5:8080/hooks/emqx/authz"' in done.stdout
+    assert f'"authorization" = "Bearer {service_password(secret)}"' in done.stdout
+    assert "no_match = deny" in done.stdout
+    refused = mqchat_deploy("emqx", "--url", 'http://x" }\nauthorization {', secret=secret)
+    assert refused.returncode == 2
+    assert "is not an http(s)://HOST[:PORT] URL" in refused.stderr
