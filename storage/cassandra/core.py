@@ -7,13 +7,36 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 from mqchat.ids import parse_conv
 from storage.base import BUCKET_SIZE, NoSuchConversation
 from storage.cassandra.session import Cql
 
-__all__ = ["STATEMENTS", "CassandraPart", "VersionClock", "bucket_of"]
+__all__ = ["STATEMENTS", "CassandraPart", "VersionClock", "bounded", "bucket_of"]
+
+T = TypeVar("T")
+
+CONCURRENT = 16
+"""Requests in flight at once for one call that makes many (members joining a channel)."""
+
+
+async def bounded(jobs: Sequence[Awaitable[T]]) -> list[T]:
+    """The results of jobs, in order, at most CONCURRENT running at a time; the first failure is
+    raised once all have ended."""
+    slots = asyncio.Semaphore(CONCURRENT)
+
+    async def one(job: Awaitable[T]) -> T:
+        async with slots:
+            return await job
+
+    results = await asyncio.gather(*(one(j) for j in jobs), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if not isinstance(r, BaseException)]
+
 
 STATEMENTS = {
     "head_hint_get": "SELECT last_seq FROM {ks}.conv_heads WHERE conv = ?",

@@ -6,12 +6,11 @@ transaction (``IF NOT EXISTS``); joining and leaving write both sides."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
 from typing import Any
 
 from mqchat.errors import StorageError
 from storage.base import Groups, NoSuchConversation, NotMember
-from storage.cassandra.core import CassandraPart
+from storage.cassandra.core import CassandraPart, bounded
 from storage.records import Group, GroupMember, Membership
 
 __all__ = ["STATEMENTS", "CassandraGroups"]
@@ -32,26 +31,11 @@ STATEMENTS = {
 }
 
 _CHUNK = 100
-_CONCURRENT = 16
-"""Batches in flight at once when many members join."""
-_USERS_PER_BATCH = 8
+_USERS_PER_BATCH = 5
 """Joining users' rows per batch: a request per user cost the node twice the CPU, and more than 10
 partitions in one unlogged batch make Cassandra log a warning
-(``unlogged_batch_across_partitions_warn_threshold``)."""
-
-
-async def _bounded(jobs: list[Coroutine[Any, Any, None]]) -> None:
-    """Run jobs, at most _CONCURRENT at a time; the first failure is raised once all have ended."""
-    slots = asyncio.Semaphore(_CONCURRENT)
-
-    async def one(job: Coroutine[Any, Any, None]) -> None:
-        async with slots:
-            await job
-
-    results = await asyncio.gather(*(one(j) for j in jobs), return_exceptions=True)
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        raise failed[0]
+(``unlogged_batch_across_partitions_warn_threshold``). A user's rows are in two partitions: the
+user's own (state, change index, channel list) and the user's watermarks in the conversation."""
 
 
 class CassandraGroups(CassandraPart, Groups):
@@ -83,7 +67,7 @@ class CassandraGroups(CassandraPart, Groups):
                 per_user[user].append(("channel_join", (user, conv)))
         try:
             batches = list(per_user.values())
-            await _bounded(
+            await bounded(
                 [
                     self._cql.batch([write for batch in batches[i : i + _USERS_PER_BATCH] for write in batch])
                     for i in range(0, len(batches), _USERS_PER_BATCH)
@@ -95,7 +79,7 @@ class CassandraGroups(CassandraPart, Groups):
     async def _put_members(self, conv: str, rows: list[tuple[str, str, int]]) -> None:
         """Member rows of conv (one partition): single-partition batches of _CHUNK rows."""
         puts: list[tuple[str, tuple[Any, ...]]] = [("member_put", (conv, u, role, joined)) for u, role, joined in rows]
-        await _bounded([self._cql.batch(puts[i : i + _CHUNK]) for i in range(0, len(puts), _CHUNK)])
+        await bounded([self._cql.batch(puts[i : i + _CHUNK]) for i in range(0, len(puts), _CHUNK)])
 
     async def create_group(
         self, *, conv: str, name: str, kind: str, creator: str, members: tuple[str, ...], ts: int

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from storage.base import PrivacySettings
-from storage.cassandra.core import CassandraPart
+from storage.cassandra.core import CassandraPart, bounded
 from storage.records import UserSettings
 
 __all__ = ["STATEMENTS", "CassandraPrivacySettings"]
@@ -24,11 +23,11 @@ one request each, which cost the node twice the CPU."""
 class CassandraPrivacySettings(CassandraPart, PrivacySettings):
     async def user_settings(self, users: Sequence[str]) -> dict[str, UserSettings]:
         wanted = list(dict.fromkeys(users))
-        pages = await asyncio.gather(
-            *(
+        pages = await bounded(
+            [
                 self._cql.rows("settings_in", (wanted[i : i + _USERS_PER_READ],))
                 for i in range(0, len(wanted), _USERS_PER_READ)
-            )
+            ]
         )
         return {
             str(user): UserSettings(who_may_add=str(who), presence=str(presence))
