@@ -131,3 +131,24 @@ def test_presence_and_push_settings(tmp_path: Path) -> None:
     for key, value in (("redis_url", "http://x"), ("apns_sandbox", "maybe"), ("presence_grace", "soon")):
         with pytest.raises(ConfigError, match=key):
             load_config({"data_dir": str(tmp_path), key: value}, env={})
+
+
+def test_a_remembered_token_still_expires_and_stays_with_its_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from mqchat import tokens
+
+    verifier = TokenVerifier(secret="s" * 32)
+    # Valid for about one more second (tokens get 30 s of leeway for clock skew).
+    short = issue_token(secret="s" * 32, user="alice", device="a1", ttl_s=1, now=time.time() - 30)
+    assert verifier.verify(short).user == "alice"
+    assert verifier.verify(short).user == "alice"  # remembered
+    with pytest.raises(AuthError, match="invalid token"):
+        TokenVerifier(secret="t" * 32).verify(short)  # remembered under its own secret only
+    time.sleep(1.5)
+    with pytest.raises(AuthError, match="expired"):
+        verifier.verify(short)
+    monkeypatch.setattr(tokens, "VERIFIED_KEPT", 5)
+    for i in range(12):
+        verifier.verify(issue_token(secret="s" * 32, user=f"u{i}", device="d", ttl_s=60))
+    assert len(tokens._verified) <= 5, "the memory is bounded"
