@@ -5,6 +5,7 @@ topic table (``mqchat.topic_table``) with the same store behind its questions.""
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,17 +21,21 @@ from storage.base import Groups, PrivacySettings
 class Admission:
     allowed: bool
     expires_at: int | None = None  # a device's token expiry (unix seconds): the broker ends its session then
+    superuser: bool = False  # the bridge: the broker asks nothing more of its publishes and subscribes
 
 
 class BrokerHooks:
-    def __init__(self, *, verifier: TokenVerifier, groups: Groups, privacy_settings: PrivacySettings) -> None:
+    def __init__(
+        self, *, verifier: TokenVerifier, hooks_credential: str, groups: Groups, privacy_settings: PrivacySettings
+    ) -> None:
         self._verifier = verifier
+        self._credential = hooks_credential
         self._groups = groups
         self._privacy = privacy_settings
 
     def is_broker(self, credential: str) -> bool:
-        """Whether credential is the service credential, which the broker presents to the hooks."""
-        return credential.isascii() and self._verifier.verify_service(credential)
+        """Whether credential is the hooks credential (``mqchat.tokens.hooks_credential``)."""
+        return bool(self._credential) and credential.isascii() and hmac.compare_digest(credential, self._credential)
 
     def authenticate(self, *, username: str, password: str, clientid: str) -> Admission:
         """A device's token names its user (the username) and device (the client id); the
@@ -39,7 +44,9 @@ class BrokerHooks:
             return Admission(False)
         if username == SERVICE_USERNAME:
             ok = clientid.startswith(SERVICE_CLIENT_PREFIX) and self._verifier.verify_service(password)
-            return Admission(ok)
+            # A bridge worker publishes every event: asking the hook at each would be an HTTP call
+            # per delivery. Its rights are still those of service_may_* (authorize, below).
+            return Admission(ok, superuser=ok)
         try:
             identity = self._verifier.verify(password)
         except AuthError:

@@ -13,17 +13,14 @@ from prometheus_client import Counter, Gauge
 
 from broker.membership import MembershipCache
 from mqchat.errors import AuthError, ErrorCode
-from mqchat.internal_topics import DEVICES_TOPIC_FILTER
 from mqchat.protocol import (
-    OUT_TOPIC_FILTER,
-    PRESENCE_TOPIC_FILTER,
     device_in_topic,
     encode,
     error_envelope,
     out_topic,
 )
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, Identity, TokenVerifier
-from mqchat.topic_table import Ask, device_may, service_may_publish
+from mqchat.topic_table import Ask, device_may, service_may_publish, service_may_subscribe
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +118,7 @@ class TopicAclPlugin(BaseTopicPlugin):
         if is_service(session):
             if action == Action.PUBLISH:
                 return service_may_publish(topic)
-            return topic in (OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER, DEVICES_TOPIC_FILTER)
+            return service_may_subscribe(topic)
         identity = session_identity(session)
         if identity is None:
             return False

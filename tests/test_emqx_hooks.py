@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mqchat.ids import dm_conv
-from mqchat.tokens import SERVICE_USERNAME, service_password
+from mqchat.tokens import SERVICE_USERNAME, hooks_credential, service_password
 from tests.conftest import Stack
 from tests.helpers import connect_device, send_env, unique
 
@@ -25,8 +25,8 @@ JSON = {"content-type": "application/json"}
 
 
 def broker(stack: Stack) -> httpx.AsyncClient:
-    """EMQX's side: the service credential as the bearer token of every hook request."""
-    secret = service_password(stack.config.auth.jwt_secret)
+    """EMQX's side: the hooks credential as the bearer token of every hook request."""
+    secret = hooks_credential(stack.config.auth.jwt_secret)
     return httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{stack.http_port}", headers={"Authorization": f"Bearer {secret}"}, timeout=10
     )
@@ -46,6 +46,9 @@ async def test_only_the_broker_may_call_the_hooks(stack: Stack) -> None:
         answer = await device.post(AUTHN, json=body)
     assert answer.status_code == 401
     assert answer.json()["error"] == "unauthorized"
+    bridge = {"Authorization": f"Bearer {service_password(stack.config.auth.jwt_secret)}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.http_port}", headers=bridge) as other:
+        assert (await other.post(AUTHN, json=body)).status_code == 401, "the bridge's password is not the hooks'"
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.http_port}") as anonymous:
         answer = await anonymous.post(AUTHZ, json={**body, "topic": "u/alice/in", "action": "subscribe"})
         assert answer.status_code == 401
@@ -70,7 +73,8 @@ async def test_connect_is_allowed_with_the_devices_own_token_until_it_expires(st
             assert await result(http, AUTHN, body) == "deny", body
         service = {"clientid": "$mqchat-bridge-3", "username": SERVICE_USERNAME}
         secret = service_password(stack.config.auth.jwt_secret)
-        assert await result(http, AUTHN, {**service, "password": secret}) == "allow"
+        answer = (await http.post(AUTHN, json={**service, "password": secret})).json()
+        assert answer == {"result": "allow", "is_superuser": True}, "EMQX asks nothing of the bridge's publishes"
 
 
 async def test_publish_and_subscribe_follow_mqchats_topic_table(stack: Stack) -> None:
@@ -131,7 +135,7 @@ ACTIONS = st.sampled_from(["publish", "subscribe"])
 @pytest.mark.parametrize("stack", ["inbroker"], indirect=True)
 async def test_any_unicode_in_a_hook_request_gets_an_answer_never_a_failure(stack: Stack) -> None:
     """Hypothesis drives a blocking client from a thread while the server runs on this loop."""
-    secret = service_password(stack.config.auth.jwt_secret)
+    secret = hooks_credential(stack.config.auth.jwt_secret)
     base = f"http://127.0.0.1:{stack.http_port}"
 
     def fuzz() -> None:

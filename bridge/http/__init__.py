@@ -1,5 +1,5 @@
 """The bridge's HTTP API (ASGI, FastAPI): sync, history, groups, presence, push tokens,
-settings, health and metrics.
+settings, health and metrics, and the hooks an external broker calls.
 
 ::
 
@@ -12,6 +12,7 @@ settings, health and metrics.
             presence ───────▶ bridge.visibility.Visibility
             devices ────────▶ bridge.devices.DeviceService
             settings ───────▶ bridge.settings.SettingsService
+            hooks/emqx ─────▶ bridge.broker_hooks.BrokerHooks  (not /v1: the hooks credential, not a token)
             healthz, metrics
         a refusal (RequestError, StoreRefusal) ─▶ errors.on_refusal ─▶ ErrorCode.http_status
 

@@ -47,11 +47,13 @@ def create_app(
     push_store: PushStore | None = None,
     clock: Clock = SYSTEM_CLOCK,
     node: str = "",
+    hooks_credential: str = "",
 ) -> FastAPI:
     """Build the ASGI app over the given stores and token verifier; each service receives the
     parts of the store it uses.
 
-    ``node`` names this node in /healthz and labels every /metrics sample ("": no label);
+    ``hooks_credential`` is what an external broker presents to the broker hooks ("": they answer
+    401 to everyone); ``node`` names this node in /healthz and labels every /metrics sample ("": no label);
     ``broker_connected`` tells /healthz whether the bridge currently reaches the broker, and
     ``dead_workers`` which background workers have died (any: /healthz answers 503);
     ``publish`` sends events (membership changes) to devices through the adapter;
@@ -81,7 +83,7 @@ def create_app(
         ),
         devices=DeviceService(tokens=push_store, clock=clock),
         visibility=Visibility(groups=store, privacy=store, lookup=presence),
-        hooks=BrokerHooks(verifier=verifier, groups=store, privacy_settings=store),
+        hooks=BrokerHooks(verifier=verifier, hooks_credential=hooks_credential, groups=store, privacy_settings=store),
         broker_connected=broker_connected,
         dead_workers=dead_workers,
         node=node,

@@ -1,6 +1,6 @@
 """EMQX 5's HTTP hooks: authentication at CONNECT, authorisation at each publish and subscribe
-(bridge.broker_hooks decides). EMQX presents the bridge's service credential as a bearer token;
-any other caller gets 401. A malformed body gets 400, which EMQX takes as "ignore": configure it
+(bridge.broker_hooks decides). EMQX presents the hooks credential (``mqchat.tokens``) as a
+bearer token; any other caller gets 401. A malformed body gets 400, which EMQX takes as "ignore": configure it
 to deny what no authenticator or authorizer allows (see the README)."""
 
 from typing import Annotated, Any
@@ -15,10 +15,10 @@ router = APIRouter(responses=ERROR_RESPONSES, tags=["broker hooks"])
 
 
 async def broker_caller(request: Request, api: Api) -> None:
-    """The caller is the broker: it presents the service credential (derived from the JWT secret)."""
+    """The caller is the broker: it presents the hooks credential (derived from the JWT secret)."""
     scheme, _, credential = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not api.hooks.is_broker(credential.strip()):
-        raise RequestError(ErrorCode.UNAUTHORIZED, "the broker hooks need the service credential as a bearer token")
+        raise RequestError(ErrorCode.UNAUTHORIZED, "the broker hooks need the hooks credential as a bearer token")
 
 
 Broker = Annotated[None, Depends(broker_caller)]
@@ -32,7 +32,7 @@ Broker = Annotated[None, Depends(broker_caller)]
 )
 async def emqx_authenticate(body: EmqxAuthnRequest, api: Api, _: Broker) -> dict[str, Any]:
     admission = api.hooks.authenticate(username=body.username, password=body.password, clientid=body.clientid)
-    answer: dict[str, Any] = {"result": "allow" if admission.allowed else "deny", "is_superuser": False}
+    answer: dict[str, Any] = {"result": "allow" if admission.allowed else "deny", "is_superuser": admission.superuser}
     if admission.expires_at is not None:
         answer["expire_at"] = admission.expires_at
     return answer
