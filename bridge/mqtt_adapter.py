@@ -9,17 +9,20 @@
 
 The ``MqttPublisher`` exists before the pipeline (the receipt coalescer publishes through it);
 the adapter hands it each connection it makes and takes it back when the connection ends.
-Requests are dispatched in arrival order, each in its own task (bounded by ``max_inflight``;
-beyond that the reader stops reading and the broker queues), so many share one group commit.
-The connection is re-established with capped exponential backoff; the persistent session lets
-the broker queue requests meanwhile, and devices re-send anything not acked.
+Requests are dispatched in arrival order, each in its own task (at most ``max_inflight``), so
+many share one group commit. paho-mqtt acknowledges a request to the broker as it arrives, not
+once it is answered: requests the adapter holds when its process dies are lost to it, and the
+devices re-send them (they re-send anything not acked). The connection is re-established with
+capped exponential backoff; beside mqchat's own broker the session is persistent, so the broker
+queues requests meanwhile.
 
-Several bridge workers (``mqchat bridge --workers N``, or many machines) share one broker's
-requests through a shared subscription, ``$share/mqchat-bridge/u/+/+/out`` (MQTT 5, and accepted
-by Mosquitto 2 and EMQX from 3.1.1 clients too): the broker hands each request to one of them.
-Each worker has its own client id (``$mqchat-bridge-{instance}``), so its persistent session keeps
-what it was handed but did not acknowledge until it is back. Sequencing and dedup live in the
-shared store, so the order in which workers take requests never decides a conversation's order.
+Several bridge workers (``mqchat bridge --workers N``, on any number of machines) share one
+broker's requests through a shared subscription, ``$share/mqchat-bridge/u/+/+/out`` (MQTT 5, and
+accepted by Mosquitto 2 and EMQX from 3.1.1 clients too): the broker hands each request to one of
+them. Each worker's client id names its machine's node id and its number. Its session is clean:
+a worker that is gone must not keep a share of the requests waiting for it, and the others take
+the devices' re-sends. Sequencing and dedup live in the shared store, so the order in which
+workers take requests never decides a conversation's order.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class MqttClientAdapter(Service):
         port: int,
         service_password: str,
         instance: int = 0,
+        node: str = "",
         max_inflight: int = 2048,
         clock: Clock = SYSTEM_CLOCK,
         backoff_cap_s: float = 5.0,
@@ -88,7 +92,10 @@ class MqttClientAdapter(Service):
         self._host = host
         self._port = port
         self._password = service_password
-        self._client_id = f"{SERVICE_CLIENT_PREFIX}-{instance}"
+        self._client_id = (
+            f"{SERVICE_CLIENT_PREFIX}-{node}-{instance}" if shared else f"{SERVICE_CLIENT_PREFIX}-{instance}"
+        )
+        self._clean_session = shared
         self._slots = asyncio.Semaphore(max_inflight)
         self._clock = clock
         self._backoff_cap_s = backoff_cap_s
@@ -134,7 +141,7 @@ class MqttClientAdapter(Service):
             username=SERVICE_USERNAME,
             password=self._password,
             identifier=self._client_id,
-            clean_session=False,
+            clean_session=self._clean_session,
             keepalive=30,
             max_inflight_messages=1000,
         ) as client:

@@ -57,7 +57,7 @@ from mqchat.errors import ConfigError
 from mqchat.internal_topics import MEMBERSHIP_TOPIC
 from mqchat.service import Service
 from mqchat.tasks import STOP_BOUND_S
-from mqchat.tokens import TokenVerifier, service_password
+from mqchat.tokens import TokenVerifier, hooks_credential, service_password
 from push.apns import ApnsProvider
 from push.base import PushConfigError, PushProvider
 from push.dispatcher import ConnectedDevices, PushDispatcher
@@ -333,6 +333,7 @@ def serve_api(
         default_settings=UserSettings(who_may_add=config.bridge.default_who_may_add),
         publish=adapter.publish,
         node=config.network.node,
+        hooks_credential=hooks_credential(config.auth.jwt_secret),
     )
     return HttpServer(
         app=app,
@@ -340,7 +341,8 @@ def serve_api(
         port=config.network.http_port,
         max_connections=config.bridge.http_max_connections,
         header_timeout_s=config.bridge.http_header_timeout_s,
-        reuse_port=config.bridge.workers > 1,  # the bridge workers all serve the one HTTP port
+        # The bridge workers beside an external broker all serve the one HTTP port.
+        reuse_port=bool(config.bridge.broker) and config.bridge.workers > 1,
     )
 
 
@@ -380,6 +382,7 @@ async def run_bridge(
                 max_inflight=config.bridge.max_inflight,
                 on_presence=mirror.update if mirror is not None else None,
                 instance=instance,
+                node=config.network.node,
                 shared=bool(config.bridge.broker),
             )
         )

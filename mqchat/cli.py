@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -86,11 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bridge", help="run bridge workers (pipeline and HTTP API) for an external MQTT broker, e.g. Mosquitto or EMQX"
     )
     _server_flags(bridge)
-    bridge.add_argument("--broker", required=True, help="the external broker, HOST:PORT")
+    bridge.add_argument("--broker", help="the external broker, HOST:PORT (env MQCHAT_BROKER)")
     bridge.add_argument("--workers", help="worker processes sharing the broker's requests (default 1)")
     bridge.add_argument("--host", help="address the HTTP API listens on (default 127.0.0.1)")
     bridge.add_argument("--http-port", help="HTTP port, shared by the workers (default 8080)")
-    bridge.add_argument("--node-id", help="this machine's name (default: host name and MQTT port)")
+    bridge.add_argument("--node-id", help="this machine's name, in the workers' client ids (default: host name)")
     bridge.add_argument("--store", help="the shared store, cassandra://HOST[,HOST…][:PORT]/KEYSPACE (env MQCHAT_STORE)")
     bridge.add_argument("--redis-url", help="the presence registry shared with the rest of the deployment")
     bridge.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
@@ -126,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, help="stop after this many events")
     listen.add_argument("--timeout", type=float, help="stop after this many seconds")
 
-    deploy = sub.add_parser("deploy", help="print configuration for what runs in front of a cluster of nodes")
+    deploy = sub.add_parser("deploy", help="configuration for what runs around mqchat: HAProxy, Mosquitto, EMQX")
     targets = deploy.add_subparsers(dest="target", required=True, metavar="TARGET", parser_class=_Parser)
     haproxy = targets.add_parser("haproxy", help="an HAProxy load balancer for MQTT and HTTP (TCP mode)")
     haproxy.add_argument(
@@ -153,11 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-as", default="mosquitto", help="the account Mosquitto runs as; it owns the files (default mosquitto)"
     )
     mosquitto.add_argument(
-        "--user",
-        action="append",
-        default=[],
-        metavar="NAME=PASSWORD",
-        help="a device user and its password (repeat); the bridge's own account comes from the JWT secret",
+        "--users",
+        metavar="FILE",
+        help="device users and their passwords, one NAME=PASSWORD a line ('-': standard input); "
+        "the bridge's own account comes from the JWT secret",
     )
 
     bench = sub.add_parser(
@@ -168,11 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CHILDREN = ("broker", "bridge", "node")
-WORKER_CHILD = re.compile(r"worker-(0|[1-9][0-9]{0,3})")
 
 
 def _is_child(name: str) -> bool:
-    return name in CHILDREN or WORKER_CHILD.fullmatch(name) is not None
+    from mqchat.config import MAX_WORKERS
+    from mqchat.supervisor import WORKER_PREFIX
+
+    number = name.removeprefix(WORKER_PREFIX)
+    worker = name.startswith(WORKER_PREFIX) and number.isdigit() and number == str(int(number))
+    return name in CHILDREN or (worker and int(number) < MAX_WORKERS)
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "deploy":
         return _deploy(args)
     # Only the server creates the secret; client commands find the server's (or need none: a token).
-    mode: SecretMode = "find"
-    if args.command in ("serve", "bridge"):
+    mode: SecretMode = "find"  # `bridge` too: its workers must share the deployment's secret
+    if args.command == "serve":
         mode = "defer"
     elif args.command != "token" and _given_token(args):
         mode = "skip"
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command in ("serve", "bridge"):
-            return _serve(config)
+            return _serve(config, args.command)
         if args.command == "token":
             return _token(args, config)
         return _run_client(args, config)
@@ -280,9 +282,7 @@ def _deploy_mosquitto(args: argparse.Namespace) -> int:
 
     try:
         secret = _server_secret(args)
-        users = dict(u.split("=", 1) for u in args.user if "=" in u)
-        if len(users) != len(args.user):
-            raise ValueError("--user takes NAME=PASSWORD")
+        users = _read_users(args.users)
         directory = Path(args.dir).resolve()
         files = mosquitto_files(
             str(directory),
@@ -316,14 +316,32 @@ def _server_secret(args: argparse.Namespace) -> str:
 
 def _deploy_emqx(args: argparse.Namespace) -> int:
     from mqchat.deploy import emqx_config
-    from mqchat.tokens import service_password
+    from mqchat.tokens import hooks_credential
 
     try:
-        print(emqx_config(args.url, service_password(_server_secret(args))), end="")
+        print(emqx_config(args.url, hooks_credential(_server_secret(args))), end="")
     except (ConfigError, ValueError) as exc:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _read_users(source: str | None) -> dict[str, str]:
+    """NAME=PASSWORD lines (blank lines and # comments skipped) from a file or standard input."""
+    if source is None:
+        return {}
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    users: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, password = line.strip().partition("=")
+        if not sep or not password:
+            raise ValueError(f"{source}, line {number}: not NAME=PASSWORD")
+        if name in users:
+            raise ValueError(f"{source}, line {number}: {name} appears twice")
+        users[name] = password
+    return users
 
 
 def _give_to(account: str, paths: list[Path]) -> None:
@@ -364,17 +382,29 @@ def _token(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _serve(config: Config) -> int:
+def _check_mode(config: Config, *, bridge: bool) -> None:
+    """`serve` runs a broker of its own, `bridge` serves another one: the settings must agree."""
+    settings = config.bridge
+    if bridge and not settings.broker:
+        raise ConfigError("mqchat bridge needs the broker it serves: --broker HOST:PORT (or MQCHAT_BROKER)")
+    if not bridge and (settings.broker or settings.workers > 1):
+        raise ConfigError("broker and workers are settings of `mqchat bridge`, not of `mqchat serve`")
+    if settings.workers > 1 and config.storage.backend == "sqlite":
+        raise ConfigError(
+            "several bridge workers need a store they share (--store cassandra://…): SQLite is one process's"
+        )
+    if settings.workers > 1 and config.network.http_port == 0:
+        raise ConfigError("several bridge workers share one HTTP port: give --http-port a number, not 0")
+
+
+def _serve(config: Config, command: str = "serve") -> int:
     from mqchat.app import local_host
     from mqchat.child import ensure_data_dir, ensure_ports_free, setup_logging
     from mqchat.supervisor import Supervisor
 
     setup_logging(config.log_level, "serve")
     try:
-        if config.bridge.workers > 1 and config.storage.backend == "sqlite":
-            raise ConfigError(
-                "several bridge workers need a store they share (--store cassandra://…): SQLite is one process's"
-            )
+        _check_mode(config, bridge=command == "bridge")
         ensure_ports_free(config)
         ensure_data_dir(config)
         config, generated = with_jwt_secret(config)

@@ -507,6 +507,16 @@ def parse_adapter(value: str) -> str:
     return value
 
 
+MAX_WORKERS = 256
+
+
+def parse_workers(value: str | int) -> int:
+    workers = parse_positive_int(value)
+    if workers > MAX_WORKERS:
+        raise ValueError(f"at most {MAX_WORKERS} workers on one machine")
+    return workers
+
+
 def parse_broker_address(value: str) -> str:
     """An external MQTT broker as ``HOST:PORT`` (an IPv6 host in brackets), or "" for none."""
     text = str(value).strip()
@@ -537,9 +547,9 @@ class BridgeConfig:
     # the faster, by `mqchat bench chat`) or "mqtt" (the bridge as an MQTT client of any broker).
     adapter: str = "inbroker"
     # An external MQTT broker (HOST:PORT) the bridge serves instead of a broker of its own
-    # (`mqchat bridge`): workers processes share its requests through a shared subscription.
+    # (`mqchat bridge`): worker processes share its requests through a shared subscription.
     broker: str = ""
-    workers: int = 1
+    workers: int = 1  # 1 to MAX_WORKERS
     max_envelope_bytes: int = 64 * 1024
     max_inflight: int = 2048  # requests being processed at once (backpressure beyond)
     history_max_limit: int = 500
@@ -644,7 +654,7 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "jwt_secret": ("auth", "jwt_secret", str),
     "adapter": ("bridge", "adapter", parse_adapter),
     "broker": ("bridge", "broker", parse_broker_address),
-    "workers": ("bridge", "workers", parse_positive_int),
+    "workers": ("bridge", "workers", parse_workers),
     "max_envelope_bytes": ("bridge", "max_envelope_bytes", parse_size),
     "max_inflight": ("bridge", "max_inflight", parse_positive_int),
     "history_max_limit": ("bridge", "history_max_limit", parse_positive_int),

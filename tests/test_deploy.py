@@ -76,15 +76,42 @@ def test_any_text_is_a_node_address_or_a_value_error(text: str) -> None:
 
 
 def test_the_emqx_settings_name_the_hooks_and_the_service_credential() -> None:
-    from mqchat.tokens import service_password
+    from mqchat.tokens import hooks_credential
 
     secret = "0123456789abcdefghijklmnopqrstuv"
     done = mqchat_deploy("emqx", "--url", "http://10.0.0.5:8080/", secret=secret)
     assert done.returncode == 0, done.stderr
     assert 'url = "http://10.0.0.5:8080/hooks/emqx/authn"' in done.stdout
     assert 'url = "http://10.0.0.5:8080/hooks/emqx/authz"' in done.stdout
-    assert f'"authorization" = "Bearer {service_password(secret)}"' in done.stdout
+    assert f'"authorization" = "Bearer {hooks_credential(secret)}"' in done.stdout
     assert "no_match = deny" in done.stdout
     refused = mqchat_deploy("emqx", "--url", 'http://x" }\nauthorization {', secret=secret)
     assert refused.returncode == 2
-    assert "is not an http(s)://HOST[:PORT] URL" in refused.stderr
+    assert "is not an http(s)://HOST[:PORT][/PATH] URL" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "users", "message"),
+    [
+        (["--bind", "0.0.0.0\nallow_anonymous true"], "", "is not an address to listen on"),
+        (["--run-as", "root\nuser x"], "", "is not an account name"),
+        ([], "alice=pw\nalice=pw2\n", "alice appears twice"),
+        ([], "$mqchat-service=pw\n", "is not a user id"),
+        ([], "alice\n", "not NAME=PASSWORD"),
+    ],
+)
+def test_the_mosquitto_files_refuse_what_would_change_their_meaning(
+    tmp_path: Path, args: list[str], users: str, message: str
+) -> None:
+    listed = tmp_path / "users"
+    listed.write_text(users)
+    done = mqchat_deploy("mosquitto", "--dir", str(tmp_path / "conf"), "--users", str(listed), *args, secret="k" * 32)
+    assert done.returncode == 2
+    assert message in done.stderr, done.stderr
+    assert not (tmp_path / "conf" / "mosquitto.conf").exists(), "nothing written"
+
+
+def test_haproxy_binds_are_checked() -> None:
+    done = deploy("--node", "n1=h:1:2", "--mqtt-bind", ":1883\nlisten evil")
+    assert done.returncode == 2
+    assert "is not an address to bind" in done.stderr

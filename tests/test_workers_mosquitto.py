@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import re
 import secrets
 import subprocess
 import sys
@@ -56,11 +57,14 @@ def mosquitto(tmp_path: Path, devices: list[tuple[str, str]]) -> Iterator[Deploy
     users = {u: t for (u, _d), t in tokens.items()}  # one device per user here
     port = free_port()
     conf = tmp_path / "mosquitto"
+    listed = tmp_path / "users"
+    listed.write_text("".join(f"{u}={t}\n" for u, t in users.items()))
+    listed.chmod(0o600)
+    # As root, Mosquitto would switch to its own account, which cannot enter pytest's tmp_path.
+    account = pwd.getpwuid(os.geteuid()).pw_name
+    options = ["--dir", str(conf), "--port", str(port), "--run-as", account, "--users", str(listed)]
     written = subprocess.run(
-        # As root, Mosquitto would switch to its own account, which cannot enter pytest's tmp_path.
-        [sys.executable, "-m", "mqchat", "deploy", "mosquitto", "--dir", str(conf), "--port", str(port)]
-        + ["--run-as", pwd.getpwuid(os.geteuid()).pw_name]
-        + [arg for u, t in users.items() for arg in ("--user", f"{u}={t}")],
+        [sys.executable, "-m", "mqchat", "deploy", "mosquitto", *options],
         env=repo_env() | {"MQCHAT_JWT_SECRET": secret},
         capture_output=True,
         text=True,
@@ -95,11 +99,12 @@ def start_bridge(deployment: Deployment, tmp_path: Path, store_url: str) -> Serv
 
 
 async def workers_connected(deployment: Deployment, count: int, *, timeout: float = 60) -> None:
-    """Until Mosquitto has seen count bridge workers connect (each id once at least)."""
+    """Until Mosquitto has seen count bridge workers connect (each id once at least): their ids
+    are $mqchat-bridge-{node id}-{number}."""
     deadline = time.monotonic() + timeout
     while True:
         log = deployment.mosquitto_log.read_text(errors="replace")
-        if all(f"as $mqchat-bridge-{i} " in log for i in range(count)):
+        if all(re.search(rf"as \$mqchat-bridge-\S+-{i} ", log) for i in range(count)):
             return
         assert time.monotonic() < deadline, log[-3000:]
         await asyncio.sleep(0.05)
@@ -151,6 +156,8 @@ async def test_three_workers_one_killed_mid_run_lose_nothing_and_store_nothing_t
                     for (user, _d), client, (peer, _p) in zip(senders, phones, recipients, strict=True):
                         sent[user].append(await client.send(dm_conv(user, peer), f"{user} #{k}"))
                     if k == MESSAGES_EACH // 3:
+                        waiting = sum(c.statistics().pending for c in phones)
+                        assert waiting > 0, "sends still in flight when the worker dies"
                         await bridge.kill9("worker-1")  # the supervisor starts it again
                     await asyncio.sleep(0.05)
                 for (user, _d), client in zip(senders, phones, strict=True):
@@ -205,7 +212,8 @@ async def test_three_workers_one_killed_mid_run_lose_nothing_and_store_nothing_t
     [
         (["--broker", "127.0.0.1:1883", "--workers", "2"], "several bridge workers need a store they share"),
         (["--broker", "127.0.0.1"], "is not HOST:PORT"),
-        (["--broker", "127.0.0.1:1883", "--workers", "0"], "workers"),
+        (["--broker", "127.0.0.1:1883", "--workers", "0"], "0 is not a positive whole number"),
+        (["--workers", "2"], "needs the broker it serves"),
     ],
 )
 def test_mqchat_bridge_refuses_what_cannot_work_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
