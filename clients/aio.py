@@ -145,10 +145,11 @@ class ChatClient:
     ahead is held before the missing range is fetched. ``http_transport`` replaces httpx's
     network transport (tests use ``httpx.MockTransport``). HTTP calls are bounded by
     ``connect_timeout`` seconds each and retried with backoff when the failure is transient.
-    ``one_at_a_time`` publishes a send only once the one before it is answered: behind bridge
-    workers that share a broker's requests (``mqchat bridge --workers N``), two sends in flight at
-    once may reach two workers and be stored in either order; one at a time, they keep this
-    device's order, at one round trip per message.
+    ``one_at_a_time`` publishes a send only once the one before it in the same conversation is
+    answered: behind bridge workers that share a broker's requests (``mqchat bridge --workers N``),
+    two sends in flight at once may reach two workers and be stored in either order; one at a
+    time, a conversation keeps this device's order, at one round trip per message (conversations
+    do not wait for each other).
     """
 
     def __init__(
@@ -413,7 +414,7 @@ class ChatClient:
         if self._held or self._replaying:
             self._last_sent[entry.id] = max(self._clock.monotonic(), self._hold_until) - self._resend_after
             return
-        if self._one_at_a_time and self._outbox.pending()[0].id != entry.id:
+        if self._one_at_a_time and _heads(self._outbox.pending()).get(entry.conv) != entry.id:
             return  # published by the replay that follows the answer to the one before it
         await self._publish_now(entry)
 
@@ -431,8 +432,9 @@ class ChatClient:
             while not self._held:
                 now = self._clock.monotonic()
                 pending = self._outbox.pending()
-                if self._one_at_a_time:
-                    pending = pending[:1]  # the oldest unanswered send; the next once it is answered
+                if self._one_at_a_time:  # each conversation's oldest unanswered send; the next once it is answered
+                    heads = set(_heads(pending).values())
+                    pending = [e for e in pending if e.id in heads]
                 batch = [
                     e
                     for e in pending
@@ -893,3 +895,11 @@ class ChatClient:
             sync_requests=self._history.sync_requests if self._history is not None else 0,
             delivered_in_order=self._delivered_in_order,
         )
+
+
+def _heads(pending: list[PendingSend]) -> dict[str, str]:
+    """The id of each conversation's oldest pending send."""
+    heads: dict[str, str] = {}
+    for entry in pending:
+        heads.setdefault(entry.conv, entry.id)
+    return heads
