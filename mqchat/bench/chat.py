@@ -236,31 +236,24 @@ def _round_metrics(http_port: int) -> dict[str, float]:
     return values
 
 
+STEP_COLUMNS = ("rate/s", "ack p50", "ack p99", "msg p50", "msg p99", "msg max", "no ack", "undelivered")
+
+
+def step_row(label: str, st: dict[str, Any]) -> list[Any]:
+    """One offered rate of a chat_run: the table row under STEP_COLUMNS."""
+    ack, msg = st["ack"], st["delivery"]
+    latencies = (ack["p50_ms"], ack["p99_ms"], msg["p50_ms"], msg["p99_ms"], msg["max_ms"])
+    return [label, st["rate"], *latencies, st["lost_ack"], st["lost_delivery"]]
+
+
 def table(data: dict[str, Any]) -> None:
     rows = []
     for s in data["systems"].values():
         if not s.get("available"):
             rows.append([s["label"], "unavailable", *[""] * 7])
             continue
-        for st in s["steps"]:
-            rows.append(
-                [
-                    s["label"],
-                    st["rate"],
-                    st["ack"]["p50_ms"],
-                    st["ack"]["p99_ms"],
-                    st["delivery"]["p50_ms"],
-                    st["delivery"]["p99_ms"],
-                    st["delivery"]["max_ms"],
-                    st["lost_ack"],
-                    st["lost_delivery"],
-                ]
-            )
-    print_table(
-        "chat: 1:1 sends through mqchat serve (ms from intended send time)",
-        ["server", "rate/s", "ack p50", "ack p99", "msg p50", "msg p99", "msg max", "no ack", "undelivered"],
-        rows,
-    )
+        rows += [step_row(s["label"], st) for st in s["steps"]]
+    print_table("chat: 1:1 sends through mqchat serve (ms from intended send time)", ["server", *STEP_COLUMNS], rows)
     for s in data["systems"].values():
         if s.get("available"):
             print(f"{s['label']}: max sustainable rate {fmt(s.get('max_sustainable_rate'))} sends/s")

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -343,24 +343,89 @@ class ServeProc:
 
 @contextlib.contextmanager
 def run_serve(
-    adapter: str, workdir: Path, *, limits: bool = False, name: str = "", store: str | None = None
+    adapter: str,
+    workdir: Path,
+    *,
+    limits: bool = False,
+    name: str = "",
+    store: str | None = None,
+    secret: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[ServeProc]:
-    """``mqchat serve`` pinned to the broker's CPU with a fresh secret; stopped on exit. The
-    pipeline's capacity is measured with few devices sending fast, so the send rate limits are
-    lifted unless ``limits``. ``store``: a ``--store`` URL (default: SQLite in the workdir)."""
-    secret = secrets.token_urlsafe(32)
+    """``mqchat serve`` pinned to the broker's CPU with a fresh secret (or the given one, shared
+    by a cluster's nodes); stopped on exit. The pipeline's capacity is measured with few devices
+    sending fast, so the send rate limits are lifted unless ``limits``. ``store``: a ``--store``
+    URL (default: SQLite in the workdir); ``env``: more ``MQCHAT_*`` settings."""
+    secret = secret or secrets.token_urlsafe(32)
     mqtt_port, http_port = free_port(), free_port()
     data_dir = workdir / f"data-{adapter}{name}"
     log_path = workdir / f"serve-{adapter}{name}.log"
     unlimited = {} if limits else {f"MQCHAT_{key}": "1000000000" for key in SEND_LIMITS}
-    env = {**os.environ, "MQCHAT_JWT_SECRET": secret, **unlimited, **({"MQCHAT_STORE": store} if store else {})}
-    env.pop("MQCHAT_CONFIG", None)
+    settings = {"MQCHAT_JWT_SECRET": secret, **unlimited, **({"MQCHAT_STORE": store} if store else {}), **(env or {})}
+    child_env = {**os.environ, **settings}
+    child_env.pop("MQCHAT_CONFIG", None)
     cmd = serve_command(
         mqtt_port=mqtt_port, http_port=http_port, data_dir=data_dir, adapter=adapter, log_level="WARNING"
     )
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: pin(BROKER_CPU))
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, preexec_fn=lambda: pin(BROKER_CPU)
+        )
     try:
         yield ServeProc(proc=proc, mqtt_port=mqtt_port, http_port=http_port, secret=secret, log_path=log_path)
     finally:
         stop_popen(proc, grace_s=20)
+
+
+# --- what a cluster runs beside its nodes ------------------------------------------------------
+
+
+def _binary(name: str, *places: str) -> str:
+    import shutil
+
+    found = shutil.which(name) or next((p for p in places if Path(p).is_file()), None)
+    if found is None:
+        raise BenchError(f"{name} is not installed (Debian: apt-get install {name})")
+    return found
+
+
+@contextlib.contextmanager
+def run_redis(workdir: Path) -> Iterator[str]:
+    """A redis-server without persistence on a free port, pinned beside the load; yields its URL."""
+    binary = _binary("redis-server", "/usr/bin/redis-server", "/usr/sbin/redis-server")
+    port = free_port()
+    cmd = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    with (workdir / "redis.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: pin(LOAD_CPU))
+    try:
+        _wait_port(port, 10)
+        yield f"redis://{HOST}:{port}/0"
+    finally:
+        stop_popen(proc, grace_s=5)
+
+
+@contextlib.contextmanager
+def run_haproxy(workdir: Path, nodes: list[tuple[str, int, int]]) -> Iterator[tuple[int, int]]:
+    """HAProxy configured by ``mqchat deploy haproxy`` for nodes (name, MQTT port, HTTP port);
+    yields its MQTT and HTTP ports."""
+    from mqchat.deploy import NodeAddress, haproxy_config
+
+    binary = _binary("haproxy", "/usr/sbin/haproxy")
+    mqtt_port, http_port = free_port(), free_port()
+    config = workdir / "haproxy.cfg"
+    config.write_text(
+        haproxy_config(
+            [NodeAddress(name, HOST, m, h) for name, m, h in nodes],
+            mqtt_bind=f"{HOST}:{mqtt_port}",
+            http_bind=f"{HOST}:{http_port}",
+        )
+    )
+    with (workdir / "haproxy.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [binary, "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: pin(LOAD_CPU)
+        )
+    try:
+        _wait_port(mqtt_port, 10)
+        yield mqtt_port, http_port
+    finally:
+        stop_popen(proc, grace_s=5)

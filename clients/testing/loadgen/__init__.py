@@ -8,6 +8,7 @@
     fanout       fanout_run       one publisher ──▶ broker ──▶ many subscribers of one topic
                  group_fanout_run one send ──▶ mqchat ──▶ every member of a group
     connections  ramp_connections many idle devices (connect + auth + subscribe), held open until released
+    storm        reconnect_storm  a node's devices killed off it, back through the balancer, caught up
     chat         chat_run         senders ──send──▶ mqchat ──ack──▶ senders, ──msg──▶ recipients
                  abuse_run        one user's send→ack while one device floods
 
@@ -25,6 +26,7 @@ from clients.testing.loadgen.connections import ramp_connections
 from clients.testing.loadgen.fanout import fanout_run, group_fanout_run
 from clients.testing.loadgen.measure import percentiles, stderr_progress
 from clients.testing.loadgen.relay import relay_run
+from clients.testing.loadgen.storm import reconnect_storm
 
 __all__ = [
     "ConnectRefused",
@@ -38,6 +40,7 @@ __all__ = [
     "group_fanout_run",
     "percentiles",
     "ramp_connections",
+    "reconnect_storm",
     "relay_run",
     "stderr_progress",
 ]

@@ -33,11 +33,13 @@ async def chat_run(
     drain_s: float = 15.0,
     body_size: int = 100,
     progress: Progress | None = None,
+    recipient_port: int | None = None,
 ) -> list[dict[str, Any]]:
     """Sender a_i sends to b_i over ``dm:{a_i}:{b_i}``; each rate (total sends/s, open loop) runs
     for ``duration`` seconds. Measures send→ack and send→recipient latency and what was lost.
 
-    ``pairs`` are (user a, device creds of a, user b, device creds of b). A rate that loses more
+    ``pairs`` are (user a, device creds of a, user b, device creds of b); recipients connect to
+    ``recipient_port`` when given (another node of a cluster), else to ``port``. A rate that loses more
     than a fifth of its messages ends the run (higher rates would only pile on)."""
     sent_at: dict[str, int] = {}
     ack_ms: list[float] = []
@@ -69,7 +71,7 @@ async def chat_run(
     senders: list[tuple[MqttClient, str, str]] = []
     recipients: list[MqttClient] = []
     try:
-        await _connect_pairs(host, port, pairs, on_sender, on_recipient, senders, recipients)
+        await _connect_pairs(host, port, recipient_port or port, pairs, on_sender, on_recipient, senders, recipients)
         results: list[dict[str, Any]] = []
         ticker = Ticker(progress)
         ids: list[str] = []
@@ -102,6 +104,7 @@ async def chat_run(
 async def _connect_pairs(
     host: str,
     port: int,
+    recipient_port: int,
     pairs: Sequence[tuple[str, Creds, str, Creds]],
     on_sender: MessageCallback,
     on_recipient: MessageCallback,
@@ -112,7 +115,7 @@ async def _connect_pairs(
     for a, ca, b, cb in pairs:
         s = await connect(host, port, ca, on_message=on_sender)
         await s.subscribe([(f"u/{a}/in", 1), (f"u/{a}/{ca.client_id}/in", 1)])
-        r = await connect(host, port, cb, on_message=on_recipient)
+        r = await connect(host, recipient_port, cb, on_message=on_recipient)
         await r.subscribe([(f"u/{b}/in", 1), (f"u/{b}/{cb.client_id}/in", 1)])
         senders.append((s, f"u/{a}/{ca.client_id}/out", dm_conv(a, b)))
         recipients.append(r)
