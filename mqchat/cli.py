@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.add_argument("--workers", help="worker processes sharing the broker's requests (default 1)")
     bridge.add_argument("--host", help="address the HTTP API listens on (default 127.0.0.1)")
     bridge.add_argument("--http-port", help="HTTP port, shared by the workers (default 8080)")
-    bridge.add_argument("--node-id", help="this machine's name, in the workers' client ids (default: host name)")
+    bridge.add_argument("--node-id", help="this machine's name, in the workers' client ids (default: host name:1883)")
     bridge.add_argument("--store", help="the shared store, cassandra://HOST[,HOST…][:PORT]/KEYSPACE (env MQCHAT_STORE)")
     bridge.add_argument("--redis-url", help="the presence registry shared with the rest of the deployment")
     bridge.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
