@@ -45,7 +45,8 @@ class BrokerHooks:
         if username == SERVICE_USERNAME:
             ok = clientid.startswith(SERVICE_CLIENT_PREFIX) and self._verifier.verify_service(password)
             # A bridge worker publishes every event: asking the hook at each would be an HTTP call
-            # per delivery. Its rights are still those of service_may_* (authorize, below).
+            # per delivery, so EMQX is told not to ask (a superuser). authorize() still answers
+            # for it (service_may_*) to a broker that asks anyway.
             return Admission(ok, superuser=ok)
         try:
             identity = self._verifier.verify(password)

@@ -2,7 +2,7 @@
 
 ::
 
-    broker ──u/+/+/out (QoS1, persistent session)──▶ reader ──job per request──▶ Pipeline
+    broker ──u/+/+/out (QoS1; a worker: $share/…, clean session)──▶ reader ──job per request──▶ Pipeline
        ▲                                                                            │
        └────────────── publish QoS1 (ack / error / msg) ◀───────────────────────────┘
        └── MqttPublisher (the current connection): events made outside a request (receipts)

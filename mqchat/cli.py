@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     mode: SecretMode = "find"  # `bridge` too: its workers must share the deployment's secret
     if args.command == "serve":
         mode = "defer"
-    elif args.command != "token" and _given_token(args):
+    elif args.command not in ("token", "bridge") and _given_token(args):
         mode = "skip"
     try:
         config, _ = load_config(_flags(args), secret=mode)

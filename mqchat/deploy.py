@@ -210,7 +210,7 @@ listener {port} {bind}
 allow_anonymous false
 password_file {directory}/passwd
 acl_file {directory}/acl
-# Requests wait for a worker in the workers' persistent sessions: keep them across restarts.
+# The devices' persistent sessions (what waits for an offline phone) survive a restart.
 persistence true
 persistence_location {directory}/data/
 autosave_interval 1

@@ -108,6 +108,24 @@ async def test_a_connection_that_trickles_its_headers_is_closed(tmp_path: Path) 
             assert (await http.get("/healthz")).status_code == 200, "an ordinary request is served"
 
 
+async def test_headers_over_16_kib_get_431_and_a_large_body_is_not_mistaken_for_them(stack: Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.http_port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x-big: " + b"a" * 20_000)  # no end
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # to the close
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), head
+    assert json.loads(body)["error"] == "too_large"
+    # Headers and a body of 200 KiB arriving together are not headers over the limit.
+    async with stack.http("alice") as http:
+        answer = await http.put("/v1/me/settings", content=b"{" + b" " * 200_000 + b"}")
+    assert answer.status_code != 431, answer.text
+
+
 async def test_connections_beyond_the_cap_are_refused_and_others_served_after(tmp_path: Path) -> None:
     async with open_stack(make_config(tmp_path, http_max_connections=4), "inbroker") as stack:
         held = [await asyncio.open_connection("127.0.0.1", stack.http_port) for _ in range(4)]

@@ -227,3 +227,17 @@ def test_mqchat_bridge_refuses_what_cannot_work_in_one_line(tmp_path: Path, args
     assert done.returncode in (1, 2), done.stderr
     assert message in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_mqchat_bridge_never_makes_up_a_secret(tmp_path: Path) -> None:
+    """Its workers must share the deployment's secret: without one it stops, whatever else is set."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mqchat", "bridge", "--data-dir", str(tmp_path), "--broker", "127.0.0.1:1883"],
+        env=repo_env() | {"MQCHAT_TOKEN": "a-device-token"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "secret" in done.stderr.lower(), done.stderr
+    assert not (tmp_path / "jwt_secret").exists()

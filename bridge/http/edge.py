@@ -135,12 +135,21 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+MAX_HEADER_BYTES = 16 * 1024
+"""A request line and headers larger than this get 431 and the connection is closed."""
+_TOO_LARGE_HEADERS = (
+    json.dumps({"error": str(ErrorCode.TOO_LARGE), "message": f"request headers over {MAX_HEADER_BYTES} bytes"})
+).encode()
+
+
 class _HeaderTimeout:
     """A connection must deliver a request's complete headers within ``header_timeout_s`` of
-    being opened or of its previous response, or it is closed. (uvicorn alone keeps a connection
-    that trickles its headers, or sends nothing, for ever.) Mixed into uvicorn's protocols."""
+    being opened or of its previous response, or it is closed; and at most MAX_HEADER_BYTES of
+    them, or it gets 431. (uvicorn alone keeps a connection that trickles its headers, or sends
+    nothing, for ever, and on httptools takes headers of any size.) Mixed into uvicorn's protocol."""
 
     header_timeout_s = 10.0
+    _header_bytes: int | None = None  # received since the request began; None: its headers are in
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
     cycle: Any
@@ -151,11 +160,13 @@ class _HeaderTimeout:
 
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
+        self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.header_timeout_s, self._headers_too_slow
         )
 
     def _cancel_header_timer(self) -> None:
+        self._header_bytes = None
         timer = getattr(self, "_header_timer", None)
         if timer is not None:
             timer.cancel()
@@ -165,6 +176,20 @@ class _HeaderTimeout:
         self._header_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        counting = self._header_bytes is not None
+        super().data_received(data)  # type: ignore[misc]  # the parser may complete the headers
+        if counting and self._header_bytes is not None:  # still incomplete after all of data
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self._cancel_header_timer()
+                head = (
+                    "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(_TOO_LARGE_HEADERS)}\r\nconnection: close\r\n\r\n"
+                )
+                self.transport.write(head.encode() + _TOO_LARGE_HEADERS)
+                self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
