@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from mqchat.config import parse_node_id
 from mqchat.ids import is_valid_id
+from mqchat.protocol import OUT_TOPIC_FILTER
+from mqchat.topic_table import SHARED_REQUESTS
 
 __all__ = [
     "NodeAddress",
@@ -161,8 +163,8 @@ pattern read u/%u/%c/in
 
 # The bridge workers: every device's requests (through the shared subscription) and every in topic.
 user {service}
-topic read u/+/+/out
-topic read $share/mqchat-bridge/u/+/+/out
+topic read {requests}
+topic read {shared_requests}
 topic write u/#
 topic write c/#
 """
@@ -222,7 +224,7 @@ set_tcp_nodelay true
 """
     return {
         "mosquitto.conf": conf,
-        "acl": MOSQUITTO_ACL.format(service=service_user),
+        "acl": MOSQUITTO_ACL.format(service=service_user, requests=OUT_TOPIC_FILTER, shared_requests=SHARED_REQUESTS),
         "passwd": "\n".join(passwd) + "\n",
     }
 

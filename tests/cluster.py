@@ -26,29 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 from redis.asyncio import Redis
 
 from mqchat.bench.processes import free_port
 from mqchat.deploy import NodeAddress, haproxy_config
 from mqchat.tokens import issue_token
 from tests.conftest import Served, start_served, stop_served
+from tests.helpers import installed
 
 CHECK_INTERVAL_MS = 200
 """HAProxy's health checks: a node is down 2 failed checks after it died, up 2 good ones after."""
 
 
 def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or next(
-        (p for p in ("/usr/sbin/haproxy", "/usr/bin/haproxy") if Path(p).is_file()), None
+    return installed(
+        "haproxy",
+        why="the cluster tests run their nodes behind a real one",
+        places=("/usr/sbin/haproxy", "/usr/bin/haproxy"),
     )
-    if found is None:
-        pytest.fail(
-            "haproxy is not installed: the cluster tests run their nodes behind a real one "
-            "(`make test` installs the Debian package haproxy)",
-            pytrace=False,
-        )
-    return found
 
 
 class HAProxy:
@@ -165,18 +160,6 @@ class Cluster:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
         served.proc.wait()
-
-    def restart(self, name: str) -> None:
-        """Start a killed node again, on its ports and with its data dir."""
-        old = self.nodes[name]
-        self.nodes[name] = start_served(
-            old.data_dir,
-            self.secret,
-            old.log_path,
-            adapter="inbroker",
-            env=old.env,
-            ports=(old.mqtt_port, old.http_port),
-        )
 
 
 @contextlib.asynccontextmanager

@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +193,6 @@ class Served:
     http_port: int
     secret: str
     log_path: Path
-    env: dict[str, str] = field(default_factory=dict)  # the MQCHAT_* settings it was started with
 
     def token(self, user: str, device: str, ttl_s: int = 3600) -> str:
         return issue_token(secret=self.secret, user=user, device=device, ttl_s=ttl_s)
@@ -248,22 +247,19 @@ def start_served(
     *,
     adapter: str = "mqtt",
     env: dict[str, str] | None = None,
-    ports: tuple[int, int] | None = None,
 ) -> Served:
-    """`python -m mqchat serve` on free ports (or the given MQTT and HTTP ports); env adds
-    MQCHAT_* settings."""
+    """`python -m mqchat serve` on free ports; env adds MQCHAT_* settings."""
     from mqchat.bench.processes import free_port
 
-    mqtt_port, http_port = ports or (free_port(), free_port())
-    settings = dict(env or {})
+    mqtt_port, http_port = free_port(), free_port()
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             serve_command(mqtt_port=mqtt_port, http_port=http_port, data_dir=data_dir, adapter=adapter),
-            env=repo_env() | {"MQCHAT_JWT_SECRET": secret} | settings,
+            env=repo_env() | {"MQCHAT_JWT_SECRET": secret} | (env or {}),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    return Served(proc, data_dir, mqtt_port, http_port, secret, log_path, settings)
+    return Served(proc, data_dir, mqtt_port, http_port, secret, log_path)
 
 
 def stop_served(served: Served) -> int:

@@ -7,17 +7,20 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 
+from clients.testing.loadgen import MqttClient
 from mqchat.bench.processes import free_port, serve_command, wait_healthy
 
 _counter = itertools.count()
@@ -186,3 +189,37 @@ async def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0, wh
     while not predicate():
         assert time.monotonic() < deadline, f"{what} not met in {timeout}s"
         await asyncio.sleep(0.02)
+
+
+class ChannelFeed:
+    """The bodies of the ``msg`` events each user's raw client hears on channel conv's topic."""
+
+    def __init__(self, conv: str, users: Iterable[str]) -> None:
+        self.topic = f"c/{conv}/in"
+        self.received: dict[str, list[str]] = {user: [] for user in users}
+
+    def listener(self, user: str) -> Callable[[str, bytes, int], None]:
+        def on_message(topic: str, payload: bytes, qos: int) -> None:
+            envelope = json.loads(payload)
+            if topic == self.topic and envelope.get("type") == "msg":
+                self.received[user].append(envelope["body"])
+
+        return on_message
+
+
+async def subscribe_until(client: MqttClient, topic: str, granted: int, *, what: str, timeout: float = 10.0) -> None:
+    """Subscribe client to topic again until the broker answers granted: a membership change
+    made through another node reaches this node's ACL a moment later."""
+    deadline = time.monotonic() + timeout
+    while await client.subscribe([(topic, 1)]) != [granted]:
+        assert time.monotonic() < deadline, f"{what} not seen in {timeout}s"
+        await asyncio.sleep(0.05)
+
+
+def installed(name: str, *, why: str, places: Iterable[str] = ()) -> str:
+    """The path of program name (on PATH, else in places); the test fails, saying why it needs
+    it, when it is missing: `make test` installs the Debian package of the same name."""
+    found = shutil.which(name) or next((p for p in places if Path(p).is_file()), None)
+    if found is None:
+        pytest.fail(f"{name} is not installed: {why} (`make test` installs the Debian package {name})", pytrace=False)
+    return found

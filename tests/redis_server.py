@@ -9,7 +9,6 @@ Redis on the same port under a running client.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -19,20 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import installed
+
 START_TIMEOUT_S = 10.0
 
 
 def redis_server_binary() -> str:
-    found = shutil.which("redis-server") or next(
-        (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if Path(p).is_file()), None
+    return installed(
+        "redis-server",
+        why="the Redis presence tests run against a real one",
+        places=("/usr/bin/redis-server", "/usr/sbin/redis-server"),
     )
-    if found is None:
-        pytest.fail(
-            "redis-server is not installed: the Redis presence tests run against a real one "
-            "(`make test` installs the Debian package redis-server)",
-            pytrace=False,
-        )
-    return found
 
 
 def _free_port() -> int:

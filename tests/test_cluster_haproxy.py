@@ -5,11 +5,9 @@ each scenario checks that its two ends landed on different nodes."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,7 +18,7 @@ from tests.cassandra_store import cassandra_storage_config  # noqa: F401
 from tests.cluster import Cluster, running_cluster
 from tests.fakes.apns import FakeApns
 from tests.fakes.fcm import FakeFcm
-from tests.helpers import connect_device, send_env, unique, wait_until
+from tests.helpers import ChannelFeed, connect_device, send_env, subscribe_until, unique, wait_until
 from tests.redis_server import redis_url  # noqa: F401
 from tests.test_push_e2e import fakes, push_config, settle  # noqa: F401
 
@@ -103,23 +101,14 @@ async def test_a_channel_across_nodes_and_a_removal_ends_the_feed_on_the_other_n
         created = await http.post("/v1/groups", json={"name": "news", "kind": "channel", "members": [bob, carol]})
     assert created.status_code == 201, created.text
     conv = created.json()["conv"]
-    topic = f"c/{conv}/in"
-    received: dict[str, list[str]] = {bob: [], carol: []}
-
-    def record(user: str) -> Any:
-        def on_message(t: str, payload: bytes, qos: int) -> None:
-            envelope = json.loads(payload)
-            if t == topic and envelope.get("type") == "msg":
-                received[user].append(envelope["body"])
-
-        return on_message
-
+    feed = ChannelFeed(conv, (bob, carol))
+    topic, received = feed.topic, feed.received
     subscribers: dict[str, MqttClient] = {}
     try:
         async with connect_device(cluster.mqtt_port, owner, "o1", cluster.token(owner, "o1")) as o1:
             for user in (bob, carol):
                 creds = Creds(f"{user}-d", user, cluster.token(user, f"{user}-d"))
-                subscribers[user] = await connect("127.0.0.1", cluster.mqtt_port, creds, on_message=record(user))
+                subscribers[user] = await connect("127.0.0.1", cluster.mqtt_port, creds, on_message=feed.listener(user))
                 assert await subscribers[user].subscribe([(topic, 1)]) == [1]
             placed = {
                 await cluster.node_of(owner, "o1"),
@@ -132,10 +121,7 @@ async def test_a_channel_across_nodes_and_a_removal_ends_the_feed_on_the_other_n
             async with cluster.http(owner) as http:
                 assert (await http.delete(f"/v1/groups/{conv}/members/{bob}")).status_code == 200
             # bob's node hears of the removal and refuses his channel topic from then on.
-            deadline = asyncio.get_running_loop().time() + 10
-            while await subscribers[bob].subscribe([(topic, 1)]) != [0x80]:
-                assert asyncio.get_running_loop().time() < deadline, "bob's node never heard of his removal"
-                await asyncio.sleep(0.05)
+            await subscribe_until(subscribers[bob], topic, 0x80, what="bob's removal on his node")
             await o1.send(send_env(conv, "second"))
             await wait_until(lambda: received[carol] == ["first", "second"])
             await asyncio.sleep(0.3)

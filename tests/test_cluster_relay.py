@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +24,7 @@ from tests.cassandra_store import cassandra_storage_config  # noqa: F401
 from tests.conftest import Stack, make_config, open_stack
 from tests.fakes.apns import FakeApns
 from tests.fakes.fcm import FakeFcm
-from tests.helpers import connect_device, send_env, unique, wait_until
+from tests.helpers import ChannelFeed, connect_device, send_env, subscribe_until, unique, wait_until
 from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401
 from tests.test_push_e2e import fakes, push_config, register, send_burst, settle  # noqa: F401
 
@@ -184,39 +183,24 @@ async def test_channel_posts_and_membership_changes_reach_the_other_node(nodes: 
         created = await http.post("/v1/groups", json={"name": "news", "kind": "channel", "members": [bob]})
     assert created.status_code == 201, created.text
     conv = created.json()["conv"]
-    topic = f"c/{conv}/in"
-    received: dict[str, list[str]] = {bob: [], carol: []}
-
-    def record(user: str) -> Any:
-        def on_message(t: str, payload: bytes, qos: int) -> None:
-            envelope = json.loads(payload)
-            if t == topic and envelope.get("type") == "msg":
-                received[user].append(envelope["body"])
-
-        return on_message
-
+    feed = ChannelFeed(conv, (bob, carol))
+    topic, received = feed.topic, feed.received
     on_b = {}
     for user in (bob, carol):
         creds = Creds(f"{user}-d", user, b.token(user, f"{user}-d"))
-        on_b[user] = await connect("127.0.0.1", b.mqtt_port, creds, on_message=record(user))
+        on_b[user] = await connect("127.0.0.1", b.mqtt_port, creds, on_message=feed.listener(user))
     try:
         assert await on_b[bob].subscribe([(topic, 1)]) == [1]
         assert await on_b[carol].subscribe([(topic, 1)]) == [0x80], "not (yet) a member: refused, and cached on B"
         async with a.http(owner) as http:
             assert (await http.post(f"/v1/groups/{conv}/members", json={"members": [carol]})).status_code == 200
-        deadline = asyncio.get_running_loop().time() + 10
-        while await on_b[carol].subscribe([(topic, 1)]) != [1]:  # B's cache hears of the join
-            assert asyncio.get_running_loop().time() < deadline, "node B never heard of carol's join"
-            await asyncio.sleep(0.05)
+        await subscribe_until(on_b[carol], topic, 1, what="carol's join on node B")  # B's cache hears of it
         async with connect_device(a.mqtt_port, owner, "o1", a.token(owner, "o1")) as o1:
             await o1.send(send_env(conv, "first"))
             await wait_until(lambda: received[bob] == ["first"] and received[carol] == ["first"])
             async with a.http(owner) as http:
                 assert (await http.delete(f"/v1/groups/{conv}/members/{bob}")).status_code == 200
-            deadline = asyncio.get_running_loop().time() + 10
-            while await on_b[bob].subscribe([(topic, 1)]) != [0x80]:  # B's ACL hears of the removal
-                assert asyncio.get_running_loop().time() < deadline, "node B never heard of bob's removal"
-                await asyncio.sleep(0.05)
+            await subscribe_until(on_b[bob], topic, 0x80, what="bob's removal on node B")
             await o1.send(send_env(conv, "second"))
             await wait_until(lambda: received[carol] == ["first", "second"])
             await asyncio.sleep(0.3)

@@ -169,12 +169,9 @@ def _with_cpu(
                 out[pid] = cpu_seconds(pid)
         return out
 
-    server = [serve.proc.pid]
-    with contextlib.suppress(psutil.Error):
-        server += [c.pid for c in psutil.Process(serve.proc.pid).children(recursive=True)]
+    server = serve.pids()
     serve.wait_healthy()
-    with contextlib.suppress(psutil.Error):
-        server += [c.pid for c in psutil.Process(serve.proc.pid).children(recursive=True)]
+    server += serve.pids()
     # Warm up first (the JVM compiles its hot paths in the first tens of seconds), then measure.
     warmup = {**params, "rates": [WARMUP_RATE], "seconds_per_rate": params["warmup_s"], "drain_s": 5.0}
     progress(f"{store}: warm-up at {WARMUP_RATE:.0f}/s for {params['warmup_s']:.0f} s (not reported)")

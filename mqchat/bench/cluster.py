@@ -41,17 +41,8 @@ def _params(opts: Options) -> dict[str, Any]:
     }
 
 
-def _server_pids(serve: ServeProc) -> list[int]:
-    import psutil  # type: ignore[import-untyped]
-
-    pids = [serve.proc.pid]
-    with contextlib.suppress(psutil.Error):
-        pids += [c.pid for c in psutil.Process(serve.proc.pid).children(recursive=True)]
-    return pids
-
-
 def _cpu(pids: list[int]) -> float:
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     total = 0.0
     for pid in pids:
@@ -102,7 +93,7 @@ def _measured(
     nodes spend idle (measured first, over IDLE_S)."""
     import time
 
-    pids = [pid for node in nodes for pid in _server_pids(node)]
+    pids = [pid for node in nodes for pid in node.pids()]
     before, started = _cpu(pids), time.monotonic()
     time.sleep(IDLE_S)
     idle_per_s = (_cpu(pids) - before) / (time.monotonic() - started)
@@ -209,7 +200,7 @@ def _node_loss(n1: ServeProc, n2: ServeProc, params: dict[str, Any], workdir: Pa
                 "port": lb_mqtt,
                 "http_port": lb_http,
                 "devices": devices,
-                "kill_pids": _server_pids(n1),
+                "kill_pids": n1.pids(),
             },
             label="node loss",
             limit_s=300,

@@ -332,6 +332,15 @@ class ServeProc:
     def exited(self) -> bool:
         return self.proc.poll() is not None
 
+    def pids(self) -> list[int]:
+        """The supervisor and the processes it runs now."""
+        import psutil
+
+        pids = [self.proc.pid]
+        with contextlib.suppress(psutil.Error):
+            pids += [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        return pids
+
     def device(self, user: str, device: str) -> Creds:
         return device_creds(self.secret, user, device)
 
