@@ -10,6 +10,8 @@
     bridge HTTP API ──fetch_after/before──▶ MessageStore
     push dispatcher ──enqueue/claim_due───▶ PushStore ─────▶ its own SQLite file
     broker ACL ──membership/settings──────▶ MessageStore    (the broker opens no push store)
+    logout, account deletion ──revoke, begin/finish_deletion, redact_messages──▶ MessageStore
+                             └─forget_user──▶ PushStore
 
 ``sqlite`` (``storage.sqlite``) is the embedded default and needs nothing installed. A backend
 whose driver is not installed, or that this version does not ship, is refused with a

@@ -6,10 +6,12 @@ backend implements, and the bundles the factory (``storage.open_storage``) yield
     Storage ─┬─ messages: MessageStore ─┬─ MessageLog          append (dedup, seq), fetch_after/before, last_seq
              │                          ├─ ConversationStates  watermarks, the per-user change index, unread
              │                          ├─ Groups              groups and channels, members, roles, contacts
-             │                          └─ PrivacySettings     each user's consent (who may add them, who sees them)
+             │                          ├─ PrivacySettings     each user's consent (who may add them, who sees them)
+             │                          └─ Accounts            token revocations, account deletions, redaction
              └─ push: PushStore ────────┬─ DeviceTokens        one push token per device
                                         ├─ PushSettings        muted per user and conversation, e2e per conversation
-                                        └─ PushQueue           pending notifications: enqueue, claim, finish
+                                        ├─ PushQueue           pending notifications: enqueue, claim, finish
+                                        └─ forget_user         a deleted account's tokens, mutes and pending pushes
 
     MessageStorage: messages only (a process that keeps no push state, e.g. the broker)
 
@@ -60,6 +62,7 @@ from storage.records import (
 
 __all__ = [
     "BUCKET_SIZE",
+    "Accounts",
     "ConversationStates",
     "DeviceTokens",
     "Groups",
@@ -202,7 +205,53 @@ class PrivacySettings(ABC):
     async def set_user_settings(self, user: str, settings: UserSettings) -> None: ...
 
 
-class MessageStore(MessageLog, ConversationStates, Groups, PrivacySettings):
+class Accounts(ABC):
+    """What logging out and deleting an account keep: the tokens each device may no longer use,
+    the record of an account being erased (durable, so that a worker resumes it after a crash),
+    and the erasure of what the account left behind. Every method is idempotent."""
+
+    @abstractmethod
+    async def revoke(self, user: str, *, device: str | None, before_ms: int) -> None:
+        """Tokens of user's device (None: of every device of the user) issued before before_ms
+        are refused from now on. Called again, the latest before_ms is kept (the maximum)."""
+
+    @abstractmethod
+    async def revocations(self, user: str) -> dict[str, int]:
+        """device → before_ms for every revocation of user; the key ``""`` stands for every device.
+        Empty when there is none. One cheap read (a single partition)."""
+
+    @abstractmethod
+    async def begin_deletion(self, user: str, *, at_ms: int) -> int:
+        """Record durably that user's account is being erased, as of at_ms, and return the at_ms in
+        effect: a deletion begun and not finished keeps its own. One that finished is begun anew."""
+
+    @abstractmethod
+    async def pending_deletions(self) -> list[tuple[str, int]]:
+        """(user, at_ms) of every deletion begun and not finished: what a worker resumes."""
+
+    @abstractmethod
+    async def finish_deletion(self, user: str) -> None:
+        """The deletion of user's account is done: no longer pending. The record is kept, so that
+        ``deletion_state`` still answers "deleted". Nothing happens when none was begun."""
+
+    @abstractmethod
+    async def deletion_state(self, user: str) -> tuple[int, bool] | None:
+        """(at_ms, finished) of user's deletion; None when none was ever begun."""
+
+    @abstractmethod
+    async def redact_messages(self, *, conv: str, sender: str) -> int:
+        """Replace every message of sender in conv by a deletion marker (``records.REDACTED_KIND``,
+        "deleted": an empty body, no media); its seq, mid, ts, sender, device and client id stay,
+        so the history keeps its order and has no hole, and reads return the marker. Markers
+        already there are left as they are. Returns how many messages this call redacted (0 when
+        repeated); messages the sender appends while it runs are left to the next call."""
+
+    @abstractmethod
+    async def delete_user_settings(self, user: str) -> None:
+        """Forget user's privacy settings (``PrivacySettings``): the server's defaults apply again."""
+
+
+class MessageStore(MessageLog, ConversationStates, Groups, PrivacySettings, Accounts):
     """Everything a backend keeps about messages, built from its per-domain parts."""
 
     @abstractmethod
@@ -297,6 +346,12 @@ class PushQueue(ABC):
 
 class PushStore(DeviceTokens, PushSettings, PushQueue):
     """Everything push keeps, built from its per-domain parts."""
+
+    @abstractmethod
+    async def forget_user(self, user: str) -> None:
+        """Forget a deleted account's push state: the tokens of all its devices, its mutes and its
+        pending notifications. A backend whose queue cannot find a user's notifications cheaply
+        leaves them to fall due: with no token for the device, each is dropped unsent. Idempotent."""
 
     def dead_workers(self) -> list[str]:
         """Names of the store's workers that have died; none by default."""

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 # --- messages ------------------------------------------------------------------------------------
 
+REDACTED_KIND = "deleted"
+"""The kind of a message erased with its sender's account (``Accounts.redact_messages``): its body
+is empty and it has no media; seq, mid, ts, sender, device and client id are the original's."""
+
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:

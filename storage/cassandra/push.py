@@ -65,7 +65,9 @@ STATEMENTS = {
         "SELECT user, device, platform, push_token, topic, sandbox, registered_at "
         "FROM {ks}.device_tokens WHERE user = ?"
     ),
+    "device_tokens_forget": "DELETE FROM {ks}.device_tokens WHERE user = ?",
     "mute_put": "INSERT INTO {ks}.conv_mutes (user, conv, muted) VALUES (?, ?, ?)",
+    "mutes_forget": "DELETE FROM {ks}.conv_mutes WHERE user = ?",
     "mute_get": "SELECT muted FROM {ks}.conv_mutes WHERE user = ? AND conv = ?",
     "e2e_put": "INSERT INTO {ks}.conv_flags (conv, e2e) VALUES (?, ?)",
     "e2e_get": "SELECT e2e FROM {ks}.conv_flags WHERE conv = ?",
@@ -166,6 +168,25 @@ class CassandraPushStore(PushStore):
             for rows in found
             for u, d, p, t, tp, sb, at in rows
         ]
+
+    # --- a deleted account ----------------------------------------------------------------------
+
+    async def forget_user(self, user: str) -> None:
+        """The user's tokens (both sides; a token since bound to another user is left to them)
+        and mutes, in one logged batch. The user's queued notifications stay: the queue is found
+        by (user, device, conv) and by due time, not by user, so finding them would read the whole
+        queue. They are harmless. When a window falls due, the dispatcher finds no token for its
+        device and drops it unsent, which closes the window and deletes its items; items expire
+        after 7 days in any case (the table's TTL)."""
+        devices = await self._cql.all_pages("device_tokens_of", (user,))
+        tokens = [str(row[3]) for row in devices]
+        bound = await asyncio.gather(*(self._cql.one("token_get", (t,)) for t in tokens))
+        writes: list[tuple[str, tuple[Any, ...]]] = [
+            ("token_delete", (t,)) for t, row in zip(tokens, bound, strict=True) if row is not None and row[0] == user
+        ]
+        writes.append(("device_tokens_forget", (user,)))
+        writes.append(("mutes_forget", (user,)))
+        await self._cql.batch(writes, logged=True)
 
     # --- settings -------------------------------------------------------------------------------
 

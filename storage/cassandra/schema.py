@@ -98,9 +98,27 @@ _TABLES = [
     ) WITH gc_grace_seconds = 10800""",
 ]
 
-SCHEMA_VERSION = 1
+_ACCOUNTS = [
+    # Logout: a row per (user, device); device '' is every device of the user. Written USING
+    # TIMESTAMP before_ms (in microseconds), so the latest before_ms wins without a read.
+    """CREATE TABLE IF NOT EXISTS {ks}.revocations (
+        user text, device text, before_ms bigint,
+        PRIMARY KEY (user, device)
+    )""",
+    # Account deletions: one record per user (written by lightweight transactions only, kept once
+    # finished), and the pending ones, which a worker resumes after a crash. The pending list is
+    # one partition (shard 0): deletions are rare and leave it when they finish, so it holds the
+    # few in progress; like the push queue's tables, its tombstones go after 3 hours.
+    "CREATE TABLE IF NOT EXISTS {ks}.account_deletions (user text PRIMARY KEY, at_ms bigint, finished boolean)",
+    """CREATE TABLE IF NOT EXISTS {ks}.pending_deletions (
+        shard int, user text, at_ms bigint,
+        PRIMARY KEY (shard, user)
+    ) WITH gc_grace_seconds = 10800""",
+]
 
-MIGRATIONS: dict[int, list[str]] = {1: _TABLES}
+SCHEMA_VERSION = 2
+
+MIGRATIONS: dict[int, list[str]] = {1: _TABLES, 2: _ACCOUNTS}
 """``MIGRATIONS[n]`` takes the keyspace from version n-1 to n (idempotent statements)."""
 
 

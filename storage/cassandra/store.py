@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from storage.base import MessageStore
-from storage.cassandra import conversations, core, groups, messages, settings
+from storage.cassandra import accounts, conversations, core, groups, messages, settings
+from storage.cassandra.accounts import CassandraAccounts
 from storage.cassandra.conversations import CassandraConversationStates
 from storage.cassandra.groups import CassandraGroups
 from storage.cassandra.messages import CassandraMessageLog
@@ -21,15 +22,21 @@ STATEMENTS = {
     **conversations.STATEMENTS,
     **groups.STATEMENTS,
     **settings.STATEMENTS,
+    **accounts.STATEMENTS,
 }
 
 
-PAGE_ROWS = {"changes_after": conversations.CHANGES_PAGE_ROWS}
+PAGE_ROWS = {"changes_after": conversations.CHANGES_PAGE_ROWS, "msg_scan": accounts.MSG_SCAN_ROWS}
 """Reads whose pages are smaller than the driver's default (each row read costs more reads)."""
 
 
 class CassandraMessageStore(
-    CassandraMessageLog, CassandraConversationStates, CassandraGroups, CassandraPrivacySettings, MessageStore
+    CassandraMessageLog,
+    CassandraConversationStates,
+    CassandraGroups,
+    CassandraPrivacySettings,
+    CassandraAccounts,
+    MessageStore,
 ):
     """Cassandra-backed MessageStore; ``storage.cassandra.open_message_store`` opens it."""
 

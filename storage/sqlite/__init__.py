@@ -3,7 +3,7 @@
 ::
 
     SqliteMessageStore (mqchat.sqlite3: WAL, synchronous=FULL, group commit)
-      = SqliteMessageLog + SqliteConversationStates + SqliteGroups + SqlitePrivacySettings
+      = SqliteMessageLog + SqliteConversationStates + SqliteGroups + SqlitePrivacySettings + SqliteAccounts
         └─ each a SqliteDatabase (database.py):
 
            _write(job) ──▶ queue ──▶ writer thread: BEGIN IMMEDIATE; job ×N; COMMIT

@@ -190,6 +190,19 @@ class SqlitePushStore(PushStore):
 
         return await self._run(run)
 
+    # --- a deleted account -------------------------------------------------------------------------
+
+    async def forget_user(self, user: str) -> None:
+        """One transaction: the user's tokens, mutes, queued notifications (a job being sent
+        now is finished as one that is gone) and what was pushed to them. Each delete goes by
+        an index that leads with the user."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            for table in ("push_tokens", "conv_settings", "push_jobs", "push_sent"):
+                conn.execute(f"DELETE FROM {table} WHERE user = ?", (user,))
+
+        await self._run(self._tx(job))
+
     # --- settings ---------------------------------------------------------------------------------
 
     async def set_muted(self, user: str, conv: str, muted: bool) -> None:

@@ -9,7 +9,7 @@ from mqchat.errors import StorageError
 from storage.sqlite.connection import connect, prepare_file
 from storage.sqlite.queries import next_version
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -64,6 +64,19 @@ CREATE TABLE IF NOT EXISTS user_settings (
     who_may_add TEXT NOT NULL,
     presence TEXT NOT NULL
 ) WITHOUT ROWID;
+-- schema 4: logout and account deletion
+CREATE TABLE IF NOT EXISTS revocations (
+    user TEXT NOT NULL,
+    device TEXT NOT NULL,  -- '': every device of the user
+    before_ms INTEGER NOT NULL,
+    PRIMARY KEY (user, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS account_deletions (
+    user TEXT PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS account_deletions_pending ON account_deletions (at_ms) WHERE finished = 0;
 """
 
 
@@ -82,6 +95,7 @@ def init_schema(path: Path) -> None:
                 _migrate_to_v2(conn)
             if row is not None and int(row[0]) < 3:
                 _migrate_to_v3(conn)
+            # Schema 3 → 4 adds tables only (revocations, account_deletions): created above.
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -5,11 +5,14 @@ commit), so an append, a watermark and a membership change are ordered in one qu
 from __future__ import annotations
 
 from storage.base import MessageStore
+from storage.sqlite.accounts import SqliteAccounts
 from storage.sqlite.conversations import SqliteConversationStates
 from storage.sqlite.groups import SqliteGroups
 from storage.sqlite.messages import SqliteMessageLog
 from storage.sqlite.settings import SqlitePrivacySettings
 
 
-class SqliteMessageStore(SqliteMessageLog, SqliteConversationStates, SqliteGroups, SqlitePrivacySettings, MessageStore):
+class SqliteMessageStore(
+    SqliteMessageLog, SqliteConversationStates, SqliteGroups, SqlitePrivacySettings, SqliteAccounts, MessageStore
+):
     """SQLite-backed MessageStore. Use ``await SqliteMessageStore.open(path)``."""
