@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test lint typecheck pytest install install-test install-bench system-deps cassandra-jars cassandra-node bench clean
+.PHONY: serve test lint typecheck pytest install install-test install-bench system-deps cassandra-jars cassandra-node js-deps bench clean
 
 # Every install is held to the versions the suite last passed with (a new release of a linter or
 # a library cannot turn a clean clone red); pyproject.toml keeps the ranges users install from.
@@ -32,7 +32,7 @@ serve: install
 	$(BIN)/mqchat serve $(ARGS)
 
 ## Lint (ruff; the layering contracts in pyproject.toml), type-check and run the whole test suite (installs what the tests need).
-test: install-test system-deps cassandra-jars lint typecheck pytest
+test: install-test system-deps cassandra-jars js-deps lint typecheck pytest
 
 system-deps:
 	@sh .ci/system-deps.sh
@@ -44,6 +44,17 @@ cassandra-jars: install-test system-deps
 ## Run a single-node Cassandra 5.0 in the foreground for `mqchat serve --store cassandra://…` (data in ./data/cassandra; ARGS="--port 9043"; Ctrl-C stops it).
 cassandra-node: cassandra-jars
 	$(BIN)/python -m storage.cassandra.devnode run $(ARGS)
+
+JS_DIR := tests/js
+NPM_CACHE ?= $(HOME)/.cache/mqchat/npm
+
+## Install MQTT.js for the WebSocket interop tests (tests/node.py) as tests/js/package-lock.json pins it, again only when that changes (npm's cache: ~/.cache/mqchat/npm).
+js-deps: $(JS_DIR)/node_modules/.installed
+
+# `npm ci` starts from an empty node_modules, so the stamp inside it goes with what it installed.
+$(JS_DIR)/node_modules/.installed: $(JS_DIR)/package.json $(JS_DIR)/package-lock.json | system-deps
+	cd $(JS_DIR) && npm ci --cache "$(NPM_CACHE)" --prefer-offline --no-audit --no-fund
+	touch $@
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Debian packages the test suite talks to for real: Mosquitto (interop, reference client tools)
 # and Redis (the shared presence registry), HAProxy (the load balancer in front of a cluster of
-# nodes), curl (the README tour), and a Java 17 runtime with
+# nodes), curl (the README tour), Node.js with npm (MQTT.js, the WebSocket client the interop
+# tests drive: `make js-deps`), and a Java 17 runtime with
 # Maven for the Cassandra test node (storage/cassandra/devnode.py runs Cassandra 5.0 from Maven
 # Central's jars; 5.0 needs Java 17: not 21+, whatever `java` is the default). Only what is
 # missing is installed; their system services are left stopped (see apt_install).
@@ -22,6 +23,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing="$missing redis-server"
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$missing haproxy"
 command -v curl >/dev/null 2>&1 || missing="$missing curl ca-certificates"
+command -v node >/dev/null 2>&1 || missing="$missing nodejs"
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
 # Debian 12 and Ubuntu 22.04/24.04 carry openjdk-17-jre-headless; Debian 13 does not (install a
 # JDK 17 from elsewhere and point JAVA_HOME at it).
 has_java17 || missing="$missing openjdk-17-jre-headless"

@@ -37,7 +37,7 @@ class BrokerHooks:
         """Whether credential is the hooks credential (``mqchat.tokens.hooks_credential``)."""
         return bool(self._credential) and credential.isascii() and hmac.compare_digest(credential, self._credential)
 
-    def authenticate(self, *, username: str, password: str, clientid: str) -> Admission:
+    async def authenticate(self, *, username: str, password: str, clientid: str) -> Admission:
         """A device's token names its user (the username) and device (the client id); the
         bridge's own workers present the service credential."""
         if not password.isascii():  # a token, like the service credential, is ASCII
@@ -49,7 +49,7 @@ class BrokerHooks:
             # for it (service_may_*) to a broker that asks anyway.
             return Admission(ok, superuser=ok)
         try:
-            identity = self._verifier.verify(password)
+            identity = await self._verifier.verify(password)
         except AuthError:
             return Admission(False)
         if identity.user != username or identity.device != clientid:

@@ -21,6 +21,7 @@ from mqchat.protocol import (
 )
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, Identity, TokenVerifier
 from mqchat.topic_table import Ask, device_may, service_may_publish, service_may_subscribe
+from storage.revocations import Revocations
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +51,18 @@ def _short(value: object) -> str:
 
 
 class JwtAuthPlugin(BaseAuthPlugin):
-    """CONNECT: username = ``sub``, client id = ``dev``, password = a valid JWT; or the service."""
+    """CONNECT: username = ``sub``, client id = ``dev``, password = a valid JWT; or the service.
+    Tokens are checked by ``Config.verifier`` (built and started by whoever runs the broker:
+    ``broker.serve.serve_broker``), else by an HS256 verifier of ``Config.secret``."""
 
     @dataclass
     class Config:
-        secret: str
+        secret: str = ""
+        verifier: TokenVerifier | None = None
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
-        self._verifier = TokenVerifier(secret=self.config.secret)
+        self._verifier = self.config.verifier or TokenVerifier(secret=self.config.secret)
 
     async def authenticate(self, *, session: Session) -> bool | None:
         # MqchatBroker calls this with the incoming session, before any existing one is touched.
@@ -75,7 +79,7 @@ class JwtAuthPlugin(BaseAuthPlugin):
         if not isinstance(session.password, str) or not session.password:
             return self._refuse("no_token", "connect without a token", client_id)
         try:
-            identity = self._verifier.verify(session.password)
+            identity = await self._verifier.verify(session.password)
         except AuthError as exc:
             return self._refuse("bad_token", str(exc), client_id)
         if identity.user != username or identity.device != client_id:
@@ -85,6 +89,12 @@ class JwtAuthPlugin(BaseAuthPlugin):
         if session.will_flag and session.will_topic != out_topic(identity.user, identity.device):
             # amqtt publishes a will without consulting the ACL: refuse what the device may not publish.
             return self._refuse("will_topic", "will on a topic the device may not publish", client_id)
+        revocations = getattr(getattr(self.context, "_broker_instance", None), "revocations", None)
+        if isinstance(revocations, Revocations):
+            try:
+                await revocations.check(identity)  # a token of a logged-out device
+            except AuthError as exc:
+                return self._refuse("revoked", str(exc), client_id)
         session.attributes[IDENTITY_KEY] = identity
         return True
 

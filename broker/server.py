@@ -27,12 +27,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import json
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from http import HTTPStatus
 from typing import Any
 
+import websockets
+import websockets.asyncio.server
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -41,6 +46,8 @@ from amqtt.mqtt.connack import SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_1
 from amqtt.session import Session
 from prometheus_client import Counter
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
 
 from broker.admission import Admission
 from broker.amqtt_compat import ClosingStreamWriter, check_amqtt_version
@@ -52,14 +59,19 @@ from broker.membership_sync import MembershipSync
 from broker.plugins import is_service, session_identity
 from broker.presence_reports import PresenceReports
 from broker.routing import SubscriptionIndex, is_wildcard
-from mqchat.internal_topics import MEMBERSHIP_TOPIC
-from mqchat.protocol import out_topic
+from broker.websocket import path_of, serve_websocket
+from mqchat.internal_topics import LOGOUT_TOPIC, MEMBERSHIP_TOPIC
+from mqchat.protocol import out_topic, presence_topic
+from mqchat.tokens import Identity
 from storage.presence import PresenceRegistry
+from storage.revocations import Revocations
 
 __all__ = ["InboundHook", "MqchatBroker"]
 
 logger = logging.getLogger(__name__)
 
+LOGOUTS = Counter("mqchat_broker_logouts_total", "Device connections closed because the device logged out")
+EXPIRED = Counter("mqchat_broker_expired_sessions_total", "Device connections closed because their token expired")
 TAKEOVERS = Counter(
     "mqchat_broker_takeovers_total", "Device sessions ended here because the device connected through another node"
 )
@@ -92,10 +104,18 @@ class MqchatBroker(Broker):
         membership: MembershipCache | None = None,
         device_topics: bool = False,
         revalidate_s: float = 60.0,
+        tls: ssl.SSLContext | None = None,
+        ws_path: str = "/mqtt",
+        revocations: Revocations | None = None,
+        token_grace_s: float = 30.0,
         **kwargs: Any,
     ) -> None:
         check_amqtt_version()
         super().__init__(config, **kwargs)
+        self.tls = tls
+        self.ws_path = ws_path
+        self.revocations = revocations  # the JWT plugin refuses revoked tokens with it
+        self.token_grace_s = token_grace_s
         self.limits = limits or BrokerLimits()
         self.inbound_hook = inbound_hook
         self.presence = presence
@@ -145,7 +165,21 @@ class MqchatBroker(Broker):
         ssl_context: ssl.SSLContext | None,
     ) -> Any:
         """amqtt's listener, with the accept queue of ``limits.listen_backlog`` for TCP (amqtt
-        leaves asyncio's default of 100, which a reconnect storm overflows)."""
+        leaves asyncio's default of 100, which a reconnect storm overflows); a WebSocket listener
+        serves MQTT on ``ws_path`` only (``broker.websocket``)."""
+        if listener_type is ListenerType.WS:
+            return await websockets.asyncio.server.serve(
+                functools.partial(self._websocket_connected, listener_name=listener_name),
+                address,
+                port,
+                ssl=ssl_context,
+                subprotocols=[websockets.Subprotocol("mqtt")],
+                process_request=self._websocket_request,
+                max_size=self.limits.max_packet_bytes + 8,  # one packet per frame, at most
+                ping_interval=None,  # MQTT's keepalive is enforced by the reader loop
+                compression=None,
+                backlog=self.limits.listen_backlog,
+            )
         if listener_type is not ListenerType.TCP:
             return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
         return await asyncio.start_server(
@@ -154,8 +188,43 @@ class MqchatBroker(Broker):
             port,
             reuse_address=True,
             ssl=ssl_context,
+            ssl_handshake_timeout=self.limits.connect_timeout_s if ssl_context is not None else None,
             backlog=self.limits.listen_backlog,
         )
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        """Every TLS listener shares the process's context (``mqchat.tls``: TLS 1.2+, reloaded
+        in place when the certificate changes)."""
+        if self.tls is None:
+            raise AMQTTError(f"listener {listener.get('bind')!r} wants TLS but no certificate is configured")
+        return self.tls
+
+    def _websocket_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Refuse a WebSocket handshake on another path (404) or without the "mqtt" subprotocol
+        (400), before any MQTT is read."""
+        if path_of(request.path) != self.ws_path:
+            return connection.respond(HTTPStatus.NOT_FOUND, "MQTT is served on another path\n")
+        offered = request.headers.get("Sec-WebSocket-Protocol", "")
+        if "mqtt" not in (p.strip() for p in offered.split(",")):
+            return connection.respond(HTTPStatus.BAD_REQUEST, 'the WebSocket subprotocol must be "mqtt"\n')
+        return None
+
+    async def _websocket_connected(self, connection: ServerConnection, listener_name: str) -> None:
+        await serve_websocket(
+            connection,
+            functools.partial(self.stream_connected, listener_name=listener_name),
+            limit=self.limits.max_packet_bytes + 8,
+        )
+
+    def listener_port(self, name: str) -> int | None:
+        """The port listener ``name`` is bound to (useful with port 0); None when it is not open."""
+        server = self._servers.get(name)
+        if server is None:
+            return None
+        instance = server.instance
+        sockets = instance.sockets
+        port: int = next(iter(sockets)).getsockname()[1]
+        return port
 
     def taken_over(self, user: str, device: str, connection: str) -> None:
         """The device connected through another node: end its connection here if it is still the
@@ -170,16 +239,54 @@ class MqchatBroker(Broker):
             self._taken_over.add(connection)  # the session is dropped once this connection has ended
             found[1].abort()
 
+    def logged_out(self, data: bytes) -> None:
+        """A logout (``LOGOUT_TOPIC``), from this node's bridge or relayed from another: the
+        revocation is known here at once, and the device's (or every device of the user's)
+        connections end now, their sessions dropped; an erased user's retained presence goes."""
+        try:
+            event = json.loads(data)
+            user, device, before = event["user"], event.get("device"), int(event["before"])
+            if not isinstance(user, str) or not (device is None or isinstance(device, str)):
+                raise TypeError("user and device are strings")
+        except (ValueError, TypeError, KeyError) as exc:
+            logger.warning("ignored a malformed logout event: %s", type(exc).__name__)
+            return
+        if self.revocations is not None:
+            self.revocations.note(user, device, before)
+        for (served_user, served_device), (connection, client_id) in list(self._device_connections.items()):
+            if served_user != user or (device is not None and served_device != device):
+                continue
+            found = self._sessions.get(client_id)
+            if found is not None:
+                LOGOUTS.inc()
+                self._taken_over.add(connection)  # its session is dropped once the connection has ended
+                found[1].abort()
+        if event.get("erase") is True:
+            self._retained_messages.pop(presence_topic(user), None)
+
+    def _expire_at(self, identity: Identity, handler: MqchatProtocolHandler) -> asyncio.TimerHandle:
+        """Close the connection when its token has expired (plus ``token_grace_s``): an app
+        refreshes its token and connects again."""
+
+        def expire() -> None:
+            EXPIRED.inc()
+            handler.abort()
+
+        delay = max(0.0, identity.expires_at + self.token_grace_s - time.time())
+        return asyncio.get_running_loop().call_later(delay, expire)
+
     def dead_workers(self) -> list[str]:
         reports = self.reports.dead_workers() if self.reports is not None else []
         return [*reports, *self.membership_sync.dead_workers()]
 
     @property
     def bound_port(self) -> int:
-        """The TCP port of the default listener (useful with port 0)."""
-        server = self._servers["default"]
-        port: int = server.instance.sockets[0].getsockname()[1]
-        return port
+        """The TCP port of the plain MQTT listener (useful with port 0); 0 when it is not open
+        (amqtt's "default" listener is then the first TLS one)."""
+        default = self.listeners_config.get("default")
+        if default is None or default.get("ssl") or default.get("type") != ListenerType.TCP:
+            return 0
+        return self.listener_port("default") or 0
 
     # --- connect ---------------------------------------------------------------------------------
 
@@ -271,6 +378,7 @@ class MqchatBroker(Broker):
         reports = self.reports if identity is not None else None
         if reports is not None and identity is not None:
             reports.connected(identity.user, identity.device, connection)
+        expiry = self._expire_at(identity, handler) if identity is not None else None
         try:
             await self._publish_session_retained_messages(session)
             for subscription in self._subscriptions.granted(client_id):  # only its own subscriptions
@@ -283,6 +391,8 @@ class MqchatBroker(Broker):
                 ended.set_result(None)
                 await self._handle_disconnect(session, handler, ended)
         finally:
+            if expiry is not None:
+                expiry.cancel()
             if connection in self._taken_over:
                 self._taken_over.discard(connection)
                 current = self._sessions.get(client_id)
@@ -392,6 +502,9 @@ class MqchatBroker(Broker):
         if message is not None and message.topic == MEMBERSHIP_TOPIC and is_service(client_session):
             self.membership_sync.changed(bytes(message.data))
             return True
+        if message is not None and message.topic == LOGOUT_TOPIC and is_service(client_session):
+            self.logged_out(bytes(message.data))
+            return True
         identity = session_identity(client_session)
         if (
             hook is not None
@@ -412,6 +525,9 @@ class MqchatBroker(Broker):
         """Publishes made inside the broker (the in-broker adapter's replies) are routed at once."""
         if topic == MEMBERSHIP_TOPIC:
             self.membership_sync.changed(bytes(data))
+            return
+        if topic == LOGOUT_TOPIC:
+            self.logged_out(bytes(data))
             return
         self.delivery.deliver(topic, data, qos)
 

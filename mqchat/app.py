@@ -29,16 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import uvicorn
 
+from bridge.accounts import AccountDeletions
 from bridge.http import PresenceLookup, create_app
 from bridge.http.edge import HeaderTimeoutProtocol
 from bridge.inbroker_adapter import BrokerPublisher, InBrokerAdapter, RequestQueue
@@ -50,14 +53,15 @@ from bridge.ratelimit import RateLimit
 from bridge.receipts import Publish, ReceiptCoalescer
 from broker.limits import BrokerLimits
 from broker.membership import MembershipCache
-from broker.serve import serve_broker
+from broker.serve import Listeners, serve_broker
 from broker.server import MqchatBroker
 from mqchat.config import Config
 from mqchat.errors import ConfigError
-from mqchat.internal_topics import MEMBERSHIP_TOPIC
+from mqchat.internal_topics import LOGOUT_TOPIC, MEMBERSHIP_TOPIC
 from mqchat.service import Service
 from mqchat.tasks import STOP_BOUND_S
-from mqchat.tokens import TokenVerifier, hooks_credential, service_password
+from mqchat.tls import ServerTls, TlsWatcher, server_tls
+from mqchat.tokens import TokenVerifier, admin_credential, hooks_credential, service_password, verifier_for
 from push.apns import ApnsProvider
 from push.base import PushConfigError, PushProvider
 from push.dispatcher import ConnectedDevices, PushDispatcher
@@ -67,6 +71,7 @@ from storage import open_storage
 from storage.base import MessageStore, Storage
 from storage.presence import MemoryPresence, PresenceRegistry, Routed
 from storage.records import UserSettings
+from storage.revocations import Revocations
 
 logger = logging.getLogger(__name__)
 
@@ -118,23 +123,26 @@ class HttpServer(Service):
         max_connections: int = 1000,
         header_timeout_s: float = 10.0,
         reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__()
         self._reuse_port = reuse_port
+        self.kind = "https" if tls is not None else "http"
         protocol = type("_Protocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
-        self._server = _Server(
-            uvicorn.Config(
-                app,
-                host=host,
-                port=port,
-                log_level="warning",
-                lifespan="off",
-                access_log=False,
-                http=protocol,
-                limit_concurrency=max_connections,
-                timeout_keep_alive=5,
-            )
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            http=protocol,
+            limit_concurrency=max_connections,
+            timeout_keep_alive=5,
         )
+        config.load()
+        config.ssl = tls  # the process's shared context (mqchat.tls), reloaded in place
+        self._server = _Server(config)
         self._host = host
         self._port = port
         self._sock: socket.socket | None = None
@@ -151,7 +159,7 @@ class HttpServer(Service):
                 raise RuntimeError("the HTTP server stopped during start-up (its error is logged above)")
             await asyncio.sleep(0.01)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        logger.info("HTTP API listening on http://%s:%d", self._host, self.port)
+        logger.info("HTTP API listening on %s://%s:%d", self.kind, self._host, self.port)
 
     async def _stopping(self) -> None:
         self._server.should_exit = True
@@ -265,6 +273,8 @@ class BridgeHandle:
     # answers for the parts behind the API).
     dead_workers: Callable[[], list[str]]
     mqtt_port: int = 0  # set when the broker runs in the same process (in-broker adapter)
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)  # every listener's bound port, by kind
+    tls: ServerTls | None = None  # the process's TLS (SIGHUP reloads it)
 
 
 @asynccontextmanager
@@ -316,14 +326,20 @@ def serve_api(
     adapter: Adapter,
     presence: PresenceLookup,
     dead_workers: Callable[[], list[str]],
-) -> HttpServer:
-    """The HTTP API over the store, publishing through the adapter (a service: enter it to serve;
-    ``port`` is the port bound)."""
+    tls: ServerTls | None = None,
+    *,
+    verifier: TokenVerifier,
+    revocations: Revocations,
+    connected: Callable[[str], Awaitable[frozenset[str]]],
+) -> ApiParts:
+    """The HTTP API over the store, publishing through the adapter: a server (a service: enter it
+    to serve; ``port`` is the port bound) per open listener, plain HTTP and HTTPS. Tokens are
+    checked by verifier, which the caller runs (see verifier_for)."""
     app = create_app(
         presence=presence,
         push_store=storage.push,
         store=storage.messages,
-        verifier=TokenVerifier(secret=config.auth.jwt_secret),
+        verifier=verifier,
         history_max_limit=config.bridge.history_max_limit,
         max_group_members=config.bridge.max_group_members,
         broker_connected=adapter.is_connected,
@@ -334,16 +350,56 @@ def serve_api(
         publish=adapter.publish,
         node=config.network.node,
         hooks_credential=hooks_credential(config.auth.jwt_secret),
+        admin_credential=admin_credential(config.auth.jwt_secret),
+        revocations=revocations,
+        connected_devices=connected,
     )
-    return HttpServer(
-        app=app,
-        host=config.network.host,
-        port=config.network.http_port,
-        max_connections=config.bridge.http_max_connections,
-        header_timeout_s=config.bridge.http_header_timeout_s,
-        # The bridge workers beside an external broker all serve the one HTTP port.
-        reuse_port=bool(config.bridge.broker) and config.bridge.workers > 1,
-    )
+    net = config.network
+    ports = net.listener_ports()
+    servers = []
+    for kind in ("http", "https"):
+        port = ports[kind]
+        if port is None:
+            continue
+        servers.append(
+            HttpServer(
+                app=app,
+                host=net.host,
+                port=port,
+                max_connections=config.bridge.http_max_connections,
+                header_timeout_s=config.bridge.http_header_timeout_s,
+                # The bridge workers beside an external broker all serve the one HTTP port.
+                reuse_port=bool(config.bridge.broker) and config.bridge.workers > 1,
+                tls=tls.context if kind == "https" and tls is not None else None,
+            )
+        )
+    return ApiParts(deletions=app.state.api.deletions, servers=servers)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiParts:
+    """What serves the HTTP API: the account deletions it starts (and resumes), and a server per
+    open listener."""
+
+    deletions: AccountDeletions
+    servers: list[HttpServer]
+
+
+async def enter_tls(stack: contextlib.AsyncExitStack, config: Config) -> ServerTls | None:
+    """The process's TLS context (None without a certificate), reloaded while the stack is open."""
+    net = config.network
+    tls = server_tls(net.tls_cert, net.tls_key, net.tls_client_ca)
+    if tls is not None:
+        await stack.enter_async_context(TlsWatcher(tls))
+    return tls
+
+
+async def enter_api(stack: contextlib.AsyncExitStack, parts: ApiParts) -> tuple[list[Service], dict[str, int]]:
+    """Start the API's parts; the services started and the servers' bound ports by kind (http, https)."""
+    await stack.enter_async_context(parts.deletions)
+    for server in parts.servers:
+        await stack.enter_async_context(server)
+    return [parts.deletions, *parts.servers], {server.kind: server.port for server in parts.servers}
 
 
 # --- one process -----------------------------------------------------------------------------
@@ -358,13 +414,15 @@ async def run_bridge(
     states (``PresenceMirror``). Beside an external broker (``config.bridge.broker``), this is
     worker ``instance`` of several, on a shared subscription."""
     async with contextlib.AsyncExitStack() as stack:
-        parts: list[HasWorkers] = []
+        tls = await enter_tls(stack, config)
+        verifier = await stack.enter_async_context(verifier_for(config.auth))
+        parts: list[HasWorkers] = [verifier]
         mirror: PresenceMirror | None = None
         if config.presence.redis_url:
             registry = await stack.enter_async_context(presence_registry(config))
             parts.append(registry)
             lookup: PresenceLookup = registry.lookup
-            devices: ConnectedDevices = registry.devices
+            devices: Callable[[str], Awaitable[frozenset[str]]] = registry.devices
         else:
             mirror = PresenceMirror()
             lookup, devices = mirror.lookup, mirror.devices
@@ -387,12 +445,25 @@ async def run_bridge(
             )
         )
         dead = dead_workers_of(storage, dispatcher, adapter, *parts)
-        http = await stack.enter_async_context(serve_api(config, storage, adapter, lookup, dead))
+        api = serve_api(
+            config,
+            storage,
+            adapter,
+            lookup,
+            dead,
+            tls,
+            verifier=verifier,
+            revocations=Revocations(accounts=storage.messages),
+            connected=devices,
+        )
+        http, ports = await enter_api(stack, api)
         yield BridgeHandle(
-            http_port=http.port,
+            http_port=ports.get("http", 0),
             adapter=adapter,
             store=storage.messages,
-            dead_workers=dead_workers_of(storage, dispatcher, adapter, *parts, http),
+            dead_workers=dead_workers_of(storage, dispatcher, adapter, *parts, *http),
+            ports=ports,
+            tls=tls,
         )
 
 
@@ -403,6 +474,8 @@ class BrokerHandle:
     store: MessageStore
     # The broker's dead workers, its store's and its presence registry's: the watchdog's answer.
     dead_workers: Callable[[], list[str]]
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)  # every listener's bound port, by kind
+    tls: ServerTls | None = None  # the process's TLS (SIGHUP reloads it)
 
 
 def relay_target(topic: str) -> tuple[bool, str | None]:
@@ -413,7 +486,7 @@ def relay_target(topic: str) -> tuple[bool, str | None]:
     parts = topic.split("/")
     if len(parts) == 3 and parts[0] == "u" and parts[2] == "in":
         return True, parts[1]
-    if parts[0] == "c" or topic == MEMBERSHIP_TOPIC:
+    if parts[0] == "c" or topic in (MEMBERSHIP_TOPIC, LOGOUT_TOPIC):
         return True, None
     return False, None
 
@@ -436,6 +509,21 @@ def cluster_relay(config: Config, presence: PresenceRegistry) -> Callable[[list[
     return relay
 
 
+def broker_listeners(config: Config) -> Listeners:
+    """Where the broker listens, by the configuration."""
+    net = config.network
+    ports = net.listener_ports()
+    return Listeners(
+        host=net.host, mqtt=ports["mqtt"], mqtts=ports["mqtts"], ws=ports["ws"], wss=ports["wss"], ws_path=net.ws_path
+    )
+
+
+def broker_ports(config: Config, broker: MqchatBroker) -> dict[str, int]:
+    """The broker's bound ports by kind (mqtt, mqtts, ws, wss)."""
+    names = broker_listeners(config).names()
+    return {kind: broker.listener_port(name) or 0 for kind, name in names.items()}
+
+
 def broker_limits(config: Config) -> BrokerLimits:
     """The broker's bounds that the configuration sets (the rest keep their defaults)."""
     return BrokerLimits(
@@ -448,19 +536,25 @@ def broker_limits(config: Config) -> BrokerLimits:
 @asynccontextmanager
 async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
     """The broker alone; it reads the store only for its ACL (membership and privacy answers)."""
-    async with (
-        open_storage(config.storage, push=False) as storage,
-        presence_registry(config) as presence,
-        serve_broker(
-            host=config.network.host,
-            port=config.network.mqtt_port,
-            secret=config.auth.jwt_secret,
-            limits=broker_limits(config),
-            presence=presence,
-            membership=MembershipCache(groups=storage.messages, privacy=storage.messages),
-            device_topics=not config.presence.redis_url,  # the bridge's only view of devices then
-        ) as broker,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        tls = await enter_tls(stack, config)
+        verifier = await stack.enter_async_context(verifier_for(config.auth))
+        storage = await stack.enter_async_context(open_storage(config.storage, push=False))
+        presence = await stack.enter_async_context(presence_registry(config))
+        broker = await stack.enter_async_context(
+            serve_broker(
+                listeners=broker_listeners(config),
+                tls=tls.context if tls is not None else None,
+                secret=config.auth.jwt_secret,
+                verifier=verifier,
+                limits=broker_limits(config),
+                presence=presence,
+                membership=MembershipCache(groups=storage.messages, privacy=storage.messages),
+                device_topics=not config.presence.redis_url,  # the bridge's only view of devices then
+                revocations=Revocations(accounts=storage.messages),
+                token_grace_s=config.auth.token_grace_s,
+            )
+        )
         # Events other nodes relay for this broker's devices (a node running broker and bridge in
         # one process relays its own; see run_node), until the broker stops.
         presence.relay_to(lambda event: broker.internal_message_broadcast(*event))
@@ -469,7 +563,9 @@ async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
                 broker=broker,
                 mqtt_port=broker.bound_port,
                 store=storage.messages,
-                dead_workers=dead_workers_of(storage, presence, broker),
+                dead_workers=dead_workers_of(storage, presence, broker, verifier),
+                ports=broker_ports(config, broker),
+                tls=tls,
             )
         finally:
             presence.relay_to(None)
@@ -481,19 +577,25 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
     broker hands each device's request to the ``RequestQueue``; its ``BrokerPublisher`` carries
     replies and receipts back; the ``InBrokerAdapter`` joins the two through the pipeline."""
     async with contextlib.AsyncExitStack() as stack:
+        tls = await enter_tls(stack, config)
+        verifier = await stack.enter_async_context(verifier_for(config.auth))
         presence = await stack.enter_async_context(presence_registry(config))
         storage = await stack.enter_async_context(open_storage(config.storage))
         dispatcher = await stack.enter_async_context(push_dispatcher(config, storage, presence.devices))
         queue = RequestQueue()
+        revocations = Revocations(accounts=storage.messages)  # the broker's and the API's
         broker = await stack.enter_async_context(
             serve_broker(
-                host=config.network.host,
-                port=config.network.mqtt_port,
+                listeners=broker_listeners(config),
+                tls=tls.context if tls is not None else None,
                 secret=config.auth.jwt_secret,
+                verifier=verifier,
                 limits=broker_limits(config),
                 inbound_hook=queue.submit,
                 presence=presence,
                 membership=MembershipCache(groups=storage.messages, privacy=storage.messages),
+                revocations=revocations,
+                token_grace_s=config.auth.token_grace_s,
             )
         )
         publisher = BrokerPublisher(route=broker.internal_message_broadcast, relay=cluster_relay(config, presence))
@@ -505,12 +607,27 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
                 pipeline=pipeline, requests=queue, publisher=publisher, max_inflight=config.bridge.max_inflight
             )
         )
-        dead = dead_workers_of(storage, dispatcher, adapter, presence, broker)
-        http = await stack.enter_async_context(serve_api(config, storage, adapter, presence.lookup, dead))
+        dead = dead_workers_of(storage, dispatcher, adapter, presence, broker, verifier)
+        http, ports = await enter_api(
+            stack,
+            serve_api(
+                config,
+                storage,
+                adapter,
+                presence.lookup,
+                dead,
+                tls,
+                verifier=verifier,
+                revocations=revocations,
+                connected=presence.devices,
+            ),
+        )
         yield BridgeHandle(
-            http_port=http.port,
+            http_port=ports.get("http", 0),
             adapter=adapter,
             store=storage.messages,
-            dead_workers=dead_workers_of(storage, dispatcher, adapter, presence, broker, http),
+            dead_workers=dead_workers_of(storage, dispatcher, adapter, presence, broker, verifier, *http),
             mqtt_port=broker.bound_port,
+            ports=ports | broker_ports(config, broker),
+            tls=tls,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from mqchat.app import HasWorkers, bind_tcp, local_host, run_bridge, run_broker,
 from mqchat.config import Config, broker_host_port
 from mqchat.errors import ConfigError, MqchatError, StorageUnavailable
 from mqchat.supervisor import EXIT_CANNOT_START, EXIT_WORKER_DIED, WORKER_PREFIX
+from mqchat.tls import ServerTls
 from storage.files import private_dir
 
 logger = logging.getLogger(__name__)
@@ -74,11 +76,11 @@ def ensure_ports_free(config: Config) -> None:
     address cannot be used (checked the way the servers bind: SO_REUSEADDR, so a port in
     TIME_WAIT is fine)."""
     net = config.network
-    ports = [("http_port", net.http_port)]
-    if not config.bridge.broker:  # beside an external broker, there is no MQTT listener of ours
-        ports.insert(0, ("mqtt_port", net.mqtt_port))
+    ports: list[tuple[str, int | None]] = [(f"{kind}_port", port) for kind, port in net.listener_ports().items()]
+    if config.bridge.broker:  # beside an external broker, there is no MQTT listener of ours
+        ports = [(key, port) for key, port in ports if key in ("http_port", "https_port")]
     for key, port in ports:
-        if port == 0:
+        if not port:
             continue
         try:
             bind_tcp(net.host, port).close()
@@ -176,7 +178,15 @@ async def _serve_child(which: str, config: Config, started: list[bool]) -> None:
     """Run child ``which`` until a worker dies (WorkerDied) or the task is cancelled."""
     async with _open_child(which, config) as running:
         started.append(True)
+        tls = getattr(running, "tls", None)
+        if isinstance(tls, ServerTls):  # SIGHUP: load the certificate files again now
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, functools.partial(_reload_tls, tls))
         await watch_workers(running.dead_workers)
+
+
+def _reload_tls(tls: ServerTls) -> None:
+    logger.info("SIGHUP: reloading the TLS certificate")
+    tls.reload_if_changed(force=True)
 
 
 def _run_until_signalled(body: Coroutine[Any, Any, None]) -> None:
@@ -189,6 +199,7 @@ def _run_until_signalled(body: Coroutine[Any, Any, None]) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a reload (see _serve_child), never a stop
         with contextlib.suppress(asyncio.CancelledError):
             await body
 

@@ -30,6 +30,20 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jwt-secret", help="HS256 secret for access tokens (env MQCHAT_JWT_SECRET)")
 
 
+def _token_flags(p: argparse.ArgumentParser) -> None:
+    """How the servers verify access tokens beyond the HS256 secret (env MQCHAT_JWT_PUBLIC_KEY, …)."""
+    p.add_argument("--jwt-public-key", help="PEM public key (EC P-256 or RSA) that verifies ES256/RS256 tokens")
+    p.add_argument("--jwks-url", help="the identity provider's JWKS URL, for ES256/RS256 tokens naming a kid")
+    p.add_argument(
+        "--jwt-algorithms",
+        help="accepted token algorithms, e.g. HS256,ES256 (default HS256, plus ES256 and RS256 with a key or JWKS)",
+    )
+    p.add_argument("--jwt-issuer", help="when set, a token's iss must equal it")
+    p.add_argument("--jwt-audience", help="when set, a token's aud must contain it")
+    p.add_argument("--jwt-leeway", help="clock skew tolerated on exp, nbf and iat (default 30s)")
+    p.add_argument("--token-grace", help="how long a connection may outlast its token's exp (default 30s)")
+
+
 def _client_flags(p: argparse.ArgumentParser) -> None:
     _server_flags(p)
     p.add_argument("--host", help="server host (default 127.0.0.1)")
@@ -58,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--mqtt-connect-rate", help="new MQTT connections per second from one IP, 0: no limit (default 0)"
     )
+    serve.add_argument(
+        "--tls-cert", help="PEM certificate (chain) for MQTT over TLS, WSS and HTTPS; reloaded on change"
+    )
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="CA bundle: clients must present a certificate it signed (mutual TLS)")
+    serve.add_argument("--mqtts-port", help="MQTT over TLS port, with --tls-cert (default 8883; off: none)")
+    serve.add_argument("--https-port", help="HTTPS port, with --tls-cert (default 8443; off: none)")
+    serve.add_argument("--ws-port", help="MQTT over WebSocket port (default off)")
+    serve.add_argument("--wss-port", help="MQTT over WebSocket with TLS port, with --tls-cert (default off)")
+    serve.add_argument("--ws-path", help="the WebSocket path MQTT is served on (default /mqtt)")
+    serve.add_argument("--plaintext", help="false: open only the TLS listeners (default true)")
     serve.add_argument("--max-envelope-bytes", help="largest request envelope (default 64KiB)")
     serve.add_argument(
         "--adapter", choices=("mqtt", "inbroker"), help="how requests reach the bridge pipeline (default inbroker)"
@@ -80,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--apns-topic", help="the iOS app's bundle id")
     serve.add_argument("--apns-sandbox", help="true for development builds (Apple's sandbox)")
     serve.add_argument("--fcm-credentials", help="Firebase service-account JSON file for Android push")
+    _token_flags(serve)
 
     bridge = sub.add_parser(
         "bridge", help="run bridge workers (pipeline and HTTP API) for an external MQTT broker, e.g. Mosquitto or EMQX"
@@ -93,11 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.add_argument("--store", help="the shared store, cassandra://HOST[,HOST…][:PORT]/KEYSPACE (env MQCHAT_STORE)")
     bridge.add_argument("--redis-url", help="the presence registry shared with the rest of the deployment")
     bridge.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    _token_flags(bridge)
     token = sub.add_parser("token", help="print an access token (JWT) for local use")
     _server_flags(token)
     token.add_argument("--user", required=True)
     token.add_argument("--device", required=True)
     token.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m, 1h, 7d (default 1h)")
+    token.add_argument(
+        "--private-key", metavar="PEM", help="sign with this private key (EC P-256: ES256, RSA: RS256), not the secret"
+    )
+    token.add_argument("--kid", help="the key id to name in the token's header")
+    token.add_argument("--alg", choices=("ES256", "RS256"), help="the algorithm (default: the private key's)")
+    token.add_argument("--iss", help="the token's issuer (iss)")
+    token.add_argument("--aud", help="the token's audience (aud)")
 
     chat = sub.add_parser("chat", help="interactive 1:1 chat")
     _client_flags(chat)
@@ -241,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         mode = "defer"
     elif args.command not in ("token", "bridge") and _given_token(args):
         mode = "skip"
+    elif args.command == "token" and args.private_key:
+        mode = "defer"  # signed with the private key: no secret needed
     try:
         config, _ = load_config(_flags(args), secret=mode)
     except ConfigError as exc:
@@ -371,11 +407,33 @@ def _child(which: str) -> int:
 
 
 def _token(args: argparse.Namespace, config: Config) -> int:
-    from mqchat.tokens import issue_token
+    from mqchat.tokens import issue_token, load_private_key
 
     try:
         ttl = parse_duration(args.ttl)
-        print(issue_token(secret=config.auth.jwt_secret, user=args.user, device=args.device, ttl_s=int(ttl)))
+        if args.alg and not args.private_key:
+            raise ValueError("--alg needs --private-key (without one, tokens are HS256 with the secret)")
+        private_key = None
+        if args.private_key:
+            try:
+                private_key = Path(args.private_key).read_bytes()
+                load_private_key(private_key)
+            except OSError as exc:
+                raise ValueError(f"cannot read --private-key {args.private_key}: {exc.strerror}") from None
+            except ValueError as exc:
+                raise ValueError(f"--private-key {args.private_key}: {exc}") from None
+        token = issue_token(
+            secret=config.auth.jwt_secret,
+            user=args.user,
+            device=args.device,
+            ttl_s=int(ttl),
+            private_key=private_key,
+            algorithm=args.alg,
+            kid=args.kid,
+            issuer=args.iss,
+            audience=args.aud,
+        )
+        print(token)
     except (ConfigError, ValueError) as exc:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2

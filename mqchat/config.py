@@ -157,6 +157,20 @@ def parse_nonnegative_duration(value: str | float) -> float:
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
+def parse_optional_port(value: str | int | None) -> int | None:
+    """A port, or None for "off" (the listener is not opened)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+        return None
+    return parse_port(value)
+
+
+def parse_ws_path(value: str) -> str:
+    path = str(value)
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]{0,127}", path):
+        raise ValueError(f"{value!r} is not a URL path (/ then letters, digits, . _ ~ - /)")
+    return path
+
+
 def parse_node_id(value: str) -> str:
     """A node's name in a cluster, or "" for the derived one (host name and MQTT port)."""
     name = str(value)
@@ -181,6 +195,37 @@ class NetworkConfig:
     # New connections per second from one IP address (a burst of 5 × allowed); 0: no limit. Behind
     # a load balancer every device has the balancer's address: keep it 0 there, or size it for all.
     mqtt_connect_rate: float = 0.0
+    # TLS (one certificate for MQTT over TLS, WSS and HTTPS; reloaded when the files change or
+    # on SIGHUP). Unset: no TLS listener opens. tls_client_ca set: clients must present a
+    # certificate it signed (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    mqtts_port: int | None = 8883  # with TLS; None: not opened
+    https_port: int | None = 8443  # with TLS; None: not opened
+    # MQTT over WebSocket (browsers, React Native) on ws_path; None: not opened. wss_port needs TLS.
+    ws_port: int | None = None
+    wss_port: int | None = None
+    ws_path: str = "/mqtt"
+    # False: only the TLS listeners open (no plain MQTT, WebSocket or HTTP port).
+    plaintext: bool = True
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def listener_ports(self) -> dict[str, int | None]:
+        """Every port this node opens, by listener (mqtt, mqtts, ws, wss, http, https); None: not
+        opened."""
+        tls, plain = self.tls, self.plaintext
+        return {
+            "mqtt": self.mqtt_port if plain else None,
+            "mqtts": self.mqtts_port if tls else None,
+            "ws": self.ws_port if plain else None,
+            "wss": self.wss_port if tls else None,
+            "http": self.http_port if plain else None,
+            "https": self.https_port if tls else None,
+        }
 
     @property
     def node(self) -> str:
@@ -188,9 +233,95 @@ class NetworkConfig:
         return self.node_id or f"{socket.gethostname()}:{self.mqtt_port}"
 
 
+TOKEN_ALGORITHMS = ("HS256", "ES256", "RS256")
+"""The access-token algorithms mqchat verifies: HS256 with the shared secret; ES256 (EC P-256) and
+RS256 (RSA) with a public key or a JWKS."""
+KEY_ALGORITHMS = ("ES256", "RS256")
+
+
+def parse_token_algorithms(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Token algorithms from ``"HS256,ES256"`` (commas or spaces) or a list; "none" and names
+    outside TOKEN_ALGORITHMS are refused."""
+    names = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{value!r} is not a list of token algorithms")
+    chosen: list[str] = []
+    for name in names:
+        if name.strip().lower() == "none":
+            raise ValueError('"none" (unsigned tokens) is never accepted')
+        if name.strip() not in TOKEN_ALGORITHMS:
+            raise ValueError(f"{name!r} is not a token algorithm ({', '.join(TOKEN_ALGORITHMS)})")
+        if name.strip() not in chosen:
+            chosen.append(name.strip())
+    if not chosen:
+        raise ValueError(f"no token algorithm named ({', '.join(TOKEN_ALGORITHMS)})")
+    return tuple(chosen)
+
+
+def parse_public_key_file(value: str) -> str:
+    """The path of a PEM public key, EC P-256 or RSA; the file is read and checked here. The
+    message names the file, never what it holds."""
+    from mqchat.jwks import load_public_key  # cryptography, loaded only when a key is configured
+
+    path = str(value)
+    if not path:
+        return path
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        load_public_key(pem)
+    except ValueError:
+        raise ValueError(f"{path} holds no PEM public key (EC P-256 or RSA)") from None
+    return path
+
+
+def parse_jwks_url(value: str) -> str:
+    url = str(value)
+    if url and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", url, re.IGNORECASE):
+        raise ValueError("a JWKS URL is http(s)://HOST[:PORT]/PATH")
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
+    """How access tokens are verified. HS256 tokens are signed with ``jwt_secret``, which also
+    derives the bridge's service credential and the broker hooks' credential (so it is always
+    there). ES256/RS256 tokens, signed by an identity provider, are checked against
+    ``jwt_public_key`` and/or the keys published at ``jwks_url`` (a token naming a ``kid`` uses
+    the JWKS when one is set)."""
+
     jwt_secret: str = dataclasses.field(repr=False)
+    # A PEM public key (EC P-256 or RSA) that verifies ES256/RS256 tokens; "": none.
+    jwt_public_key: str = ""
+    # Where the identity provider publishes its signing keys (a JWKS, fetched at start, every
+    # 5 minutes, and for a kid not yet known, at most every 10 s); "": none. While it has never
+    # answered, tokens that need it are refused; the server runs regardless.
+    jwks_url: str = ""
+    # The algorithms accepted; (): HS256, plus ES256 and RS256 when a public key or a JWKS is set.
+    jwt_algorithms: tuple[str, ...] = ()
+    # When set, a token's "iss" must equal it.
+    jwt_issuer: str = ""
+    # When set, a token's "aud" must be or contain it; when not, a token naming an audience is refused.
+    jwt_audience: str = ""
+    # Clock skew tolerated on "exp", "nbf" and "iat".
+    jwt_leeway_s: float = 30.0
+    # How long a live connection may outlast its token's "exp" before it is closed.
+    token_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        keyed = bool(self.jwt_public_key or self.jwks_url)
+        needing = [name for name in self.jwt_algorithms if name in KEY_ALGORITHMS]
+        if needing and not keyed:
+            raise ConfigError(f"jwt_algorithms names {needing[0]}, which needs jwt_public_key or jwks_url")
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The algorithms accepted: jwt_algorithms, or its default."""
+        if self.jwt_algorithms:
+            return self.jwt_algorithms
+        return ("HS256", *KEY_ALGORITHMS) if self.jwt_public_key or self.jwks_url else ("HS256",)
 
 
 STORAGE_BACKENDS = ("sqlite", "cassandra")
@@ -642,6 +773,15 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "mqtt_backlog": ("network", "mqtt_backlog", parse_positive_int),
     "mqtt_max_connections": ("network", "mqtt_max_connections", parse_nonnegative_int),
     "mqtt_connect_rate": ("network", "mqtt_connect_rate", parse_nonnegative_float),
+    "tls_cert": ("network", "tls_cert", str),
+    "tls_key": ("network", "tls_key", str),
+    "tls_client_ca": ("network", "tls_client_ca", str),
+    "mqtts_port": ("network", "mqtts_port", parse_optional_port),
+    "https_port": ("network", "https_port", parse_optional_port),
+    "ws_port": ("network", "ws_port", parse_optional_port),
+    "wss_port": ("network", "wss_port", parse_optional_port),
+    "ws_path": ("network", "ws_path", parse_ws_path),
+    "plaintext": ("network", "plaintext", parse_bool),
     "data_dir": ("storage", "data_dir", Path),
     "storage_backend": ("storage", "backend", parse_storage_backend),
     "cassandra_dc": ("storage", "cassandra_dc", parse_datacenter),
@@ -652,6 +792,13 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "cassandra_username": ("storage", "cassandra_username", parse_credential),
     "cassandra_password": ("storage", "cassandra_password", parse_credential),
     "jwt_secret": ("auth", "jwt_secret", str),
+    "jwt_public_key": ("auth", "jwt_public_key", parse_public_key_file),
+    "jwks_url": ("auth", "jwks_url", parse_jwks_url),
+    "jwt_algorithms": ("auth", "jwt_algorithms", parse_token_algorithms),
+    "jwt_issuer": ("auth", "jwt_issuer", str),
+    "jwt_audience": ("auth", "jwt_audience", str),
+    "jwt_leeway": ("auth", "jwt_leeway_s", parse_nonnegative_duration),
+    "token_grace": ("auth", "token_grace_s", parse_nonnegative_duration),
     "adapter": ("bridge", "adapter", parse_adapter),
     "broker": ("bridge", "broker", parse_broker_address),
     "workers": ("bridge", "workers", parse_workers),
@@ -702,6 +849,8 @@ def config_to_env(config: Config) -> dict[str, str]:
     env: dict[str, str] = {}
     for key, (section, field, _) in _KEYS.items():
         value = getattr(getattr(config, section) if section else config, field)
+        if isinstance(value, tuple):
+            value = ",".join(value)
         env[f"MQCHAT_{key.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
     storage = dataclasses.replace(config.storage, data_dir=config.storage.data_dir.resolve())
     env[f"MQCHAT_{STORE_KEY.upper()}"] = storage.url  # hosts, port, keyspace; agrees with the keys above
@@ -836,7 +985,7 @@ def with_jwt_secret(config: Config) -> tuple[Config, bool]:
     """config (loaded with secret="defer") with its secret: the configured one, else the data
     dir's, else a new one generated there. Returns (config, generated_now)."""
     secret, generated = resolve_jwt_secret(config.auth.jwt_secret or None, config.storage.data_dir)
-    return dataclasses.replace(config, auth=AuthConfig(jwt_secret=secret)), generated
+    return dataclasses.replace(config, auth=dataclasses.replace(config.auth, jwt_secret=secret)), generated
 
 
 def load_config(
@@ -847,6 +996,7 @@ def load_config(
     raw = gather_settings(flags, env)
     sections: dict[str, dict[str, Any]] = {
         "network": {},
+        "auth": {},
         "storage": {},
         "bridge": {},
         "presence": {},
@@ -873,11 +1023,30 @@ def load_config(
     )
     config = Config(
         network=NetworkConfig(**sections["network"]),
-        auth=AuthConfig(jwt_secret=jwt_secret),
+        auth=AuthConfig(jwt_secret=jwt_secret, **sections["auth"]),
         storage=storage,
         bridge=BridgeConfig(**sections["bridge"]),
         presence=PresenceConfig(**sections["presence"]),
         push=PushConfig(**sections["push"]),
         **sections[""],
     )
+    check_listeners(config)
     return config, generated
+
+
+def check_listeners(config: Config) -> None:
+    """Refuse listener settings that cannot work together (a ConfigError naming the keys)."""
+    net = config.network
+    if bool(net.tls_cert) != bool(net.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: set both, or neither")
+    if net.tls_client_ca and not net.tls:
+        raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    if net.wss_port is not None and not net.tls:
+        raise ConfigError("wss_port needs TLS: set tls_cert and tls_key")
+    if not net.plaintext:
+        if not net.tls:
+            raise ConfigError("plaintext = false needs TLS (tls_cert and tls_key): no listener would open")
+        if config.bridge.adapter != "inbroker" and not config.bridge.broker:
+            raise ConfigError(
+                "plaintext = false needs the in-broker adapter (the bridge process reaches its broker in plain MQTT)"
+            )

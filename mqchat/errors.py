@@ -6,6 +6,7 @@ Exception tree::
     ├── ConfigError              bad or missing configuration (reported once at start-up)
     │   └── PushConfigError      (push.base) unusable push credentials or options
     ├── AuthError                a token or service credential that does not verify
+    ├── UnusableJwks             (mqchat.jwks) the JWKS URL answered with no usable signing key
     ├── RequestError             a client request refused; carries a stable ErrorCode
     ├── MalformedPacket          (mqchat.mqtt_codec) bytes that are not an MQTT 3.1.1 packet
     ├── PacketTooLarge           (broker.handler) a packet over the broker's limit: connection closed

@@ -7,6 +7,7 @@
                          │                        group; SIGTERM when the supervisor dies)
                          ├── _watch (one per child): exit code ──▶ restart with backoff, or
                          │       EXIT_CANNOT_START on a first start ──▶ stop serve (exit 1)
+                         ├── SIGHUP ──▶ every child (each reloads its TLS certificate)
                          └── SIGTERM / SIGINT ──▶ _stop_children: bridge first, then broker
 
 A child's entry point is ``mqchat.child.run_child``; the exit codes below are the contract
@@ -108,6 +109,7 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._forward_hangup)
         try:
             # The bridge retries until the broker listens; no need to wait here.
             for which in self._children:
@@ -127,6 +129,13 @@ class Supervisor:
                 with contextlib.suppress(FileNotFoundError):
                     (self._run_dir / f"{which}.pid").unlink()
         return 1 if self._failed else 0
+
+    def _forward_hangup(self) -> None:
+        """SIGHUP reaches every child (each reloads its TLS certificate)."""
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGHUP)
 
     async def _watch(self, which: str, stop: asyncio.Event) -> None:
         failures = 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mqchat.ids import is_valid_id, parse_conv
-from mqchat.internal_topics import DEVICES_TOPIC_FILTER, MEMBERSHIP_TOPIC
+from mqchat.internal_topics import DEVICES_TOPIC_FILTER, LOGOUT_TOPIC, MEMBERSHIP_TOPIC
 from mqchat.protocol import OUT_TOPIC_FILTER, PRESENCE_TOPIC_FILTER
 
 __all__ = ["SHARED_REQUESTS", "Ask", "device_may", "service_may_publish", "service_may_subscribe"]
@@ -50,7 +50,7 @@ def device_may(action: Literal["publish", "subscribe"], user: str, device: str, 
 
 
 def service_may_publish(topic: str) -> bool:
-    if topic == MEMBERSHIP_TOPIC:
+    if topic in (MEMBERSHIP_TOPIC, LOGOUT_TOPIC):
         return True
     parts = topic.split("/")
     if parts[0] == "u":

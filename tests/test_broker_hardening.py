@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY
 from broker.amqtt_compat import AMQTT_VERSION, check_amqtt_version
 from broker.limits import BrokerLimits
 from broker.routing import SubscriptionIndex
-from broker.serve import broker_config
+from broker.serve import Listeners, broker_config
 from broker.server import MqchatBroker
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, issue_token, service_password
 from tests.helpers import unique
@@ -62,7 +62,7 @@ class Running:
 @asynccontextmanager
 async def running(kind: str, limits: BrokerLimits | None = None) -> AsyncIterator[Running]:
     secret = secrets.token_urlsafe(24)
-    config = broker_config(host="127.0.0.1", port=0, secret=secret)
+    config = broker_config(listeners=Listeners(host="127.0.0.1", mqtt=0), secret=secret)
     broker: Any = MqchatBroker(config, limits=limits) if kind == "ours" else Broker(config)
     await broker.start()
     r = Running(port=broker._servers["default"].instance.sockets[0].getsockname()[1], secret=secret)

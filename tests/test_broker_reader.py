@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.serve import serve_broker
+from broker.serve import Listeners, serve_broker
 from broker.server import MqchatBroker
 from mqchat import mqtt_codec as codec
 from mqchat.tokens import issue_token
@@ -24,7 +24,7 @@ SECRET = secrets.token_urlsafe(32)
 
 @pytest.fixture
 async def broker() -> AsyncIterator[MqchatBroker]:
-    async with serve_broker(host="127.0.0.1", port=0, secret=SECRET) as b:
+    async with serve_broker(listeners=Listeners(host="127.0.0.1", mqtt=0), secret=SECRET) as b:
         yield b
 
 

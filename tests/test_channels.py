@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from broker.membership import MembershipCache
-from broker.serve import serve_broker
+from broker.serve import Listeners, serve_broker
 from clients.testing.loadgen import Creds, MqttClient, connect
 from mqchat.config import StorageConfig
 from mqchat.ids import dm_conv, new_group_id
@@ -188,7 +188,9 @@ async def test_a_lost_membership_change_still_ends_the_subscription(tmp_path: Pa
         )
         topic = f"c/{group.conv}/in"
         cache = MembershipCache(groups=store, privacy=store, ttl_s=0.2)
-        async with serve_broker(host="127.0.0.1", port=0, secret=secret, membership=cache, revalidate_s=0.3) as broker:
+        async with serve_broker(
+            listeners=Listeners(host="127.0.0.1", mqtt=0), secret=secret, membership=cache, revalidate_s=0.3
+        ) as broker:
             got: list[bytes] = []
             bob = await connect(
                 "127.0.0.1",

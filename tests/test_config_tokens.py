@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import jwt
 import pytest
 
 from mqchat.config import load_config, parse_duration, parse_size
@@ -73,15 +77,17 @@ def test_sizes_and_durations() -> None:
         parse_duration("soon")
 
 
-def test_tokens_verify_and_refuse() -> None:
+async def test_tokens_verify_and_refuse() -> None:
     verifier = TokenVerifier(secret="k" * 32)
     token = issue_token(secret="k" * 32, user="alice", device="phone", ttl_s=60)
-    identity = verifier.verify(token)
+    identity = await verifier.verify(token)
     assert (identity.user, identity.device) == ("alice", "phone")
+    assert identity.issued_at is not None, "tokens carry iat"
+    assert abs(identity.issued_at - time.time()) < 5
     with pytest.raises(AuthError, match="expired"):
-        verifier.verify(issue_token(secret="k" * 32, user="alice", device="phone", ttl_s=1, now=0))
+        await verifier.verify(issue_token(secret="k" * 32, user="alice", device="phone", ttl_s=1, now=0))
     with pytest.raises(AuthError):
-        verifier.verify(issue_token(secret="x" * 32, user="alice", device="phone", ttl_s=60))
+        await verifier.verify(issue_token(secret="x" * 32, user="alice", device="phone", ttl_s=60))
     with pytest.raises(ValueError, match="ids"):
         issue_token(secret="k" * 32, user="al ice", device="phone", ttl_s=60)
     assert verifier.verify_service(service_password("k" * 32))
@@ -95,14 +101,14 @@ def _mqchat(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     )
 
 
-def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
+async def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
     load_config({"data_dir": tmp_path}, {})  # what `mqchat serve` does first: the secret is made
     out = _mqchat("token", "--user", "alice", "--device", "a1", "--ttl", "2h", "--data-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     token = out.stdout.strip()
     assert out.stderr == ""
     secret = (tmp_path / "jwt_secret").read_text().strip()
-    identity = TokenVerifier(secret=secret).verify(token)
+    identity = await TokenVerifier(secret=secret).verify(token)
     assert (identity.user, identity.device) == ("alice", "a1")
     bad = _mqchat("token", "--user", "bad user", "--device", "a1", "--data-dir", str(tmp_path))
     assert bad.returncode == 2
@@ -133,31 +139,77 @@ def test_presence_and_push_settings(tmp_path: Path) -> None:
             load_config({"data_dir": str(tmp_path), key: value}, env={})
 
 
-def test_a_remembered_token_still_expires_and_stays_with_its_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
-
+async def test_a_remembered_token_still_expires_and_stays_with_its_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     from mqchat import tokens
 
     decoded: list[str] = []
-    decode = TokenVerifier._decode
+    decode = jwt.decode
 
-    def counting(self: TokenVerifier, token: str) -> tokens.Identity:
+    def counting(token: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         decoded.append(token)
-        return decode(self, token)
+        return decode(token, *args, **kwargs)
 
-    monkeypatch.setattr(TokenVerifier, "_decode", counting)
+    monkeypatch.setattr(tokens.jwt, "decode", counting)  # PyJWT's, to count the decodes
     verifier = TokenVerifier(secret="s" * 32)
     # Valid for 1-2 more seconds (tokens get 30 s of leeway for clock skew).
     short = issue_token(secret="s" * 32, user="alice", device="a1", ttl_s=1, now=int(time.time()) - 29)
-    assert verifier.verify(short).user == "alice"
-    assert TokenVerifier(secret="s" * 32).verify(short).user == "alice"
+    assert (await verifier.verify(short)).user == "alice"
+    assert (await TokenVerifier(secret="s" * 32).verify(short)).user == "alice"
     assert decoded == [short], "the second verifier, of the same secret, remembered it"
     with pytest.raises(AuthError, match="invalid token"):
-        TokenVerifier(secret="t" * 32).verify(short)  # remembered under its own secret only
-    time.sleep(2.1)
+        await TokenVerifier(secret="t" * 32).verify(short)  # remembered under its own secret only
+    with pytest.raises(AuthError, match="invalid token"):
+        await TokenVerifier(secret="s" * 32, issuer="other").verify(short)  # nor under other settings
+    await asyncio.sleep(2.1)
     with pytest.raises(AuthError, match="expired"):
-        verifier.verify(short)
+        await verifier.verify(short)
     monkeypatch.setattr(tokens, "VERIFIED_KEPT", 5)
     for i in range(12):
-        verifier.verify(issue_token(secret="s" * 32, user=f"u{i}", device="d", ttl_s=60))
+        await verifier.verify(issue_token(secret="s" * 32, user=f"u{i}", device="d", ttl_s=60))
     assert len(tokens._verified) <= 5, "the memory is bounded"
+
+
+def test_token_key_settings(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from mqchat.config import config_to_env
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "id.pem"
+    pem.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    config, _ = load_config({"data_dir": tmp_path, "jwt_public_key": str(pem)}, {})
+    auth = config.auth
+    assert auth.algorithms == ("HS256", "ES256", "RS256"), "a key adds ES256 and RS256 to the default"
+    assert (auth.jwt_leeway_s, auth.token_grace_s, auth.jwt_issuer, auth.jwt_audience) == (30.0, 30.0, "", "")
+    env = {
+        "MQCHAT_JWKS_URL": "https://id.example/.well-known/jwks.json",
+        "MQCHAT_JWT_ALGORITHMS": "ES256, HS256",
+        "MQCHAT_JWT_ISSUER": "https://id.example",
+        "MQCHAT_JWT_AUDIENCE": "mqchat",
+        "MQCHAT_JWT_LEEWAY": "5s",
+        "MQCHAT_TOKEN_GRACE": "1m",
+    }
+    config, _ = load_config({"data_dir": tmp_path}, env)
+    auth = config.auth
+    assert auth.algorithms == ("ES256", "HS256")
+    assert (auth.jwt_leeway_s, auth.token_grace_s, auth.jwt_audience) == (5.0, 60.0, "mqchat")
+    again, _ = load_config({}, config_to_env(config))  # what a child process of `serve` gets
+    assert again.auth == auth
+    assert load_config({"data_dir": tmp_path}, {})[0].auth.algorithms == ("HS256",)
+    pem_text = pem.read_text()
+    for key_name, value, why in (
+        ("jwt_algorithms", "none", "never accepted"),
+        ("jwt_algorithms", "HS256,HS512", "HS512"),
+        ("jwt_algorithms", "ES256", "needs jwt_public_key or jwks_url"),
+        ("jwks_url", "ftp://id.example/jwks", "http"),
+        ("jwt_leeway", "-1s", "not a duration"),
+        ("jwt_public_key", str(tmp_path / "missing.pem"), "cannot read"),
+        ("jwt_public_key", str(tmp_path / "jwt_secret"), "no PEM public key"),
+    ):
+        with pytest.raises(ConfigError, match=why) as refused:
+            load_config({"data_dir": tmp_path, key_name: value}, {})
+        assert key_name in str(refused.value)
+        assert pem_text not in str(refused.value)

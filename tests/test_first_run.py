@@ -167,7 +167,7 @@ def test_client_commands_outside_the_data_dir_never_create_a_secret(tmp_path: Pa
     assert not explicit.exists()
 
 
-def test_client_commands_find_the_servers_secret_from_a_subfolder(tmp_path: Path) -> None:
+async def test_client_commands_find_the_servers_secret_from_a_subfolder(tmp_path: Path) -> None:
     from mqchat.config import load_config
     from mqchat.tokens import TokenVerifier
 
@@ -180,7 +180,7 @@ def test_client_commands_find_the_servers_secret_from_a_subfolder(tmp_path: Path
     deeper.mkdir(parents=True)
     done = mqchat("token", "--user", "alice", "--device", "a1", cwd=deeper)
     assert done.returncode == 0, done.stderr
-    identity = TokenVerifier(secret=config.auth.jwt_secret).verify(done.stdout.strip())
+    identity = await TokenVerifier(secret=config.auth.jwt_secret).verify(done.stdout.strip())
     assert (identity.user, identity.device) == ("alice", "a1")
     assert not (deeper / "data").exists()
     # Outside a project folder only ./data counts: a data/jwt_secret above is someone else's.

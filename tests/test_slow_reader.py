@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from broker.limits import BrokerLimits
-from broker.serve import serve_broker
+from broker.serve import Listeners, serve_broker
 from broker.server import MqchatBroker
 from mqchat.tokens import issue_token
 from tests.mqtt_raw import connect_packet, subscribe_packet
@@ -25,7 +25,7 @@ PAYLOAD = b"x" * 1024
 
 @pytest.fixture
 async def broker() -> AsyncIterator[MqchatBroker]:
-    async with serve_broker(host="127.0.0.1", port=0, secret=SECRET, limits=LIMITS) as b:
+    async with serve_broker(listeners=Listeners(host="127.0.0.1", mqtt=0), secret=SECRET, limits=LIMITS) as b:
         yield b
 
 

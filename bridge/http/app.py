@@ -1,15 +1,17 @@
 """The app factory: services built over the store's parts, routers included, edge middleware added."""
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from bridge.accounts import AccountDeletions, AccountService, ConnectedDevices
 from bridge.broker_hooks import BrokerHooks
 from bridge.devices import DeviceService
 from bridge.groups import BrokerLink, GroupService, no_publish
 from bridge.history import History
+from bridge.http import accounts as account_routes
 from bridge.http import devices as device_routes
 from bridge.http import groups as group_routes
 from bridge.http import health as health_routes
@@ -29,6 +31,7 @@ from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.tokens import TokenVerifier
 from storage.base import MessageStore, PushStore
 from storage.records import DEFAULT_SETTINGS, UserSettings
+from storage.revocations import Revocations
 
 
 def create_app(
@@ -48,6 +51,9 @@ def create_app(
     clock: Clock = SYSTEM_CLOCK,
     node: str = "",
     hooks_credential: str = "",
+    admin_credential: str = "",
+    revocations: Revocations | None = None,
+    connected_devices: ConnectedDevices | None = None,
 ) -> FastAPI:
     """Build the ASGI app over the given stores and token verifier; each service receives the
     parts of the store it uses.
@@ -57,6 +63,9 @@ def create_app(
     ``broker_connected`` tells /healthz whether the bridge currently reaches the broker, and
     ``dead_workers`` which background workers have died (any: /healthz answers 503);
     ``publish`` sends events (membership changes) to devices through the adapter;
+    ``admin_credential`` opens the admin API ("": closed to everyone); ``revocations`` refuses the
+    tokens of logged-out devices (default: read from ``store`` for this app alone);
+    ``connected_devices`` tells the admin API which devices are connected (default: none known);
     ``presence`` answers ``GET /v1/presence`` (None: 503); ``http_limit`` is each user's budget of
     authenticated calls (over it: 429 with ``Retry-After``); ``max_body_bytes`` the largest request
     body (413 beyond). Both, and authentication, are checked before a body is read (bridge.http.edge).
@@ -68,6 +77,17 @@ def create_app(
         broker=broker,
         max_group_members=max_group_members,
         default_settings=default_settings,
+        clock=clock,
+    )
+    revocations = revocations or Revocations(accounts=store)
+    accounts = AccountService(
+        accounts=store,
+        states=store,
+        groups=group_service,
+        push_store=push_store,
+        revocations=revocations,
+        broker=broker,
+        connected=connected_devices or _none_connected,
         clock=clock,
     )
     app = FastAPI(
@@ -87,16 +107,34 @@ def create_app(
         broker_connected=broker_connected,
         dead_workers=dead_workers,
         node=node,
+        accounts=accounts,
+        deletions=AccountDeletions(service=accounts, accounts=store),
+        admin_credential=admin_credential,
     )
     install_error_handlers(app)
     app.include_router(sync_router(max_limit=history_max_limit))
-    for routes in (group_routes, presence_routes, device_routes, settings_routes, health_routes, hook_routes):
+    for routes in (
+        group_routes,
+        presence_routes,
+        device_routes,
+        settings_routes,
+        account_routes,
+        health_routes,
+        hook_routes,
+    ):
         app.include_router(routes.router)
+    app.include_router(account_routes.admin)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Outermost last: Authenticate runs first, then BodyLimit, then the routes.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(Authenticate, verifier=verifier, limiter=RateLimiter(http_limit, clock=clock))
+    app.add_middleware(
+        Authenticate, verifier=verifier, limiter=RateLimiter(http_limit, clock=clock), revocations=revocations
+    )
     return app
+
+
+async def _none_connected(user: str) -> Collection[str]:
+    return frozenset()
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 
+from bridge.accounts import AccountDeletions, AccountService
 from bridge.broker_hooks import BrokerHooks
 from bridge.devices import DeviceService
 from bridge.groups import GroupService
@@ -31,7 +32,10 @@ class ApiContext:
     hooks: BrokerHooks
     broker_connected: Callable[[], bool]  # the bridge reaches the broker now
     dead_workers: Callable[[], list[str]]  # background workers that died
+    accounts: AccountService
+    deletions: AccountDeletions
     node: str = ""  # this node's name in a cluster ("": unnamed)
+    admin_credential: str = ""  # what the admin API's callers present ("": the admin API is closed)
 
 
 async def api_context(request: Request) -> ApiContext:

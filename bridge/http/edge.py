@@ -5,8 +5,8 @@
     TCP ─▶ uvicorn (HeaderTimeoutProtocol: a request's headers within header_timeout_s, else closed;
     │        limit_concurrency: connections and requests at once, 503 beyond)
     ▼
-    Authenticate (/v1/*: bearer token checked and the user's rate budget taken BEFORE the body is
-    │             read: 401 / 429 with Retry-After)
+    Authenticate (/v1/*: bearer token checked, and not revoked by a logout, and the user's rate
+    │             budget taken BEFORE the body is read: 401 / 429 with Retry-After)
     ▼
     BodyLimit (POST/PUT: Content-Length over max_body_bytes: 413 before reading; a body without a length is
     │          counted as it arrives and refused at the limit; the whole body within 30 s, else 408;
@@ -28,6 +28,7 @@ from bridge.ratelimit import RateLimiter
 from mqchat.errors import AuthError, ErrorCode
 from mqchat.protocol import retry_after_ms
 from mqchat.tokens import TokenVerifier
+from storage.revocations import Revocations
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -56,10 +57,11 @@ class Authenticate:
     """ASGI middleware: every ``/v1/`` request carries a valid bearer token, and its user has
     budget left, or it is answered at once, before its body is read or parsed."""
 
-    def __init__(self, app: App, *, verifier: TokenVerifier, limiter: RateLimiter) -> None:
+    def __init__(self, app: App, *, verifier: TokenVerifier, limiter: RateLimiter, revocations: Revocations) -> None:
         self.app = app
         self.verifier = verifier
         self.limiter = limiter
+        self.revocations = revocations
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -71,7 +73,8 @@ class Authenticate:
             await _reply(send, ErrorCode.UNAUTHORIZED, "missing bearer token")
             return
         try:
-            identity = self.verifier.verify(token.strip())
+            identity = await self.verifier.verify(token.strip())
+            await self.revocations.check(identity)  # a logged-out device's token
         except AuthError as exc:
             await _reply(send, ErrorCode.UNAUTHORIZED, str(exc))
             return

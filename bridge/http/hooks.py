@@ -31,7 +31,7 @@ Broker = Annotated[None, Depends(broker_caller)]
     summary="EMQX 5 HTTP authentication: may this client connect?",
 )
 async def emqx_authenticate(body: EmqxAuthnRequest, api: Api, _: Broker) -> dict[str, Any]:
-    admission = api.hooks.authenticate(username=body.username, password=body.password, clientid=body.clientid)
+    admission = await api.hooks.authenticate(username=body.username, password=body.password, clientid=body.clientid)
     answer: dict[str, Any] = {"result": "allow" if admission.allowed else "deny", "is_superuser": admission.superuser}
     if admission.expires_at is not None:
         answer["expire_at"] = admission.expires_at

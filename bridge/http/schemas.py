@@ -175,3 +175,26 @@ class EmqxAuthnAnswer(BaseModel):
 
 class EmqxAuthzAnswer(BaseModel):
     result: Literal["allow", "deny"]
+
+
+class LogoutOut(BaseModel):
+    user: str
+    device: str | None = Field(description="the device logged out; null: every device of the user")
+    revoked_before: int = Field(description="ms since the epoch: tokens issued before it are refused")
+
+
+class DeviceOut(BaseModel):
+    device: str
+    connected: bool = Field(description="connected to the server now")
+    push: str | None = Field(description="the platform of its push token (apns, fcm); null: none")
+
+
+class DevicesOut(BaseModel):
+    user: str
+    devices: list[DeviceOut]
+
+
+class DeletionOut(BaseModel):
+    user: str
+    status: Literal["deleting", "deleted"]
+    started_at: int = Field(description="ms since the epoch when the deletion was asked for")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.membership import MembershipCache
-from broker.serve import serve_broker
+from broker.serve import Listeners, serve_broker
 from clients.testing.loadgen import connect
 from mqchat.bench.harness import Options, device_creds, progress
 from mqchat.bench.report import dress, figure, paired_bars, print_notes, print_ratios, print_table, save
@@ -61,7 +61,7 @@ async def _time_each(calls: list[Callable[[], Awaitable[bool]]]) -> dict[str, fl
 
 async def _subscribe_rate(store: SqliteMessageStore, cache: MembershipCache, topics: list[str], viewer: str) -> float:
     secret = secrets.token_urlsafe(32)
-    async with serve_broker(host="127.0.0.1", port=0, secret=secret, membership=cache) as broker:
+    async with serve_broker(listeners=Listeners(host="127.0.0.1", mqtt=0), secret=secret, membership=cache) as broker:
         device = "acl-bench"
         client = await connect(
             "127.0.0.1",

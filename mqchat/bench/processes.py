@@ -86,7 +86,7 @@ def _python_broker_child(kind: str, port: int, secret: str, ready: Connection) -
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         listeners = {"default": {"type": "tcp", "bind": f"{HOST}:{port}", "max_connections": 0}}
         if kind == "ours":
-            from broker.serve import serve_broker, tune_gc
+            from broker.serve import Listeners, serve_broker, tune_gc
             from storage.presence import MemoryPresence
 
             tune_gc()
@@ -94,7 +94,7 @@ def _python_broker_child(kind: str, port: int, secret: str, ready: Connection) -
             # As `mqchat serve` runs it: every connect and disconnect also reported to presence.
             async with (
                 MemoryPresence() as presence,
-                serve_broker(host=HOST, port=port, secret=secret, presence=presence),
+                serve_broker(listeners=Listeners(host=HOST, mqtt=port), secret=secret, presence=presence),
             ):
                 ready.send(port)
                 await stop.wait()

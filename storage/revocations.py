@@ -1,0 +1,77 @@
+"""Which access tokens are refused although they verify: those of a logged-out device (or of
+every device of a deleted user) issued before the logout.
+
+::
+
+    logout / deletion ──▶ Accounts.revoke(user, device | None, before_ms)   (durable, every node reads it)
+                     └──▶ Revocations.note(...) here, and the logout event to every node's broker,
+                          whose Revocations.note makes it known there at once
+
+    CONNECT / HTTP call ──▶ Revocations.check(identity): the user's revocations, read from the
+                            store at most once per ``fresh_s`` per user (kept in a bounded memory)
+
+A token is refused when its ``iat`` is before the latest revocation of its device or of all of
+the user's devices; a token without ``iat`` is refused once any revocation applies to it. A node
+that did not hear the event (a bridge process beside its own broker) learns of it within
+``fresh_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from prometheus_client import Counter
+
+from mqchat.errors import AuthError
+from mqchat.tokens import Identity
+from storage.base import Accounts
+
+REFUSED = Counter("mqchat_revoked_tokens_refused_total", "Tokens refused because their device was logged out")
+
+ALL_DEVICES = ""
+"""The key of a revocation that covers every device of a user."""
+
+
+class Revocations:
+    """The revocation list of the store, remembered per user for ``fresh_s`` seconds."""
+
+    def __init__(self, *, accounts: Accounts, fresh_s: float = 5.0, kept: int = 50_000) -> None:
+        self._accounts = accounts
+        self._fresh_s = fresh_s
+        self._kept = kept
+        self._known: OrderedDict[str, tuple[float, dict[str, int]]] = OrderedDict()
+
+    async def check(self, identity: Identity) -> None:
+        """Raise AuthError when identity's token was issued before a logout that covers it."""
+        cutoff = await self.cutoff(identity.user, identity.device)
+        if cutoff and (identity.issued_at is None or identity.issued_at * 1000 < cutoff):
+            REFUSED.inc()
+            raise AuthError("token revoked: the device was logged out; sign in again")
+
+    async def cutoff(self, user: str, device: str) -> int:
+        """Tokens of (user, device) issued before this (ms since the epoch) are refused; 0: none."""
+        known = self._known.get(user)
+        if known is None or time.monotonic() - known[0] > self._fresh_s:
+            known = (time.monotonic(), await self._accounts.revocations(user))
+            self._remember(user, known)
+        else:
+            self._known.move_to_end(user)
+        revoked = known[1]
+        return max(revoked.get(device, 0), revoked.get(ALL_DEVICES, 0))
+
+    def note(self, user: str, device: str | None, before_ms: int) -> None:
+        """A revocation made (here or on another node): known at once, without a store read."""
+        known = self._known.get(user)
+        if known is None:
+            return  # read from the store at the next check
+        key = ALL_DEVICES if device is None else device
+        revoked = dict(known[1])
+        revoked[key] = max(revoked.get(key, 0), before_ms)
+        self._remember(user, (known[0], revoked))
+
+    def _remember(self, user: str, known: tuple[float, dict[str, int]]) -> None:
+        self._known[user] = known
+        self._known.move_to_end(user)
+        while len(self._known) > self._kept:
+            self._known.popitem(last=False)
