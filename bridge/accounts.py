@@ -119,8 +119,21 @@ class AccountService:
 
     async def erase(self, user: str) -> None:
         """Run (or finish) the erasure of user; every step may be run again."""
+        started = await self._states.current_version()
         await self.logout(user, None, erase=True)
-        version = 0
+        await self._erase_conversations(user, since=0)
+        await self._accounts.delete_user_settings(user)
+        # A token issued while this ran (a sign-in during the erasure) ends now, and whatever it
+        # changed since the start is erased too.
+        await self.logout(user, None, erase=True)
+        await self._erase_conversations(user, since=started)
+        await self._accounts.finish_deletion(user)
+
+    async def _erase_conversations(self, user: str, *, since: int) -> None:
+        """Redact the user's messages in each of their conversations changed after ``since``,
+        then leave it if it is a group or channel (redacted first: a crash in between finds the
+        conversation again)."""
+        version = since
         while True:
             page = await self._states.changes_since(user=user, version=version, limit=_PAGE)
             for state in page.states:
@@ -130,8 +143,6 @@ class AccountService:
             if not page.more:
                 break
             version = page.version
-        await self._accounts.delete_user_settings(user)
-        await self._accounts.finish_deletion(user)
 
     async def _leave(self, conv: str, user: str) -> None:
         try:

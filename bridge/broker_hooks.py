@@ -15,6 +15,7 @@ from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, TokenVerifier
 from mqchat.topic_table import Ask, device_may, service_may_publish, service_may_subscribe
 from storage import privacy
 from storage.base import Groups, PrivacySettings
+from storage.revocations import Revocations
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +27,16 @@ class Admission:
 
 class BrokerHooks:
     def __init__(
-        self, *, verifier: TokenVerifier, hooks_credential: str, groups: Groups, privacy_settings: PrivacySettings
+        self,
+        *,
+        verifier: TokenVerifier,
+        revocations: Revocations,
+        hooks_credential: str,
+        groups: Groups,
+        privacy_settings: PrivacySettings,
     ) -> None:
         self._verifier = verifier
+        self._revocations = revocations
         self._credential = hooks_credential
         self._groups = groups
         self._privacy = privacy_settings
@@ -53,6 +61,10 @@ class BrokerHooks:
         except AuthError:
             return Admission(False)
         if identity.user != username or identity.device != clientid:
+            return Admission(False)
+        try:
+            await self._revocations.check(identity)  # a logged-out device (StorageError: 503, EMQX retries)
+        except AuthError:
             return Admission(False)
         return Admission(True, identity.expires_at)
 

@@ -59,6 +59,10 @@ class Delivery:
         self.deliver(topic, payload, None)
         return retained
 
+    def forget(self, topic: str) -> None:
+        """No longer keep a state on topic (later subscribers get nothing)."""
+        self._retained.pop(topic, None)
+
     def retained_on(self, topic: str) -> RetainedApplicationMessage | None:
         """The message retained on topic, if any."""
         return self._retained.get(topic)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from amqtt.contexts import Action
+from amqtt.mqtt.connack import SERVER_UNAVAILABLE
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 from prometheus_client import Counter, Gauge
 
 from broker.membership import MembershipCache
-from mqchat.errors import AuthError, ErrorCode
+from mqchat.errors import AuthError, ErrorCode, StorageError
 from mqchat.protocol import (
     device_in_topic,
     encode,
@@ -26,6 +28,7 @@ from storage.revocations import Revocations
 logger = logging.getLogger(__name__)
 
 IDENTITY_KEY = "mqchat.identity"
+REFUSAL_KEY = "mqchat.refusal"  # the CONNACK code of a refusal other than "not authorised"
 SERVICE_KEY = "mqchat.service"
 
 CONNECTED_CLIENTS = Gauge(
@@ -89,12 +92,19 @@ class JwtAuthPlugin(BaseAuthPlugin):
         if session.will_flag and session.will_topic != out_topic(identity.user, identity.device):
             # amqtt publishes a will without consulting the ACL: refuse what the device may not publish.
             return self._refuse("will_topic", "will on a topic the device may not publish", client_id)
-        revocations = getattr(getattr(self.context, "_broker_instance", None), "revocations", None)
+        broker = getattr(self.context, "_broker_instance", None)
+        grace = getattr(broker, "token_grace_s", 0.0)
+        if identity.expires_at + grace <= time.time():  # within the leeway, but it would be closed at once
+            return self._refuse("bad_token", "token expired", client_id)
+        revocations = getattr(broker, "revocations", None)
         if isinstance(revocations, Revocations):
             try:
                 await revocations.check(identity)  # a token of a logged-out device
             except AuthError as exc:
                 return self._refuse("revoked", str(exc), client_id)
+            except StorageError:  # cannot tell now: "server unavailable", so the app retries, token kept
+                session.attributes[REFUSAL_KEY] = SERVER_UNAVAILABLE
+                return self._refuse("store_unavailable", "the revocation list cannot be read", client_id)
         session.attributes[IDENTITY_KEY] = identity
         return True
 

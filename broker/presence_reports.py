@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from broker.delivery import DROPPED, Delivery
 from mqchat.internal_topics import DEVICES_TOPIC_PREFIX
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 ATTEMPTS = 4
 """A report the registry refuses is tried this many times (backoff 0.1 s × 4ⁿ) before it is given up."""
+
+
+ERASED_KEPT_S = 600.0
+"""How long an erased user's presence stays suppressed (longer than any grace window)."""
 
 
 class PresenceReports(Service):
@@ -41,19 +46,32 @@ class PresenceReports(Service):
         # device_topics: keep the retained DEVICES_TOPIC of each user (which of their devices are
         # connected, as the registry says), for a bridge in another process without a shared registry.
         self._device_topics = device_topics
-        self._events: asyncio.Queue[tuple[bool, str, str, str]] = asyncio.Queue(maxsize=max_queued)
+        self._events: asyncio.Queue[tuple[str, str, str, str]] = asyncio.Queue(maxsize=max_queued)
+        # Users erased (accounts deleted) lately: no presence of theirs is retained again, whatever
+        # transition a registry still announces (user -> until, monotonic).
+        self._erased: dict[str, float] = {}
         presence.listen(self._on_presence)
 
     async def _start(self) -> None:
         self.start_worker(self._report_all(), name="presence-reports")
 
     def connected(self, user: str, device: str, connection: str) -> None:
-        self._put((True, user, device, connection))
+        self._put(("connected", user, device, connection))
 
     def disconnected(self, user: str, device: str, connection: str) -> None:
-        self._put((False, user, device, connection))
+        self._put(("disconnected", user, device, connection))
 
-    def _put(self, event: tuple[bool, str, str, str]) -> None:
+    def forget(self, user: str) -> None:
+        """The user's account is deleted: their retained presence goes now, none is retained for
+        ERASED_KEPT_S, and the registry forgets them (after the reports queued before this)."""
+        now = time.monotonic()
+        for gone in [u for u, until in self._erased.items() if until <= now]:
+            del self._erased[gone]
+        self._erased[user] = now + ERASED_KEPT_S
+        self._delivery.forget(presence_topic(user))
+        self._put(("forget", user, "", ""))
+
+    def _put(self, event: tuple[str, str, str, str]) -> None:
         try:
             self._events.put_nowait(event)
         except asyncio.QueueFull:
@@ -61,19 +79,21 @@ class PresenceReports(Service):
 
     async def _report_all(self) -> None:
         while True:
-            connected, user, device, connection = await self._events.get()
-            await self._report(connected, user, device, connection)
+            kind, user, device, connection = await self._events.get()
+            await self._report(kind, user, device, connection)
             if self._device_topics:
                 await self._publish_devices(user)
 
-    async def _report(self, connected: bool, user: str, device: str, connection: str) -> None:
+    async def _report(self, kind: str, user: str, device: str, connection: str) -> None:
         """One report to the registry, retried a few times; given up (logged, counted) after that."""
         for attempt in range(ATTEMPTS):
             try:
-                if connected:
+                if kind == "connected":
                     await self.presence.connected(user, device, connection)
-                else:
+                elif kind == "disconnected":
                     await self.presence.disconnected(user, device, connection)
+                else:
+                    await self.presence.forget(user)
                 return
             except Exception as exc:
                 if attempt == ATTEMPTS - 1:
@@ -96,10 +116,16 @@ class PresenceReports(Service):
         transition arrived while the registry was asked: that one is retained and current."""
         found = (await self.presence.lookup([user]))[user]
         topic = presence_topic(user)
+        until = self._erased.get(user)
+        if until is not None and until > time.monotonic():
+            return False
         if self._delivery.retained_on(topic) is not None:
             return False
         self._delivery.retain(topic, encode(found.envelope()))
         return True
 
     def _on_presence(self, presence: Presence) -> None:
+        until = self._erased.get(presence.user)
+        if until is not None and until > time.monotonic():
+            return  # an erased user's last transition: nothing of theirs is kept
         self._delivery.retain(presence_topic(presence.user), encode(presence.envelope()))

@@ -56,10 +56,12 @@ from broker.handler import LimitedReader, MqchatProtocolHandler
 from broker.limits import BrokerLimits
 from broker.membership import MembershipCache
 from broker.membership_sync import MembershipSync
-from broker.plugins import is_service, session_identity
+from broker.plugins import REFUSAL_KEY, is_service, session_identity
 from broker.presence_reports import PresenceReports
+from broker.revocation_sweep import RevocationSweep
 from broker.routing import SubscriptionIndex, is_wildcard
 from broker.websocket import path_of, serve_websocket
+from mqchat.errors import AuthError, StorageError
 from mqchat.internal_topics import LOGOUT_TOPIC, MEMBERSHIP_TOPIC
 from mqchat.protocol import out_topic, presence_topic
 from mqchat.tokens import Identity
@@ -142,6 +144,7 @@ class MqchatBroker(Broker):
         self.membership_sync = MembershipSync(
             authority=self, subscriptions=self._subscriptions, membership=membership, revalidate_s=revalidate_s
         )
+        self.revocation_sweep = RevocationSweep(broker=self, interval_s=revalidate_s)
         self._parts = AsyncExitStack()
 
     async def start(self) -> None:
@@ -149,6 +152,8 @@ class MqchatBroker(Broker):
         if self.reports is not None:
             await self._parts.enter_async_context(self.reports)
         await self._parts.enter_async_context(self.membership_sync)
+        if self.revocations is not None:
+            await self._parts.enter_async_context(self.revocation_sweep)
 
     async def shutdown(self) -> None:
         try:
@@ -168,6 +173,10 @@ class MqchatBroker(Broker):
         leaves asyncio's default of 100, which a reconnect storm overflows); a WebSocket listener
         serves MQTT on ``ws_path`` only (``broker.websocket``)."""
         if listener_type is ListenerType.WS:
+            # Given to the event loop's create_server: a TLS handshake within the connect timeout.
+            handshake: dict[str, Any] = {}
+            if ssl_context is not None:
+                handshake["ssl_handshake_timeout"] = self.limits.connect_timeout_s
             return await websockets.asyncio.server.serve(
                 functools.partial(self._websocket_connected, listener_name=listener_name),
                 address,
@@ -175,10 +184,12 @@ class MqchatBroker(Broker):
                 ssl=ssl_context,
                 subprotocols=[websockets.Subprotocol("mqtt")],
                 process_request=self._websocket_request,
-                max_size=self.limits.max_packet_bytes + 8,  # one packet per frame, at most
+                max_size=self.limits.max_packet_bytes + 8,  # a frame holds at most one packet's worth
+                max_queue=2,  # frames read ahead of the broker: back-pressure as close as TCP's
                 ping_interval=None,  # MQTT's keepalive is enforced by the reader loop
                 compression=None,
                 backlog=self.limits.listen_backlog,
+                **handshake,
             )
         if listener_type is not ListenerType.TCP:
             return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
@@ -213,7 +224,6 @@ class MqchatBroker(Broker):
         await serve_websocket(
             connection,
             functools.partial(self.stream_connected, listener_name=listener_name),
-            limit=self.limits.max_packet_bytes + 8,
         )
 
     def listener_port(self, name: str) -> int | None:
@@ -230,14 +240,44 @@ class MqchatBroker(Broker):
         """The device connected through another node: end its connection here if it is still the
         one serving it, and drop its session even if persistent (nothing more is queued here for
         a device that lives elsewhere now; it catches up from the store)."""
+        if self._end_connection(user, device, connection):
+            TAKEOVERS.inc()
+
+    def _end_connection(self, user: str, device: str, connection: str) -> bool:
+        """End the device's connection if it is still the one serving it, and drop its session
+        even if persistent once it has ended. False when it is not served here (any more)."""
         served = self._device_connections.get((user, device))
         if served is None or served[0] != connection:
-            return
+            return False
         found = self._sessions.get(served[1])
-        if found is not None:
-            TAKEOVERS.inc()
-            self._taken_over.add(connection)  # the session is dropped once this connection has ended
-            found[1].abort()
+        if found is None:
+            return False
+        self._taken_over.add(connection)  # the session is dropped once this connection has ended
+        found[1].abort()
+        return True
+
+    def device_connections(self) -> list[tuple[Identity, str]]:
+        """Every device connection served here now: (identity, connection)."""
+        served = []
+        for connection, client_id in list(self._device_connections.values()):
+            found = self._sessions.get(client_id)
+            identity = session_identity(found[0]) if found is not None else None
+            if identity is not None:
+                served.append((identity, connection))
+        return served
+
+    async def recheck(self, identity: Identity, connection: str) -> None:
+        """Close the connection if its token is revoked now (a logout that raced its CONNECT, or
+        whose event never arrived). The store unreachable: left as it is, checked again later."""
+        if self.revocations is None:
+            return
+        try:
+            await self.revocations.check(identity)
+        except AuthError:
+            if self._end_connection(identity.user, identity.device, connection):
+                LOGOUTS.inc()
+        except StorageError:
+            pass
 
     def logged_out(self, data: bytes) -> None:
         """A logout (``LOGOUT_TOPIC``), from this node's bridge or relayed from another: the
@@ -245,24 +285,25 @@ class MqchatBroker(Broker):
         connections end now, their sessions dropped; an erased user's retained presence goes."""
         try:
             event = json.loads(data)
-            user, device, before = event["user"], event.get("device"), int(event["before"])
+            user, device, before = event["user"], event.get("device"), event["before"]
             if not isinstance(user, str) or not (device is None or isinstance(device, str)):
                 raise TypeError("user and device are strings")
+            if not isinstance(before, int) or isinstance(before, bool):
+                raise TypeError("before is a whole number of ms")
         except (ValueError, TypeError, KeyError) as exc:
             logger.warning("ignored a malformed logout event: %s", type(exc).__name__)
             return
         if self.revocations is not None:
             self.revocations.note(user, device, before)
-        for (served_user, served_device), (connection, client_id) in list(self._device_connections.items()):
-            if served_user != user or (device is not None and served_device != device):
-                continue
-            found = self._sessions.get(client_id)
-            if found is not None:
+        for (served_user, served_device), (connection, _) in list(self._device_connections.items()):
+            wanted = served_user == user and (device is None or served_device == device)
+            if wanted and self._end_connection(served_user, served_device, connection):
                 LOGOUTS.inc()
-                self._taken_over.add(connection)  # its session is dropped once the connection has ended
-                found[1].abort()
         if event.get("erase") is True:
-            self._retained_messages.pop(presence_topic(user), None)
+            if self.reports is not None:
+                self.reports.forget(user)
+            else:
+                self.delivery.forget(presence_topic(user))
 
     def _expire_at(self, identity: Identity, handler: MqchatProtocolHandler) -> asyncio.TimerHandle:
         """Close the connection when its token has expired (plus ``token_grace_s``): an app
@@ -277,7 +318,7 @@ class MqchatBroker(Broker):
 
     def dead_workers(self) -> list[str]:
         reports = self.reports.dead_workers() if self.reports is not None else []
-        return [*reports, *self.membership_sync.dead_workers()]
+        return [*reports, *self.membership_sync.dead_workers(), *self.revocation_sweep.dead_workers()]
 
     @property
     def bound_port(self) -> int:
@@ -337,7 +378,7 @@ class MqchatBroker(Broker):
         previous = self._sessions.get(incoming.client_id) if incoming.client_id else None
         session = self._resolve_session(incoming) if authenticated else None
         if session is None:
-            await self._refuse(handler, incoming, reader, writer)
+            await self._refuse(handler, incoming, reader, writer, code=incoming.attributes.get(REFUSAL_KEY))
             return
         if previous is not None and previous[0].transitions.is_connected():
             logger.info("client %s connected again; closing its previous connection", session.client_id)
@@ -379,6 +420,8 @@ class MqchatBroker(Broker):
         if reports is not None and identity is not None:
             reports.connected(identity.user, identity.device, connection)
         expiry = self._expire_at(identity, handler) if identity is not None else None
+        if identity is not None:
+            await self.recheck(identity, connection)  # a logout that raced this CONNECT
         try:
             await self._publish_session_retained_messages(session)
             for subscription in self._subscriptions.granted(client_id):  # only its own subscriptions

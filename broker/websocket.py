@@ -9,7 +9,8 @@
 
 The broker serves a WebSocket connection exactly as a TCP one (auth, ACL, limits, keepalive,
 presence) because it sees the same ``asyncio.StreamReader``/``StreamWriter`` pair. MQTT packets
-may span frames or share one (MQTT 3.1.1 §6); the stream does not care. Flow control holds both
+may span frames or share one (MQTT 3.1.1 §6; a frame is at most the packet size limit); the
+stream does not care. Flow control holds both
 ways: a full reader buffer stops reading frames (and websockets' bounded queue stops reading the
 socket), and a write buffer over the high-water mark pauses the broker's writers.
 """
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 HIGH_WATER = 256 * 1024
 """Bytes queued for a WebSocket client beyond which the broker's writes to it wait."""
 LOW_WATER = 64 * 1024
+FRAME_BYTES = 64 * 1024
+"""The most bytes sent in one frame (a larger write goes out in several)."""
+READ_AHEAD = 64 * 1024
+"""Bytes read from frames ahead of the broker's reader before reading stops."""
 
 
 class WebSocketTransport(asyncio.Transport):
@@ -43,6 +48,7 @@ class WebSocketTransport(asyncio.Transport):
         self._reading = asyncio.Event()
         self._reading.set()
         self._closing = False
+        self._in_flight = 0  # bytes of the frame being sent
         self._writing_paused = False
         self._lost = False
         ssl_object = connection.transport.get_extra_info("ssl_object") if connection.transport else None
@@ -62,7 +68,11 @@ class WebSocketTransport(asyncio.Transport):
             self._protocol.pause_writing()
 
     def get_write_buffer_size(self) -> int:
-        return len(self._outgoing)
+        """Bytes not yet taken by the socket: queued here, in the frame being sent, and in the
+        connection's own transport (what the broker's slow-consumer limits look at)."""
+        socket = self._connection.transport
+        below = socket.get_write_buffer_size() if socket is not None else 0
+        return len(self._outgoing) + self._in_flight + below
 
     def can_write_eof(self) -> bool:
         return False
@@ -115,9 +125,11 @@ class WebSocketTransport(asyncio.Transport):
                 await self._has_output.wait()
                 self._has_output.clear()
                 while self._outgoing:
-                    data = bytes(self._outgoing)
-                    self._outgoing.clear()
+                    data = bytes(self._outgoing[:FRAME_BYTES])
+                    del self._outgoing[:FRAME_BYTES]
+                    self._in_flight = len(data)
                     await self._connection.send(data)
+                    self._in_flight = 0
                     if self._writing_paused and len(self._outgoing) <= LOW_WATER:
                         self._writing_paused = False
                         self._protocol.resume_writing()
@@ -142,13 +154,12 @@ class WebSocketTransport(asyncio.Transport):
 async def serve_websocket(
     connection: ServerConnection,
     serve_stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    *,
-    limit: int,
 ) -> None:
     """Serve one WebSocket connection as a stream: ``serve_stream`` gets a reader and a writer
-    as a TCP connection's; both pumps end with the connection."""
+    as a TCP connection's; both pumps end with the connection. (The reader's limit only decides
+    when reading pauses: a larger packet is still read whole, as it arrives.)"""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    reader = asyncio.StreamReader(limit=READ_AHEAD // 2, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport = WebSocketTransport(connection, protocol)
     protocol.connection_made(transport)

@@ -385,13 +385,14 @@ class ApiParts:
     servers: list[HttpServer]
 
 
-async def enter_tls(stack: contextlib.AsyncExitStack, config: Config) -> ServerTls | None:
-    """The process's TLS context (None without a certificate), reloaded while the stack is open."""
+async def enter_tls(stack: contextlib.AsyncExitStack, config: Config) -> tuple[ServerTls | None, list[HasWorkers]]:
+    """The process's TLS context (None without a certificate), reloaded while the stack is open,
+    and the watcher that reloads it (for /healthz and the watchdog)."""
     net = config.network
     tls = server_tls(net.tls_cert, net.tls_key, net.tls_client_ca)
-    if tls is not None:
-        await stack.enter_async_context(TlsWatcher(tls))
-    return tls
+    if tls is None:
+        return None, []
+    return tls, [await stack.enter_async_context(TlsWatcher(tls))]
 
 
 async def enter_api(stack: contextlib.AsyncExitStack, parts: ApiParts) -> tuple[list[Service], dict[str, int]]:
@@ -414,7 +415,7 @@ async def run_bridge(
     states (``PresenceMirror``). Beside an external broker (``config.bridge.broker``), this is
     worker ``instance`` of several, on a shared subscription."""
     async with contextlib.AsyncExitStack() as stack:
-        tls = await enter_tls(stack, config)
+        tls, watchers = await enter_tls(stack, config)
         verifier = await stack.enter_async_context(verifier_for(config.auth))
         parts: list[HasWorkers] = [verifier]
         mirror: PresenceMirror | None = None
@@ -444,7 +445,7 @@ async def run_bridge(
                 shared=bool(config.bridge.broker),
             )
         )
-        dead = dead_workers_of(storage, dispatcher, adapter, *parts)
+        dead = dead_workers_of(storage, dispatcher, adapter, *parts, *watchers)
         api = serve_api(
             config,
             storage,
@@ -461,7 +462,7 @@ async def run_bridge(
             http_port=ports.get("http", 0),
             adapter=adapter,
             store=storage.messages,
-            dead_workers=dead_workers_of(storage, dispatcher, adapter, *parts, *http),
+            dead_workers=dead_workers_of(storage, dispatcher, adapter, *parts, *watchers, *http),
             ports=ports,
             tls=tls,
         )
@@ -537,7 +538,7 @@ def broker_limits(config: Config) -> BrokerLimits:
 async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
     """The broker alone; it reads the store only for its ACL (membership and privacy answers)."""
     async with contextlib.AsyncExitStack() as stack:
-        tls = await enter_tls(stack, config)
+        tls, watchers = await enter_tls(stack, config)
         verifier = await stack.enter_async_context(verifier_for(config.auth))
         storage = await stack.enter_async_context(open_storage(config.storage, push=False))
         presence = await stack.enter_async_context(presence_registry(config))
@@ -563,7 +564,7 @@ async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
                 broker=broker,
                 mqtt_port=broker.bound_port,
                 store=storage.messages,
-                dead_workers=dead_workers_of(storage, presence, broker, verifier),
+                dead_workers=dead_workers_of(storage, presence, broker, verifier, *watchers),
                 ports=broker_ports(config, broker),
                 tls=tls,
             )
@@ -577,7 +578,7 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
     broker hands each device's request to the ``RequestQueue``; its ``BrokerPublisher`` carries
     replies and receipts back; the ``InBrokerAdapter`` joins the two through the pipeline."""
     async with contextlib.AsyncExitStack() as stack:
-        tls = await enter_tls(stack, config)
+        tls, watchers = await enter_tls(stack, config)
         verifier = await stack.enter_async_context(verifier_for(config.auth))
         presence = await stack.enter_async_context(presence_registry(config))
         storage = await stack.enter_async_context(open_storage(config.storage))
@@ -607,7 +608,7 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
                 pipeline=pipeline, requests=queue, publisher=publisher, max_inflight=config.bridge.max_inflight
             )
         )
-        dead = dead_workers_of(storage, dispatcher, adapter, presence, broker, verifier)
+        dead = dead_workers_of(storage, dispatcher, adapter, presence, broker, verifier, *watchers)
         http, ports = await enter_api(
             stack,
             serve_api(
@@ -626,7 +627,7 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
             http_port=ports.get("http", 0),
             adapter=adapter,
             store=storage.messages,
-            dead_workers=dead_workers_of(storage, dispatcher, adapter, presence, broker, verifier, *http),
+            dead_workers=dead_workers_of(storage, dispatcher, adapter, presence, broker, verifier, *watchers, *http),
             mqtt_port=broker.bound_port,
             ports=ports | broker_ports(config, broker),
             tls=tls,

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--alg", choices=("ES256", "RS256"), help="the algorithm (default: the private key's)")
     token.add_argument("--iss", help="the token's issuer (iss)")
     token.add_argument("--aud", help="the token's audience (aud)")
+
+    admin = sub.add_parser(
+        "admin-credential", help="print the credential of the admin API (derived from the server's secret)"
+    )
+    _server_flags(admin)
 
     chat = sub.add_parser("chat", help="interactive 1:1 chat")
     _client_flags(chat)
@@ -265,10 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     if argv[:1] == ["_child"] and len(argv) == 2 and _is_child(argv[1]):
         # How the supervisor starts its processes (settings in MQCHAT_* variables); not a command.
+        # The supervisor forwards SIGHUP (reload the TLS certificate): never a stop, even early.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         return _child(argv[1])
     args = build_parser().parse_args(argv)
     if args.command == "deploy":
         return _deploy(args)
+    if args.command == "admin-credential":
+        return _admin_credential(args)
     # Only the server creates the secret; client commands find the server's (or need none: a token).
     mode: SecretMode = "find"  # `bridge` too: its workers must share the deployment's secret
     if args.command == "serve":
@@ -348,6 +358,17 @@ def _server_secret(args: argparse.Namespace) -> str:
     wanted = {k: v for k, v in _flags(args).items() if k in ("config", "data_dir", "jwt_secret")}
     config, _ = load_config(wanted, secret="find")
     return config.auth.jwt_secret
+
+
+def _admin_credential(args: argparse.Namespace) -> int:
+    from mqchat.tokens import admin_credential
+
+    try:
+        print(admin_credential(_server_secret(args)))
+    except ConfigError as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _deploy_emqx(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from mqchat.errors import ConfigError
 
@@ -281,7 +281,19 @@ def parse_jwks_url(value: str) -> str:
     url = str(value)
     if url and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", url, re.IGNORECASE):
         raise ValueError("a JWKS URL is http(s)://HOST[:PORT]/PATH")
+    if url.lower().startswith("http://"):
+        # Signing keys fetched in clear text could be anyone's: plain HTTP only on this machine.
+        host = urlsplit(url).hostname or ""
+        if host != "localhost" and not _is_loopback(host):
+            raise ValueError("a JWKS URL must be https:// (http:// only to this machine: 127.0.0.1, ::1, localhost)")
     return url
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,10 +6,12 @@ a restart.
     ServerTls(cert, key, client_ca)  ──context──▶  every TLS listener of the process
         ▲      (TLS 1.2 and later only; client_ca set: a client certificate signed by it is required)
         │
-    reload_if_changed(): the files' (inode, size, mtime) changed ─▶ the new pair is first loaded
-        into a scratch context (a half-written or mismatched pair is refused and the old one kept),
-        then into the live context: new handshakes present the new certificate, connections
-        already open keep theirs. ``watch()`` polls; SIGHUP calls ``reload_if_changed(force=True)``.
+    reload_if_changed(): the files' (inode, size, mtime) changed ─▶ their bytes, read once, are
+        first loaded into a scratch context (a half-written or mismatched pair is refused and the
+        old one kept), then the same bytes into the live context: new handshakes present the new
+        certificate, connections already open keep theirs. ``TlsWatcher`` polls; SIGHUP calls
+        ``reload_if_changed(force=True)``. A client CA added to the bundle is trusted at once; one
+        removed from it stays trusted until the process restarts (OpenSSL only adds to a store).
 
 Key material is never logged; errors name the files only.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import tempfile
 from pathlib import Path
 
 from prometheus_client import Counter
@@ -63,21 +66,40 @@ class ServerTls:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.options |= ssl.OP_NO_COMPRESSION
-        self._load_into(context)
+        self._load_into(context, self._read())
         if self.client_ca is not None:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
-    def _load_into(self, context: ssl.SSLContext) -> None:
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        """The files' bytes, read once: what is checked is what is loaded."""
         try:
-            context.load_cert_chain(self.cert, self.key)
-            if self.client_ca is not None:
-                context.load_verify_locations(cafile=self.client_ca)
-        except (OSError, ssl.SSLError) as exc:
+            ca = self.client_ca.read_bytes() if self.client_ca is not None else b""
+            return self.cert.read_bytes(), self.key.read_bytes(), ca
+        except OSError as exc:
+            raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+
+    def _load_into(self, context: ssl.SSLContext, files: tuple[bytes, bytes, bytes]) -> None:
+        cert, key, ca = files
+        try:
+            # The ssl module loads a certificate chain from files only: a private scratch copy.
+            with tempfile.TemporaryDirectory(prefix="mqchat-tls-") as scratch:
+                chain, secret = Path(scratch) / "chain.pem", Path(scratch) / "key.pem"
+                chain.write_bytes(cert)
+                secret.touch(mode=0o600)
+                secret.write_bytes(key)
+                context.load_cert_chain(chain, secret)
+            if ca:
+                context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConfigError(
                 f"cannot load the TLS certificate {self.cert} and key {self.key}"
                 f"{f' or client CA {self.client_ca}' if self.client_ca else ''}: {type(exc).__name__}"
             ) from None
+
+    @staticmethod
+    def _scratch() -> ssl.SSLContext:
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 
     def reload_if_changed(self, *, force: bool = False) -> bool:
         """Load the files again if they changed (or force): True when the live context now holds
@@ -91,8 +113,9 @@ class ServerTls:
         if stamps == self._stamps and not force:
             return False
         try:
-            self._new_context()  # a scratch load first: the live context never holds a bad pair
-            self._load_into(self.context)
+            files = self._read()
+            self._load_into(self._scratch(), files)  # checked first: the live context never holds a bad pair
+            self._load_into(self.context, files)
         except ConfigError as exc:
             logger.warning("TLS certificate not reloaded (the previous one stays): %s", exc)
             RELOADS.labels(outcome="failed").inc()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -312,11 +313,11 @@ def issue_token(
         raise ValueError("user and device ids must be 1-64 characters of [A-Za-z0-9_.@-]")
     if ttl_s <= 0:
         raise ValueError("ttl must be positive")
-    moment = time.time() if now is None else now
+    moment = math.floor((time.time() if now is None else now) * 1000) / 1000
     issued = int(moment)
     # iat to the millisecond: a device that signs in again just after a logout (within the same
     # second) is not taken for one of the tokens the logout revoked.
-    claims: dict[str, Any] = {"sub": user, "dev": device, "iat": round(moment, 3), "exp": issued + ttl_s}
+    claims: dict[str, Any] = {"sub": user, "dev": device, "iat": moment, "exp": issued + ttl_s}
     if issuer:
         claims["iss"] = issuer
     if audience:

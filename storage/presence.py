@@ -113,6 +113,11 @@ class PresenceRegistry(Service, ABC):
         """The user's devices connected now."""
 
     @abstractmethod
+    async def forget(self, user: str) -> None:
+        """Erase the user (an account deleted): no state, no last seen; a disconnect reported
+        after this for one of their devices changes nothing."""
+
+    @abstractmethod
     async def sweep(self) -> None:
         """Turn users whose grace window ended (and, per backend, whose process died) offline."""
 
@@ -188,6 +193,11 @@ class MemoryPresence(PresenceRegistry):
 
     async def devices(self, user: str) -> frozenset[str]:
         return frozenset(self._devices.get(user, ()))
+
+    async def forget(self, user: str) -> None:
+        self._devices.pop(user, None)
+        self._state.pop(user, None)
+        self._due.pop(user, None)
 
     async def sweep(self) -> None:
         if not self._due:

@@ -355,6 +355,14 @@ class RedisPresence(PresenceRegistry):
             ],
         )
 
+    async def forget(self, user: str) -> None:
+        for held in [key for key in self._local if key[0] == user]:
+            del self._local[held]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._k_dev(user), self._k_state(user))
+            pipe.zrem(self._k_due, user)
+            await pipe.execute()
+
     async def lookup(self, users: Iterable[str]) -> dict[str, Presence]:
         wanted = list(dict.fromkeys(users))
         if not wanted:

@@ -10,8 +10,8 @@ every device of a deleted user) issued before the logout.
     CONNECT / HTTP call ──▶ Revocations.check(identity): the user's revocations, read from the
                             store at most once per ``fresh_s`` per user (kept in a bounded memory)
 
-A token is refused when its ``iat`` is before the latest revocation of its device or of all of
-the user's devices; a token without ``iat`` is refused once any revocation applies to it. A node
+A token is refused when its ``iat`` (to the millisecond) is not after the latest revocation of its
+device or of all of the user's devices; a token without ``iat`` is refused once any revocation applies to it. A node
 that did not hear the event (a bridge process beside its own broker) learns of it within
 ``fresh_s``.
 """
@@ -45,7 +45,7 @@ class Revocations:
     async def check(self, identity: Identity) -> None:
         """Raise AuthError when identity's token was issued before a logout that covers it."""
         cutoff = await self.cutoff(identity.user, identity.device)
-        if cutoff and (identity.issued_at is None or identity.issued_at * 1000 < cutoff):
+        if cutoff and (identity.issued_at is None or round(identity.issued_at * 1000) <= cutoff):
             REFUSED.inc()
             raise AuthError("token revoked: the device was logged out; sign in again")
 
@@ -53,7 +53,12 @@ class Revocations:
         """Tokens of (user, device) issued before this (ms since the epoch) are refused; 0: none."""
         known = self._known.get(user)
         if known is None or time.monotonic() - known[0] > self._fresh_s:
-            known = (time.monotonic(), await self._accounts.revocations(user))
+            read_at = time.monotonic()
+            fetched = await self._accounts.revocations(user)
+            # What note() learnt while the store was read stays: a read that began before the
+            # revocation was written must not hide it.
+            noted = self._known.get(user)
+            known = (read_at, _merged(fetched, noted[1]) if noted is not None else fetched)
             self._remember(user, known)
         else:
             self._known.move_to_end(user)
@@ -62,16 +67,22 @@ class Revocations:
 
     def note(self, user: str, device: str | None, before_ms: int) -> None:
         """A revocation made (here or on another node): known at once, without a store read."""
-        known = self._known.get(user)
-        if known is None:
-            return  # read from the store at the next check
         key = ALL_DEVICES if device is None else device
-        revoked = dict(known[1])
-        revoked[key] = max(revoked.get(key, 0), before_ms)
-        self._remember(user, (known[0], revoked))
+        known = self._known.get(user)
+        # Unknown here: remembered as stale (the next check reads the store and keeps this too).
+        read_at, revoked = known if known is not None else (float("-inf"), {})
+        self._remember(user, (read_at, _merged(revoked, {key: before_ms})))
 
     def _remember(self, user: str, known: tuple[float, dict[str, int]]) -> None:
         self._known[user] = known
         self._known.move_to_end(user)
         while len(self._known) > self._kept:
             self._known.popitem(last=False)
+
+
+def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Both revocation lists, the later moment of each device."""
+    merged = dict(a)
+    for key, before in b.items():
+        merged[key] = max(merged.get(key, 0), before)
+    return merged

@@ -109,6 +109,13 @@ async def test_deleting_a_user_erases_them_and_leaves_no_hole(node: Stack) -> No
         assert by_conv[dm]["last_seq"] == 3
         assert [(m["seq"], m["kind"]) for m in by_conv[dm]["messages"]] == [(1, "deleted"), (2, "deleted"), (3, "text")]
         assert "secret" not in json.dumps(synced)
+        # Her presence is gone: never seen, as far as anyone can tell.
+        for _ in range(50):
+            (presence,) = (await as_bob.get("/v1/presence", params={"users": alice})).json()["users"]
+            if presence["last_seen"] is None:
+                break
+            await asyncio.sleep(0.1)
+        assert presence == {"user": alice, "state": "offline", "last_seen": None}
         # Alice's tokens are refused, over HTTP and at CONNECT.
         assert (await as_alice.get("/v1/conversations")).status_code == 401
     with await asyncio.to_thread(RawClient, node.mqtt_port) as raw:

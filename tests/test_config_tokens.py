@@ -205,6 +205,7 @@ def test_token_key_settings(tmp_path: Path) -> None:
         ("jwt_algorithms", "HS256,HS512", "HS512"),
         ("jwt_algorithms", "ES256", "needs jwt_public_key or jwks_url"),
         ("jwks_url", "ftp://id.example/jwks", "http"),
+        ("jwks_url", "http://id.example/jwks", "must be https"),
         ("jwt_leeway", "-1s", "not a duration"),
         ("jwt_public_key", str(tmp_path / "missing.pem"), "cannot read"),
         ("jwt_public_key", str(tmp_path / "jwt_secret"), "no PEM public key"),

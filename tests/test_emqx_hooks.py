@@ -77,6 +77,15 @@ async def test_connect_is_allowed_with_the_devices_own_token_until_it_expires(st
         assert answer == {"result": "allow", "is_superuser": True}, "EMQX asks nothing of the bridge's publishes"
 
 
+async def test_a_logged_out_devices_token_is_denied(stack: Stack) -> None:
+    token = stack.token("dana", "d1")
+    body = {"clientid": "d1", "username": "dana", "password": token}
+    async with broker(stack) as http, stack.http("dana", "d2") as other_device:
+        assert await result(http, AUTHN, body) == "allow"
+        assert (await other_device.post("/v1/me/devices/d1/logout")).status_code == 200
+        assert await result(http, AUTHN, body) == "deny"
+
+
 async def test_publish_and_subscribe_follow_mqchats_topic_table(stack: Stack) -> None:
     alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
 

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from broker.serve import Listeners, serve_broker
 from mqchat.app import BridgeHandle, run_node
 from mqchat.config import AuthConfig, Config, PresenceConfig, StorageConfig
 from mqchat.tokens import admin_credential, hooks_credential, issue_token
+from storage import open_storage
+from storage.revocations import Revocations
 from tests.cassandra_store import cassandra_storage_config  # noqa: F401
 from tests.conftest import make_config, open_stack
 from tests.mqtt_raw import RawClient
@@ -123,12 +127,14 @@ async def test_a_live_connection_does_not_outlast_its_token(tmp_path: Path) -> N
     base = make_config(tmp_path / "data")
     config = dataclasses.replace(base, auth=dataclasses.replace(base.auth, token_grace_s=0.5))
     async with run_node(config) as running:
-        short = token(config, "carol", "phone", ttl_s=2)
+        issued = time.time()
+        short = issue_token(secret=config.auth.jwt_secret, user="carol", device="phone", ttl_s=3, now=issued)
+        closing_at = int(issued) + 3 + 0.5  # exp (whole seconds) + grace
         connected = await online(running.mqtt_port, "carol", "phone", short)
         long_lived = await online(running.mqtt_port, "carol", "tablet", token(config, "carol", "tablet"))
-        # Closed at exp + grace (2.5 s; exp is whole seconds, so within 1 s more).
-        assert not await asyncio.to_thread(connected.closed_by_peer, 1.0)
+        assert not await asyncio.to_thread(connected.closed_by_peer, closing_at - time.time() - 0.5)
         assert await asyncio.to_thread(connected.closed_by_peer, 5.0)
+        assert time.time() >= closing_at - 0.05
         assert not await asyncio.to_thread(long_lived.closed_by_peer, 0.5)
         connected.close()
         long_lived.close()
@@ -167,3 +173,24 @@ def http_of(port: int, bearer: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {bearer}"}, timeout=10
     )
+
+
+async def test_a_logout_whose_event_never_arrived_still_closes_the_connection(tmp_path: Path) -> None:
+    """The revocation is in the store but no logout event reached the broker (lost between
+    processes): the broker's sweep closes the connection within its interval."""
+    secret = "s" * 40
+    async with open_storage(StorageConfig(data_dir=tmp_path)) as storage:
+        revocations = Revocations(accounts=storage.messages, fresh_s=0.1)
+        async with serve_broker(
+            listeners=Listeners(host="127.0.0.1", mqtt=0), secret=secret, revocations=revocations, revalidate_s=0.3
+        ) as broker:
+            bearer = issue_token(secret=secret, user="erin", device="phone", ttl_s=600)
+            connected = await online(broker.bound_port, "erin", "phone", bearer)
+            other = await online(
+                broker.bound_port, "erin", "tablet", issue_token(secret=secret, user="erin", device="tablet", ttl_s=600)
+            )
+            await storage.messages.revoke("erin", device="phone", before_ms=int(time.time() * 1000))
+            assert await asyncio.to_thread(connected.closed_by_peer, 5)
+            assert not await asyncio.to_thread(other.closed_by_peer, 1)
+            connected.close()
+            other.close()

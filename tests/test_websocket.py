@@ -19,6 +19,7 @@ from mqchat.config import Config, PresenceConfig
 from mqchat.tokens import issue_token
 from tests.conftest import make_config
 from tests.helpers import send_env, unique
+from tests.mqtt_raw import connect_packet
 from tests.node import MqttJsClient
 from tests.tls import Certs, make_certs, with_tls
 
@@ -123,30 +124,11 @@ async def test_keepalive_is_enforced_over_websocket(ws_node: tuple[Config, Bridg
     async with websockets.connect(
         f"ws://127.0.0.1:{node.ports['ws']}/mqtt", subprotocols=[websockets.Subprotocol("mqtt")]
     ) as ws:
-        password = token(config, "carol", "web").encode()
-        payload = (
-            b"\x00\x04MQTT\x04\xc2\x00\x01"  # MQTT 3.1.1, username + password + clean, keepalive 1 s
-            + len(b"web").to_bytes(2, "big")
-            + b"web"
-            + len(b"carol").to_bytes(2, "big")
-            + b"carol"
-            + len(password).to_bytes(2, "big")
-            + password
-        )
-        await ws.send(b"\x10" + encode_length(len(payload)) + payload)
+        await ws.send(connect_packet("web", "carol", token(config, "carol", "web"), keepalive=1))
         assert (await ws.recv())[:4] == b"\x20\x02\x00\x00"  # CONNACK accepted
         async with asyncio.timeout(10):
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()  # nothing comes; the server closes after ~1.5 s
-
-
-def encode_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 async def test_websocket_handshake_refused_on_another_path_or_subprotocol(
@@ -164,7 +146,15 @@ async def test_websocket_handshake_refused_on_another_path_or_subprotocol(
     assert no_mqtt.value.response.status_code == 400
 
 
-def test_ws_path_is_configurable(tmp_path: Path) -> None:
+async def test_ws_path_is_configurable(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     moved = dataclasses.replace(config, network=dataclasses.replace(config.network, ws_path="/chat/mqtt", ws_port=0))
-    assert moved.network.listener_ports()["ws"] == 0
+    async with run_node(moved) as node:
+        base = f"ws://127.0.0.1:{node.ports['ws']}"
+        with pytest.raises(websockets.InvalidStatus) as default_path:
+            async with websockets.connect(f"{base}/mqtt", subprotocols=[websockets.Subprotocol("mqtt")]):
+                pass
+        assert default_path.value.response.status_code == 404
+        async with websockets.connect(f"{base}/chat/mqtt", subprotocols=[websockets.Subprotocol("mqtt")]) as ws:
+            await ws.send(connect_packet("web", "frank", token(moved, "frank", "web"), keepalive=30))
+            assert (await ws.recv())[:4] == b"\x20\x02\x00\x00"  # CONNACK accepted

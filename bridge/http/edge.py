@@ -25,7 +25,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bridge.ratelimit import RateLimiter
-from mqchat.errors import AuthError, ErrorCode
+from mqchat.errors import AuthError, ErrorCode, StorageError
 from mqchat.protocol import retry_after_ms
 from mqchat.tokens import TokenVerifier
 from storage.revocations import Revocations
@@ -77,6 +77,9 @@ class Authenticate:
             await self.revocations.check(identity)  # a logged-out device's token
         except AuthError as exc:
             await _reply(send, ErrorCode.UNAUTHORIZED, str(exc))
+            return
+        except StorageError:  # the revocation list cannot be read now: no answer either way
+            await _reply(send, ErrorCode.UNAVAILABLE, "the server cannot check tokens right now; retry later")
             return
         wait = self.limiter.take(identity.user)
         if wait:
