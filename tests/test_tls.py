@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -18,9 +20,10 @@ import httpx
 import pytest
 
 from mqchat.app import BridgeHandle, run_node
+from mqchat.bench.processes import free_port
 from mqchat.config import Config
 from mqchat.tokens import issue_token
-from tests.conftest import make_config
+from tests.conftest import make_config, start_served, stop_served
 from tests.helpers import installed, send_env, unique
 from tests.tls import Certs, PahoDevice, make_certs, served_certificate, with_tls
 
@@ -280,3 +283,53 @@ def test_tls_settings_that_cannot_work_are_refused(tmp_path: Path) -> None:
     config, _ = load_config(base | {"ws_port": "off", "mqtts_port": "none"}, env={})
     assert (config.network.ws_port, config.network.mqtts_port) == (None, None)
     assert dataclasses.asdict(config.network)["plaintext"] is True
+
+
+def overwrite_unseen(path: Path, data: bytes) -> None:
+    """Write data over path in place (same inode, same size) and put its mtime back: a change
+    the file watcher cannot see."""
+    stat = path.stat()
+    assert len(data) == stat.st_size
+    with path.open("r+b") as out:
+        out.write(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+async def test_mqchat_serve_reloads_its_certificate_on_sighup(tmp_path: Path, certs: Certs) -> None:
+    https_port, mqtts_port = free_port(), free_port()
+    env = {
+        "MQCHAT_TLS_CERT": str(certs.cert_file),
+        "MQCHAT_TLS_KEY": str(certs.key_file),
+        "MQCHAT_HTTPS_PORT": str(https_port),
+        "MQCHAT_MQTTS_PORT": str(mqtts_port),
+    }
+    served = start_served(tmp_path / "data", "h" * 40, tmp_path / "serve.log", adapter="inbroker", env=env)
+    try:
+        await served.wait_healthy()
+        before = await asyncio.to_thread(served_certificate, https_port, certs.ca_file)
+        node = served.pid("node")
+        # A new certificate of the same sizes, written so that only SIGHUP can make it known.
+        cert_size, key_size = certs.cert_file.stat().st_size, certs.key_file.stat().st_size
+        for _ in range(50):
+            issued = certs.ca.issue_cert("127.0.0.1", "localhost")
+            cert, key = issued.cert_chain_pems[0].bytes(), issued.private_key_pem.bytes()
+            if (len(cert), len(key)) == (cert_size, key_size):
+                break
+        else:
+            raise AssertionError("no certificate of the same size was issued")
+        overwrite_unseen(certs.cert_file, cert)
+        overwrite_unseen(certs.key_file, key)
+        await asyncio.sleep(3)  # longer than the watcher's interval: it saw nothing
+        assert await asyncio.to_thread(served_certificate, https_port, certs.ca_file) == before
+        served.proc.send_signal(signal.SIGHUP)
+        after = ssl.PEM_cert_to_DER_cert(cert.decode())
+        for _ in range(50):
+            if await asyncio.to_thread(served_certificate, mqtts_port, certs.ca_file) == after:
+                break
+            await asyncio.sleep(0.1)
+        for port in (https_port, mqtts_port):
+            assert await asyncio.to_thread(served_certificate, port, certs.ca_file) == after
+        assert served.pid("node") == node, "reloaded, not restarted"
+        assert "SIGHUP: reloading the TLS certificate" in served.log()
+    finally:
+        assert stop_served(served) == 0
