@@ -21,6 +21,8 @@ the HTTP API shares the pipeline's rules through services.
         presence ───────▶ visibility.Visibility
         push tokens ────▶ devices.DeviceService
         settings ───────▶ settings.SettingsService
+        logout, deletion, admin API ──▶ accounts.AccountService ─▶ revoke + LOGOUT event ─▶ adapter
+        │                               accounts.AccountDeletions (jobs; resumes begun deletions)
         /healthz, /metrics
 
 The pipeline returns what to publish where (``Outgoing``); the adapter publishes it. The

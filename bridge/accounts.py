@@ -10,9 +10,10 @@
 
     delete_account(user) ─▶ Accounts.begin_deletion (durable) ─▶ AccountDeletions job:
         logout(user, every device, erase) ─▶ push state forgotten
-        ─▶ for each of the user's conversations: their messages redacted (kind "deleted", seq kept)
-           ─▶ then, in groups and channels, the user leaves (the members hear ``members_removed``)
-        ─▶ privacy settings deleted ─▶ Accounts.finish_deletion
+        ─▶ in every conversation they ever wrote in: their messages redacted (kind "deleted", seq kept)
+        ─▶ the groups and channels they are in: left (the members hear ``members_removed``)
+        ─▶ privacy settings deleted ─▶ logout again, and a second pass over what changed meanwhile
+        ─▶ their own one-to-one conversation states forgotten ─▶ Accounts.finish_deletion
 
 Every step is idempotent and a conversation is left only after its messages are redacted, so a
 deletion interrupted anywhere (kill -9) is finished by running it again: ``AccountDeletions``
@@ -121,18 +122,23 @@ class AccountService:
         """Run (or finish) the erasure of user; every step may be run again."""
         started = await self._states.current_version()
         await self.logout(user, None, erase=True)
+        # Every conversation they ever wrote in (groups left long ago included), then the
+        # groups and channels they are in now: redacted first, so a crash in between finds the
+        # conversation again.
+        for conv in await self._accounts.sender_conversations(user):
+            await self._accounts.redact_messages(conv=conv, sender=user)
         await self._erase_conversations(user, since=0)
         await self._accounts.delete_user_settings(user)
         # A token issued while this ran (a sign-in during the erasure) ends now, and whatever it
         # changed since the start is erased too.
         await self.logout(user, None, erase=True)
         await self._erase_conversations(user, since=started)
+        await self._accounts.forget_conversation_states(user)
         await self._accounts.finish_deletion(user)
 
     async def _erase_conversations(self, user: str, *, since: int) -> None:
         """Redact the user's messages in each of their conversations changed after ``since``,
-        then leave it if it is a group or channel (redacted first: a crash in between finds the
-        conversation again)."""
+        then leave it if it is a group or channel."""
         version = since
         while True:
             page = await self._states.changes_since(user=user, version=version, limit=_PAGE)

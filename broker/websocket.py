@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class WebSocketTransport(asyncio.Transport):
         self._reading = asyncio.Event()
         self._reading.set()
         self._closing = False
+        self._close_code = CloseCode.NORMAL_CLOSURE
         self._in_flight = 0  # bytes of the frame being sent
         self._writing_paused = False
         self._lost = False
@@ -84,6 +86,7 @@ class WebSocketTransport(asyncio.Transport):
         """Send what is queued, then close the WebSocket (the sender does both)."""
         self._closing = True
         self._has_output.set()
+        self._reading.set()  # the receiver drains until the closing handshake is done
 
     def abort(self) -> None:
         self._closing = True
@@ -104,19 +107,30 @@ class WebSocketTransport(asyncio.Transport):
     # --- the pumps (run by serve_websocket) ------------------------------------------------------
 
     async def receive(self) -> None:
-        """WebSocket frames into the stream, until the connection ends (then EOF)."""
+        """WebSocket frames into the stream until the connection ends (then EOF). Once the broker
+        is done with the connection, frames are still read (and dropped) until the closing
+        handshake completes: a peer's close frame must not wait behind unread frames."""
+        ended = False
         try:
             while True:
-                await self._reading.wait()
+                if not self._closing:
+                    await self._reading.wait()
                 message = await self._connection.recv()
-                if isinstance(message, str):  # MQTT is binary; a text frame is a broken client
-                    logger.debug("text frame from a WebSocket client: closing it")
-                    break
+                if self._closing or ended:
+                    continue
+                if isinstance(message, str):  # MQTT is binary: a text frame is a broken client
+                    logger.debug("text frame from a WebSocket client: closing it (1003)")
+                    ended = True
+                    self._protocol.eof_received()
+                    self._close_code = CloseCode.UNSUPPORTED_DATA
+                    self.close()
+                    continue
                 self._protocol.data_received(message)
         except ConnectionClosed:
             pass
         finally:
-            self._protocol.eof_received()
+            if not ended:
+                self._protocol.eof_received()
 
     async def send(self) -> None:
         """Queued bytes out as binary frames; after close(), the rest, then the closing handshake."""
@@ -135,7 +149,7 @@ class WebSocketTransport(asyncio.Transport):
                         self._protocol.resume_writing()
                 if self._closing:
                     break
-            await self._connection.close()
+            await self._connection.close(self._close_code)
         except ConnectionClosed:
             pass
         finally:

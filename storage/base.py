@@ -7,7 +7,7 @@ backend implements, and the bundles the factory (``storage.open_storage``) yield
              │                          ├─ ConversationStates  watermarks, the per-user change index, unread
              │                          ├─ Groups              groups and channels, members, roles, contacts
              │                          ├─ PrivacySettings     each user's consent (who may add them, who sees them)
-             │                          └─ Accounts            token revocations, account deletions, redaction
+             │                          └─ Accounts            token revocations, account deletions, erasure
              └─ push: PushStore ────────┬─ DeviceTokens        one push token per device
                                         ├─ PushSettings        muted per user and conversation, e2e per conversation
                                         ├─ PushQueue           pending notifications: enqueue, claim, finish
@@ -208,7 +208,8 @@ class PrivacySettings(ABC):
 class Accounts(ABC):
     """What logging out and deleting an account keep: the tokens each device may no longer use,
     the record of an account being erased (durable, so that a worker resumes it after a crash),
-    and the erasure of what the account left behind. Every method is idempotent."""
+    and the erasure of what the account left behind (the conversations it wrote in, its messages
+    there, its own 1:1 states, its settings). Every method is idempotent."""
 
     @abstractmethod
     async def revoke(self, user: str, *, device: str | None, before_ms: int) -> None:
@@ -245,6 +246,22 @@ class Accounts(ABC):
         so the history keeps its order and has no hole, and reads return the marker. Markers
         already there are left as they are. Returns how many messages this call redacted (0 when
         repeated); messages the sender appends while it runs are left to the next call."""
+
+    @abstractmethod
+    async def sender_conversations(self, sender: str) -> list[str]:
+        """Every conversation sender ever wrote a message in, each once, in no particular order:
+        1:1 conversations, groups and channels, those sender has left included (leaving removes
+        the member's state row, not their messages). It may also name one where a send of theirs
+        failed before it was stored (redacting there finds nothing). Costs what the sender is in,
+        not what they wrote."""
+
+    @abstractmethod
+    async def forget_conversation_states(self, user: str) -> None:
+        """Forget user's own state of every 1:1 conversation (watermarks, change version, its entries
+        in the user's change index), so that an account created later with the same id has none of
+        them to sync. The other member's state and the messages stay; groups and channels are not
+        touched (leaving one removes the state row: ``Groups.remove_member``). A message appended
+        to such a conversation afterwards gives the user a state row again."""
 
     @abstractmethod
     async def delete_user_settings(self, user: str) -> None:

@@ -54,6 +54,7 @@ async def test_deleting_a_user_erases_them_and_leaves_no_hole(node: Stack) -> No
     dm = dm_conv(alice, bob)
     async with node.http(alice, "phone") as as_alice, node.http(bob) as as_bob, node.http(carol) as as_carol:
         group = (await as_bob.post("/v1/groups", json={"name": "trip", "members": [alice, carol]})).json()["conv"]
+        old_group = (await as_bob.post("/v1/groups", json={"name": "old", "members": [alice]})).json()["conv"]
         assert (
             await as_alice.put("/v1/devices/phone/push", json={"platform": "apns", "token": "a" * 64})
         ).status_code == 200
@@ -63,9 +64,11 @@ async def test_deleting_a_user_erases_them_and_leaves_no_hole(node: Stack) -> No
             connect_device(node.mqtt_port, alice, "phone", phone_token) as phone,
             connect_device(node.mqtt_port, bob, "b1", node.token(bob, "b1")) as b1,
         ):
-            for conv, body in ((dm, "secret 1"), (dm, "secret 2"), (group, "group secret")):
+            for conv, body in ((dm, "secret 1"), (dm, "secret 2"), (group, "group secret"), (old_group, "left")):
                 await phone.send(send_env(conv, body))
-            await phone.wait_for(lambda e: e["type"] == "ack", count=3)
+            await phone.wait_for(lambda e: e["type"] == "ack", count=4)
+            # A group she wrote in and left long before her account was deleted.
+            assert (await as_alice.delete(f"/v1/groups/{old_group}/members/{alice}")).status_code == 200
             await b1.send(send_env(dm, "bob's own"))
             await b1.wait_for(lambda e: e["type"] == "ack")
             async with node.http(carol, "c1") as as_c1:
@@ -82,7 +85,9 @@ async def test_deleting_a_user_erases_them_and_leaves_no_hole(node: Stack) -> No
                 assert answer.status_code == 200, answer.text
                 assert answer.json()["status"] == "deleted"
                 # The group heard that alice left, through the usual conv event.
-                left = await b1.wait_for(lambda e: e["type"] == "conv" and e["event"] == "members_removed")
+                left = await b1.wait_for(
+                    lambda e: e["type"] == "conv" and e["event"] == "members_removed" and e["conv"] == group
+                )
                 assert (left[0]["conv"], left[0]["users"]) == (group, [alice])
                 # Idempotent: asked again, the same answer (nothing left to do).
                 again = await service.delete(f"/admin/v1/users/{alice}")
@@ -101,6 +106,7 @@ async def test_deleting_a_user_erases_them_and_leaves_no_hole(node: Stack) -> No
             (3, bob, "text", "bob's own"),
         ]
         assert await history(as_carol, group) == [(1, alice, "deleted", ""), (2, carol, "text", "carol's own")]
+        assert await history(as_bob, old_group) == [(1, alice, "deleted", "")]
         members = (await as_bob.get(f"/v1/groups/{group}")).json()["members"]
         assert sorted(m["user"] for m in members) == sorted([bob, carol])
         # A fresh device of bob's catching up (sync from nothing, messages included): no hole.
@@ -109,15 +115,21 @@ async def test_deleting_a_user_erases_them_and_leaves_no_hole(node: Stack) -> No
         assert by_conv[dm]["last_seq"] == 3
         assert [(m["seq"], m["kind"]) for m in by_conv[dm]["messages"]] == [(1, "deleted"), (2, "deleted"), (3, "text")]
         assert "secret" not in json.dumps(synced)
-        # Her presence is gone: never seen, as far as anyone can tell.
+        # Her presence is gone: private now (no conversation state of hers is left to share), or
+        # never seen.
         for _ in range(50):
-            (presence,) = (await as_bob.get("/v1/presence", params={"users": alice})).json()["users"]
-            if presence["last_seen"] is None:
+            seen = await as_bob.get("/v1/presence", params={"users": alice})
+            if seen.status_code == 403 or seen.json()["users"][0]["last_seen"] is None:
                 break
             await asyncio.sleep(0.1)
-        assert presence == {"user": alice, "state": "offline", "last_seen": None}
+        assert seen.status_code in (200, 403), seen.text
+        if seen.status_code == 200:
+            assert seen.json()["users"] == [{"user": alice, "state": "offline", "last_seen": None}]
         # Alice's tokens are refused, over HTTP and at CONNECT.
         assert (await as_alice.get("/v1/conversations")).status_code == 401
+        # Her own conversation states are gone too (nothing for a later token of hers to sync).
+        async with node.http(alice, "new-phone") as later:
+            assert (await later.get("/v1/conversations")).json()["conversations"] == []
     with await asyncio.to_thread(RawClient, node.mqtt_port) as raw:
         assert await asyncio.to_thread(raw.connect, "phone", alice, phone_token) == 5
 

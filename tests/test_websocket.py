@@ -13,6 +13,9 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+import websockets.sync.client
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mqchat.app import BridgeHandle, run_node
 from mqchat.config import Config, PresenceConfig
@@ -144,6 +147,13 @@ async def test_websocket_handshake_refused_on_another_path_or_subprotocol(
         async with websockets.connect(f"{base}/mqtt"):
             pass
     assert no_mqtt.value.response.status_code == 400
+    # MQTT is binary: a text frame ends the connection with 1003 (unsupported data).
+    async with websockets.connect(f"{base}/mqtt", subprotocols=[websockets.Subprotocol("mqtt")]) as ws:
+        await ws.send("CONNECT, in text")
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1003
 
 
 async def test_ws_path_is_configurable(tmp_path: Path) -> None:
@@ -158,3 +168,54 @@ async def test_ws_path_is_configurable(tmp_path: Path) -> None:
         async with websockets.connect(f"{base}/chat/mqtt", subprotocols=[websockets.Subprotocol("mqtt")]) as ws:
             await ws.send(connect_packet("web", "frank", token(moved, "frank", "web"), keepalive=30))
             assert (await ws.recv())[:4] == b"\x20\x02\x00\x00"  # CONNACK accepted
+
+
+any_text = st.text(alphabet=st.characters(exclude_categories=()), max_size=200)
+frames = st.lists(
+    st.one_of(
+        st.binary(max_size=300).map(lambda b: ("binary", b)),
+        any_text.map(lambda t: ("text", t)),
+    ),
+    max_size=5,
+)
+
+
+async def test_any_frames_over_websocket_never_harm_the_server(ws_node: tuple[Config, BridgeHandle, Certs]) -> None:
+    """Hypothesis sends arbitrary frames (bytes; text from all of Unicode, lone surrogates as
+    their UTF-8-ish bytes), after a valid CONNECT or instead of one: the server closes or answers,
+    and a well-behaved device is served normally afterwards."""
+    config, node, _ = ws_node
+    url = f"ws://127.0.0.1:{node.ports['ws']}/mqtt"
+    mqtt = [websockets.Subprotocol("mqtt")]
+    hello = connect_packet("fuzz", "fuzzer", token(config, "fuzzer", "fuzz"), keepalive=30)
+
+    def fuzz() -> None:
+        @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(connect_first=st.booleans(), sent=frames)
+        def probe(connect_first: bool, sent: list[tuple[str, Any]]) -> None:
+            with websockets.sync.client.connect(url, subprotocols=mqtt, open_timeout=10, close_timeout=2) as ws:
+                try:
+                    if connect_first:
+                        ws.send(hello)
+                        assert ws.recv(timeout=10)[:4] == b"\x20\x02\x00\x00"
+                    for kind, data in sent:
+                        if kind == "text":
+                            try:
+                                ws.send(data)
+                            except UnicodeEncodeError:  # a lone surrogate: its bytes, as a binary frame
+                                ws.send(data.encode("utf-8", "surrogatepass"))
+                        else:
+                            ws.send(data)
+                    ws.recv(timeout=0.2)  # an answer, or nothing; or the server closed
+                except (websockets.ConnectionClosed, TimeoutError):
+                    pass
+
+        probe()
+
+    await asyncio.to_thread(fuzz)
+    async with device(config, url, "grace", "web") as grace:
+        await grace.wait_for("connect")
+        assert await grace.subscribe(["u/grace/web/in"]) == [1]
+        await grace.publish("u/grace/web/out", json.dumps(send_env("dm:grace:henry", "still fine", id="after-fuzz")))
+        (ack,) = await envelopes(grace, "ack", 1)
+        assert ack["id"] == "after-fuzz"

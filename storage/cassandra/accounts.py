@@ -6,10 +6,17 @@
     account_deletions  ((user))           at_ms, finished      lightweight transactions only
     pending_deletions  ((shard 0), user)  at_ms        the deletions a worker resumes (few at a time)
 
+    sender_convs       ((sender), conv)   written by append before the sender's first message in conv
+
+    sender_conversations(sender)   the sender's sender_convs partition, SENDER_CONVS_ROWS a page
     redact_messages(conv, sender)
       bucket 0 … bucket_of(last_seq), each read MSG_SCAN_ROWS rows a page (seq, sender, kind and
       the row's write time; no bodies) ─▶ the sender's rows not yet redacted: one UPDATE each,
       CONCURRENT at a time (no batch: a conversation's rows would make one far too large)
+    forget_conversation_states(user)
+      the user's user_convs rows of 1:1 conversations (a slice: 'dm:' ≤ conv < 'dm;'), FORGET_ROWS a
+      page ─▶ each one's watermarks partition, then the page's rows (one batch, the user's partition)
+      the user's user_changes rows, FORGET_ROWS a page ─▶ those of 1:1 conversations (one batch)
 
 A message row was written by a Paxos round, timestamped by the clock of the node that proposed
 it; a redaction timed by a node whose clock lags would lose to it and vanish. So each redaction
@@ -25,7 +32,7 @@ from storage.base import Accounts
 from storage.cassandra.core import CassandraPart, bounded, bucket_of
 from storage.records import REDACTED_KIND
 
-__all__ = ["MSG_SCAN_ROWS", "STATEMENTS", "CassandraAccounts"]
+__all__ = ["FORGET_ROWS", "MSG_SCAN_ROWS", "SENDER_CONVS_ROWS", "STATEMENTS", "CassandraAccounts"]
 
 STATEMENTS = {
     "revoke": "INSERT INTO {ks}.revocations (user, device, before_ms) VALUES (?, ?, ?) USING TIMESTAMP ?",
@@ -45,10 +52,23 @@ STATEMENTS = {
         "WHERE conv = ? AND bucket = ? AND seq = ?"
     ),
     "settings_delete": "DELETE FROM {ks}.user_settings WHERE user = ?",
+    "sender_convs_of": "SELECT conv FROM {ks}.sender_convs WHERE sender = ?",
+    # 1:1 conversation ids start with "dm:" (and ';' follows ':'): a slice of the user's partition.
+    "forget_dm_states": "SELECT conv FROM {ks}.user_convs WHERE user = ? AND conv >= 'dm:' AND conv < 'dm;'",
+    "forget_marks": "DELETE FROM {ks}.watermarks WHERE user = ? AND conv = ?",
+    "forget_state": "DELETE FROM {ks}.user_convs WHERE user = ? AND conv = ?",
+    "forget_changes_scan": "SELECT version, conv FROM {ks}.user_changes WHERE user = ?",
+    "forget_change": "DELETE FROM {ks}.user_changes WHERE user = ? AND version = ? AND conv = ?",
 }
 
 MSG_SCAN_ROWS = 500
 """Rows per page of the redaction's scan of a bucket (and so its updates in flight per page)."""
+
+SENDER_CONVS_ROWS = 1000
+"""Conversations per page of a sender's sender_convs partition."""
+
+FORGET_ROWS = 100
+"""Rows per page of forget_conversation_states' reads (and so deletes per batch)."""
 
 
 class CassandraAccounts(CassandraPart, Accounts):
@@ -110,6 +130,22 @@ class CassandraAccounts(CassandraPart, Accounts):
                 if paging is None:
                     break
         return redacted
+
+    async def sender_conversations(self, sender: str) -> list[str]:
+        return [str(conv) for (conv,) in await self._cql.all_pages("sender_convs_of", (sender,))]
+
+    async def forget_conversation_states(self, user: str) -> None:
+        # A conversation's watermarks before its state row: a call that fails between the two finds
+        # the conversation again from its state row when it is retried.
+        async for rows in self._cql.pages("forget_dm_states", (user,)):
+            convs = [str(conv) for (conv,) in rows]
+            await bounded([self._cql.run("forget_marks", (user, conv)) for conv in convs])
+            await self._cql.batch([("forget_state", (user, conv)) for conv in convs])
+        # The change index names each row's conversation itself: this step needs none of the above.
+        async for rows in self._cql.pages("forget_changes_scan", (user,)):
+            await self._cql.batch(
+                [("forget_change", (user, version, conv)) for version, conv in rows if str(conv).startswith("dm:")]
+            )
 
     async def delete_user_settings(self, user: str) -> None:
         await self._cql.run("settings_delete", (user,))

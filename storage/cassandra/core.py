@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Hashable, Sequence
 from typing import Any, TypeVar
 
 from mqchat.ids import parse_conv
@@ -89,8 +89,8 @@ class VersionClock:
         return min(self._writing) - 1 if self._writing else self.now()
 
 
-class _Lru(OrderedDict[str, Any]):
-    def remember(self, key: str, value: Any) -> None:
+class _Lru(OrderedDict[Hashable, Any]):
+    def remember(self, key: Hashable, value: Any) -> None:
         self[key] = value
         self.move_to_end(key)
         if len(self) > _CACHE_SIZE:
@@ -104,6 +104,7 @@ class CassandraPart:
     _clock: VersionClock
     _kinds: _Lru  # conv -> "group" | "channel" (a group's kind never changes)
     _heads: _Lru  # conv -> the highest seq this process has seen (may be behind other writers)
+    _sender_convs: _Lru  # (sender, conv) -> True: its sender_convs row is written (rows are never deleted)
     _mark_locks: dict[tuple[str, str], asyncio.Lock]  # (user, conv) -> watermark writes in turn
 
     def _init_part(self, cql: Cql) -> None:
@@ -111,6 +112,7 @@ class CassandraPart:
         self._clock = VersionClock()
         self._kinds = _Lru()
         self._heads = _Lru()
+        self._sender_convs = _Lru()
         self._mark_locks = {}
 
     async def _kind(self, conv: str) -> str:

@@ -6,6 +6,7 @@
       1. dedup      client_ids[(sender, client_id)]: stored → the stored message (duplicate);
                     pending (written, seq unknown) → look for its mid after after_seq
       2. pending    client_ids ← (conv, mid, after_seq)            before the message exists
+                    sender_convs ← (sender, conv)                  once per sender and conv per process
       3. sequence   one Paxos round per batch, on the bucket's partition:
                       BEGIN BATCH
                         UPDATE messages SET last_seq = h+n WHERE (conv, bucket) IF last_seq = h
@@ -56,6 +57,7 @@ STATEMENTS = {
     "dedup_in": "SELECT client_id, conv, mid, after_seq, seq FROM {ks}.client_ids WHERE sender = ? AND client_id IN ?",
     "dedup_pending": "INSERT INTO {ks}.client_ids (sender, client_id, conv, mid, after_seq) VALUES (?, ?, ?, ?, ?)",
     "dedup_done": "UPDATE {ks}.client_ids SET seq = ? WHERE sender = ? AND client_id = ?",
+    "sender_conv_put": "INSERT INTO {ks}.sender_convs (sender, conv) VALUES (?, ?)",
 }
 
 SEQUENCE_ROUND = Histogram(
@@ -211,13 +213,22 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             head = self._heads.get(conv)
             if head is None:
                 head = await self._head(conv)
+            # The sender's sender_convs row goes with the dedup rows, before the message can exist:
+            # an erasure that reads it never misses a message (once per sender and conv here).
+            writers = dict.fromkeys(i.message.sender for i in to_write)
+            unrecorded = [sender for sender in writers if (sender, conv) not in self._sender_convs]
             await self._cql.batch(
                 [
-                    ("dedup_pending", (i.message.sender, i.message.client_id, conv, i.mid, head))
-                    for i in to_write
-                    if i.after_seq is None
+                    *(
+                        ("dedup_pending", (i.message.sender, i.message.client_id, conv, i.mid, head))
+                        for i in to_write
+                        if i.after_seq is None
+                    ),
+                    *(("sender_conv_put", (sender, conv)) for sender in unrecorded),
                 ]
             )
+            for sender in unrecorded:
+                self._sender_convs.remember((sender, conv), True)
             written, landed = await self._sequence(conv, to_write, head)
             await self._after(conv, kind, members, sorted([*written, *landed.values()], key=lambda m: m.seq))
             by_mid = {m.mid: m for m in written}

@@ -4,15 +4,18 @@ gives the reasoning and the sizing).
 The keyspace is created with ``NetworkTopologyStrategy`` and the configured replication factor
 in the local datacenter. ``schema_version`` holds one row: a store refuses to open a keyspace
 written by a newer version, and an older one is migrated forward step by step (each step a
-list of idempotent CQL statements, ``MIGRATIONS[n]`` taking version n-1 to n).
+list of idempotent CQL statements, ``MIGRATIONS[n]`` taking version n-1 to n, and for a table
+that indexes older ones, ``BACKFILLS[n]`` filling it from them).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from mqchat.config import StorageConfig
 from mqchat.errors import StorageError
+from storage.cassandra.core import bounded
 from storage.cassandra.session import Cql, translate
 
 __all__ = ["SCHEMA_VERSION", "ensure_schema"]
@@ -116,10 +119,41 @@ _ACCOUNTS = [
     ) WITH gc_grace_seconds = 10800""",
 ]
 
-SCHEMA_VERSION = 2
+_SENDER_CONVS = [
+    # The conversations each sender has written in (an erasure reads them): a row per (sender,
+    # conv), written before the sender's first message there. The dedup table cannot answer it:
+    # its partitions are (sender, client_id), one per message, and its rows expire after 30 days.
+    "CREATE TABLE IF NOT EXISTS {ks}.sender_convs (sender text, conv text, PRIMARY KEY (sender, conv))",
+]
 
-MIGRATIONS: dict[int, list[str]] = {1: _TABLES, 2: _ACCOUNTS}
+SCHEMA_VERSION = 3
+
+MIGRATIONS: dict[int, list[str]] = {1: _TABLES, 2: _ACCOUNTS, 3: _SENDER_CONVS}
 """``MIGRATIONS[n]`` takes the keyspace from version n-1 to n (idempotent statements)."""
+
+BACKFILL_PAGE_ROWS = 1000
+"""Message rows per page of a backfill's scan of the log (and so its writes in flight at most)."""
+
+
+async def _backfill_sender_convs(cql: Cql) -> None:
+    """Version 3: a row of ``sender_convs`` for every (sender, conv) of the messages already in the
+    log, one page of the whole table at a time (a scan of every partition: run once, by the node
+    that migrates; idempotent, so a node that dies in it starts over)."""
+    await cql.prepare(
+        {
+            "backfill_scan": "SELECT conv, sender FROM {ks}.messages",
+            "backfill_sender_conv": "INSERT INTO {ks}.sender_convs (sender, conv) VALUES (?, ?)",
+        },
+        page_rows={"backfill_scan": BACKFILL_PAGE_ROWS},
+    )
+    async for rows in cql.pages("backfill_scan", ()):
+        pairs = {(str(sender), str(conv)) for conv, sender in rows if sender is not None}
+        await bounded([cql.run("backfill_sender_conv", pair) for pair in pairs])
+
+
+BACKFILLS: dict[int, Callable[[Cql], Awaitable[None]]] = {3: _backfill_sender_convs}
+"""``BACKFILLS[n]``, when there is one, fills the tables of version n from the older ones: run after
+``MIGRATIONS[n]`` and before the keyspace is marked version n."""
 
 
 async def ensure_schema(cql: Cql, config: StorageConfig) -> None:
@@ -141,6 +175,8 @@ async def ensure_schema(cql: Cql, config: StorageConfig) -> None:
     for version in range(current + 1, SCHEMA_VERSION + 1):
         for statement in MIGRATIONS[version]:
             await _execute(cql, statement.format(ks=ks))
+        if version in BACKFILLS:
+            await BACKFILLS[version](cql)
         await _execute(cql, f"INSERT INTO {ks}.schema_version (id, version) VALUES (0, {version})")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,16 +186,19 @@ class Cql:
     async def run(self, name: str, params: Sequence[Any]) -> None:
         await self.page(name, params)
 
-    async def all_pages(self, name: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """Every row of a read that may span pages, fetched page by page on the loop's terms."""
-        out: list[tuple[Any, ...]] = []
+    async def pages(self, name: str, params: Sequence[Any]) -> AsyncIterator[list[tuple[Any, ...]]]:
+        """The rows of a read that may span pages, a page at a time (the next is read when asked for)."""
         state: bytes | None = None
         while True:
             page = await self.page(name, params, paging_state=state)
-            out.extend(page.rows)
+            yield page.rows
             state = page.paging_state
             if state is None:
-                return out
+                return
+
+    async def all_pages(self, name: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Every row of a read that may span pages, fetched page by page on the loop's terms."""
+        return [row async for rows in self.pages(name, params) for row in rows]
 
     async def conditional(self, name: str, params: Sequence[Any]) -> dict[str, Any]:
         """A lightweight transaction; its row (``[applied]`` and, when not applied, the values now)."""

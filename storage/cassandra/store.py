@@ -26,8 +26,15 @@ STATEMENTS = {
 }
 
 
-PAGE_ROWS = {"changes_after": conversations.CHANGES_PAGE_ROWS, "msg_scan": accounts.MSG_SCAN_ROWS}
-"""Reads whose pages are smaller than the driver's default (each row read costs more reads)."""
+PAGE_ROWS = {
+    "changes_after": conversations.CHANGES_PAGE_ROWS,
+    "msg_scan": accounts.MSG_SCAN_ROWS,
+    "sender_convs_of": accounts.SENDER_CONVS_ROWS,
+    "forget_dm_states": accounts.FORGET_ROWS,
+    "forget_changes_scan": accounts.FORGET_ROWS,
+}
+"""Reads whose pages are smaller than the driver's default (each row read costs more reads or
+writes)."""
 
 
 class CassandraMessageStore(

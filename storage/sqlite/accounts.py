@@ -1,12 +1,17 @@
 """Logout and account deletion on SQLite: ``revocations`` (a row per user and device, the latest
 before_ms kept), ``account_deletions`` (a row per user, kept once finished; the pending ones
-found through a partial index), and the redaction of a sender's messages in place.
+found through a partial index), and what an erasure reads and changes: the conversations a sender
+wrote in, their messages redacted in place, the user's own 1:1 states forgotten.
 
 ::
 
-    redact_messages(conv, sender)
-      reader: the sender's seqs in conv, from the dedup index (it holds each message's key)
-      writer: UPDATE … WHERE conv, seq, sender, not yet redacted   _REDACT_PER_WRITE per job
+    messages_by_sender_conv (sender, conv, seq)   an index of the log, one entry per message
+      sender_conversations(sender)   one seek per conversation: the next conv after the last found
+      redact_messages(conv, sender)
+        reader: the sender's seqs in conv (the index's (sender, conv) range: what they wrote there)
+        writer: UPDATE … WHERE conv, seq, sender, not yet redacted   _PER_WRITE per job
+    forget_conversation_states(user)
+      writer: DELETE the user's user_convs rows of 1:1 conversations   _PER_WRITE per job
 """
 
 from __future__ import annotations
@@ -20,18 +25,34 @@ from storage.sqlite.database import SqliteDatabase
 
 __all__ = ["SqliteAccounts"]
 
-_REDACT_PER_WRITE = 500
-"""Messages redacted per write job: the writer's transactions stay short beside the appends."""
+_PER_WRITE = 500
+"""Rows redacted or deleted per write job: the writer's transactions stay short beside the appends."""
 
-# A WITHOUT ROWID table's index holds the row's primary key: the dedup index (sender, client_id)
-# gives each message's (conv, seq) without reading the conversation, so erasing what a sender
-# wrote costs what they wrote, not what the conversation holds, and adds no index to appends.
+# A loose scan of the index: each step seeks the first conversation after the one found before,
+# so the cost is the number of conversations (a seek each), not the number of messages.
+_SENDER_CONVS = """
+WITH RECURSIVE found(conv) AS (
+    SELECT (SELECT MIN(conv) FROM messages INDEXED BY messages_by_sender_conv WHERE sender = ?1)
+    UNION ALL
+    SELECT (SELECT MIN(conv) FROM messages INDEXED BY messages_by_sender_conv WHERE sender = ?1 AND conv > found.conv)
+    FROM found WHERE found.conv IS NOT NULL
+)
+SELECT conv FROM found WHERE conv IS NOT NULL
+"""
+# The index's (sender, conv) range holds the seqs of what sender wrote in conv, in order: a call
+# costs what the sender wrote there, not what the conversation or the sender's whole history holds.
 _SENDER_SEQS = (
-    "SELECT seq FROM messages INDEXED BY messages_by_sender_client_id "
+    "SELECT seq FROM messages INDEXED BY messages_by_sender_conv "
     "WHERE sender = ? AND conv = ? AND kind <> ? ORDER BY seq"
 )
 _REDACT = (
     "UPDATE messages SET kind = ?, body = '', media = NULL WHERE conv = ? AND seq = ? AND sender = ? AND kind <> ?"
+)
+
+# 1:1 conversation ids start with "dm:" (and ';' follows ':'): a range of the primary key.
+_FORGET_DM_STATES = (
+    "DELETE FROM user_convs WHERE user = ?1 AND conv IN ("
+    "SELECT conv FROM user_convs WHERE user = ?1 AND conv >= 'dm:' AND conv < 'dm;' AND kind = 'dm' LIMIT ?2)"
 )
 
 
@@ -88,10 +109,21 @@ class SqliteAccounts(SqliteDatabase, Accounts):
         rows = await self._read(_SENDER_SEQS, (sender, conv, REDACTED_KIND))
         seqs = [int(seq) for (seq,) in rows]
         redacted = 0
-        for start in range(0, len(seqs), _REDACT_PER_WRITE):
-            part = seqs[start : start + _REDACT_PER_WRITE]
+        for start in range(0, len(seqs), _PER_WRITE):
+            part = seqs[start : start + _PER_WRITE]
             redacted += await self._write(functools.partial(_redact, conv=conv, sender=sender, seqs=part))
         return redacted
+
+    async def sender_conversations(self, sender: str) -> list[str]:
+        rows = await self._read(_SENDER_CONVS, (sender,))
+        return [str(conv) for (conv,) in rows]
+
+    async def forget_conversation_states(self, user: str) -> None:
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(_FORGET_DM_STATES, (user, _PER_WRITE)).rowcount
+
+        while await self._write(job) == _PER_WRITE:
+            pass
 
     async def delete_user_settings(self, user: str) -> None:
         def job(conn: sqlite3.Connection) -> None:

@@ -9,7 +9,7 @@ from mqchat.errors import StorageError
 from storage.sqlite.connection import connect, prepare_file
 from storage.sqlite.queries import next_version
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -77,6 +77,9 @@ CREATE TABLE IF NOT EXISTS account_deletions (
     finished INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS account_deletions_pending ON account_deletions (at_ms) WHERE finished = 0;
+-- schema 5: what each sender wrote, by conversation (an erasure finds and redacts it through this);
+-- an index of a WITHOUT ROWID table ends with the primary key, so its entries are (sender, conv, seq)
+CREATE INDEX IF NOT EXISTS messages_by_sender_conv ON messages (sender, conv);
 """
 
 
@@ -95,7 +98,8 @@ def init_schema(path: Path) -> None:
                 _migrate_to_v2(conn)
             if row is not None and int(row[0]) < 3:
                 _migrate_to_v3(conn)
-            # Schema 3 → 4 adds tables only (revocations, account_deletions): created above.
+            # Schema 3 → 4 adds tables only (revocations, account_deletions), and 4 → 5 an index only
+            # (messages_by_sender_conv, built from the log once): created above.
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
