@@ -215,7 +215,7 @@ class MqchatBroker(Broker):
         (400), before any MQTT is read."""
         if path_of(request.path) != self.ws_path:
             return connection.respond(HTTPStatus.NOT_FOUND, "MQTT is served on another path\n")
-        offered = request.headers.get("Sec-WebSocket-Protocol", "")
+        offered = ",".join(request.headers.get_all("Sec-WebSocket-Protocol"))  # the header may repeat
         if "mqtt" not in (p.strip() for p in offered.split(",")):
             return connection.respond(HTTPStatus.BAD_REQUEST, 'the WebSocket subprotocol must be "mqtt"\n')
         return None

@@ -57,6 +57,8 @@ def setup_logging(level: str, process: str) -> None:
     # amqtt logs every connection at INFO; transitions logs every state change.
     for noisy in ("amqtt", "transitions", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # websockets logs frames at DEBUG, a CONNECT's password and message bodies included: never.
+    logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLogger().level))
     logging.getLogger("amqtt.broker").addFilter(_not_a_bind_failure)
 
 

@@ -78,12 +78,18 @@ def load_public_key(pem: bytes) -> PublicKey:
     return key
 
 
+MIN_RSA_BITS = 2048
+"""Shorter RSA keys are refused (they can be factored)."""
+
+
 def algorithm_of(key: object) -> str:
     """The token algorithm a public key verifies: ES256 (EC P-256) or RS256 (RSA); ValueError for
     any other key."""
     if isinstance(key, EllipticCurvePublicKey) and isinstance(key.curve, SECP256R1):
         return "ES256"
     if isinstance(key, RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ValueError(f"an RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})")
         return "RS256"
     raise ValueError("not an EC P-256 or RSA public key")
 

@@ -440,3 +440,12 @@ async def test_an_es256_token_connects_to_the_broker(
             pass
     if source == "jwks":
         assert jwks_server.requests == 2, "one fetch per process that verifies: the broker's and the bridge's"
+
+
+def test_short_rsa_keys_are_refused() -> None:
+    from mqchat.jwks import algorithm_of
+
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    with pytest.raises(ValueError, match="1024 bits"):
+        algorithm_of(weak)
+    assert algorithm_of(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()) == "RS256"
