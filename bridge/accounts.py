@@ -90,13 +90,13 @@ class AccountService:
         before = self._clock.time_ms()
         await self._accounts.revoke(user, device=device, before_ms=before)
         self.revocations.note(user, device, before)
+        event = {"user": user, "device": device, "before": before, "erase": erase}
+        await self._broker.publish([Outgoing(LOGOUT_TOPIC, encode(event))])  # connections closed first
         if self._push is not None:
             if device is None:
                 await self._push.forget_user(user)
             else:
                 await self._push.delete_device_token(user, device)
-        event = {"user": user, "device": device, "before": before, "erase": erase}
-        await self._broker.publish([Outgoing(LOGOUT_TOPIC, encode(event))])
         LOGOUTS.labels(scope="user" if device is None else "device").inc()
         logger.info("logged out %s (%s)", user, "every device" if device is None else f"device {device}")
         return before
@@ -127,23 +127,24 @@ class AccountService:
         # conversation again.
         for conv in await self._accounts.sender_conversations(user):
             await self._accounts.redact_messages(conv=conv, sender=user)
-        await self._erase_conversations(user, since=0)
+        await self._erase_conversations(user, since=0, redact=False)
         await self._accounts.delete_user_settings(user)
         # A token issued while this ran (a sign-in during the erasure) ends now, and whatever it
         # changed since the start is erased too.
         await self.logout(user, None, erase=True)
-        await self._erase_conversations(user, since=started)
+        await self._erase_conversations(user, since=started, redact=True)
         await self._accounts.forget_conversation_states(user)
         await self._accounts.finish_deletion(user)
 
-    async def _erase_conversations(self, user: str, *, since: int) -> None:
-        """Redact the user's messages in each of their conversations changed after ``since``,
-        then leave it if it is a group or channel."""
+    async def _erase_conversations(self, user: str, *, since: int, redact: bool) -> None:
+        """Leave each group and channel of the user's changed after ``since`` (first, with
+        ``redact``, redact their messages in each of those conversations)."""
         version = since
         while True:
             page = await self._states.changes_since(user=user, version=version, limit=_PAGE)
             for state in page.states:
-                await self._accounts.redact_messages(conv=state.conv, sender=user)
+                if redact:
+                    await self._accounts.redact_messages(conv=state.conv, sender=user)
                 if state.kind in ("group", "channel"):
                     await self._leave(state.conv, user)
             if not page.more:
@@ -205,7 +206,9 @@ class AccountDeletions(Service):
     async def _sweep(self) -> None:
         while True:
             try:
-                for user, _started in await self._accounts.pending_deletions():
+                for user, started in await self._accounts.pending_deletions():
+                    if await self._accounts.deletion_state(user) is None:  # pending, never recorded
+                        await self._accounts.begin_deletion(user, at_ms=started)
                     self.run(user)
             except Exception as exc:  # the store is away: try again at the next sweep
                 logger.warning("could not list pending account deletions: %s", type(exc).__name__)

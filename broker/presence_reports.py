@@ -81,7 +81,9 @@ class PresenceReports(Service):
         while True:
             kind, user, device, connection = await self._events.get()
             await self._report(kind, user, device, connection)
-            if self._device_topics:
+            if self._device_topics and kind == "forget":
+                self._delivery.forget(f"{DEVICES_TOPIC_PREFIX}{user}")
+            elif self._device_topics:
                 await self._publish_devices(user)
 
     async def _report(self, kind: str, user: str, device: str, connection: str) -> None:

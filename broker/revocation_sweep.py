@@ -36,7 +36,8 @@ class RevocationSweep(Service):
         self._interval_s = interval_s
 
     async def _start(self) -> None:
-        self.start_worker(self._sweep(), name="revocation-sweep")
+        if self._interval_s > 0:  # 0: no sweep (as for MembershipSync's revalidation)
+            self.start_worker(self._sweep(), name="revocation-sweep")
 
     async def _sweep(self) -> None:
         while True:

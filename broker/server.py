@@ -127,6 +127,7 @@ class MqchatBroker(Broker):
         # (user, device) -> (connection, client id) of the device sessions served now
         self._device_connections: dict[tuple[str, str], tuple[str, str]] = {}
         self._taken_over: set[str] = set()  # connections whose sessions are dropped when they end
+        self._handlers: dict[str, MqchatProtocolHandler] = {}  # connection -> its handler
         if presence is not None:
             presence.on_takeover(self.taken_over)
         self.admission = Admission(limits=self.limits, sessions=self._sessions)
@@ -247,13 +248,11 @@ class MqchatBroker(Broker):
         """End the device's connection if it is still the one serving it, and drop its session
         even if persistent once it has ended. False when it is not served here (any more)."""
         served = self._device_connections.get((user, device))
-        if served is None or served[0] != connection:
-            return False
-        found = self._sessions.get(served[1])
-        if found is None:
+        handler = self._handlers.get(connection)
+        if served is None or served[0] != connection or handler is None:
             return False
         self._taken_over.add(connection)  # the session is dropped once this connection has ended
-        found[1].abort()
+        handler.abort()  # this connection's own handler (a newer one may hold the client id now)
         return True
 
     def device_connections(self) -> list[tuple[Identity, str]]:
@@ -276,8 +275,8 @@ class MqchatBroker(Broker):
         except AuthError:
             if self._end_connection(identity.user, identity.device, connection):
                 LOGOUTS.inc()
-        except StorageError:
-            pass
+        except StorageError as exc:
+            logger.debug("revocation of %s/%s not checked now: %s", identity.user, identity.device, exc)
 
     def logged_out(self, data: bytes) -> None:
         """A logout (``LOGOUT_TOPIC``), from this node's bridge or relayed from another: the
@@ -414,15 +413,18 @@ class MqchatBroker(Broker):
         )
         await handler.start()
         connection = f"{next(self._connections)}"
+        self._handlers[connection] = handler
         if identity is not None:
             self._device_connections[(identity.user, identity.device)] = (connection, client_id)
         reports = self.reports if identity is not None else None
-        if reports is not None and identity is not None:
-            reports.connected(identity.user, identity.device, connection)
+        reported = False
         expiry = self._expire_at(identity, handler) if identity is not None else None
-        if identity is not None:
-            await self.recheck(identity, connection)  # a logout that raced this CONNECT
         try:
+            if identity is not None:
+                await self.recheck(identity, connection)  # a logout that raced this CONNECT
+                if reports is not None and not self._handler_closing(handler):
+                    reports.connected(identity.user, identity.device, connection)
+                    reported = True
             await self._publish_session_retained_messages(session)
             for subscription in self._subscriptions.granted(client_id):  # only its own subscriptions
                 await self._publish_retained_messages_for_subscription(subscription, session)
@@ -436,6 +438,7 @@ class MqchatBroker(Broker):
         finally:
             if expiry is not None:
                 expiry.cancel()
+            self._handlers.pop(connection, None)
             if connection in self._taken_over:
                 self._taken_over.discard(connection)
                 current = self._sessions.get(client_id)
@@ -445,8 +448,13 @@ class MqchatBroker(Broker):
                 key = (identity.user, identity.device)
                 if self._device_connections.get(key, (None,))[0] == connection:
                     del self._device_connections[key]
-            if reports is not None and identity is not None:
+            if reported and reports is not None and identity is not None:
                 reports.disconnected(identity.user, identity.device, connection)
+
+    @staticmethod
+    def _handler_closing(handler: MqchatProtocolHandler) -> bool:
+        transport = handler._transport()
+        return transport is not None and transport.is_closing()
 
     async def _authenticate(self, session: Session, _listener: Any) -> bool:
         return await Admission.authenticate(self.plugins_manager._auth_plugins, session)

@@ -19,9 +19,12 @@ Key material is never logged; errors name the files only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import ssl
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import Counter
@@ -82,16 +85,12 @@ class ServerTls:
     def _load_into(self, context: ssl.SSLContext, files: tuple[bytes, bytes, bytes]) -> None:
         cert, key, ca = files
         try:
-            # The ssl module loads a certificate chain from files only: a private scratch copy.
-            with tempfile.TemporaryDirectory(prefix="mqchat-tls-") as scratch:
-                chain, secret = Path(scratch) / "chain.pem", Path(scratch) / "key.pem"
-                chain.write_bytes(cert)
-                secret.touch(mode=0o600)
-                secret.write_bytes(key)
+            # The ssl module loads from files only: the bytes read once, as files of this process.
+            with _in_memory_files(cert, key, ca) as (chain, secret, authorities):
                 context.load_cert_chain(chain, secret)
-            if ca:
-                context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-        except (OSError, ssl.SSLError, ValueError) as exc:
+                if self.client_ca is not None:
+                    context.load_verify_locations(cafile=authorities)
+        except (OSError, ssl.SSLError, ValueError, TypeError) as exc:
             raise ConfigError(
                 f"cannot load the TLS certificate {self.cert} and key {self.key}"
                 f"{f' or client CA {self.client_ca}' if self.client_ca else ''}: {type(exc).__name__}"
@@ -126,6 +125,28 @@ class ServerTls:
         RELOADS.labels(outcome="reloaded").inc()
         logger.info("TLS certificate reloaded from %s", self.cert)
         return True
+
+
+@contextlib.contextmanager
+def _in_memory_files(*contents: bytes) -> Iterator[list[str]]:
+    """Paths that read as contents: anonymous in-memory files of this process (Linux), else
+    files in a private temporary directory, removed on exit."""
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create("mqchat-tls", 0) for _ in contents]
+        try:
+            for fd, data in zip(fds, contents, strict=True):
+                os.write(fd, data)
+            yield [f"/proc/self/fd/{fd}" for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="mqchat-tls-") as scratch:
+        paths = [Path(scratch) / f"{n}.pem" for n in range(len(contents))]
+        for path, data in zip(paths, contents, strict=True):
+            path.touch(mode=0o600)
+            path.write_bytes(data)
+        yield [str(p) for p in paths]
 
 
 class TlsWatcher(Service):

@@ -213,8 +213,9 @@ class Accounts(ABC):
 
     @abstractmethod
     async def revoke(self, user: str, *, device: str | None, before_ms: int) -> None:
-        """Tokens of user's device (None: of every device of the user) issued before before_ms
-        are refused from now on. Called again, the latest before_ms is kept (the maximum)."""
+        """Tokens of user's device (None: of every device of the user) issued at or before
+        before_ms are refused from now on (storage.revocations decides). Called again, the
+        latest before_ms is kept (the maximum)."""
 
     @abstractmethod
     async def revocations(self, user: str) -> dict[str, int]:

@@ -206,6 +206,8 @@ async def test_a_deletion_interrupted_by_kill_9_is_resumed(tmp_path: Path, reque
                 if (await service.get("/admin/v1/users/frank/deletion")).status_code == 200:
                     break
                 await asyncio.sleep(0.01)
+            else:
+                pytest.fail(f"the deletion was not recorded within 5 s; log:\n{served.log()}")
             # kill -9 the whole server mid-erasure: the node and its supervisor.
             os.kill(served.pid("node"), signal.SIGKILL)
             os.kill(served.proc.pid, signal.SIGKILL)

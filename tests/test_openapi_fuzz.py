@@ -61,8 +61,13 @@ async def schemathesis(node: Served, cwd: Path, token: str, *options: str) -> tu
         stderr=asyncio.subprocess.STDOUT,
         cwd=cwd,
     )
-    async with asyncio.timeout(600):
-        out, _ = await proc.communicate()
+    try:
+        async with asyncio.timeout(240):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     report = out.decode(errors="replace")
     assert proc.returncode == 0, report[-8000:]
     tested = re.search(r"Tested: (\d+)", report)
@@ -77,6 +82,7 @@ ACCOUNT_OPERATIONS = 3
 fuzzer's token, so they run apart, with a token of their own."""
 
 
+@pytest.mark.timeout(480)  # two runs of schemathesis, each bounded at 240 s
 async def test_the_openapi_document_describes_what_the_server_answers(node: Served, tmp_path: Path) -> None:
     token = node.token("fuzzer", "fuzzer-device")
     report, tested, selected, operations = await schemathesis(

@@ -190,7 +190,13 @@ async def test_any_frames_over_websocket_never_harm_the_server(ws_node: tuple[Co
     hello = connect_packet("fuzz", "fuzzer", token(config, "fuzzer", "fuzz"), keepalive=30)
 
     def fuzz() -> None:
-        @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @settings(
+            max_examples=60,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture],
+        )
         @given(connect_first=st.booleans(), sent=frames)
         def probe(connect_first: bool, sent: list[tuple[str, Any]]) -> None:
             with websockets.sync.client.connect(url, subprotocols=mqtt, open_timeout=10, close_timeout=2) as ws:

@@ -80,6 +80,10 @@ class CassandraAccounts(CassandraPart, Accounts):
         return {str(device): int(before) for device, before in rows}
 
     async def begin_deletion(self, user: str, *, at_ms: int) -> int:
+        # The pending row before the record: a process killed between the two leaves a pending
+        # deletion, which the sweep of AccountDeletions resumes (and records); never a recorded
+        # deletion that nothing resumes.
+        await self._cql.run("pending_deletion_put", (user, at_ms))
         answer = await self._cql.conditional("deletion_begin", (user, at_ms))
         effective = at_ms
         if not answer.get("[applied]"):
@@ -91,9 +95,8 @@ class CassandraAccounts(CassandraPart, Accounts):
                 else:
                     row = await self._cql.one("deletion_get", (user,))
                     effective = int(row[0]) if row is not None and row[0] is not None else at_ms
-        # The pending row after the record: a call that fails between the two is retried by its
-        # caller, and the retry writes it (a deletion is never pending without its record).
-        await self._cql.run("pending_deletion_put", (user, effective))
+        if effective != at_ms:
+            await self._cql.run("pending_deletion_put", (user, effective))
         return effective
 
     async def pending_deletions(self) -> list[tuple[str, int]]:
