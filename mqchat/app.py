@@ -35,7 +35,7 @@ import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,7 +54,7 @@ from bridge.receipts import Publish, ReceiptCoalescer
 from broker.limits import BrokerLimits
 from broker.membership import MembershipCache
 from broker.serve import Listeners, serve_broker
-from broker.server import MqchatBroker
+from broker.server import InboundHook, MqchatBroker
 from mqchat.config import Config
 from mqchat.errors import ConfigError
 from mqchat.internal_topics import LOGOUT_TOPIC, MEMBERSHIP_TOPIC
@@ -534,6 +534,34 @@ def broker_limits(config: Config) -> BrokerLimits:
     )
 
 
+def configured_broker(
+    config: Config,
+    *,
+    tls: ServerTls | None,
+    verifier: TokenVerifier,
+    presence: PresenceRegistry,
+    store: MessageStore,
+    revocations: Revocations,
+    inbound_hook: InboundHook | None = None,
+    device_topics: bool = False,
+) -> AbstractAsyncContextManager[MqchatBroker]:
+    """The broker as the configuration says (listeners, TLS, limits, token grace), its ACL
+    answered from store."""
+    return serve_broker(
+        listeners=broker_listeners(config),
+        tls=tls.context if tls is not None else None,
+        secret=config.auth.jwt_secret,
+        verifier=verifier,
+        limits=broker_limits(config),
+        inbound_hook=inbound_hook,
+        presence=presence,
+        membership=MembershipCache(groups=store, privacy=store),
+        device_topics=device_topics,
+        revocations=revocations,
+        token_grace_s=config.auth.token_grace_s,
+    )
+
+
 @asynccontextmanager
 async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
     """The broker alone; it reads the store only for its ACL (membership and privacy answers)."""
@@ -543,17 +571,14 @@ async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
         storage = await stack.enter_async_context(open_storage(config.storage, push=False))
         presence = await stack.enter_async_context(presence_registry(config))
         broker = await stack.enter_async_context(
-            serve_broker(
-                listeners=broker_listeners(config),
-                tls=tls.context if tls is not None else None,
-                secret=config.auth.jwt_secret,
+            configured_broker(
+                config,
+                tls=tls,
                 verifier=verifier,
-                limits=broker_limits(config),
                 presence=presence,
-                membership=MembershipCache(groups=storage.messages, privacy=storage.messages),
-                device_topics=not config.presence.redis_url,  # the bridge's only view of devices then
+                store=storage.messages,
                 revocations=Revocations(accounts=storage.messages),
-                token_grace_s=config.auth.token_grace_s,
+                device_topics=not config.presence.redis_url,  # the bridge's only view of devices then
             )
         )
         # Events other nodes relay for this broker's devices (a node running broker and bridge in
@@ -586,17 +611,14 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
         queue = RequestQueue()
         revocations = Revocations(accounts=storage.messages)  # the broker's and the API's
         broker = await stack.enter_async_context(
-            serve_broker(
-                listeners=broker_listeners(config),
-                tls=tls.context if tls is not None else None,
-                secret=config.auth.jwt_secret,
+            configured_broker(
+                config,
+                tls=tls,
                 verifier=verifier,
-                limits=broker_limits(config),
-                inbound_hook=queue.submit,
                 presence=presence,
-                membership=MembershipCache(groups=storage.messages, privacy=storage.messages),
+                store=storage.messages,
                 revocations=revocations,
-                token_grace_s=config.auth.token_grace_s,
+                inbound_hook=queue.submit,
             )
         )
         publisher = BrokerPublisher(route=broker.internal_message_broadcast, relay=cluster_relay(config, presence))

@@ -44,19 +44,24 @@ async def tls_node(tmp_path: Path, certs: Certs) -> AsyncIterator[tuple[Config, 
         yield config, node
 
 
+async def connected_pair(config: Config, port: int, certs: Certs) -> tuple[PahoDevice, PahoDevice]:
+    """alice/phone and bob/tablet connected over TLS, their in topics subscribed."""
+    devices = (
+        PahoDevice(user=user, device=dev, token=token(config, user, dev), port=port, ca_file=certs.ca_file)
+        for user, dev in (("alice", "phone"), ("bob", "tablet"))
+    )
+    alice, bob = devices
+    assert await alice.connect() == "Success"
+    assert await bob.connect() == "Success"
+    await asyncio.sleep(0.3)  # the subscriptions are granted
+    return alice, bob
+
+
 async def test_paho_over_tls_sends_and_receives(tls_node: tuple[Config, BridgeHandle], certs: Certs) -> None:
     config, node = tls_node
     port = node.ports["mqtts"]
-    alice = PahoDevice(
-        user="alice", device="phone", token=token(config, "alice", "phone"), port=port, ca_file=certs.ca_file
-    )
-    bob = PahoDevice(
-        user="bob", device="tablet", token=token(config, "bob", "tablet"), port=port, ca_file=certs.ca_file
-    )
+    alice, bob = await connected_pair(config, port, certs)
     try:
-        assert await alice.connect() == "Success"
-        assert await bob.connect() == "Success"
-        await asyncio.sleep(0.3)  # the subscriptions are granted
         alice.publish(send_env("dm:alice:bob", "over TLS", id="m-tls-1"))
         ack = await alice.next("ack")
         assert (ack["id"], ack["seq"]) == ("m-tls-1", 1)
@@ -230,16 +235,8 @@ async def test_certificate_replaced_while_clients_stay_connected(tmp_path: Path,
         assert node.tls is not None
         before = await asyncio.to_thread(served_certificate, node.ports["mqtts"], certs.ca_file)
         port = node.ports["mqtts"]
-        alice = PahoDevice(
-            user="alice", device="phone", token=token(config, "alice", "phone"), port=port, ca_file=certs.ca_file
-        )
-        bob = PahoDevice(
-            user="bob", device="tablet", token=token(config, "bob", "tablet"), port=port, ca_file=certs.ca_file
-        )
+        alice, bob = await connected_pair(config, port, certs)
         try:
-            assert await alice.connect() == "Success"
-            assert await bob.connect() == "Success"
-            await asyncio.sleep(0.3)
             # A new certificate (from a new CA that clients trust too) is written over the files.
             new_ca = certs.ca.__class__()
             new_ca.cert_pem.write_to_path(certs.ca_file, append=True)
