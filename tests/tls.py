@@ -138,3 +138,6 @@ class PahoDevice:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        # paho keeps the socket pair that woke its network thread until the client is collected
+        # (then the sockets may be collected first: a ResourceWarning); reinitialise closes it.
+        self.client.reinitialise()
