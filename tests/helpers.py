@@ -65,7 +65,8 @@ class Device:
                 )
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
 
     async def _reader(self) -> None:
         async for message in self.client.messages:
@@ -223,3 +224,21 @@ def installed(name: str, *, why: str, places: Iterable[str] = ()) -> str:
     if found is None:
         pytest.fail(f"{name} is not installed: {why} (`make test` installs the Debian package {name})", pytrace=False)
     return found
+
+
+@contextlib.contextmanager
+def running_mosquitto(binary: str | Path, conf: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Mosquitto with conf, its output in log, once it says it is running (within 10 s);
+    terminated on the way out."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while "running" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.02)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -78,7 +78,8 @@ both = pytest.mark.parametrize("kind", ["ours", pytest.param("stock", marks=STOC
 
 
 async def in_thread(fn: Callable[[], None]) -> None:
-    await asyncio.wait_for(asyncio.to_thread(fn), 60)
+    async with asyncio.timeout(60):
+        await asyncio.to_thread(fn)
 
 
 def read_publishes(client: RawClient, *, idle: float, ack: bool = True) -> list[Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pwd
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import trustme
 from mqchat.bench.harness import MOSQUITTO
 from mqchat.bench.processes import free_port
 from tests import node
-from tests.helpers import installed, unique
+from tests.helpers import installed, running_mosquitto, unique
 from tests.node import Message, MqttJsClient
 
 
@@ -58,23 +57,13 @@ def mosquitto_ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebSocket
         f"keyfile {home / 'server.key'}\n"
     )
     log = home / "mosquitto.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([binary, "-c", str(home / "mosquitto.conf")], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while "running" not in log.read_text(errors="replace"):
-            assert proc.poll() is None, log.read_text(errors="replace")
-            assert time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.02)
+    with running_mosquitto(binary, home / "mosquitto.conf", log):
         yield WebSocketMosquitto(
             ws_url=f"ws://127.0.0.1:{ws_port}/mqtt",
             wss_url=f"wss://127.0.0.1:{wss_port}/mqtt",
             ca_pem=home / "ca.pem",
             log=log,
         )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize("scheme", ["ws", "wss"])

@@ -44,12 +44,23 @@ async def tls_node(tmp_path: Path, certs: Certs) -> AsyncIterator[tuple[Config, 
         yield config, node
 
 
+def tls_device(
+    config: Config, user: str, device: str, port: int, certs: Certs, *, client_cert: tuple[Path, Path] | None = None
+) -> PahoDevice:
+    """A paho device of user over TLS on port, trusting the test's CA, with a fresh token."""
+    return PahoDevice(
+        user=user,
+        device=device,
+        token=token(config, user, device),
+        port=port,
+        ca_file=certs.ca_file,
+        client_cert=client_cert,
+    )
+
+
 async def connected_pair(config: Config, port: int, certs: Certs) -> tuple[PahoDevice, PahoDevice]:
     """alice/phone and bob/tablet connected over TLS, their in topics subscribed."""
-    devices = (
-        PahoDevice(user=user, device=dev, token=token(config, user, dev), port=port, ca_file=certs.ca_file)
-        for user, dev in (("alice", "phone"), ("bob", "tablet"))
-    )
+    devices = (tls_device(config, user, dev, port, certs) for user, dev in (("alice", "phone"), ("bob", "tablet")))
     alice, bob = devices
     assert await alice.connect() == "Success"
     assert await bob.connect() == "Success"
@@ -75,13 +86,7 @@ async def test_paho_over_tls_sends_and_receives(tls_node: tuple[Config, BridgeHa
 async def test_mosquitto_pub_with_cafile(tls_node: tuple[Config, BridgeHandle], certs: Certs) -> None:
     config, node = tls_node
     mosquitto_pub = installed("mosquitto_pub", why="a TLS client nobody here wrote")
-    bob = PahoDevice(
-        user="bob",
-        device="tablet",
-        token=token(config, "bob", "tablet"),
-        port=node.ports["mqtts"],
-        ca_file=certs.ca_file,
-    )
+    bob = tls_device(config, "bob", "tablet", node.ports["mqtts"], certs)
     try:
         assert await bob.connect() == "Success"
         await asyncio.sleep(0.3)
@@ -176,13 +181,7 @@ async def test_plaintext_off_opens_only_tls_listeners(tmp_path: Path, certs: Cer
             with pytest.raises(httpx.HTTPError):
                 await http.get(f"http://127.0.0.1:{node.ports['https']}/healthz")
         # TLS still works.
-        device = PahoDevice(
-            user="carol",
-            device="phone",
-            token=token(config, "carol", "phone"),
-            port=node.ports["mqtts"],
-            ca_file=certs.ca_file,
-        )
+        device = tls_device(config, "carol", "phone", node.ports["mqtts"], certs)
         try:
             assert await device.connect() == "Success"
         finally:
@@ -197,9 +196,7 @@ async def test_mutual_tls_requires_a_client_certificate(tmp_path: Path, certs: C
     client.private_key_pem.write_to_path(client_key)
     async with run_node(config) as node:
         port = node.ports["mqtts"]
-        anonymous = PahoDevice(
-            user="carol", device="phone", token=token(config, "carol", "phone"), port=port, ca_file=certs.ca_file
-        )
+        anonymous = tls_device(config, "carol", "phone", port, certs)
         try:
             # TLS 1.2 fails the handshake; under TLS 1.3 the server refuses right after it.
             answer = await anonymous.connect(timeout=3)
@@ -208,14 +205,7 @@ async def test_mutual_tls_requires_a_client_certificate(tmp_path: Path, certs: C
         finally:
             anonymous.close()
         assert answer in ("handshake refused", "no CONNACK")
-        holder = PahoDevice(
-            user="carol",
-            device="phone",
-            token=token(config, "carol", "phone"),
-            port=port,
-            ca_file=certs.ca_file,
-            client_cert=(client_cert, client_key),
-        )
+        holder = tls_device(config, "carol", "phone", port, certs, client_cert=(client_cert, client_key))
         try:
             assert await holder.connect() == "Success"
         finally:

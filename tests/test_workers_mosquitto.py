@@ -29,7 +29,7 @@ from mqchat.ids import dm_conv
 from mqchat.tokens import SERVICE_USERNAME, issue_token, service_password
 from tests.cassandra_store import cassandra_storage_config  # noqa: F401
 from tests.conftest import Served, stop_served
-from tests.helpers import repo_env, unique
+from tests.helpers import repo_env, running_mosquitto, unique
 
 SENDERS = 4
 MESSAGES_EACH = 60
@@ -72,18 +72,8 @@ def mosquitto(tmp_path: Path, devices: list[tuple[str, str]]) -> Iterator[Deploy
     )
     assert written.returncode == 0, written.stderr
     log = tmp_path / "mosquitto.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf / "mosquitto.conf")], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while "running" not in log.read_text(errors="replace"):
-            assert proc.poll() is None, log.read_text(errors="replace")
-            assert time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.02)
+    with running_mosquitto(MOSQUITTO, conf / "mosquitto.conf", log):
         yield Deployment(secret, port, log, tokens)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def start_bridge(deployment: Deployment, tmp_path: Path, store_url: str) -> Served:
