@@ -5,13 +5,12 @@ topic table (``mqchat.topic_table``) with the same store behind its questions.""
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Literal
 
 from mqchat.errors import AuthError
 from mqchat.ids import is_valid_id
-from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, TokenVerifier
+from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, TokenVerifier, is_credential
 from mqchat.topic_table import Ask, device_may, service_may_publish, service_may_subscribe
 from storage import privacy
 from storage.base import Groups, PrivacySettings
@@ -43,7 +42,7 @@ class BrokerHooks:
 
     def is_broker(self, credential: str) -> bool:
         """Whether credential is the hooks credential (``mqchat.tokens.hooks_credential``)."""
-        return bool(self._credential) and credential.isascii() and hmac.compare_digest(credential, self._credential)
+        return is_credential(credential, self._credential)
 
     async def authenticate(self, *, username: str, password: str, clientid: str) -> Admission:
         """A device's token names its user (the username) and device (the client id); the

@@ -273,6 +273,11 @@ def hooks_credential(secret: str) -> str:
     return hmac.new(secret.encode(), _HOOKS_LABEL, hashlib.sha256).hexdigest()
 
 
+def is_credential(given: str, expected: str) -> bool:
+    """Whether given is the derived credential expected (constant time; "" is never one)."""
+    return bool(expected) and given.isascii() and hmac.compare_digest(given, expected)
+
+
 def admin_credential(secret: str) -> str:
     """What a service presents to the admin API (``mqchat admin-credential`` prints it): derived
     from the JWT secret under a label of its own, so it is neither a token nor another credential."""

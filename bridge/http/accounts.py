@@ -2,7 +2,6 @@
 admin API under ``/admin/v1`` for a service holding the admin credential (``mqchat.tokens``)."""
 
 import asyncio
-import hmac
 import time
 from typing import Annotated, Any
 
@@ -10,10 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from bridge.accounts import DeletionState
-from bridge.http.context import ERROR_RESPONSES, Api, ApiContext, Caller, IdPath
+from bridge.http.context import ERROR_RESPONSES, Api, ApiContext, Caller, IdPath, bearer_token
 from bridge.http.schemas import DeletionOut, DevicesOut, LogoutOut
 from mqchat.errors import ErrorCode, RequestError
 from mqchat.ids import is_valid_id
+from mqchat.tokens import is_credential
 
 router = APIRouter(responses=ERROR_RESPONSES, tags=["accounts"])
 admin = APIRouter(responses=ERROR_RESPONSES, tags=["admin"])
@@ -88,10 +88,7 @@ async def delete_self(who: Caller, api: Api) -> JSONResponse:
 
 async def admin_caller(request: Request, api: Api) -> None:
     """The caller holds the admin credential (a bearer token)."""
-    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
-    given = credential.strip().encode("utf-8", "surrogatepass")
-    expected = api.admin_credential.encode()
-    if scheme.lower() != "bearer" or not expected or not hmac.compare_digest(given, expected):
+    if not is_credential(bearer_token(request), api.admin_credential):
         raise RequestError(ErrorCode.UNAUTHORIZED, "the admin API needs the admin credential as a bearer token")
 
 

@@ -38,6 +38,12 @@ class ApiContext:
     admin_credential: str = ""  # what the admin API's callers present ("": the admin API is closed)
 
 
+def bearer_token(request: Request) -> str:
+    """The request's bearer token ("" when it has none)."""
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" else ""
+
+
 async def api_context(request: Request) -> ApiContext:
     context: ApiContext = request.app.state.api
     return context

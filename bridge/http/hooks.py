@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from bridge.http.context import ERROR_RESPONSES, Api
+from bridge.http.context import ERROR_RESPONSES, Api, bearer_token
 from bridge.http.schemas import EmqxAuthnAnswer, EmqxAuthnRequest, EmqxAuthzAnswer, EmqxAuthzRequest
 from mqchat.errors import ErrorCode, RequestError
 
@@ -16,8 +16,7 @@ router = APIRouter(responses=ERROR_RESPONSES, tags=["broker hooks"])
 
 async def broker_caller(request: Request, api: Api) -> None:
     """The caller is the broker: it presents the hooks credential (derived from the JWT secret)."""
-    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not api.hooks.is_broker(credential.strip()):
+    if not api.hooks.is_broker(bearer_token(request)):
         raise RequestError(ErrorCode.UNAUTHORIZED, "the broker hooks need the hooks credential as a bearer token")
 
 
