@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +171,7 @@ async def run_chaos(target: Target, tmp_path: Path, faults: Sequence[Fault], *, 
         # the server's view: each conversation gapless, no duplicate stored
         last_seq: dict[str, int] = {}
         stored_ids: list[str] = []
+        stored_at: set[tuple[str, str]] = set()  # (id, conv#seq), for the report of a failure
         for conv in sorted({c for cs in convs_of.values() for c in cs}):
             member = conv.split(":")[1]
             async with target.http(member) as http:
@@ -181,13 +182,19 @@ async def run_chaos(target: Target, tmp_path: Path, faults: Sequence[Fault], *, 
                     ).json()
                     seqs += [m["seq"] for m in page["messages"]]
                     stored_ids += [m["id"] for m in page["messages"]]
+                    stored_at.update((m["id"], f"{conv}#{m['seq']}") for m in page["messages"])
                     if not page["more"]:
                         break
                     after = seqs[-1]
             assert seqs == list(range(1, len(seqs) + 1)), conv
             last_seq[conv] = len(seqs)
-        assert len(stored_ids) == len(set(stored_ids)) == MESSAGES, "each message stored exactly once"
-        assert sorted(stored_ids) == sorted(i for ids in sent_ids.values() for i in ids)
+        sent = [i for ids in sent_ids.values() for i in ids]
+        counts = Counter(stored_ids)
+        twice = sorted((i, sorted(at for j, at in stored_at if j == i)) for i, n in counts.items() if n > 1)
+        assert not twice, f"stored twice: {twice}"
+        assert not set(sent) - set(stored_ids), f"acked but not stored: {sorted(set(sent) - set(stored_ids))}"
+        assert sorted(stored_ids) == sorted(sent)
+        assert len(sent) == MESSAGES
 
         # every device converges: all of its conversations, in order, exactly once
         deadline = time.monotonic() + DEADLINE_S

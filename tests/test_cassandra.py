@@ -191,3 +191,35 @@ async def test_two_mqchat_processes_write_into_one_conversation(
     finally:
         for served in nodes:
             stop_served(served)
+
+
+async def test_one_send_retried_through_two_processes_at_once_is_stored_once(
+    cassandra_storage_config: StorageConfig,
+) -> None:
+    """A phone's connection is cut while its send is being stored; it reconnects through the
+    balancer to another node and sends again, so two processes append the same (sender,
+    client_id) at the same moment, with other traffic in the conversation. Whichever way their
+    rounds interleave, the message is stored once and both answer with the same seq and mid."""
+    conv = dm_conv(unique("alice"), unique("bob"))
+    sender = conv.split(":")[1]
+    async with open_storage(cassandra_storage_config) as one, open_storage(cassandra_storage_config) as two:
+        for k in range(60):
+            same = _message(conv, sender, f"retried-{k}")
+            # the other node has also just stored an unrelated message, with a stale head or not
+            results = await asyncio.gather(
+                one.messages.append(same),
+                two.messages.append(same),
+                (one if k % 2 else two).messages.append(_message(conv, sender, f"other-{k}")),
+            )
+            first, second = results[0].message, results[1].message
+            assert (first.seq, first.mid) == (second.seq, second.mid), k
+            assert results[0].duplicate != results[1].duplicate, k
+        stored: list[str] = []
+        after = 0
+        while True:
+            page = await one.messages.fetch_after(conv, after, 200)
+            stored += [m.client_id for m in page.messages]
+            if not page.more:
+                break
+            after = page.messages[-1].seq
+    assert sorted(stored) == sorted([f"retried-{k}" for k in range(60)] + [f"other-{k}" for k in range(60)])

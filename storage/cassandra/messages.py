@@ -3,8 +3,9 @@
 ::
 
     append(m) ─▶ the conversation's queue ─▶ its chain (one task per conversation with work):
+      0. head       the conversation's last seq (cached, or read), before the dedup read
       1. dedup      client_ids[(sender, client_id)]: stored → the stored message (duplicate);
-                    pending (written, seq unknown) → look for its mid after after_seq
+                    pending (written, seq unknown) → look for it after after_seq
       2. pending    client_ids ← (conv, mid, after_seq)            before the message exists
                     sender_convs ← (sender, conv)                  once per sender and conv per process
       3. sequence   one Paxos round per batch, on the bucket's partition:
@@ -12,12 +13,21 @@
                         UPDATE messages SET last_seq = h+n WHERE (conv, bucket) IF last_seq = h
                         INSERT messages (conv, bucket, h+1 …)  …  INSERT (…, h+n)
                       APPLY BATCH
-                    not applied → the answer carries last_seq now: retry from it
+                    not applied → the answer carries last_seq now: look for the batch's
+                    sends among the messages that took the seqs (another process may have
+                    stored one: the same send retried through another node), retry the rest
       4. after      client_ids.seq, the members' state rows and change index, the sender's
                     watermarks (one unlogged batch per message); the head hint
 
 The seq and the message are written by the same conditional batch, so a seq is never taken
-without its message: the log has no holes, whatever process dies when (DESIGN §3). A burst in
+without its message: the log has no holes, whatever process dies when (DESIGN §3).
+
+A send is stored once even when two processes append it at the same time (a phone whose
+connection was cut mid-send retries through another node). Another process's copy lands either
+at or below the head read in step 0 — then its dedup row was written before that read, and step
+1 finds the copy — or above it, and then this process's round is not applied and the look in
+step 3 finds it. Sends are matched by (sender, client_id), not by mid: two processes that read
+no dedup row give one send two mids. A burst in
 one conversation shares one round; conversations run side by side. Appends from one process to
 one conversation keep their call order (one chain per conversation); across processes the
 compare-and-set orders them.
@@ -184,6 +194,10 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             senders = {item.message.sender for item in batch}
             found = await asyncio.gather(*(self._is_member(conv, s) for s in senders))
             allowed = {s for s, ok in zip(senders, found, strict=True) if ok}
+        # The head is read before the dedup rows (see the module's docstring).
+        head = self._heads.get(conv)
+        if head is None:
+            head = await self._head(conv)
         fresh: list[_Append] = []
         first_of: dict[tuple[str, str], _Append] = {}
         followers: list[tuple[_Append, _Append]] = []
@@ -210,9 +224,6 @@ class CassandraMessageLog(CassandraPart, MessageLog):
                 continue
             to_write.append(item)
         if to_write:
-            head = self._heads.get(conv)
-            if head is None:
-                head = await self._head(conv)
             # The sender's sender_convs row goes with the dedup rows, before the message can exist:
             # an erasure that reads it never misses a message (once per sender and conv here).
             writers = dict.fromkeys(i.message.sender for i in to_write)
@@ -233,8 +244,9 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             await self._after(conv, kind, members, sorted([*written, *landed.values()], key=lambda m: m.seq))
             by_mid = {m.mid: m for m in written}
             for item in to_write:
-                duplicate = item.mid in landed
-                stored = landed[item.mid] if duplicate else by_mid[item.mid]
+                key = (item.message.sender, item.message.client_id)
+                duplicate = key in landed
+                stored = landed[key] if duplicate else by_mid[item.mid]
                 if duplicate:
                     self._duplicates += 1
                 else:
@@ -273,8 +285,10 @@ class CassandraMessageLog(CassandraPart, MessageLog):
         stored_conv, mid, after_seq, seq = row
         if seq is None:
             # Written before a message that may or may not have landed (its process died, or the
-            # round's outcome was unknown): look for its mid after the head it saw.
-            stored = (await self._find_mids(str(stored_conv), int(after_seq or 0), {str(mid)})).get(str(mid))
+            # round's outcome was unknown, or another process is storing it now): look for it
+            # after the head that process saw.
+            key = (item.message.sender, item.message.client_id)
+            stored = (await self._find_sends(str(stored_conv), int(after_seq or 0), {key})).get(key)
             if stored is None:
                 if stored_conv == conv:
                     item.mid, item.after_seq = str(mid), int(after_seq or 0)
@@ -291,15 +305,16 @@ class CassandraMessageLog(CassandraPart, MessageLog):
         _settle(item.future, AppendResult(stored, duplicate=True, members=members, kind=kind))
         return True
 
-    async def _find_mids(
-        self, conv: str, after: int, mids: set[str], *, upto: int | None = None
-    ) -> dict[str, StoredMessage]:
-        """The messages of conv after seq after (up to upto, or the end) whose mid is one of mids."""
-        found: dict[str, StoredMessage] = {}
-        while len(found) < len(mids) and (upto is None or after < upto):
+    async def _find_sends(
+        self, conv: str, after: int, keys: set[tuple[str, str]], *, upto: int | None = None
+    ) -> dict[tuple[str, str], StoredMessage]:
+        """The messages of conv after seq after (up to upto, or the end) whose (sender,
+        client_id) is one of keys."""
+        found: dict[tuple[str, str], StoredMessage] = {}
+        while len(found) < len(keys) and (upto is None or after < upto):
             limit = 200 if upto is None else min(200, upto - after)
             page = await self.fetch_after(conv, after, limit)
-            found.update((m.mid, m) for m in page.messages if m.mid in mids)
+            found.update(((m.sender, m.client_id), m) for m in page.messages if (m.sender, m.client_id) in keys)
             if not page.messages or (upto is None and not page.more):
                 break
             after = page.messages[-1].seq
@@ -307,11 +322,12 @@ class CassandraMessageLog(CassandraPart, MessageLog):
 
     async def _sequence(
         self, conv: str, items: list[_Append], head: int
-    ) -> tuple[list[StoredMessage], dict[str, StoredMessage]]:
+    ) -> tuple[list[StoredMessage], dict[tuple[str, str], StoredMessage]]:
         """Give items the next seqs of conv, each round one conditional batch on one bucket.
-        Returns the messages written now, and (by mid) those of retried sends found stored."""
+        Returns the messages written now, and (by sender and client_id) those found stored by
+        another attempt."""
         written: list[StoredMessage] = []
-        found: dict[str, StoredMessage] = {}
+        found: dict[tuple[str, str], StoredMessage] = {}
         pending = list(items)
         while pending:
             bucket = bucket_of(head + 1)
@@ -351,12 +367,12 @@ class CassandraMessageLog(CassandraPart, MessageLog):
             SEQUENCE_CONFLICTS.inc()
             now = answer.get("last_seq")
             moved_to = int(now) if now is not None else await self._head(conv)
-            recovering = {item.mid: item for item in pending if item.after_seq is not None}
-            if recovering:
-                # The round that moved the head may be an earlier attempt of a retried send, whose
-                # outcome was unknown and which Paxos has now finished: it is stored already.
-                found.update(await self._find_mids(conv, head, set(recovering), upto=moved_to))
-                pending = [item for item in pending if item.mid not in found]
+            # The rounds that moved the head may hold one of these sends: an earlier attempt whose
+            # outcome was unknown and which Paxos has now finished, or the same send retried
+            # through another process at the same time. Then it is stored already.
+            keys = {(item.message.sender, item.message.client_id) for item in pending}
+            found.update(await self._find_sends(conv, head, keys, upto=moved_to))
+            pending = [item for item in pending if (item.message.sender, item.message.client_id) not in found]
             head = moved_to
             self._heads.remember(conv, head)
         return written, found
