@@ -17,6 +17,7 @@ from bridge.outgoing import Outgoing
 from bridge.ratelimit import UNLIMITED, RateLimit, RateLimiter
 from bridge.receipts import ReceiptCoalescer, receipt_outgoing
 from bridge.refusals import not_member, refusal_error
+from bridge.watermarks import MergedWatermarks
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import ErrorCode, RequestError, StorageError, StorageUnavailable
 from mqchat.protocol import (
@@ -79,7 +80,7 @@ class Pipeline:
         limits: RequestLimits | None = None,
     ) -> None:
         self._log = log
-        self._states = states
+        self._watermarks = MergedWatermarks(states)
         self._groups = groups
         limits = limits or RequestLimits()
         self._sends_per_device = RateLimiter(limits.device_sends, clock=clock)
@@ -217,7 +218,7 @@ class Pipeline:
     async def _watermark(self, user: str, req: WatermarkRequest) -> list[Outgoing]:
         members = (await require_member(self._groups, user, req.conv)).members
         is_read = req.type == "read"
-        result = await self._states.set_watermark(
+        result = await self._watermarks.set_watermark(
             conv=req.conv.id, user=user, delivered=None if is_read else req.seq, read=req.seq if is_read else None
         )
         if not result.changed:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from bridge.watermarks import MergedWatermarks
 from storage.base import MessageStore, SeqBeyondEnd
+from storage.records import WatermarkResult
 from tests.storage_contract.helpers import new
 
 
@@ -51,3 +55,47 @@ async def test_changes_since_returns_only_what_changed_in_order(store: MessageSt
     rest = await store.changes_since(user="alice", version=paged.version, limit=100)
     assert len(paged.states) + len(rest.states) == 50
     assert {s.conv for s in paged.states}.isdisjoint({s.conv for s in rest.states})
+
+
+class _Counting:
+    """The store's set_watermark, counted."""
+
+    def __init__(self, store: MessageStore) -> None:
+        self.store = store
+        self.writes = 0
+
+    async def set_watermark(self, *, conv: str, user: str, delivered: int | None, read: int | None) -> WatermarkResult:
+        self.writes += 1
+        return await self.store.set_watermark(conv=conv, user=user, delivered=delivered, read=read)
+
+
+async def test_a_burst_of_receipts_is_merged_into_two_writes(store: MessageStore) -> None:
+    """What a phone coming back online sends: out of order, repeated, one past the end."""
+    conv = "dm:alice:bob"
+    for i in range(5):
+        await store.append(new(conv, f"b{i}"))
+    counting = _Counting(store)
+    merged = MergedWatermarks(counting)
+    burst = [("recv", 2), ("recv", 5), ("recv", 3), ("read", 1), ("read", 4), ("read", 2), ("read", 4)]
+    results = await asyncio.gather(
+        *(
+            merged.set_watermark(conv=conv, user="bob", delivered=seq if kind == "recv" else None,
+                                 read=seq if kind == "read" else None)
+            for kind, seq in burst
+        )
+    )  # fmt: skip
+    assert counting.writes == 2  # the first request, then the six that arrived while it was written
+    assert [r.changed for r in results] == [True, True, False, False, False, False, False]
+    assert {(r.state.delivered, r.state.read) for r in results[1:]} == {(5, 4)}
+    # a merged write that is refused: each of its requests is written alone and answered alone
+    results = await asyncio.gather(
+        merged.set_watermark(conv=conv, user="bob", delivered=None, read=4),
+        merged.set_watermark(conv=conv, user="bob", delivered=None, read=6),
+        merged.set_watermark(conv=conv, user="bob", delivered=None, read=5),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], SeqBeyondEnd)
+    assert [r.changed for r in results if isinstance(r, WatermarkResult)] == [False, True]
+    state = await store.conversation_state(conv=conv, user="bob")
+    assert state is not None
+    assert (state.delivered, state.read) == (5, 5)
