@@ -73,9 +73,10 @@ async def test_one_devices_sends_keep_their_order_under_load(stack: Stack) -> No
         await a1.wait_for(lambda e: e["type"] == "ack", count=200, timeout=30)
     page = await stack.store.fetch_after(conv, 0, 500)
     assert [m.seq for m in page.messages] == list(range(1, 201))
-    stats = stack.store.statistics()
-    assert stats.appended == 200
-    assert stats.commits < 200  # concurrent sends shared fsyncs
+    assert stack.store.statistics().appended == 200
+    # How many commits they shared depends on how fast they arrive against how fast the store
+    # commits (on a busy machine they may arrive one by one): the storage contract's
+    # test_concurrent_appends_keep_call_order_and_share_commits checks the group commit itself.
 
 
 @both_adapters
