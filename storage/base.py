@@ -217,10 +217,15 @@ class Accounts(ABC):
         before_ms are refused from now on (storage.revocations decides). Called again, the
         latest before_ms is kept (the maximum)."""
 
-    @abstractmethod
     async def revocations(self, user: str) -> dict[str, int]:
         """device → before_ms for every revocation of user; the key ``""`` stands for every device.
-        Empty when there is none. One cheap read (a single partition)."""
+        Empty when there is none."""
+        return (await self.revocations_of([user])).get(user, {})
+
+    @abstractmethod
+    async def revocations_of(self, users: Sequence[str]) -> dict[str, dict[str, int]]:
+        """``revocations`` of each of users, read together (a reconnecting crowd's checks share
+        reads); users without any revocation are left out."""
 
     @abstractmethod
     async def begin_deletion(self, user: str, *, at_ms: int) -> int:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -17,9 +18,11 @@ import pytest
 from broker.serve import Listeners, serve_broker
 from mqchat.app import BridgeHandle, run_node
 from mqchat.config import AuthConfig, Config, PresenceConfig, StorageConfig
-from mqchat.tokens import admin_credential, hooks_credential, issue_token
+from mqchat.errors import AuthError
+from mqchat.tokens import Identity, admin_credential, hooks_credential, issue_token
 from storage import open_storage
-from storage.revocations import Revocations
+from storage.base import Accounts
+from storage.revocations import READ_BATCH, Revocations
 from tests.cassandra_store import cassandra_storage_config  # noqa: F401
 from tests.conftest import make_config, open_stack
 from tests.mqtt_raw import RawClient
@@ -194,3 +197,40 @@ async def test_a_logout_whose_event_never_arrived_still_closes_the_connection(tm
             assert not await asyncio.to_thread(other.closed_by_peer, 1)
             connected.close()
             other.close()
+
+
+class _CountedAccounts:
+    """A store's revocation reads, counted, with the first one held until released."""
+
+    def __init__(self, accounts: Accounts) -> None:
+        self.accounts = accounts
+        self.reads: list[list[str]] = []
+        self.release = asyncio.Event()
+
+    async def revocations_of(self, users: Sequence[str]) -> dict[str, dict[str, int]]:
+        self.reads.append(list(users))
+        if len(self.reads) == 1:
+            await self.release.wait()
+        return await self.accounts.revocations_of(users)
+
+
+async def test_a_crowd_of_checks_shares_a_few_revocation_reads(tmp_path: Path) -> None:
+    """Thousands of devices reconnecting at once (a node restarted): their checks are read
+    together, not one store read each, and each still gets its own user's answer."""
+    async with open_storage(StorageConfig(data_dir=tmp_path)) as storage:
+        now = int(time.time() * 1000)
+        await storage.messages.revoke("u7", device="d7", before_ms=now)
+        counted = _CountedAccounts(storage.messages)
+        revocations = Revocations(accounts=cast(Accounts, counted))
+        identities = [Identity(user=f"u{i}", device=f"d{i}", expires_at=now // 1000 + 600, issued_at=(now - 1) / 1000)
+                      for i in range(1200)]  # fmt: skip
+        checks = [asyncio.ensure_future(revocations.check(identity)) for identity in identities]
+        while not counted.reads:
+            await asyncio.sleep(0)
+        counted.release.set()  # the first read held while the rest queued behind it
+        outcomes = await asyncio.gather(*checks, return_exceptions=True)
+    assert [i for i, outcome in enumerate(outcomes) if outcome is not None] == [7]
+    assert isinstance(outcomes[7], AuthError)
+    assert sum(len(users) for users in counted.reads) == 1200
+    assert max(len(users) for users in counted.reads) <= READ_BATCH
+    assert len(counted.reads) <= 4

@@ -2,7 +2,8 @@
 
 ::
 
-    revocations        ((user), device)   before_ms    written USING TIMESTAMP before_ms: the latest wins
+    revocations        ((user), device)   before_ms    written USING TIMESTAMP before_ms: the latest wins;
+                                                   read for many users at once (IN on the partition key)
     account_deletions  ((user))           at_ms, finished      lightweight transactions only
     pending_deletions  ((shard 0), user)  at_ms        the deletions a worker resumes (few at a time)
 
@@ -25,7 +26,9 @@ is written with a timestamp past the row's own write time.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from storage.base import Accounts
@@ -36,7 +39,7 @@ __all__ = ["FORGET_ROWS", "MSG_SCAN_ROWS", "SENDER_CONVS_ROWS", "STATEMENTS", "C
 
 STATEMENTS = {
     "revoke": "INSERT INTO {ks}.revocations (user, device, before_ms) VALUES (?, ?, ?) USING TIMESTAMP ?",
-    "revocations_of": "SELECT device, before_ms FROM {ks}.revocations WHERE user = ?",
+    "revocations_in": "SELECT user, device, before_ms FROM {ks}.revocations WHERE user IN ?",
     "deletion_begin": "INSERT INTO {ks}.account_deletions (user, at_ms, finished) VALUES (?, ?, false) IF NOT EXISTS",
     "deletion_restart": (
         "UPDATE {ks}.account_deletions SET at_ms = ?, finished = false WHERE user = ? IF finished = true"
@@ -67,6 +70,9 @@ MSG_SCAN_ROWS = 500
 SENDER_CONVS_ROWS = 1000
 """Conversations per page of a sender's sender_convs partition."""
 
+REVOCATION_READ = 50
+"""Users per read of revocations_of (one IN query on the partition key)."""
+
 FORGET_ROWS = 100
 """Rows per page of forget_conversation_states' reads (and so deletes per batch)."""
 
@@ -75,9 +81,14 @@ class CassandraAccounts(CassandraPart, Accounts):
     async def revoke(self, user: str, *, device: str | None, before_ms: int) -> None:
         await self._cql.run("revoke", (user, device or "", before_ms, before_ms * 1000))
 
-    async def revocations(self, user: str) -> dict[str, int]:
-        rows = await self._cql.all_pages("revocations_of", (user,))
-        return {str(device): int(before) for device, before in rows}
+    async def revocations_of(self, users: Sequence[str]) -> dict[str, dict[str, int]]:
+        wanted = list(dict.fromkeys(users))
+        parts = [wanted[i : i + REVOCATION_READ] for i in range(0, len(wanted), REVOCATION_READ)]
+        found: dict[str, dict[str, int]] = {}
+        for rows in await asyncio.gather(*(self._cql.all_pages("revocations_in", (part,)) for part in parts)):
+            for user, device, before in rows:
+                found.setdefault(str(user), {})[str(device)] = int(before)
+        return found
 
     async def begin_deletion(self, user: str, *, at_ms: int) -> int:
         # The pending row before the record: a process killed between the two leaves a pending

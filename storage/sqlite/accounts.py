@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+from collections.abc import Sequence
 
 from storage.base import Accounts
 from storage.records import REDACTED_KIND
@@ -84,9 +85,18 @@ class SqliteAccounts(SqliteDatabase, Accounts):
 
         await self._write(job)
 
-    async def revocations(self, user: str) -> dict[str, int]:
-        rows = await self._read("SELECT device, before_ms FROM revocations WHERE user = ?", (user,))
-        return {str(device): int(before) for device, before in rows}
+    async def revocations_of(self, users: Sequence[str]) -> dict[str, dict[str, int]]:
+        def read(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            found: dict[str, dict[str, int]] = {}
+            wanted = list(dict.fromkeys(users))
+            for i in range(0, len(wanted), 500):
+                part = wanted[i : i + 500]
+                sql = f"SELECT user, device, before_ms FROM revocations WHERE user IN ({', '.join('?' * len(part))})"
+                for user, device, before in conn.execute(sql, part):
+                    found.setdefault(str(user), {})[str(device)] = int(before)
+            return found
+
+        return await self._read_with(read)
 
     async def begin_deletion(self, user: str, *, at_ms: int) -> int:
         return await self._write(lambda conn: _begin_deletion(conn, user, at_ms))

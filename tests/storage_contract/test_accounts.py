@@ -39,6 +39,10 @@ async def test_revocations_keep_the_latest_per_device_and_for_every_device(store
     assert await store.revocations("alice") == {"a1": T + 20, "a2": T + 15, "": T + 30}
     assert await store.revocations("bob") == {"b1": T}
     assert await store.revocations("carol") == {}
+    users = ["carol", "alice", "bob", "alice", *(f"u{i}" for i in range(700))]
+    assert await store.revocations_of(users) == {"alice": {"a1": T + 20, "a2": T + 15, "": T + 30}, "bob": {"b1": T}}
+    await store.revoke("u650", device="x", before_ms=T)  # in a later part of the read
+    assert (await store.revocations_of(users))["u650"] == {"x": T}
 
 
 async def test_a_deletion_is_begun_once_and_pending_until_finished(store: MessageStore) -> None:
