@@ -765,6 +765,69 @@ class PushConfig:
         return bool(self.apns_key_file or self.apns_key_id or self.apns_team_id or self.apns_topic)
 
 
+MEDIA_BACKENDS = ("local", "s3")
+
+DEFAULT_MEDIA_TYPES = (
+    "image/jpeg",
+    "image/png",
+    "image/gif",
+    "image/webp",
+    "image/heic",
+    "video/mp4",
+    "video/quicktime",
+    "audio/mpeg",
+    "audio/mp4",
+    "audio/aac",
+    "audio/ogg",
+    "application/pdf",
+)
+"""Content types an upload may declare (and its bytes must show); an end-to-end encrypted
+(opaque) upload may be anything, its bytes unread."""
+
+_MEDIA_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
+
+
+def parse_media_backend(value: str) -> str:
+    if value not in MEDIA_BACKENDS:
+        raise ValueError(f"media backend must be one of {', '.join(MEDIA_BACKENDS)}")
+    return value
+
+
+def parse_media_types(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    names = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value)]
+    if not names or not all(isinstance(n, str) and _MEDIA_TYPE_RE.fullmatch(n) for n in names):
+        raise ValueError("media types are a comma-separated list of type/subtype names")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_s3_endpoint(value: str) -> str:
+    if value and not value.startswith(("https://", "http://")):
+        raise ValueError("the S3 endpoint is an http(s):// URL")
+    return value.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class MediaConfig:
+    backend: str = "local"  # "local": a directory (default data_dir/media); "s3": an S3-compatible bucket
+    directory: str = ""  # local: where media files live (empty: DATA_DIR/media)
+    max_bytes: int = 100 * 1024 * 1024  # one file
+    user_bytes: int = 2 * 1024 * 1024 * 1024  # one user's media, uploads in progress included
+    user_uploads: int = 20  # one user's uploads in progress
+    types: tuple[str, ...] = DEFAULT_MEDIA_TYPES
+    upload_expiry_s: float = 24 * 3600.0  # an upload not completed by then is deleted
+    unsent_expiry_s: float = 24 * 3600.0  # a completed upload no message refers to by then is deleted
+    sweep_s: float = 60.0  # how often expired uploads and unreferenced media are looked for
+    thumbnail_px: int = 64  # the longer side of the thumbnail in `msg` events
+    max_pixels: int = 50_000_000  # larger images get no thumbnail (a decompression bomb is refused)
+    s3_endpoint: str = ""  # empty: AWS's for the region
+    s3_region: str = "us-east-1"
+    s3_bucket: str = ""
+    s3_access_key: str = dataclasses.field(default="", repr=False)
+    s3_secret_key: str = dataclasses.field(default="", repr=False)
+    presigned: bool = False  # s3: downloads redirect to presigned URLs; direct uploads are offered
+    url_expiry_s: float = 600.0  # a presigned URL's lifetime
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     network: NetworkConfig
@@ -773,6 +836,7 @@ class Config:
     bridge: BridgeConfig
     presence: PresenceConfig = PresenceConfig()
     push: PushConfig = PushConfig()
+    media: MediaConfig = MediaConfig()
     log_level: str = "INFO"
 
 
@@ -847,6 +911,24 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "fcm_credentials": ("push", "fcm_credentials", str),
     "fcm_project_id": ("push", "fcm_project_id", str),
     "fcm_endpoint": ("push", "fcm_endpoint", str),
+    "media_backend": ("media", "backend", parse_media_backend),
+    "media_dir": ("media", "directory", str),
+    "media_max_bytes": ("media", "max_bytes", parse_size),
+    "media_user_bytes": ("media", "user_bytes", parse_size),
+    "media_user_uploads": ("media", "user_uploads", parse_positive_int),
+    "media_types": ("media", "types", parse_media_types),
+    "media_upload_expiry": ("media", "upload_expiry_s", parse_positive_duration),
+    "media_unsent_expiry": ("media", "unsent_expiry_s", parse_positive_duration),
+    "media_sweep": ("media", "sweep_s", parse_positive_duration),
+    "media_thumbnail_px": ("media", "thumbnail_px", parse_positive_int),
+    "media_max_pixels": ("media", "max_pixels", parse_positive_int),
+    "media_s3_endpoint": ("media", "s3_endpoint", parse_s3_endpoint),
+    "media_s3_region": ("media", "s3_region", str),
+    "media_s3_bucket": ("media", "s3_bucket", str),
+    "media_s3_access_key": ("media", "s3_access_key", parse_credential),
+    "media_s3_secret_key": ("media", "s3_secret_key", parse_credential),
+    "media_presigned": ("media", "presigned", parse_bool),
+    "media_url_expiry": ("media", "url_expiry_s", parse_positive_duration),
     "log_level": ("", "log_level", parse_log_level),
 }
 # ``store`` sets several storage fields at once (parse_store_url); its own keys name the others.
@@ -1013,6 +1095,7 @@ def load_config(
         "bridge": {},
         "presence": {},
         "push": {},
+        "media": {},
         "": {},
     }
     for key, value in raw.items():
@@ -1040,10 +1123,22 @@ def load_config(
         bridge=BridgeConfig(**sections["bridge"]),
         presence=PresenceConfig(**sections["presence"]),
         push=PushConfig(**sections["push"]),
+        media=MediaConfig(**sections["media"]),
         **sections[""],
     )
     check_listeners(config)
+    check_media(config.media)
     return config, generated
+
+
+def check_media(media: MediaConfig) -> None:
+    """Refuse media settings that cannot work together (a ConfigError naming the keys)."""
+    if media.backend == "s3" and not media.s3_bucket:
+        raise ConfigError("media_backend = s3 needs media_s3_bucket")
+    if media.backend != "s3" and media.presigned:
+        raise ConfigError("media_presigned needs media_backend = s3 (a local directory has no presigned URLs)")
+    if media.user_bytes < media.max_bytes:
+        raise ConfigError("media_user_bytes must be at least media_max_bytes (one file must fit)")
 
 
 def check_listeners(config: Config) -> None:

@@ -7,7 +7,8 @@ backend implements, and the bundles the factory (``storage.open_storage``) yield
              │                          ├─ ConversationStates  watermarks, the per-user change index, unread
              │                          ├─ Groups              groups and channels, members, roles, contacts
              │                          ├─ PrivacySettings     each user's consent (who may add them, who sees them)
-             │                          └─ Accounts            token revocations, account deletions, erasure
+             │                          ├─ Accounts            token revocations, account deletions, erasure
+             │                          └─ MediaIndex          uploads and attachments: offsets, grants, collection
              └─ push: PushStore ────────┬─ DeviceTokens        one push token per device
                                         ├─ PushSettings        muted per user and conversation, e2e per conversation
                                         ├─ PushQueue           pending notifications: enqueue, claim, finish
@@ -50,6 +51,7 @@ from storage.records import (
     ConvState,
     DeviceToken,
     Group,
+    MediaRecord,
     Membership,
     NewMessage,
     Page,
@@ -66,6 +68,7 @@ __all__ = [
     "ConversationStates",
     "DeviceTokens",
     "Groups",
+    "MediaIndex",
     "MessageLog",
     "MessageStorage",
     "MessageStore",
@@ -274,7 +277,57 @@ class Accounts(ABC):
         """Forget user's privacy settings (``PrivacySettings``): the server's defaults apply again."""
 
 
-class MessageStore(MessageLog, ConversationStates, Groups, PrivacySettings, Accounts):
+class MediaIndex(ABC):
+    """What is known of attachments (their bytes are in ``storage.objects``): uploads in progress
+    and their durable offset, finished files with what was read from them, the conversations
+    each was sent to (who may read it), and the work of the collector."""
+
+    @abstractmethod
+    async def create_media(self, record: MediaRecord) -> None:
+        """Record a new upload (state ``uploading``, offset 0). Its id is new (never reused)."""
+
+    @abstractmethod
+    async def media_records(self, ids: Sequence[str]) -> dict[str, MediaRecord]:
+        """The records of ids that exist, read together (a history page's attachments)."""
+
+    @abstractmethod
+    async def advance_upload(self, id: str, *, expected: int, offset: int, staging: str) -> bool:
+        """Move an upload's durable offset from expected to offset (and its staging state).
+        False, changing nothing, when its offset is not expected (another request moved it,
+        or it is no longer an upload)."""
+
+    @abstractmethod
+    async def complete_media(
+        self, id: str, *, content_type: str, width: int, height: int, thumbnail: bytes, completed_ms: int
+    ) -> bool:
+        """An upload whose bytes are all there and checked becomes a file (state ``ready``,
+        offset = size, staging emptied). False when it is not an upload at its full size."""
+
+    @abstractmethod
+    async def delete_media(self, id: str) -> None:
+        """Forget the record, its grants and its place in the owner's list (idempotent). Its
+        bytes must have been deleted first: a record is what the collector finds them by."""
+
+    @abstractmethod
+    async def grant_media(self, ids: Sequence[str], conv: str) -> None:
+        """ids were sent to conv: its members may read them from now on, and they are no longer
+        unsent (idempotent)."""
+
+    @abstractmethod
+    async def media_conversations(self, id: str) -> list[str]:
+        """The conversations id was sent to."""
+
+    @abstractmethod
+    async def owner_media(self, owner: str) -> list[MediaRecord]:
+        """Every record owner has (uploads and files): their quota, and their erasure."""
+
+    @abstractmethod
+    async def stale_media(self, *, uploading_before_ms: int, unsent_before_ms: int, limit: int) -> list[MediaRecord]:
+        """What the collector deletes: uploads created before uploading_before_ms and files never
+        sent that completed before unsent_before_ms, at most limit, oldest first."""
+
+
+class MessageStore(MessageLog, ConversationStates, Groups, PrivacySettings, Accounts, MediaIndex):
     """Everything a backend keeps about messages, built from its per-domain parts."""
 
     @abstractmethod

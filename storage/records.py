@@ -201,3 +201,30 @@ class Pending:
     seq: int
     sender: str
     preview: str
+
+
+UPLOADING = "uploading"
+READY = "ready"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaRecord:
+    """One attachment: an upload in progress (state ``uploading``) or a file (state ``ready``).
+    Its bytes are in the object store (``storage.objects``) under the key ``media/{id}``."""
+
+    id: str
+    owner: str  # the user who uploaded it (only they may send it)
+    size: int  # bytes, declared when the upload was created
+    content_type: str  # declared, and confirmed from the bytes unless opaque
+    sha256: str  # hex digest, declared when the upload was created, checked when it completes
+    opaque: bool  # an end-to-end encrypted blob: never sniffed, no thumbnail
+    created_ms: int
+    state: str = UPLOADING
+    offset: int = 0  # bytes received and durable (== size when ready)
+    staging: str = ""  # the object store's own state of the upload (opaque here)
+    filename: str = ""  # as the client gave it; never in a push, never logged
+    width: int = 0  # images: pixels, after the EXIF orientation (0: not an image or unknown)
+    height: int = 0
+    thumbnail: bytes = b""  # images: a small JPEG
+    completed_ms: int = 0
+    sent: bool = False  # a stored message refers to it (it was granted to a conversation)

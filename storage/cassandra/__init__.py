@@ -3,7 +3,8 @@
 ::
 
     CassandraMessageStore = CassandraMessageLog + CassandraConversationStates + CassandraGroups
-                            + CassandraPrivacySettings + CassandraAccounts, each a CassandraPart (core.py)
+                            + CassandraPrivacySettings + CassandraAccounts + CassandraMediaIndex,
+                            each a CassandraPart (core.py)
     CassandraPushStore    = tokens, push settings, the push queue, forget_user (push.py)
           └── both over one Cql (session.py): one driver Session per process and cluster,
               prepared statements, execute_async bridged onto the event loop

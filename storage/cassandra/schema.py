@@ -126,9 +126,28 @@ _SENDER_CONVS = [
     "CREATE TABLE IF NOT EXISTS {ks}.sender_convs (sender text, conv text, PRIMARY KEY (sender, conv))",
 ]
 
-SCHEMA_VERSION = 3
+_MEDIA = [
+    # Attachments (storage/cassandra/media.py): a row per upload or file, its state written by
+    # lightweight transactions; ``received`` is its durable offset.
+    """CREATE TABLE IF NOT EXISTS {ks}.media (
+        id text PRIMARY KEY, owner text, size bigint, content_type text, sha256 text, opaque boolean,
+        created_ms bigint, state text, received bigint, staging text, filename text, width int, height int,
+        thumbnail blob, completed_ms bigint, sent boolean
+    )""",
+    # The conversations each was sent to (who may read it), and each owner's uploads and files.
+    "CREATE TABLE IF NOT EXISTS {ks}.media_convs (media text, conv text, PRIMARY KEY (media, conv))",
+    "CREATE TABLE IF NOT EXISTS {ks}.media_by_owner (owner text, id text, PRIMARY KEY (owner, id))",
+    # The collector's work: uploads in progress and files not yet sent, over PENDING_SHARDS
+    # partitions; a queue, so its tombstones go after 3 hours.
+    """CREATE TABLE IF NOT EXISTS {ks}.media_pending (
+        shard int, id text, state text, created_ms bigint, completed_ms bigint,
+        PRIMARY KEY (shard, id)
+    ) WITH gc_grace_seconds = 10800""",
+]
 
-MIGRATIONS: dict[int, list[str]] = {1: _TABLES, 2: _ACCOUNTS, 3: _SENDER_CONVS}
+SCHEMA_VERSION = 4
+
+MIGRATIONS: dict[int, list[str]] = {1: _TABLES, 2: _ACCOUNTS, 3: _SENDER_CONVS, 4: _MEDIA}
 """``MIGRATIONS[n]`` takes the keyspace from version n-1 to n (idempotent statements)."""
 
 BACKFILL_PAGE_ROWS = 1000

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from storage.base import MessageStore
-from storage.cassandra import accounts, conversations, core, groups, messages, settings
+from storage.cassandra import accounts, conversations, core, groups, media, messages, settings
 from storage.cassandra.accounts import CassandraAccounts
 from storage.cassandra.conversations import CassandraConversationStates
 from storage.cassandra.groups import CassandraGroups
+from storage.cassandra.media import CassandraMediaIndex
 from storage.cassandra.messages import CassandraMessageLog
 from storage.cassandra.session import Cql
 from storage.cassandra.settings import CassandraPrivacySettings
@@ -23,6 +24,7 @@ STATEMENTS = {
     **groups.STATEMENTS,
     **settings.STATEMENTS,
     **accounts.STATEMENTS,
+    **media.STATEMENTS,
 }
 
 
@@ -43,6 +45,7 @@ class CassandraMessageStore(
     CassandraGroups,
     CassandraPrivacySettings,
     CassandraAccounts,
+    CassandraMediaIndex,
     MessageStore,
 ):
     """Cassandra-backed MessageStore; ``storage.cassandra.open_message_store`` opens it."""

@@ -9,7 +9,7 @@ from mqchat.errors import StorageError
 from storage.sqlite.connection import connect, prepare_file
 from storage.sqlite.queries import next_version
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -80,6 +80,34 @@ CREATE INDEX IF NOT EXISTS account_deletions_pending ON account_deletions (at_ms
 -- schema 5: what each sender wrote, by conversation (an erasure finds and redacts it through this);
 -- an index of a WITHOUT ROWID table ends with the primary key, so its entries are (sender, conv, seq)
 CREATE INDEX IF NOT EXISTS messages_by_sender_conv ON messages (sender, conv);
+-- schema 6: attachments (uploads in progress and files; their bytes are in the object store)
+CREATE TABLE IF NOT EXISTS media (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    opaque INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,  -- 'uploading' | 'ready'
+    offset INTEGER NOT NULL DEFAULT 0,
+    staging TEXT NOT NULL DEFAULT '',
+    filename TEXT NOT NULL DEFAULT '',
+    width INTEGER NOT NULL DEFAULT 0,
+    height INTEGER NOT NULL DEFAULT 0,
+    thumbnail BLOB NOT NULL DEFAULT x'',
+    completed_ms INTEGER NOT NULL DEFAULT 0,
+    sent INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS media_by_owner ON media (owner);
+-- the collector's work: uploads by age, and files never sent by completion
+CREATE INDEX IF NOT EXISTS media_uploading ON media (created_ms) WHERE state = 'uploading';
+CREATE INDEX IF NOT EXISTS media_unsent ON media (completed_ms) WHERE state = 'ready' AND sent = 0;
+CREATE TABLE IF NOT EXISTS media_convs (
+    media TEXT NOT NULL,
+    conv TEXT NOT NULL,
+    PRIMARY KEY (media, conv)
+) WITHOUT ROWID;
 """
 
 
@@ -99,7 +127,8 @@ def init_schema(path: Path) -> None:
             if row is not None and int(row[0]) < 3:
                 _migrate_to_v3(conn)
             # Schema 3 → 4 adds tables only (revocations, account_deletions), and 4 → 5 an index only
-            # (messages_by_sender_conv, built from the log once): created above.
+            # (messages_by_sender_conv, built from the log once), 5 → 6 tables only (media, media_convs):
+            # created above.
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -8,11 +8,18 @@ from storage.base import MessageStore
 from storage.sqlite.accounts import SqliteAccounts
 from storage.sqlite.conversations import SqliteConversationStates
 from storage.sqlite.groups import SqliteGroups
+from storage.sqlite.media import SqliteMediaIndex
 from storage.sqlite.messages import SqliteMessageLog
 from storage.sqlite.settings import SqlitePrivacySettings
 
 
 class SqliteMessageStore(
-    SqliteMessageLog, SqliteConversationStates, SqliteGroups, SqlitePrivacySettings, SqliteAccounts, MessageStore
+    SqliteMessageLog,
+    SqliteConversationStates,
+    SqliteGroups,
+    SqlitePrivacySettings,
+    SqliteAccounts,
+    SqliteMediaIndex,
+    MessageStore,
 ):
     """SQLite-backed MessageStore. Use ``await SqliteMessageStore.open(path)``."""

@@ -381,18 +381,20 @@ async def test_a_store_of_the_previous_schema_is_migrated(
         assert await s.pending_deletions() == [("alice", T)]
         assert await s.redact_messages(conv=conv, sender="alice") == 1
         assert (await s.fetch_after(conv, 0, 10)).messages == (redacted(old),)
-    assert version() == (5 if storage_config.backend == "sqlite" else 3)
+    assert version() == (6 if storage_config.backend == "sqlite" else 4)
 
 
 def _to_sqlite_schema_3(path: Path) -> Callable[[], int]:
-    """Take the database back to schema 3 (the tables of schema 4 and the index of schema 5
-    dropped); returns what reads its version."""
+    """Take the database back to schema 3 (the tables of schemas 4 and 6 and the index of schema
+    5 dropped); returns what reads its version."""
     conn = sqlite3.connect(path)
     conn.executescript(
         """
         DROP TABLE revocations;
         DROP TABLE account_deletions;
         DROP INDEX messages_by_sender_conv;
+        DROP TABLE media;
+        DROP TABLE media_convs;
         UPDATE meta SET value = '3' WHERE key = 'schema_version';
         """
     )
@@ -409,11 +411,12 @@ def _to_sqlite_schema_3(path: Path) -> Callable[[], int]:
 
 
 def _to_cassandra_schema_1(session: Any) -> Callable[[], int]:
-    """Take the test keyspace back to schema 1 (the tables of schemas 2 and 3 dropped); returns
+    """Take the test keyspace back to schema 1 (the tables of schemas 2 to 4 dropped); returns
     what reads its version."""
     from tests.cassandra_store import KEYSPACE
 
-    for table in ("revocations", "account_deletions", "pending_deletions", "sender_convs"):
+    media = ("media", "media_convs", "media_by_owner", "media_pending")
+    for table in ("revocations", "account_deletions", "pending_deletions", "sender_convs", *media):
         session.execute(f"DROP TABLE {KEYSPACE}.{table}", timeout=60)
     session.execute(f"UPDATE {KEYSPACE}.schema_version SET version = 1 WHERE id = 0")
 
