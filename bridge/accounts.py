@@ -13,6 +13,7 @@
         ─▶ in every conversation they ever wrote in: their messages redacted (kind "deleted", seq kept)
         ─▶ the groups and channels they are in: left (the members hear ``members_removed``)
         ─▶ privacy settings deleted ─▶ logout again, and a second pass over what changed meanwhile
+        ─▶ their uploads and files deleted (bytes, then records)
         ─▶ their own one-to-one conversation states forgotten ─▶ Accounts.finish_deletion
 
 Every step is idempotent and a conversation is left only after its messages are redacted, so a
@@ -31,6 +32,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from bridge.groups import BrokerLink, GroupService
+from bridge.media.service import MediaService
 from bridge.outgoing import Outgoing
 from mqchat.clock import SYSTEM_CLOCK, Clock
 from mqchat.errors import ErrorCode, RequestError
@@ -73,7 +75,9 @@ class AccountService:
         broker: BrokerLink,
         connected: ConnectedDevices,
         clock: Clock = SYSTEM_CLOCK,
+        media: MediaService | None = None,
     ) -> None:
+        self._media = media
         self._connected = connected
         self._accounts = accounts
         self._states = states
@@ -133,6 +137,8 @@ class AccountService:
         # changed since the start is erased too.
         await self.logout(user, None, erase=True)
         await self._erase_conversations(user, since=started, redact=True)
+        if self._media is not None:  # their files: no message shows them any more
+            await self._media.erase_user(user)
         await self._accounts.forget_conversation_states(user)
         await self._accounts.finish_deletion(user)
 

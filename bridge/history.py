@@ -15,7 +15,9 @@ A refusal is worded in ``bridge.refusals``.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from bridge.groups import group_member
 from bridge.refusals import no_such_conversation, not_member
@@ -74,8 +76,10 @@ async def require_member(groups: Groups, user: str, conv: Conv, *, id: str | Non
     return Audience(membership.kind, group.users)
 
 
-def message_event(stored: StoredMessage) -> dict[str, object]:
-    """The ``msg`` envelope of a stored message (also what the HTTP history returns)."""
+def message_event(stored: StoredMessage, known: Mapping[str, dict[str, Any]] | None = None) -> dict[str, object]:
+    """The ``msg`` envelope of a stored message (also what the HTTP history returns); known:
+    what is known of media files by id (``MediaService.attachments``), for ``attachments``."""
+    attachments = [known[m] for m in stored.media if m in known] if known and stored.media else None
     return msg_envelope(
         conv=stored.conv,
         seq=stored.seq,
@@ -87,6 +91,7 @@ def message_event(stored: StoredMessage) -> dict[str, object]:
         kind=stored.kind,
         body=stored.body,
         media=stored.media,
+        attachments=attachments,
     )
 
 

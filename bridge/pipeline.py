@@ -6,6 +6,7 @@ one place (``Pipeline._refused``, worded by ``bridge.refusals``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from bridge import metrics
 from bridge.history import members_of, message_event, require_member
+from bridge.media.service import MediaService, attachment
 from bridge.outgoing import Outgoing
 from bridge.ratelimit import UNLIMITED, RateLimit, RateLimiter
 from bridge.receipts import ReceiptCoalescer, receipt_outgoing
@@ -34,8 +36,9 @@ from mqchat.protocol import (
     parse_request,
     user_in_topic,
 )
+from push.dispatcher import media_preview
 from storage.base import ConversationStates, Groups, MessageLog, StoreRefusal
-from storage.records import NewMessage, StoredMessage
+from storage.records import MediaRecord, NewMessage, StoredMessage
 
 __all__ = ["Outgoing", "Pipeline", "RequestLimits"]
 
@@ -76,8 +79,9 @@ class Pipeline:
         typing_interval_s: float = 1.0,
         typing_per_minute: int = 120,
         clock: Clock = SYSTEM_CLOCK,
-        on_stored: Callable[[StoredMessage, tuple[str, ...]], Awaitable[None] | None] | None = None,
+        on_stored: Callable[[StoredMessage, tuple[str, ...], str | None], Awaitable[None] | None] | None = None,
         limits: RequestLimits | None = None,
+        media: MediaService | None = None,
     ) -> None:
         self._log = log
         self._watermarks = MergedWatermarks(states)
@@ -98,6 +102,10 @@ class Pipeline:
         )
         self._max_envelope_bytes = max_envelope_bytes
         self._clock = clock
+        self._media = media  # None: sends with media are refused (bad_media)
+        # A media send's checks await the store before its append: the device's later sends
+        # wait for it to be queued (its gate), so the device's order is kept.
+        self._media_gates: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     async def handle(self, user: str, device: str, payload: bytes) -> list[Outgoing]:
         """Process one request from (user, device); never raises for bad input."""
@@ -231,22 +239,42 @@ class Pipeline:
 
     async def _send(self, user: str, device: str, req: SendRequest) -> list[Outgoing]:
         # No await before append (ordering): 1:1 membership is in the id, a group's is checked
-        # by the store inside the transaction that sequences the message.
+        # by the store inside the transaction that sequences the message. A send with media
+        # awaits its checks, and holds the device's later sends until it is queued.
         if req.conv.kind == "dm" and user not in members_of(req.conv):
             raise not_member(req.conv.id, req.id)
-        result = await self._log.append(
-            NewMessage(
-                conv=req.conv.id,
-                members=members_of(req.conv),
-                sender=user,
-                device=device,
-                client_id=req.id,
-                kind=req.kind,
-                body=req.body,
-                media=req.media,
-                ts=self._clock.time_ms(),
+        key = (user, device)
+        ahead = self._media_gates.get(key)
+        gate: asyncio.Future[None] | None = None
+        if req.media:
+            gate = self._media_gates[key] = asyncio.get_running_loop().create_future()
+        try:
+            if ahead is not None and not ahead.done():
+                await asyncio.wait([ahead])
+            files: list[MediaRecord] = []
+            if req.media:
+                if self._media is None:
+                    raise RequestError(ErrorCode.BAD_MEDIA, "media is not served here", id=req.id, conv=req.conv.id)
+                files = await self._media.check_send(user, req.media, id=req.id, conv=req.conv.id)
+            appending = self._log.append(
+                NewMessage(
+                    conv=req.conv.id,
+                    members=members_of(req.conv),
+                    sender=user,
+                    device=device,
+                    client_id=req.id,
+                    kind=req.kind,
+                    body=req.body,
+                    media=req.media,
+                    ts=self._clock.time_ms(),
+                )
             )
-        )
+        finally:
+            if gate is not None:
+                gate.set_result(None)  # its waiters run after the append below has been queued
+                if self._media_gates.get(key) is gate:
+                    del self._media_gates[key]
+        result = await appending
         stored = result.message
         if result.duplicate and stored.conv != req.conv.id:
             raise RequestError(
@@ -255,19 +283,25 @@ class Pipeline:
                 id=req.id,
                 conv=req.conv.id,
             )
+        if stored.media and self._media is not None:
+            # After the store (a refused send grants nothing), before the ack (a retry that
+            # finds the message grants again).
+            await self._media.granted(stored.media, stored.conv)
         if result.duplicate:
             metrics.MESSAGES_DUPLICATE.inc()
         else:
             metrics.MESSAGES_ACCEPTED.inc()
             if self._on_stored is not None and result.kind != "channel":
-                queued = self._on_stored(stored, result.members)
+                preview = media_preview(stored.body, [f.content_type for f in files]) if files else None
+                queued = self._on_stored(stored, result.members, preview)
                 if queued is not None:
                     await queued
         ack = encode(ack_envelope(id=stored.client_id, conv=stored.conv, seq=stored.seq, mid=stored.mid, ts=stored.ts))
         out = [Outgoing(device_in_topic(user, device), ack)]
         # A duplicate is fanned out again: the first attempt may have been cut between commit
         # and publish, and clients dedup msg events on (conv, seq).
-        event = encode(message_event(stored))
+        known = {f.id: attachment(f) for f in files} if files else None
+        event = encode(message_event(stored, known))
         if result.kind == "channel":
             metrics.CHANNEL_PUBLISHES.inc()
             out.append(Outgoing(channel_topic(stored.conv), event))

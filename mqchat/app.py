@@ -45,6 +45,8 @@ from bridge.accounts import AccountDeletions
 from bridge.http import PresenceLookup, create_app
 from bridge.http.edge import HeaderTimeoutProtocol
 from bridge.inbroker_adapter import BrokerPublisher, InBrokerAdapter, RequestQueue
+from bridge.media.collector import MediaCollector
+from bridge.media.service import MediaService
 from bridge.mqtt_adapter import MqttClientAdapter, MqttPublisher
 from bridge.outgoing import Outgoing
 from bridge.pipeline import Pipeline, RequestLimits
@@ -69,6 +71,7 @@ from push.fcm import FcmProvider
 from push.log import LogProvider
 from storage import open_storage
 from storage.base import MessageStore, Storage
+from storage.objects import open_object_store
 from storage.presence import MemoryPresence, PresenceRegistry, Routed
 from storage.records import UserSettings
 from storage.revocations import Revocations
@@ -298,8 +301,18 @@ async def push_dispatcher(
 
 
 @asynccontextmanager
+async def media_parts(config: Config, storage: Storage) -> AsyncIterator[tuple[MediaService, MediaCollector]]:
+    """The configured object store, the media service over it and the store's media index, and
+    the collector of expired uploads and unsent files."""
+    async with open_object_store(config.media, config.storage.data_dir) as objects:
+        media = MediaService(index=storage.messages, objects=objects, groups=storage.messages, config=config.media)
+        async with MediaCollector(media=media, index=storage.messages) as collector:
+            yield media, collector
+
+
+@asynccontextmanager
 async def bridge_pipeline(
-    config: Config, storage: Storage, dispatcher: PushDispatcher, publish: Publish
+    config: Config, storage: Storage, dispatcher: PushDispatcher, publish: Publish, media: MediaService
 ) -> AsyncIterator[Pipeline]:
     """The pipeline, with its receipt coalescer publishing through ``publish``; open windows
     flush when the block ends."""
@@ -317,6 +330,7 @@ async def bridge_pipeline(
                 user_sends=RateLimit(bridge.user_send_rate, bridge.user_send_burst),
                 device_receipts=RateLimit(bridge.receipt_rate, bridge.receipt_burst),
             ),
+            media=media,
         )
 
 
@@ -331,6 +345,7 @@ def serve_api(
     verifier: TokenVerifier,
     revocations: Revocations,
     connected: Callable[[str], Awaitable[frozenset[str]]],
+    media: MediaService,
 ) -> ApiParts:
     """The HTTP API over the store, publishing through the adapter: a server (a service: enter it
     to serve; ``port`` is the port bound) per open listener, plain HTTP and HTTPS. Tokens are
@@ -353,6 +368,7 @@ def serve_api(
         admin_credential=admin_credential(config.auth.jwt_secret),
         revocations=revocations,
         connected_devices=connected,
+        media=media,
     )
     net = config.network
     ports = net.listener_ports()
@@ -429,8 +445,11 @@ async def run_bridge(
             lookup, devices = mirror.lookup, mirror.devices
         storage = await stack.enter_async_context(open_storage(config.storage))
         dispatcher = await stack.enter_async_context(push_dispatcher(config, storage, devices))
+        media, collector = await stack.enter_async_context(media_parts(config, storage))
         publisher = MqttPublisher()
-        pipeline = await stack.enter_async_context(bridge_pipeline(config, storage, dispatcher, publisher.publish))
+        pipeline = await stack.enter_async_context(
+            bridge_pipeline(config, storage, dispatcher, publisher.publish, media)
+        )
         adapter = await stack.enter_async_context(
             MqttClientAdapter(
                 pipeline=pipeline,
@@ -445,7 +464,7 @@ async def run_bridge(
                 shared=bool(config.bridge.broker),
             )
         )
-        dead = dead_workers_of(storage, dispatcher, adapter, *parts, *watchers)
+        dead = dead_workers_of(storage, dispatcher, adapter, collector, *parts, *watchers)
         api = serve_api(
             config,
             storage,
@@ -456,13 +475,14 @@ async def run_bridge(
             verifier=verifier,
             revocations=Revocations(accounts=storage.messages),
             connected=devices,
+            media=media,
         )
         http, ports = await enter_api(stack, api)
         yield BridgeHandle(
             http_port=ports.get("http", 0),
             adapter=adapter,
             store=storage.messages,
-            dead_workers=dead_workers_of(storage, dispatcher, adapter, *parts, *watchers, *http),
+            dead_workers=dead_workers_of(storage, dispatcher, adapter, collector, *parts, *watchers, *http),
             ports=ports,
             tls=tls,
         )
@@ -624,13 +644,16 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
         publisher = BrokerPublisher(route=broker.internal_message_broadcast, relay=cluster_relay(config, presence))
         presence.relay_to(lambda event: broker.internal_message_broadcast(*event))
         stack.callback(presence.relay_to, None)  # before the broker stops
-        pipeline = await stack.enter_async_context(bridge_pipeline(config, storage, dispatcher, publisher.publish))
+        media, collector = await stack.enter_async_context(media_parts(config, storage))
+        pipeline = await stack.enter_async_context(
+            bridge_pipeline(config, storage, dispatcher, publisher.publish, media)
+        )
         adapter = await stack.enter_async_context(
             InBrokerAdapter(
                 pipeline=pipeline, requests=queue, publisher=publisher, max_inflight=config.bridge.max_inflight
             )
         )
-        dead = dead_workers_of(storage, dispatcher, adapter, presence, broker, verifier, *watchers)
+        dead = dead_workers_of(storage, dispatcher, adapter, collector, presence, broker, verifier, *watchers)
         http, ports = await enter_api(
             stack,
             serve_api(
@@ -643,13 +666,16 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
                 verifier=verifier,
                 revocations=revocations,
                 connected=presence.devices,
+                media=media,
             ),
         )
         yield BridgeHandle(
             http_port=ports.get("http", 0),
             adapter=adapter,
             store=storage.messages,
-            dead_workers=dead_workers_of(storage, dispatcher, adapter, presence, broker, verifier, *watchers, *http),
+            dead_workers=dead_workers_of(
+                storage, dispatcher, adapter, collector, presence, broker, verifier, *watchers, *http
+            ),
             mqtt_port=broker.bound_port,
             ports=ports | broker_ports(config, broker),
             tls=tls,

@@ -54,6 +54,12 @@ class ErrorCode(StrEnum):
     ID_REUSED = "id_reused"  # the client message id already names a message in another conversation
     INTERNAL = "internal"  # the server failed; the request may be retried unchanged
     UNAVAILABLE = "unavailable"  # a backend is unreachable right now; retry later (HTTP 503)
+    BAD_MEDIA = "bad_media"  # a send names media that is not the sender's finished upload
+    UNSUPPORTED_TYPE = "unsupported_type"  # an upload's type is not allowed, or not what its bytes are (415)
+    OFFSET_MISMATCH = "offset_mismatch"  # an upload chunk not at the upload's offset (409: HEAD, then resume)
+    CHECKSUM_MISMATCH = "checksum_mismatch"  # a finished upload's bytes do not have the declared sha256 (460)
+    QUOTA_EXCEEDED = "quota_exceeded"  # the user's media would pass their quota (413)
+    BAD_RANGE = "bad_range"  # a Range a file cannot satisfy (416)
 
     @property
     def http_status(self) -> int:
@@ -78,6 +84,12 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.ID_REUSED: 400,
     ErrorCode.INTERNAL: 500,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.BAD_MEDIA: 400,
+    ErrorCode.UNSUPPORTED_TYPE: 415,
+    ErrorCode.OFFSET_MISMATCH: 409,
+    ErrorCode.CHECKSUM_MISMATCH: 460,  # tus's checksum extension
+    ErrorCode.QUOTA_EXCEEDED: 413,
+    ErrorCode.BAD_RANGE: 416,
 }
 
 

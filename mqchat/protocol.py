@@ -241,6 +241,7 @@ def msg_envelope(
     kind: str,
     body: str,
     media: tuple[str, ...] = (),
+    attachments: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     env: dict[str, Any] = {
         "type": "msg",
@@ -256,6 +257,8 @@ def msg_envelope(
     }
     if media:
         env["media"] = list(media)
+    if attachments:
+        env["attachments"] = attachments
     return env
 
 

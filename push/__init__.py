@@ -2,7 +2,7 @@
 
 ::
 
-    bridge pipeline ──on_stored(message, recipients)──▶ PushDispatcher.notify
+    bridge pipeline ──on_stored(message, recipients, preview)──▶ PushDispatcher.notify
         ─▶ intake: devices with a token that are not connected ─▶ push queue (storage), one job
            per (user, device, conv), due when the coalescing window closes
     delivery loop ──claim due jobs──▶ compose one notification per burst

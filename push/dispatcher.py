@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -62,6 +62,19 @@ ConnectedDevices = Callable[[str], Awaitable[Container[str]]]
 """A user's devices connected now (from the presence registry)."""
 
 PREVIEW_CHARS = 120
+
+
+_Intake = tuple[StoredMessage, tuple[str, ...], asyncio.Future[None], str | None]
+"""A stored message, its recipients, the future of its pushes being queued, its preview."""
+
+
+def media_preview(body: str, types: Sequence[str]) -> str:
+    """What a notification says of a media message: "Photo" or "File" (never a file name), then
+    the caption. An end-to-end encrypted conversation's notification carries no content at all."""
+    what = "📷 Photo" if types and all(t.startswith("image/") for t in types) else "📎 File"
+    if len(types) > 1:
+        what = f"{what}s ({len(types)})" if what.endswith("Photo") else f"📎 {len(types)} files"
+    return f"{what}: {body}"[:PREVIEW_CHARS] if body else what
 
 
 class PushDispatcher(Service):
@@ -99,9 +112,7 @@ class PushDispatcher(Service):
         self._base_delay_s = base_delay_s
         self._send_timeout_s = send_timeout_s
         self._clock = clock
-        self._intake: asyncio.Queue[tuple[StoredMessage, tuple[str, ...], asyncio.Future[None]]] = asyncio.Queue(
-            maxsize=100_000
-        )
+        self._intake: asyncio.Queue[_Intake] = asyncio.Queue(maxsize=100_000)
         self._wake = asyncio.Event()
         self._reported: set[str] = set()  # platforms whose misconfiguration was reported
         self._names: dict[str, str] = {}  # group names for titles
@@ -116,16 +127,19 @@ class PushDispatcher(Service):
 
     # --- intake -------------------------------------------------------------------------------------
 
-    def notify(self, stored: StoredMessage, recipients: tuple[str, ...]) -> asyncio.Future[None] | None:
+    def notify(
+        self, stored: StoredMessage, recipients: tuple[str, ...], preview: str | None = None
+    ) -> asyncio.Future[None] | None:
         """A message was stored for recipients (the sender is skipped). The future completes
         once its pushes are queued durably (never with an error): await it before acking, and
-        an acked message's push survives a crash too."""
+        an acked message's push survives a crash too. preview: what the notification says of
+        it (default: a text's beginning; for media, see ``media_preview``)."""
         targets = tuple(u for u in recipients if u != stored.sender)
         if not targets:
             return None
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            self._intake.put_nowait((stored, targets, done))
+            self._intake.put_nowait((stored, targets, done, preview))
         except asyncio.QueueFull:
             PUSH_SUPPRESSED.labels(reason="intake_full").inc(len(targets))
             return None
@@ -137,16 +151,16 @@ class PushDispatcher(Service):
             while not self._intake.empty() and len(batch) < 500:
                 batch.append(self._intake.get_nowait())
             try:
-                await self._admit([(stored, targets) for stored, targets, _ in batch])
+                await self._admit([(stored, targets, preview) for stored, targets, _, preview in batch])
             except Exception:
                 logger.exception("push intake failed for %d messages", len(batch))
             finally:
-                for _, _, done in batch:
+                for _, _, done, _ in batch:
                     if not done.done():
                         done.set_result(None)
 
-    async def _admit(self, batch: list[tuple[StoredMessage, tuple[str, ...]]]) -> None:
-        users = {u for _, targets in batch for u in targets}
+    async def _admit(self, batch: list[tuple[StoredMessage, tuple[str, ...], str | None]]) -> None:
+        users = {u for _, targets, _ in batch for u in targets}
         tokens = await self._push.tokens(users)
         if not tokens:
             return
@@ -157,13 +171,13 @@ class PushDispatcher(Service):
         answers = await asyncio.gather(*(self._connected(u) for u in users_with_tokens))
         connected = dict(zip(users_with_tokens, answers, strict=True))
         pending: list[Pending] = []
-        for stored, targets in batch:
+        for stored, targets, given in batch:
             for user in targets:
                 for device in by_user.get(user, ()):
                     if device in connected[user]:
                         PUSH_SUPPRESSED.labels(reason="online").inc()
                         continue
-                    preview = stored.body[:PREVIEW_CHARS] if stored.kind == "text" else "📎 attachment"
+                    preview = given if given is not None else stored.body[:PREVIEW_CHARS]
                     pending.append(Pending(user, device, stored.conv, stored.seq, stored.sender, preview))
         if pending:
             await self._push.enqueue(pending, due_at=self._clock.time_ms() + self._window_ms)

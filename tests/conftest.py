@@ -24,7 +24,7 @@ import pytest_timeout
 from bridge.mqtt_adapter import MqttClientAdapter
 from mqchat.app import run_bridge, run_broker, run_node
 from mqchat.bench.processes import serve_command
-from mqchat.config import AuthConfig, BridgeConfig, Config, NetworkConfig, PresenceConfig, StorageConfig
+from mqchat.config import AuthConfig, BridgeConfig, Config, MediaConfig, NetworkConfig, PresenceConfig, StorageConfig
 from mqchat.tokens import issue_token
 from storage.base import MessageStore
 from tests.cassandra_store import cassandra_node, cassandra_session, cassandra_storage_config  # noqa: F401
@@ -123,6 +123,7 @@ def make_config(
     secret: str | None = None,
     presence: PresenceConfig | None = None,
     storage: StorageConfig | None = None,
+    media: MediaConfig | None = None,
     **bridge: float,
 ) -> Config:
     return Config(
@@ -131,6 +132,7 @@ def make_config(
         storage=storage or StorageConfig(data_dir=data_dir),
         bridge=BridgeConfig(**bridge),
         presence=presence or PresenceConfig(),
+        media=media or MediaConfig(),
     )
 
 

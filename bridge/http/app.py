@@ -16,12 +16,14 @@ from bridge.http import devices as device_routes
 from bridge.http import groups as group_routes
 from bridge.http import health as health_routes
 from bridge.http import hooks as hook_routes
+from bridge.http import media as media_routes
 from bridge.http import presence as presence_routes
 from bridge.http import settings as settings_routes
 from bridge.http.context import ApiContext
 from bridge.http.edge import Authenticate, BodyLimit
 from bridge.http.errors import install_error_handlers
 from bridge.http.sync import sync_router
+from bridge.media.service import MediaService
 from bridge.outgoing import Outgoing
 from bridge.ratelimit import UNLIMITED, RateLimit, RateLimiter
 from bridge.settings import SettingsService
@@ -54,6 +56,7 @@ def create_app(
     admin_credential: str = "",
     revocations: Revocations | None = None,
     connected_devices: ConnectedDevices | None = None,
+    media: MediaService | None = None,
 ) -> FastAPI:
     """Build the ASGI app over the given stores and token verifier; each service receives the
     parts of the store it uses.
@@ -66,6 +69,7 @@ def create_app(
     ``admin_credential`` opens the admin API ("": closed to everyone); ``revocations`` refuses the
     tokens of logged-out devices (default: read from ``store`` for this app alone);
     ``connected_devices`` tells the admin API which devices are connected (default: none known);
+    ``media`` serves uploads and downloads (None: the media routes answer 503);
     ``presence`` answers ``GET /v1/presence`` (None: 503); ``http_limit`` is each user's budget of
     authenticated calls (over it: 429 with ``Retry-After``); ``max_body_bytes`` the largest request
     body (413 beyond). Both, and authentication, are checked before a body is read (bridge.http.edge).
@@ -89,6 +93,7 @@ def create_app(
         broker=broker,
         connected=connected_devices or _none_connected,
         clock=clock,
+        media=media,
     )
     app = FastAPI(
         title="mqchat",
@@ -116,6 +121,7 @@ def create_app(
         accounts=accounts,
         deletions=AccountDeletions(service=accounts, accounts=store),
         admin_credential=admin_credential,
+        media=media,
     )
     install_error_handlers(app)
     app.include_router(sync_router(max_limit=history_max_limit))
@@ -127,12 +133,14 @@ def create_app(
         account_routes,
         health_routes,
         hook_routes,
+        media_routes,
     ):
         app.include_router(routes.router)
     app.include_router(account_routes.admin)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Outermost last: Authenticate runs first, then BodyLimit, then the routes.
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    # An upload's bytes stream to the object store (their limits are the upload's own).
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, streamed=("PATCH", media_routes.UPLOAD_PATH))
     app.add_middleware(
         Authenticate, verifier=verifier, limiter=RateLimiter(http_limit, clock=clock), revocations=revocations
     )

@@ -13,6 +13,7 @@ from bridge.devices import DeviceService
 from bridge.groups import GroupService
 from bridge.history import History
 from bridge.http.schemas import ErrorBody
+from bridge.media.service import MediaService
 from bridge.settings import SettingsService
 from bridge.visibility import Visibility
 from mqchat.errors import ErrorCode, RequestError
@@ -36,6 +37,7 @@ class ApiContext:
     deletions: AccountDeletions
     node: str = ""  # this node's name in a cluster ("": unnamed)
     admin_credential: str = ""  # what the admin API's callers present ("": the admin API is closed)
+    media: MediaService | None = None  # None: media is not served by this app (503)
 
 
 def bearer_token(request: Request) -> str:

@@ -94,14 +94,24 @@ class BodyLimit:
     being read (by its Content-Length) or as soon as it passes the limit (chunked). A body under
     the limit is read here, then handed to the app in one piece."""
 
-    def __init__(self, app: App, *, max_bytes: int, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, app: App, *, max_bytes: int, timeout_s: float = 30.0, streamed: tuple[str, str] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.streamed = streamed  # (method, path prefix) of requests whose route streams the body itself
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)  # no body to read (or none the API takes)
+            return
+        if (
+            self.streamed is not None
+            and scope["method"] == self.streamed[0]
+            and scope["path"].startswith(self.streamed[1])
+        ):
+            await self.app(scope, receive, send)
             return
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):

@@ -13,6 +13,41 @@ class ErrorBody(BaseModel):
     message: str
 
 
+class Attachment(BaseModel):
+    id: str
+    type: str = Field(description="content type (application/octet-stream when encrypted)")
+    size: int = Field(description="bytes")
+    name: str | None = Field(default=None, description="the file name the sender gave (never for encrypted files)")
+    width: int | None = Field(default=None, description="images: pixels, as displayed")
+    height: int | None = None
+    thumbnail: str | None = Field(default=None, description="images: a small JPEG, base64")
+    encrypted: bool | None = Field(default=None, description="an end-to-end encrypted blob (opaque to the server)")
+
+
+class MediaInfo(Attachment):
+    state: Literal["uploading", "ready"]
+    offset: int = Field(description="bytes received (the size when ready)")
+    sha256: str
+    upload_url: str = Field(description="where the upload's bytes go (tus: HEAD, PATCH, DELETE)")
+
+
+class DirectUploadIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    size: int = Field(ge=1)
+    type: str | None = Field(default=None, max_length=129, description="content type (not needed when encrypted)")
+    sha256: str = Field(min_length=64, max_length=64, description="hex digest of the file")
+    name: str = Field(default="", max_length=255)
+    encrypted: bool = False
+
+
+class DirectUploadOut(BaseModel):
+    id: str
+    url: str = Field(description="PUT the file's bytes here")
+    headers: dict[str, str] = Field(description="send these headers with the PUT")
+    expires_in: float = Field(description="seconds the URL is valid")
+
+
 class MessageOut(BaseModel):
     type: str = "msg"
     conv: str
@@ -25,6 +60,7 @@ class MessageOut(BaseModel):
     kind: str
     body: str
     media: list[str] | None = None
+    attachments: list[Attachment] | None = Field(default=None, description="what is known of each media id")
 
 
 class ConversationOut(BaseModel):

@@ -1,26 +1,34 @@
 """Sync and history routes: what changed since a cursor, catch-up and scrollback
 (bridge.history decides what a caller may read)."""
 
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
 from bridge.history import HistoryPage, SyncPage, message_event
-from bridge.http.context import ERROR_RESPONSES, Api, Caller, ConvPath
+from bridge.http.context import ERROR_RESPONSES, Api, ApiContext, Caller, ConvPath
 from bridge.http.schemas import ConversationsPage, MessagesPage
 from bridge.refusals import parse_conversation
+from storage.records import StoredMessage
 
 
-def render_page(page: HistoryPage) -> dict[str, Any]:
+async def known_media(api: ApiContext, messages: Iterable[StoredMessage]) -> dict[str, dict[str, Any]]:
+    """What is known of the files the messages carry (nothing when media is not served here)."""
+    ids = [m for message in messages for m in message.media]
+    return await api.media.attachments(ids) if ids and api.media is not None else {}
+
+
+def render_page(page: HistoryPage, known: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "conv": page.conv,
-        "messages": [message_event(m) for m in page.messages],
+        "messages": [message_event(m, known) for m in page.messages],
         "more": page.more,
         "last_seq": page.last_seq,
     }
 
 
-def render_changes(page: SyncPage) -> dict[str, Any]:
+def render_changes(page: SyncPage, known: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     out: list[dict[str, Any]] = []
     for change in page.changes:
         state = change.state
@@ -34,7 +42,7 @@ def render_changes(page: SyncPage) -> dict[str, Any]:
             "updated_at": state.updated_at,
         }
         if change.recent is not None:
-            item["messages"] = [message_event(m) for m in change.recent]
+            item["messages"] = [message_event(m, known) for m in change.recent]
             item["messages_more"] = change.recent_more
         out.append(item)
     return {"conversations": out, "cursor": page.cursor, "more": page.more}
@@ -60,7 +68,8 @@ def sync_router(*, max_limit: int) -> APIRouter:
         limit: Limit = 100,
     ) -> dict[str, Any]:
         parsed = parse_conversation(conv)
-        return render_page(await api.history.page(who.user, parsed, after=after, before=before, limit=limit))
+        page = await api.history.page(who.user, parsed, after=after, before=before, limit=limit)
+        return render_page(page, await known_media(api, page.messages))
 
     @router.get(
         "/v1/conversations",
@@ -76,6 +85,7 @@ def sync_router(*, max_limit: int) -> APIRouter:
         include_messages: Annotated[int, Query(ge=0, le=100)] = 0,
     ) -> dict[str, Any]:
         page = await api.history.changes(who.user, since=since, limit=limit, include_messages=include_messages)
-        return render_changes(page)
+        recent = [m for change in page.changes for m in change.recent or ()]
+        return render_changes(page, await known_media(api, recent))
 
     return router
