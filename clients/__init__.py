@@ -18,25 +18,41 @@ Data flow::
 
     events() ─► the app ─► recv watermark (auto_recv) ─► MQTT;  mark_read() ─► read watermark
     state_path (SQLite): SqliteOutbox + the sync cursor + the last seq the app took per conversation
+                         + the URLs of unfinished uploads (SqliteUploads)
+
+    send_file(conv, path) ─► media.upload: POST /v1/media, PATCH …/uploads/{id} from the server's
+                             offset (tus 1.0; HEAD and resume after a cut) ─► send(kind="media")
+    media.download(id, dest) ─► GET /v1/media/{id}, Range from what dest.part holds ─► dest
 
 ``clients.aio.ChatClient`` is the asyncio client (aiomqtt); ``clients.blocking.BlockingChatClient``
-the same for scripts (paho-mqtt, no event loop); ``clients.cli`` the ``mqchat chat|send|listen``
-commands. The SDK imports only leaves of ``mqchat`` (``protocol``, ``ids``, ``errors``, ``tasks``,
-``mqtt_client``), never server code, so it ships on its own (``make test`` checks it).
+the same for scripts (paho-mqtt, no event loop); ``clients.media.MediaClient`` uploads and
+downloads attachments; ``clients.cli`` the ``mqchat chat|send|listen|download`` commands. The SDK
+imports only leaves of ``mqchat`` (``protocol``, ``ids``, ``errors``, ``tasks``, ``mqtt_client``),
+never server code, so it ships on its own (``make test`` checks it).
 ``clients.testing`` (load generator, lossy-network proxy) is tooling the SDK never imports.
 """
 
 from clients.aio import ChatClient, ClientStatistics, Clock, backoff_delay
 from clients.blocking import BlockingChatClient
-from clients.errors import AuthFailed, ClientClosed, ClientError, ConnectionFailed, HistoryFailed, SendFailed
-from clients.events import Ack, ErrorReply, Event, Message, OtherEvent, parse_envelope, parse_event
+from clients.errors import (
+    AuthFailed,
+    ClientClosed,
+    ClientError,
+    ConnectionFailed,
+    HistoryFailed,
+    MediaFailed,
+    SendFailed,
+)
+from clients.events import Ack, Attachment, ErrorReply, Event, Message, OtherEvent, parse_envelope, parse_event
 from clients.history import UserPresence
+from clients.media import MediaClient, MediaInfo, MediaStatistics, UploadedMedia
 from clients.ordering import OrderingBuffer
 from clients.outbox import MemoryOutbox, Outbox, PendingSend, SqliteOutbox
-from clients.state import ClientState, MemoryState, SqliteState
+from clients.state import ClientState, MemoryState, MemoryUploads, SqliteState, SqliteUploads, UploadKey, UploadLedger
 
 __all__ = [
     "Ack",
+    "Attachment",
     "AuthFailed",
     "BlockingChatClient",
     "ChatClient",
@@ -49,8 +65,13 @@ __all__ = [
     "ErrorReply",
     "Event",
     "HistoryFailed",
+    "MediaClient",
+    "MediaFailed",
+    "MediaInfo",
+    "MediaStatistics",
     "MemoryOutbox",
     "MemoryState",
+    "MemoryUploads",
     "Message",
     "OrderingBuffer",
     "OtherEvent",
@@ -59,6 +80,10 @@ __all__ = [
     "SendFailed",
     "SqliteOutbox",
     "SqliteState",
+    "SqliteUploads",
+    "UploadKey",
+    "UploadLedger",
+    "UploadedMedia",
     "UserPresence",
     "backoff_delay",
     "parse_envelope",

@@ -28,7 +28,15 @@ Channels are followed as the sync lists them (``kind: channel``) and as ``conv``
 remove the user: subscribed at once when connected, and on every connect.
 
 The last seq the app took per conversation, the sync cursor, the followed channels and (as ``SqliteOutbox``) the outbox
-live in ``state_path`` when given, so a restarted app neither loses nor repeats messages.
+live in ``state_path`` when given, so a restarted app neither loses nor repeats messages; so do the
+URLs of unfinished uploads (``SqliteUploads``), so that a restarted app resumes them.
+
+``send_file`` uploads a file through :attr:`ChatClient.media` (a :class:`clients.media.MediaClient`
+over the same HTTP client: resumable, tus 1.0) and then sends a ``media`` message naming it
+through the outbox, like any send::
+
+    send_file(conv, path) ─► media.upload(path) ─► POST/PATCH /v1/media… ─► media id
+                          ─► send(conv, caption, kind="media", media=(id,)) ─► outbox ─► MQTT
 
 ``send`` puts an entry in the outbox before publishing it, so nothing is lost while offline; the
 ``ack`` removes it. Waiters of ``send_and_wait`` / ``wait_acked`` are resolved from the reader.
@@ -58,9 +66,10 @@ from clients._mqtt import is_auth_refusal_code
 from clients.errors import AuthFailed, ClientClosed, ConnectionFailed, HistoryFailed, SendFailed
 from clients.events import Ack, ErrorReply, Event, Message, OtherEvent, SeenMessages, parse_event
 from clients.history import ConversationSummary, HistoryClient, UserPresence
+from clients.media import MediaClient, Progress
 from clients.ordering import OrderingBuffer
 from clients.outbox import MemoryOutbox, Outbox, PendingSend, SqliteOutbox
-from clients.state import ClientState, MemoryState, SqliteState
+from clients.state import ClientState, MemoryState, MemoryUploads, SqliteState, SqliteUploads, UploadLedger
 from mqchat.ids import is_valid_id, parse_conv
 from mqchat.mqtt_client import MqttClient
 from mqchat.protocol import channel_topic, device_in_topic, encode, out_topic, user_in_topic
@@ -194,6 +203,9 @@ class ChatClient:
             outbox = self._owned_outbox = SqliteOutbox(state_path) if state_path is not None else MemoryOutbox()
         self._outbox: Outbox = outbox
         self._state: ClientState = SqliteState(state_path, user=user) if state_path is not None else MemoryState()
+        self._uploads: UploadLedger = (
+            SqliteUploads(state_path, user=user) if state_path is not None and http_url is not None else MemoryUploads()
+        )
         self._http_url = http_url
         self._http_transport = http_transport
         self._auto_recv = auto_recv
@@ -224,6 +236,7 @@ class ChatClient:
         self._ordering = OrderingBuffer(grace=gap_grace_s, start=self._handed) if http_url is not None else None
         self._http: httpx.AsyncClient | None = None
         self._history: HistoryClient | None = None
+        self._media: MediaClient | None = None
         self._http_lock = asyncio.Lock()  # one catch-up at a time: sync and gap repairs
         self._sync_wanted = asyncio.Event()
         self._synced = asyncio.Event()
@@ -271,6 +284,14 @@ class ChatClient:
                 sleep=self._clock.sleep,
                 backoff=lambda attempt: backoff_delay(attempt, rng=self._rng),
             )
+            self._media = MediaClient(
+                http=self._http,
+                token=self._token,
+                timeout=self._connect_timeout,
+                sleep=self._clock.sleep,
+                backoff=lambda attempt: backoff_delay(attempt, rng=self._rng),
+                uploads=self._uploads,
+            )
             self._tasks.append(tg.create_task(self._run_sync(), name=f"{name}:sync"))
             self._tasks.append(tg.create_task(self._run_gaps(), name=f"{name}:gaps"))
         self._tasks.append(tg.create_task(self._run_connection(), name=f"{name}:connection"))
@@ -310,6 +331,7 @@ class ChatClient:
                     await http.aclose()
             finally:
                 self._state.close()
+                self._uploads.close()
                 if self._owned_outbox is not None:
                     self._owned_outbox.close()
 
@@ -359,6 +381,32 @@ class ChatClient:
         self._outbox.add(entry)
         await self._publish(entry)
         return msg_id
+
+    async def send_file(
+        self,
+        conv: str,
+        path: Path,
+        *,
+        caption: str = "",
+        id: str | None = None,
+        encrypted: bool = False,
+        content_type: str | None = None,
+        progress: Progress | None = None,
+    ) -> str:
+        """Upload a file (resumably: see :class:`clients.media.MediaClient`) and send it to
+        ``conv`` as a ``media`` message with ``caption`` as its body; return the client message id.
+
+        Returns once the message is in the outbox (published, or waiting for a reconnect), like
+        :meth:`send`; its ack arrives later (:meth:`wait_acked`). MediaFailed when the upload is
+        refused or its retries run out; nothing is sent then."""
+        self._check_open()
+        msg_id = id if id is not None else uuid.uuid4().hex
+        if not is_valid_id(msg_id):
+            raise ValueError("id must be 1-64 characters of [A-Za-z0-9_.@-]")
+        if parse_conv(conv) is None:
+            raise ValueError("conv must be a conversation id: dm:{a}:{b} (sorted) or g:{ulid}")
+        uploaded = await self.media.upload(path, content_type=content_type, encrypted=encrypted, progress=progress)
+        return await self.send(conv, caption, id=msg_id, kind="media", media=(uploaded.id,))
 
     async def send_and_wait(
         self,
@@ -857,6 +905,16 @@ class ChatClient:
         if self._history is None:
             raise RuntimeError("this needs the HTTP API: give the client http_url (and use it inside `async with`)")
         return self._history
+
+    @property
+    def media(self) -> MediaClient:
+        """Uploads, downloads and media info over the HTTP API (needs ``http_url``), with this
+        device's token; unfinished uploads are remembered in ``state_path`` when given."""
+        if self._http_url is None:
+            raise RuntimeError("media needs the HTTP API: give the client http_url, e.g. http://127.0.0.1:8080")
+        self._check_open()
+        assert self._media is not None  # made by __aenter__ whenever http_url is set
+        return self._media
 
     async def presence(self, *users: str) -> dict[str, UserPresence]:
         """State and last seen of users: yourself and users you share a conversation with

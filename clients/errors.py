@@ -8,6 +8,7 @@ Exception tree::
         ├── SendFailed          the server answered a send with an ``error`` reply (``.reply``)
         ├── ConnectionFailed    the first connect failed, or the connection dropped with reconnect off
         ├── HistoryFailed       the HTTP API refused a sync/history call for good (``.code``)
+        ├── MediaFailed         an upload, a download or a media call failed for good (``.code``)
         └── ClientClosed        the client was used after ``aclose()`` / ``close()``
 """
 
@@ -48,6 +49,19 @@ class HistoryFailed(ClientError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+class MediaFailed(ClientError):
+    """An upload, a download or a media call failed for good. ``code`` is the server's stable
+    ``error`` code (``checksum_mismatch``, ``unsupported_type``, ``too_large``, ``quota_exceeded``,
+    ``not_found`` …) or one of the SDK's: ``size_mismatch`` (a download is not the file's size),
+    ``gave_up`` (the retries ran out without progress), ``bad_response`` (an unreadable answer).
+    ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, code: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.status = status
 
 
 class ClientClosed(ClientError):

@@ -4,16 +4,48 @@
 :class:`Message`, :class:`Ack`, :class:`ErrorReply` or :class:`OtherEvent`; ``parse_envelope`` does
 the same for an already decoded JSON object (the ``messages`` of the HTTP API). Both return None
 for anything they cannot read and never raise, since the network is not trusted.
+
+A media message's ``attachments`` are read leniently: an element without a usable id, type and
+size is left out, an unreadable optional field (a name, dimensions, a thumbnail) is dropped, and
+the message itself stands.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from mqchat.errors import RequestError
 from mqchat.protocol import decode_object
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file a media message carries, as the server describes it (``GET /v1/media/{id}`` fetches it)."""
+
+    id: str
+    type: str  # its content type ("application/octet-stream" when encrypted)
+    size: int  # bytes
+    name: str | None = None  # the file name the sender gave (never for an encrypted one)
+    width: int | None = None  # images: pixels as displayed
+    height: int | None = None
+    thumbnail: bytes | None = None  # images: a small JPEG
+    encrypted: bool = False  # an end-to-end encrypted blob: the server never read it
+
+    def envelope(self) -> dict[str, Any]:
+        env: dict[str, Any] = {"id": self.id, "type": self.type, "size": self.size}
+        if self.name is not None:
+            env["name"] = self.name
+        if self.width is not None and self.height is not None:
+            env["width"], env["height"] = self.width, self.height
+        if self.thumbnail is not None:
+            env["thumbnail"] = base64.b64encode(self.thumbnail).decode("ascii")
+        if self.encrypted:
+            env["encrypted"] = True
+        return env
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +61,8 @@ class Message:
     ts: int  # server time, ms since the epoch
     kind: str
     body: str
-    media: tuple[str, ...] = ()
+    media: tuple[str, ...] = ()  # the media ids of a "media" message, as sent
+    attachments: tuple[Attachment, ...] = ()  # what the server says of each of them
 
     def envelope(self) -> dict[str, Any]:
         env: dict[str, Any] = {
@@ -46,6 +79,8 @@ class Message:
         }
         if self.media:
             env["media"] = list(self.media)
+        if self.attachments:
+            env["attachments"] = [a.envelope() for a in self.attachments]
         return env
 
 
@@ -178,6 +213,45 @@ def _parse_msg(obj: dict[str, Any]) -> Message | None:
         kind=kind,
         body=body,
         media=tuple(raw_media),
+        attachments=parse_attachments(obj.get("attachments")),
+    )
+
+
+def parse_attachments(raw: object) -> tuple[Attachment, ...]:
+    """The readable elements of a msg's ``attachments`` (anything else: none); never raises."""
+    if not isinstance(raw, list):
+        return ()
+    found = []
+    for item in raw:
+        attachment = _parse_attachment(item) if isinstance(item, dict) else None
+        if attachment is not None:
+            found.append(attachment)
+    return tuple(found)
+
+
+def _parse_attachment(obj: dict[str, Any]) -> Attachment | None:
+    id_, type_, size = _str(obj, "id"), _str(obj, "type"), _int(obj, "size")
+    if not id_ or type_ is None or size is None or size < 0:
+        return None
+    width, height = _int(obj, "width"), _int(obj, "height")
+    if width is None or height is None or width <= 0 or height <= 0:
+        width = height = None
+    thumbnail = None
+    encoded = _str(obj, "thumbnail")
+    if encoded:
+        try:
+            thumbnail = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            thumbnail = None
+    return Attachment(
+        id=id_,
+        type=type_,
+        size=size,
+        name=_str(obj, "name"),
+        width=width,
+        height=height,
+        thumbnail=thumbnail,
+        encrypted=obj.get("encrypted") is True,
     )
 
 

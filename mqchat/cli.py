@@ -1,4 +1,4 @@
-"""The ``mqchat`` command: serve, token, a chat client (chat / send / listen) and bench."""
+"""The ``mqchat`` command: serve, token, a chat client (chat / send / listen / download) and bench."""
 
 from __future__ import annotations
 
@@ -143,13 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(chat)
     chat.add_argument("--to", required=True, help="the other user")
 
-    send = sub.add_parser("send", help="send one message and print its ack")
+    send = sub.add_parser("send", help="send one message (or a file) and print its ack")
     _client_flags(send)
     target = send.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", help="the other user (1:1)")
     target.add_argument("--conv", help="a conversation id")
-    send.add_argument("--body", required=True)
-    send.add_argument("--timeout", type=float, default=10.0)
+    send.add_argument("--body", help="the text (with --file: its caption)")
+    send.add_argument(
+        "--file", metavar="PATH", help="upload this file (resuming after cuts) and send it as a media message"
+    )
+    send.add_argument("--http-port", help="the server's HTTP port, for --file (default 8080)")
+    send.add_argument(
+        "--state",
+        help="with --file: a file remembering unfinished uploads (and unacked sends), "
+        "so that running the command again resumes the upload",
+    )
+    send.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the ack (with --file: after the upload)"
+    )
 
     listen = sub.add_parser(
         "listen", help="print incoming events as JSON lines, first catching up on what arrived meanwhile"
@@ -164,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen.add_argument("--count", type=int, help="stop after this many events")
     listen.add_argument("--timeout", type=float, help="stop after this many seconds")
+
+    download = sub.add_parser(
+        "download", help="download a file (resuming a cut one) and print {id, path, size} as JSON"
+    )
+    _client_flags(download)
+    download.add_argument("--http-port", help="the server's HTTP port (default 8080)")
+    download.add_argument("--id", required=True, help="the media id (an attachment's id)")
+    download.add_argument(
+        "--out", required=True, metavar="PATH", help="where to write it (PATH.part until it is complete)"
+    )
 
     deploy = sub.add_parser("deploy", help="configuration for what runs around mqchat: HAProxy, Mosquitto, EMQX")
     targets = deploy.add_subparsers(dest="target", required=True, metavar="TARGET", parser_class=_Parser)
@@ -234,6 +255,12 @@ def _client_token(args: argparse.Namespace, config: Config) -> str:
     return issue_token(secret=config.auth.jwt_secret, user=args.user, device=args.device, ttl_s=3600)
 
 
+def _http_url(config: Config) -> str:
+    from mqchat.app import local_host
+
+    return f"http://{local_host(config.network.host)}:{config.network.http_port}"
+
+
 def _run_client(args: argparse.Namespace, config: Config) -> int:
     from clients import cli as client_cli
     from mqchat.ids import dm_conv
@@ -242,24 +269,43 @@ def _run_client(args: argparse.Namespace, config: Config) -> int:
     # once, by the command itself.
     logging.basicConfig(level=logging.WARNING, format="mqchat: %(message)s", stream=sys.stderr)
 
+    token = _client_token(args, config)
     common = {
         "host": config.network.host,
         "port": config.network.mqtt_port,
         "user": args.user,
         "device": args.device,
-        "token": _client_token(args, config),
+        "token": token,
     }
     if args.command == "chat":
         return asyncio.run(client_cli.chat(**common, peer=args.to))
+    if args.command == "download":
+        http_url = _http_url(config)
+        return asyncio.run(client_cli.download(http_url=http_url, token=token, media_id=args.id, out=Path(args.out)))
+    state = Path(args.state) if args.state else None
     if args.command == "send":
         conv = args.conv or dm_conv(args.user, args.to)
-        return asyncio.run(client_cli.send(**common, conv=conv, body=args.body, timeout=args.timeout))
-    from mqchat.app import local_host
-
-    http_url = None if args.live else f"http://{local_host(config.network.host)}:{config.network.http_port}"
-    state = Path(args.state) if args.state else None
+        if args.file is None:
+            return asyncio.run(client_cli.send(**common, conv=conv, body=args.body, timeout=args.timeout))
+        return asyncio.run(
+            client_cli.send(
+                **common,
+                conv=conv,
+                body=args.body or "",
+                timeout=args.timeout,
+                file=Path(args.file),
+                http_url=_http_url(config),
+                state_path=state,
+            )
+        )
     return asyncio.run(
-        client_cli.listen(**common, count=args.count, timeout=args.timeout, http_url=http_url, state_path=state)
+        client_cli.listen(
+            **common,
+            count=args.count,
+            timeout=args.timeout,
+            http_url=None if args.live else _http_url(config),
+            state_path=state,
+        )
     )
 
 
@@ -275,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         return _child(argv[1])
     args = build_parser().parse_args(argv)
+    if args.command == "send" and args.body is None and args.file is None:
+        print("mqchat: send needs --body, --file or both (see mqchat send --help)", file=sys.stderr)
+        return 2
     if args.command == "deploy":
         return _deploy(args)
     if args.command == "admin-credential":
