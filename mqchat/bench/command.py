@@ -15,7 +15,7 @@ from typing import Any
 from mqchat.bench.harness import LOAD_CPU, SYSTEMS, BenchError, Options, pin, raise_nofile
 from mqchat.bench.report import write_result
 
-SCENARIOS = ("relay", "chat", "fanout", "connections", "acl", "abuse", "cluster")
+SCENARIOS = ("relay", "chat", "fanout", "connections", "acl", "abuse", "media", "cluster")
 """Each is a module of this package with ``run`` (measure, return the result body), ``table``
 (print it) and ``plot`` (draw it); it is imported only when it runs, so ``--help`` starts no
 broker code."""
