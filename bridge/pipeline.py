@@ -256,6 +256,7 @@ class Pipeline:
                 if self._media is None:
                     raise RequestError(ErrorCode.BAD_MEDIA, "media is not served here", id=req.id, conv=req.conv.id)
                 files = await self._media.check_send(user, req.media, id=req.id, conv=req.conv.id)
+                await self._media.grant(req.media, req.conv.id)
             appending = self._log.append(
                 NewMessage(
                     conv=req.conv.id,
@@ -283,10 +284,6 @@ class Pipeline:
                 id=req.id,
                 conv=req.conv.id,
             )
-        if stored.media and self._media is not None:
-            # After the store (a refused send grants nothing), before the ack (a retry that
-            # finds the message grants again).
-            await self._media.granted(stored.media, stored.conv)
         if result.duplicate:
             metrics.MESSAGES_DUPLICATE.inc()
         else:

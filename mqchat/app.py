@@ -304,8 +304,20 @@ async def push_dispatcher(
 async def media_parts(config: Config, storage: Storage) -> AsyncIterator[tuple[MediaService, MediaCollector]]:
     """The configured object store, the media service over it and the store's media index, and
     the collector of expired uploads and unsent files."""
+    if config.media.backend == "local" and not config.media.directory and config.storage.backend != "sqlite":
+        logger.warning(
+            "media are kept in this node's own directory (%s) while the store is shared: every node of a "
+            "fleet must see the same files (media_backend = s3, or media_dir on a shared mount)",
+            config.storage.data_dir / "media",
+        )
     async with open_object_store(config.media, config.storage.data_dir) as objects:
-        media = MediaService(index=storage.messages, objects=objects, groups=storage.messages, config=config.media)
+        media = MediaService(
+            index=storage.messages,
+            objects=objects,
+            groups=storage.messages,
+            config=config.media,
+            scratch=config.storage.data_dir / "media-spool",
+        )
         async with MediaCollector(media=media, index=storage.messages) as collector:
             yield media, collector
 

@@ -811,7 +811,7 @@ class MediaConfig:
     backend: str = "local"  # "local": a directory (default data_dir/media); "s3": an S3-compatible bucket
     directory: str = ""  # local: where media files live (empty: DATA_DIR/media)
     max_bytes: int = 100 * 1024 * 1024  # one file
-    user_bytes: int = 2 * 1024 * 1024 * 1024  # one user's media, uploads in progress included
+    user_bytes: int = 10 * 1024 * 1024 * 1024  # every file one user has, uploads in progress included
     user_uploads: int = 20  # one user's uploads in progress
     types: tuple[str, ...] = DEFAULT_MEDIA_TYPES
     upload_expiry_s: float = 24 * 3600.0  # an upload not completed by then is deleted

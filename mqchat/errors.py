@@ -60,6 +60,7 @@ class ErrorCode(StrEnum):
     CHECKSUM_MISMATCH = "checksum_mismatch"  # a finished upload's bytes do not have the declared sha256 (460)
     QUOTA_EXCEEDED = "quota_exceeded"  # the user's media would pass their quota (413)
     BAD_RANGE = "bad_range"  # a Range a file cannot satisfy (416)
+    UPLOAD_LOST = "upload_lost"  # an upload's bytes are gone: create it again (410)
 
     @property
     def http_status(self) -> int:
@@ -90,6 +91,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CHECKSUM_MISMATCH: 460,  # tus's checksum extension
     ErrorCode.QUOTA_EXCEEDED: 413,
     ErrorCode.BAD_RANGE: 416,
+    ErrorCode.UPLOAD_LOST: 410,
 }
 
 

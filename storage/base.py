@@ -121,7 +121,9 @@ class MessageLog(ABC):
     @abstractmethod
     async def append(self, message: NewMessage) -> AppendResult:
         """Store message durably with the conversation's next seq; idempotent per
-        (sender, client_id). Calls made in order from one task keep their order in seq."""
+        (sender, client_id). Calls made in order from one task keep their order in seq, and so
+        do calls from several tasks in the order their first steps ran: an implementation queues
+        the message before its first await (the pipeline relies on it to keep a device's order)."""
 
     @abstractmethod
     async def fetch_after(self, conv: str, after: int, limit: int) -> Page:

@@ -24,9 +24,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from bridge.media.inspect import shows_type
+from bridge.media.service import media_key
 from mqchat.config import MediaConfig
 from mqchat.ids import dm_conv
 from mqchat.tokens import admin_credential
+from storage.objects import LocalObjectStore
 from tests.conftest import Stack, both_stores, make_config, open_stack, start_served, stop_served, storage_for
 from tests.helpers import connect_device, send_env, unique
 from tests.s3_server import S3Bucket, s3_bucket, s3_server  # noqa: F401
@@ -171,7 +174,9 @@ async def test_only_members_download_with_range_and_caching(stack: Stack) -> Non
         assert whole.headers["accept-ranges"] == "bytes"
         assert whole.headers["etag"] == f'"{hashlib.sha256(data).hexdigest()}"'
         assert "immutable" in whole.headers["cache-control"]
-        assert whole.headers["content-disposition"] == "attachment; filename*=UTF-8''report%20%F0%9F%93%84.pdf"
+        assert whole.headers["content-disposition"] == (
+            "attachment; filename=\"report _.pdf\"; filename*=UTF-8''report%20%F0%9F%93%84.pdf"
+        )
         middle = await http.get(f"/v1/media/{media_id}", headers={"Range": "bytes=1000-1999"})
         assert (middle.status_code, middle.content) == (206, data[1000:2000])
         assert middle.headers["content-range"] == f"bytes 1000-1999/{len(data)}"
@@ -327,6 +332,68 @@ async def test_an_erased_account_takes_its_files_with_it(stack: Stack) -> None:
     assert not [p for p in (stack.config.storage.data_dir / "media").rglob("*") if p.is_file()], pending
 
 
+async def test_a_finished_file_is_deleted_and_a_cut_short_finish_completes_on_the_next_patch(
+    stack: Stack, tmp_path: Path
+) -> None:
+    alice = unique("alice")
+    photo = jpeg(50, 50)
+    async with stack.http(alice) as http:
+        done = await upload(http, photo, "image/jpeg")
+        assert (await http.delete(f"/v1/media/uploads/{done}", headers=TUS)).status_code == 204
+        assert (await http.get(f"/v1/media/{done}")).status_code == 404
+        assert not (tmp_path / "media" / "media" / done).exists()
+        # the node died after the bytes became the file and before the file was checked
+        created = await create(http, photo, "image/jpeg")
+        media_id, url = created.json()["id"], created.headers["location"]
+        headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+        record = (await stack.store.media_records([media_id]))[media_id]
+        objects = LocalObjectStore(tmp_path / "media")
+        async with stack.http(alice) as other:
+            # only the bytes, through the object store and the index, as the dead request left them
+            async def record_it(offset: int, staging: str) -> None:
+                assert await stack.store.advance_upload(media_id, expected=0, offset=offset, staging=staging)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield photo
+
+            await objects.append(media_key(media_id), record.staging, 0, chunks(), record_it)
+            await objects.finish(media_key(media_id), record.staging, len(photo))
+            assert await offset_of(other, url) == len(photo)
+            again = await other.patch(url, content=b"", headers={**headers, "Upload-Offset": str(len(photo))})
+        assert again.status_code == 204, again.text
+        info = (await http.get(f"/v1/media/{media_id}/info")).json()
+        assert (info["state"], info["width"]) == ("ready", 50)
+        # a lost answer to the last PATCH: asked again, the same answer
+        repeat = await http.patch(url, content=b"", headers={**headers, "Upload-Offset": str(len(photo))})
+        assert (repeat.status_code, repeat.headers["upload-offset"]) == (204, str(len(photo)))
+
+
+@both_stores
+async def test_two_patches_of_one_upload_at_once_make_one_right_file(stack: Stack) -> None:
+    """A phone retried while its first request still ran: the two never write at once."""
+    alice = unique("alice")
+    data = b"%PDF-1.3\n" + secrets.token_bytes(6 * 1024 * 1024)
+    async with stack.http(alice) as one, stack.http(alice) as two:
+        created = await create(one, data, "application/pdf")
+        url = created.headers["location"]
+        answers = await asyncio.gather(patch(one, url, data, 0), patch(two, url, data, 0), return_exceptions=True)
+        # the one that waited is refused (409), maybe before the server reads its body: then its
+        # connection is closed under it, and a client asks where the upload stands (HEAD)
+        statuses = sorted(str(a.status_code) if isinstance(a, httpx.Response) else type(a).__name__ for a in answers)
+        assert statuses[0] == "204", answers
+        assert statuses[1] in ("204", "409", "ReadError", "WriteError", "RemoteProtocolError"), answers
+        assert await offset_of(one, url) == len(data)
+        got = await one.get(f"/v1/media/{created.json()['id']}")
+    assert hashlib.sha256(got.content).digest() == hashlib.sha256(data).digest()
+
+
+def test_an_iphone_photo_shows_its_declared_type() -> None:
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    assert shows_type(heic, "image/heic")
+    assert shows_type(heic, "image/heif")
+    assert not shows_type(heic, "image/jpeg")
+
+
 def s3_media(bucket: S3Bucket, **more: Any) -> MediaConfig:
     return MediaConfig(
         backend="s3",
@@ -388,6 +455,11 @@ async def test_the_s3_backend_resumes_uploads_serves_ranges_and_presigns(
             assert put.status_code == 200, put.text
         completed = await http.post(f"/v1/media/{plan['id']}/complete")
         assert completed.status_code == 200, completed.text
+        async with httpx.AsyncClient(trust_env=False) as bare:  # the URL is still valid: it changes nothing
+            other = jpeg(300, 200)[::-1][: len(photo)]
+            await bare.put(plan["url"], content=other, headers=plan["headers"])
+        kept = await http.get(f"/v1/media/{plan['id']}", follow_redirects=True)
+        assert kept.content == photo
         assert (completed.json()["state"], completed.json()["width"], completed.json()["height"]) == ("ready", 300, 200)
         async with stack.http(bob) as http:
             redirect = await http.get(f"/v1/media/{media_id}")

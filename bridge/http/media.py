@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from bridge.http.context import ERROR_RESPONSES, Api, Caller
 from bridge.http.schemas import DirectUploadIn, DirectUploadOut, MediaInfo
-from bridge.media.service import MediaService, Upload, attachment
+from bridge.media.service import BODY_IDLE_S, MediaService, Upload, attachment
 from mqchat.errors import ErrorCode, RequestError
 from mqchat.ids import ID_PATTERN
 from storage.records import MediaRecord
@@ -48,8 +48,6 @@ router = APIRouter(tags=["media"], responses={**ERROR_RESPONSES, 409: ERROR_RESP
 TUS_VERSION = "1.0.0"
 TUS = {"Tus-Resumable": TUS_VERSION}
 UPLOAD_PATH = "/v1/media/uploads/"
-IDLE_S = 30.0
-"""A PATCH body that sends nothing for this long is ended (what arrived is kept)."""
 
 MediaId = Annotated[str, Path(description="a media id", json_schema_extra={"pattern": f"^{ID_PATTERN}$"})]
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -189,7 +187,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
     stream = request.stream().__aiter__()
     while True:
         try:
-            async with asyncio.timeout(IDLE_S):
+            async with asyncio.timeout(BODY_IDLE_S):
                 chunk = await anext(stream)
         except (StopAsyncIteration, ClientDisconnect, TimeoutError):
             return
@@ -259,11 +257,13 @@ def _range(value: str, size: int) -> tuple[int, int]:
 
 
 def _disposition(record: MediaRecord) -> str:
-    inline = not record.opaque and record.content_type.startswith(("image/", "video/", "audio/"))
-    kind = "inline" if inline else "attachment"
-    if record.opaque or not record.filename:
-        return kind
-    return f"{kind}; filename*=UTF-8''{quote(record.filename.encode('utf-8', 'replace'), safe='')}"
+    """``attachment`` (a browser saves it, never renders it in the API's origin), with the
+    file's name in ASCII and in full (RFC 6266)."""
+    name = "" if record.opaque else record.filename
+    if not name:
+        return "attachment"
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name.encode('utf-8', 'replace'), safe='')}"
 
 
 @router.get("/v1/media/{id}/info", response_model=MediaInfo, summary="A file's type, size, dimensions and thumbnail")

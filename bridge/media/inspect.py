@@ -27,7 +27,10 @@ _ALIASES = {
     "audio/mp3": "audio/mpeg",
     "audio/x-m4a": "audio/mp4",
 }
-_FAMILIES = [frozenset({"video/mp4", "audio/mp4", "video/quicktime", "audio/aac"})]
+_FAMILIES = [
+    frozenset({"video/mp4", "audio/mp4", "video/quicktime", "audio/aac"}),
+    frozenset({"image/heic", "image/heif"}),  # an iPhone photo's brand "heic" is read as HEIF
+]
 _ORIENTATION = 0x0112  # the EXIF tag
 _THUMBNAILED = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 

@@ -44,7 +44,8 @@ from mqchat.config import MediaConfig
 from mqchat.errors import ErrorCode, RequestError
 from mqchat.ids import new_mid, parse_conv
 from storage.base import Groups, MediaIndex
-from storage.objects.base import ObjectStore, PresignedPut
+from storage.files import private_dir
+from storage.objects.base import ObjectStore, PresignedPut, UploadLost
 from storage.records import READY, UPLOADING, MediaRecord
 
 __all__ = ["MediaService", "Upload", "media_key"]
@@ -60,8 +61,12 @@ INSPECT_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 
-SETTLE_S = 10.0
-"""How long a HEAD waits for a PATCH of the same upload in this process to end."""
+BODY_IDLE_S = 30.0
+"""An upload's body that sends nothing for this long is ended (what arrived is kept)."""
+
+SETTLE_S = BODY_IDLE_S + 5.0
+"""How long a HEAD waits for a PATCH of the same upload in this process to end (a stalled one
+ends within BODY_IDLE_S)."""
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 OPAQUE_TYPE = "application/octet-stream"
@@ -71,8 +76,20 @@ def media_key(id: str) -> str:
     return f"media/{id}"
 
 
+def direct_key(id: str) -> str:
+    """Where a direct upload's presigned PUT lands: moved to media_key once checked, so a URL
+    still valid after that cannot replace the checked file."""
+    return f"direct/{id}"
+
+
 def _refuse(code: ErrorCode, message: str) -> RequestError:
     return RequestError(code, message)
+
+
+@dataclass(slots=True)
+class _Held:
+    lock: asyncio.Lock
+    users: int = 0  # requests holding or waiting for the lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +116,9 @@ class MediaService:
         config: MediaConfig | None = None,
         clock: Clock = SYSTEM_CLOCK,
         cached: int = 20_000,
+        scratch: Path | None = None,
     ) -> None:
+        self._scratch = scratch  # where a finished image is copied to be read (default: the system's)
         self._index = index
         self._objects = objects
         self._groups = groups
@@ -110,7 +129,7 @@ class MediaService:
         self._ready: OrderedDict[str, MediaRecord] = OrderedDict()
         self._granted: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._cached = cached
-        self._uploading: dict[str, asyncio.Lock] = {}  # one request at a time per upload in this process
+        self._uploading: dict[str, _Held] = {}  # one request at a time per upload in this process
 
     @property
     def config(self) -> MediaConfig:
@@ -162,27 +181,43 @@ class MediaService:
             raise _refuse(ErrorCode.NOT_FOUND, "no such upload")
         return record
 
+    @contextlib.asynccontextmanager
+    async def _held(self, id: str) -> AsyncIterator[None]:
+        """One request at a time per upload in this process (a count keeps the lock while anyone
+        waits for it)."""
+        entry = self._uploading.get(id)
+        if entry is None:
+            entry = self._uploading[id] = _Held(asyncio.Lock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users and self._uploading.get(id) is entry:
+                del self._uploading[id]
+
     async def settled(self, user: str, id: str) -> MediaRecord:
         """user's upload id once no request of this process is writing it (at most SETTLE_S):
         a phone that lost its connection mid-PATCH asks where to resume while the server is
         still taking in what arrived; it is told the offset that request ends at."""
-        lock = self._uploading.get(id)
-        if lock is not None and lock.locked():
+        if id in self._uploading:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SETTLE_S), lock:
+                async with asyncio.timeout(SETTLE_S), self._held(id):
                     pass
-            if not lock.locked() and self._uploading.get(id) is lock:
-                del self._uploading[id]
         return await self.upload_of(user, id)
 
     async def receive(self, user: str, id: str, offset: int, chunks: AsyncIterator[bytes]) -> MediaRecord:
         """Bytes of user's upload id from offset on. What arrives is kept even when the stream is
         cut (the client resumes from the offset a HEAD reports); once every byte is there the
         upload is checked and becomes a file. Returns the record as it stands."""
-        lock = self._uploading.setdefault(id, asyncio.Lock())
-        try:
-            async with lock:
-                record = await self.upload_of(user, id)
+        async with self._held(id):
+            record = await self.upload_of(user, id)
+            if record.state != UPLOADING and offset == record.size:
+                return record  # the answer to the last PATCH was lost: it is done
+            key = media_key(id)
+            async with self._objects.exclusive(key, record.staging):
+                record = await self.upload_of(user, id)  # as it stands now that no one else writes it
                 if record.state != UPLOADING:
                     if offset == record.size:  # the answer to the last PATCH was lost: it is done
                         return record
@@ -191,26 +226,37 @@ class MediaService:
                     raise RequestError(
                         ErrorCode.OFFSET_MISMATCH, f"the upload is at offset {record.offset}, not {offset}"
                     )
-                durable = record.offset
+                if record.offset < record.size:
+                    durable = record.offset
 
-                async def keep(new_offset: int, staging: str) -> None:
-                    nonlocal durable
-                    if not await self._index.advance_upload(id, expected=durable, offset=new_offset, staging=staging):
-                        raise RequestError(ErrorCode.OFFSET_MISMATCH, "another request moved this upload; resume")
-                    UPLOAD_BYTES.inc(new_offset - durable)
-                    durable = new_offset
+                    async def keep(new_offset: int, staging: str) -> None:
+                        nonlocal durable
+                        if not await self._index.advance_upload(
+                            id, expected=durable, offset=new_offset, staging=staging
+                        ):
+                            raise RequestError(ErrorCode.OFFSET_MISMATCH, "another request moved this upload; resume")
+                        UPLOAD_BYTES.inc(new_offset - durable)
+                        durable = new_offset
 
-                try:
-                    await self._objects.append(media_key(id), record.staging, offset, chunks, keep)
-                except ValueError as exc:
-                    raise RequestError(ErrorCode.TOO_LARGE, "more bytes than the upload's length") from exc
-                record = await self.upload_of(user, id)
-                if record.offset == record.size:
-                    record = await self._finish(record)
+                    try:
+                        await self._objects.append(key, record.staging, offset, chunks, keep)
+                    except ValueError as exc:
+                        raise RequestError(ErrorCode.TOO_LARGE, "more bytes than the upload's length") from exc
+                    except UploadLost:
+                        await self._discard(record, outcome="lost")
+                        raise RequestError(
+                            ErrorCode.UPLOAD_LOST, "this upload's bytes are gone; create it again"
+                        ) from None
+                    record = await self.upload_of(user, id)
+                if record.offset == record.size:  # (also: a finish that a crash or an error cut short)
+                    try:
+                        record = await self._finish(record)
+                    except UploadLost:
+                        await self._discard(record, outcome="lost")
+                        raise RequestError(
+                            ErrorCode.UPLOAD_LOST, "this upload's bytes are gone; create it again"
+                        ) from None
                 return record
-        finally:
-            if not lock.locked() and self._uploading.get(id) is lock:
-                del self._uploading[id]
 
     async def _finish(self, record: MediaRecord) -> MediaRecord:
         key = media_key(record.id)
@@ -220,7 +266,9 @@ class MediaService:
     async def _check_and_complete(self, record: MediaRecord) -> MediaRecord:
         """Read the file once: its digest, its type, an image's facts. A file that fails is gone."""
         key = media_key(record.id)
-        with INSPECT_SECONDS.time(), tempfile.TemporaryDirectory(prefix="mqchat-media-") as scratch:
+        if self._scratch is not None:
+            await asyncio.to_thread(private_dir, self._scratch)
+        with INSPECT_SECONDS.time(), tempfile.TemporaryDirectory(prefix="inspect-", dir=self._scratch) as scratch:
             thumbnailing = not record.opaque and record.content_type.startswith("image/")
             copy = Path(scratch) / "file"
             digest = hashlib.sha256()
@@ -276,8 +324,9 @@ class MediaService:
 
     async def _discard(self, record: MediaRecord, *, outcome: str) -> None:
         key = media_key(record.id)
-        await self._objects.abort(key, record.staging)
+        await self._objects.abort(key, record.staging)  # (nothing for a finished file)
         await self._objects.delete(key)
+        await self._objects.delete(direct_key(record.id))
         await self._index.delete_media(record.id)
         UPLOADS.labels(outcome=outcome).inc()
 
@@ -296,7 +345,7 @@ class MediaService:
             raise _refuse(ErrorCode.UNSUPPORTED, "direct uploads are not offered here; use the resumable upload")
         record = await self.create(user, upload)
         put = await self._objects.presigned_put(
-            media_key(record.id),
+            direct_key(record.id),
             size=record.size,
             content_type=record.content_type,
             expires_s=self._config.url_expiry_s,
@@ -309,23 +358,26 @@ class MediaService:
         record = await self.upload_of(user, id)
         if record.state == READY:
             return record
-        size = await self._objects.size(media_key(id))
-        if size != record.size:
-            raise RequestError(
-                ErrorCode.OFFSET_MISMATCH, f"the object store holds {size or 0} of the file's {record.size} bytes"
-            )
-        await self._objects.abort(media_key(id), record.staging)  # the resumable upload begun for it
-        if not await self._index.advance_upload(id, expected=record.offset, offset=record.size, staging=""):
-            return await self.upload_of(user, id)
+        if record.offset != record.size:  # (else moved before a crash cut this short)
+            size = await self._objects.size(direct_key(id))
+            if size != record.size:
+                raise RequestError(
+                    ErrorCode.OFFSET_MISMATCH, f"the object store holds {size or 0} of the file's {record.size} bytes"
+                )
+            await self._objects.abort(media_key(id), record.staging)  # the resumable upload begun for it
+            await self._objects.adopt(direct_key(id), media_key(id))
+            if not await self._index.advance_upload(id, expected=record.offset, offset=record.size, staging=""):
+                return await self.upload_of(user, id)
         record = dataclasses.replace(record, offset=record.size, staging="")
         return await self._check_and_complete(record)
 
     # --- reading ------------------------------------------------------------------------------------
 
     async def readable(self, user: str, id: str) -> MediaRecord:
-        """The file id, if user may read it: its owner, or a member of a conversation it was sent to."""
-        record = await self._file(id)
-        if record is None:
+        """The file id, if user may read it: its owner, or a member of a conversation it was sent
+        to. Read from the index (a file deleted by another node is gone here too)."""
+        record = (await self._index.media_records([id])).get(id)
+        if record is None or record.state != READY:
             raise _refuse(ErrorCode.NOT_FOUND, "no such file")
         if record.owner == user:
             return record
@@ -337,17 +389,6 @@ class MediaService:
                 await require_member(self._groups, user, conv)
                 return record
         raise _refuse(ErrorCode.NOT_FOUND, "no such file")  # not told apart from one that does not exist
-
-    async def _file(self, id: str) -> MediaRecord | None:
-        cached = self._ready.get(id)
-        if cached is not None:
-            self._ready.move_to_end(id)
-            return cached
-        record = (await self._index.media_records([id])).get(id)
-        if record is None or record.state != READY:
-            return None
-        self._remember(record)
-        return record
 
     def stream(self, record: MediaRecord, start: int, end: int) -> AsyncIterator[bytes]:
         async def counted() -> AsyncIterator[bytes]:
@@ -370,12 +411,13 @@ class MediaService:
     # --- sends --------------------------------------------------------------------------------------
 
     async def check_send(self, user: str, ids: Sequence[str], *, id: str, conv: str) -> list[MediaRecord]:
-        """The records of a send's media, each user's own finished upload (bad_media otherwise)."""
-        wanted = [i for i in dict.fromkeys(ids) if i not in self._ready]
-        found = await self._index.media_records(wanted) if wanted else {}
+        """The records of a send's media, each user's own finished upload (bad_media otherwise).
+        Read from the index, never from what this process remembers (the owner may have deleted
+        the file through another node)."""
+        found = await self._index.media_records(ids)
         records = []
         for media_id in ids:
-            record = self._ready.get(media_id) or found.get(media_id)
+            record = found.get(media_id)
             if record is None or record.owner != user or record.state != READY:
                 raise RequestError(
                     ErrorCode.BAD_MEDIA,
@@ -387,8 +429,10 @@ class MediaService:
             records.append(record)
         return records
 
-    async def granted(self, ids: Sequence[str], conv: str) -> None:
-        """The members of conv may read ids from now on (after the message is stored)."""
+    async def grant(self, ids: Sequence[str], conv: str) -> None:
+        """The members of conv may read ids from now on. Before the message is stored: a crash
+        between the two leaves a grant without a message (the ids were never shown to anyone),
+        never a message whose files its readers cannot fetch."""
         new = [i for i in ids if (i, conv) not in self._granted]
         if not new:
             return

@@ -22,10 +22,18 @@ from pathlib import Path
 
 from mqchat.config import MediaConfig
 from mqchat.errors import ConfigError
-from storage.objects.base import ObjectStore, ObjectStoreError, PresignedPut, Record
+from storage.objects.base import ObjectStore, ObjectStoreError, PresignedPut, Record, UploadLost
 from storage.objects.local import LocalObjectStore
 
-__all__ = ["LocalObjectStore", "ObjectStore", "ObjectStoreError", "PresignedPut", "Record", "open_object_store"]
+__all__ = [
+    "LocalObjectStore",
+    "ObjectStore",
+    "ObjectStoreError",
+    "PresignedPut",
+    "Record",
+    "UploadLost",
+    "open_object_store",
+]
 
 
 @asynccontextmanager

@@ -19,13 +19,15 @@ carry on an upload that another began. A backend never holds an object whole in 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from mqchat.errors import StorageError
 
-__all__ = ["ObjectStore", "ObjectStoreError", "PresignedPut", "Record"]
+__all__ = ["ObjectStore", "ObjectStoreError", "PresignedPut", "Record", "UploadLost"]
 
 Record = Callable[[int, str], Awaitable[None]]
 """record(offset, staging): the upload's bytes up to offset are durable, in that staging state."""
@@ -34,6 +36,11 @@ Record = Callable[[int, str], Awaitable[None]]
 class ObjectStoreError(StorageError):
     """The object store failed (unreachable, refused, or an object is missing): like any
     storage failure, an HTTP call that meets it answers 503 and may be retried."""
+
+
+class UploadLost(ObjectStoreError):
+    """An upload's bytes are gone (its partial file, its multipart upload or its tail): it cannot
+    go on, and must begin again. Retrying does not help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,19 @@ class ObjectStore(ABC):
 
     @abstractmethod
     async def abort(self, key: str, staging: str) -> None:
-        """Delete an unfinished upload's bytes (idempotent)."""
+        """Delete an unfinished upload's bytes (idempotent; an empty staging: nothing to do)."""
+
+    def exclusive(self, key: str, staging: str) -> AbstractAsyncContextManager[None]:
+        """Held while one request writes an upload: no other request, of any process, writes it
+        meanwhile where the backend can promise that (a local directory: a lock on the partial
+        file). Elsewhere nothing (S3: requests that race are told apart by the compare-and-set of
+        the recorded offset, and each keeps its remainder under a key of its own)."""
+        return contextlib.nullcontext()
+
+    async def adopt(self, source: str, key: str) -> None:
+        """Make the object at source (a direct upload's, PUT with a presigned URL) the object at
+        key, and delete source. ObjectStoreError where there is no such object."""
+        raise ObjectStoreError("this object store takes no direct uploads")
 
     @abstractmethod
     def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 from storage.files import private_dir, private_file
-from storage.objects.base import ObjectStore, ObjectStoreError, Record
+from storage.objects.base import ObjectStore, ObjectStoreError, Record, UploadLost
 from storage.objects.transfer import READ_CHUNK, Incoming, ThreadFile, check_key, open_in_thread, read_at, write_all
 
 __all__ = ["LocalObjectStore"]
@@ -40,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 RECORD_EVERY = 4 * 1024 * 1024
 """Bytes of an append made durable (fsync) and recorded together."""
+
+LOCK_WAIT_S = 60.0
+"""How long a request waits for another (of any process) writing the same upload."""
 
 UPLOADS = "uploads"
 """The subdirectory of partial files (so no key may begin with it)."""
@@ -129,7 +134,7 @@ class LocalObjectStore(ObjectStore):
             try:
                 file = await open_in_thread(partial(os.open, self._uploads / state.partial, os.O_WRONLY))
             except FileNotFoundError:
-                raise ObjectStoreError(f"the upload to {key} is gone (aborted or finished)") from None
+                raise UploadLost(f"the upload to {key} is gone (aborted or finished)") from None
         try:
             with _disk_errors(f"write the upload to {key}"):
                 await file.run(partial(_truncate, at=offset))
@@ -172,7 +177,7 @@ class LocalObjectStore(ObjectStore):
             except FileNotFoundError:  # finished before (or aborted: then there is no object)
                 if _size(target) == size:
                     return
-                raise ObjectStoreError(f"the upload to {key} is gone, and no object of {size} bytes is there") from None
+                raise UploadLost(f"the upload to {key} is gone, and no object of {size} bytes is there") from None
             try:
                 found = os.fstat(fd).st_size
                 if found != size:
@@ -187,8 +192,36 @@ class LocalObjectStore(ObjectStore):
         with _disk_errors(f"finish the upload to {key}"):
             await asyncio.to_thread(rename)
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: str, staging: str) -> AsyncIterator[None]:
+        self._object_path(key)
+        if not staging:  # a finished file: nothing to write
+            yield
+            return
+        state = _Staging.load(staging)
+        try:
+            fd = await asyncio.to_thread(os.open, self._uploads / state.partial, os.O_RDONLY)
+        except FileNotFoundError:  # gone: the append that follows says so
+            yield
+            return
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ObjectStoreError(f"another request is writing the upload to {key}") from None
+                    await asyncio.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # and with it the lock
+
     async def abort(self, key: str, staging: str) -> None:
         self._object_path(key)
+        if not staging:  # nothing in progress (a finished file's staging is empty)
+            return
         state = _Staging.load(staging)
         with _disk_errors(f"delete the upload to {key}"):
             await asyncio.to_thread((self._uploads / state.partial).unlink, missing_ok=True)
@@ -226,6 +259,21 @@ class LocalObjectStore(ObjectStore):
         path = self._object_path(key)
         with _disk_errors(f"delete {key}"):
             await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def adopt(self, source: str, key: str) -> None:
+        source_path, target = self._object_path(source), self._object_path(key)
+
+        def move() -> None:
+            try:
+                os.replace(source_path, target)
+            except FileNotFoundError:
+                if _size(target) is None:
+                    raise ObjectStoreError(f"there is no object at {source}") from None
+                return
+            _sync_directory(target.parent)
+
+        with _disk_errors(f"move {source} to {key}"):
+            await asyncio.to_thread(move)
 
 
 def _truncate(fd: int, at: int) -> None:

@@ -2,11 +2,14 @@
 
 ::
 
-    begin ───▶ CreateMultipartUpload          staging {"upload", "size", "type", "parts": [[n, etag, size]…], "tail"}
-    append ──▶ GetObject {key}.tail (the remainder recorded last) ──▶ spool: an unlinked temporary file
+    begin ───▶ CreateMultipartUpload  staging {"upload", "size", "type", "parts": [[n, etag, size]…],
+                                               "tail", "tail_key"}
+    append ──▶ GetObject tail_key (the remainder recorded last) ──▶ spool: an unlinked temporary file
                chunks ──▶ spool ── PART_SIZE spooled ──▶ UploadPart n ──▶ record
-               end of the chunks, or a cut ──▶ spool's remainder ──▶ PutObject {key}.tail ──▶ record
-    finish ──▶ UploadPartCopy {key}.tail as the last part, CompleteMultipartUpload, delete the tail
+               end of the chunks, or a cut ──▶ spool's remainder ──▶ PutObject {key}.tail.{token} ──▶ record
+               (then the tail it replaced is deleted)
+    finish ──▶ UploadPartCopy tail_key as the last part, CompleteMultipartUpload, delete {key}.tail.*
+    adopt ───▶ CopyObject (a direct upload's staging key to its key), delete the staging key
     read ────▶ GetObject with Range, its body streamed 256 KiB at a time
 
 A remainder smaller than a part (S3 wants 5 MiB or more of every part but the last) is kept as an
@@ -31,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, aclosing
@@ -47,7 +51,7 @@ from aiobotocore.session import get_session  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
 from storage.files import private_dir
-from storage.objects.base import ObjectStore, ObjectStoreError, PresignedPut, Record
+from storage.objects.base import ObjectStore, ObjectStoreError, PresignedPut, Record, UploadLost
 from storage.objects.transfer import READ_CHUNK, Incoming, ThreadFile, check_key, open_in_thread, read_at, write_all
 
 __all__ = ["PART_SIZE", "PART_TRANSFERS", "S3ObjectStore"]
@@ -97,14 +101,22 @@ class _Upload:
     size: int  # the declared size
     type: str  # the content type, for an empty file
     parts: tuple[tuple[int, str, int], ...]  # (number, ETag, size) of each part uploaded and recorded
-    tail: int  # bytes of {key}.tail that follow the parts
+    tail: int  # bytes of the tail object (tail_key) that follow the parts
+    tail_key: str = ""  # each append keeps its remainder under a key of its own: {key}.tail.{token}
 
     @property
     def offset(self) -> int:
         return sum(part[2] for part in self.parts) + self.tail
 
     def dump(self) -> str:
-        fields = {"upload": self.upload, "size": self.size, "type": self.type, "parts": self.parts, "tail": self.tail}
+        fields = {
+            "upload": self.upload,
+            "size": self.size,
+            "type": self.type,
+            "parts": self.parts,
+            "tail": self.tail,
+            "tail_key": self.tail_key,
+        }
         return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
@@ -117,6 +129,7 @@ class _Upload:
                 type=fields["type"],
                 parts=tuple((number, etag, size) for number, etag, size in fields["parts"]),
                 tail=fields["tail"],
+                tail_key=fields.get("tail_key", ""),
             )
         except (ValueError, TypeError, KeyError):
             raise ObjectStoreError("not a staging state of the S3 object store") from None
@@ -124,6 +137,8 @@ class _Upload:
         if not (
             isinstance(upload.upload, str)
             and isinstance(upload.type, str)
+            and isinstance(upload.tail_key, str)
+            and bool(upload.tail_key) == bool(upload.tail)
             and all(type(n) is int for n in (upload.size, upload.tail, *numbers))
             and all(isinstance(etag, str) and type(size) is int and size > 0 for _, etag, size in upload.parts)
             and numbers == list(range(1, len(numbers) + 1))
@@ -328,12 +343,13 @@ class S3ObjectStore(ObjectStore):
         spool = await _Spool.create(self._spool_dir)
         try:
             if upload.tail:
-                await self._load_tail(key, upload.tail, spool)
+                await self._load_tail(key, upload, spool)
             upload = await self._send_parts(key, upload, incoming, spool, record)
             if spool.length != upload.tail:  # bytes came after the last part (the tail was 0 since)
-                await self._keep_tail(key, spool)
-                upload = replace(upload, tail=spool.length)
+                before = upload.tail_key
+                upload = replace(upload, tail=spool.length, tail_key=await self._keep_tail(key, spool))
                 await record(upload.offset, upload.dump())
+                await self._forget_tail(before)
         finally:
             spool.close()
         incoming.raise_error()
@@ -351,9 +367,11 @@ class S3ObjectStore(ObjectStore):
                     await spool.write(piece)
                     view = view[len(piece) :]
                     if spool.length == PART_SIZE:
+                        before = upload.tail_key
                         upload = await self._send_part(key, upload, spool)
                         spool.clear()
                         await record(upload.offset, upload.dump())
+                        await self._forget_tail(before)
         return upload
 
     async def _send_part(self, key: str, upload: _Upload, spool: _Spool) -> _Upload:
@@ -364,32 +382,49 @@ class S3ObjectStore(ObjectStore):
                 response = await self._client.upload_part(
                     Bucket=self.bucket, Key=key, UploadId=upload.upload, PartNumber=number, Body=data, ContentMD5=md5
                 )
-        return replace(upload, parts=(*upload.parts, (number, str(response["ETag"]), len(data))), tail=0)
+        return replace(upload, parts=(*upload.parts, (number, str(response["ETag"]), len(data))), tail=0, tail_key="")
 
-    async def _keep_tail(self, key: str, spool: _Spool) -> None:
+    async def _keep_tail(self, key: str, spool: _Spool) -> str:
+        """PUT the spool as a new tail object; its key. A key of its own per append: a second
+        request carrying on the same upload (a phone that retried through another node) never
+        overwrites the tail the recorded state names."""
+        tail_key = f"{key}.tail.{secrets.token_hex(8)}"
         async with _PART_SLOTS.get():
             data, md5 = await spool.contents()
             with _translated(f"keep the last bytes of the upload to {key}"):
-                await self._client.put_object(Bucket=self.bucket, Key=f"{key}.tail", Body=data, ContentMD5=md5)
+                await self._client.put_object(Bucket=self.bucket, Key=tail_key, Body=data, ContentMD5=md5)
+        return tail_key
 
-    async def _load_tail(self, key: str, tail: int, spool: _Spool) -> None:
-        """Spool the first tail bytes of {key}.tail (a crash after its PUT may have left more)."""
+    async def _forget_tail(self, tail_key: str) -> None:
+        """Delete a tail object no recorded state names any more (what is left, abort cleans)."""
+        if tail_key:
+            with contextlib.suppress(ObjectStoreError), _translated(f"delete {tail_key}"):
+                await self._client.delete_object(Bucket=self.bucket, Key=tail_key)
+
+    async def _delete_tails(self, key: str) -> None:
+        """Every tail object of key: the recorded one, and those of requests that lost the race."""
+        with _translated(f"delete the tail objects of {key}"):
+            listed = await self._client.list_objects_v2(Bucket=self.bucket, Prefix=f"{key}.tail.", MaxKeys=1000)
+            for item in listed.get("Contents", ()):
+                await self._client.delete_object(Bucket=self.bucket, Key=str(item["Key"]))
+
+    async def _load_tail(self, key: str, upload: _Upload, spool: _Spool) -> None:
+        """Spool the recorded tail's bytes (a crash after its PUT may have left more)."""
+        tail = upload.tail
         with _translated(f"read the last bytes of the upload to {key}"):
             try:
                 response = await self._client.get_object(
-                    Bucket=self.bucket, Key=f"{key}.tail", Range=f"bytes=0-{tail - 1}"
+                    Bucket=self.bucket, Key=upload.tail_key, Range=f"bytes=0-{tail - 1}"
                 )
             except ClientError as exc:
                 if _code(exc) not in _MISSING:
                     raise
-                raise ObjectStoreError(f"the upload to {key} lost its last {tail} bytes: it must begin again") from exc
+                raise UploadLost(f"the upload to {key} lost its last {tail} bytes: it must begin again") from exc
             async with response["Body"] as body:
                 while chunk := await body.read(READ_CHUNK):
                     await spool.write(chunk)
         if spool.length != tail:
-            raise ObjectStoreError(
-                f"the upload to {key} kept {spool.length} of its last {tail} bytes: it must begin again"
-            )
+            raise UploadLost(f"the upload to {key} kept {spool.length} of its last {tail} bytes: it must begin again")
 
     async def finish(self, key: str, staging: str, size: int) -> None:
         check_key(key)
@@ -404,10 +439,10 @@ class S3ObjectStore(ObjectStore):
                     raise
                 # Gone: finished before (a retry), or aborted (then there is no object).
                 if await self.size(key) != size:
-                    raise ObjectStoreError(
+                    raise UploadLost(
                         f"the upload to {key} is gone ({_code(exc)}), and no object of {size} bytes is there"
                     ) from exc
-            await self._client.delete_object(Bucket=self.bucket, Key=f"{key}.tail")
+        await self._delete_tails(key)
 
     async def _complete(self, key: str, upload: _Upload) -> None:
         if not upload.upload:  # an empty file
@@ -421,7 +456,7 @@ class S3ObjectStore(ObjectStore):
                 Key=key,
                 UploadId=upload.upload,
                 PartNumber=number,
-                CopySource={"Bucket": self.bucket, "Key": f"{key}.tail"},
+                CopySource={"Bucket": self.bucket, "Key": upload.tail_key},
                 CopySourceRange=f"bytes=0-{upload.tail - 1}",
             )
             parts.append({"PartNumber": number, "ETag": str(response["CopyPartResult"]["ETag"])})
@@ -431,6 +466,8 @@ class S3ObjectStore(ObjectStore):
 
     async def abort(self, key: str, staging: str) -> None:
         check_key(key)
+        if not staging:  # nothing in progress (a finished file's staging is empty)
+            return
         upload = _Upload.load(staging)
         with _translated(f"abort the upload to {key}"):
             if upload.upload:
@@ -439,7 +476,7 @@ class S3ObjectStore(ObjectStore):
                 except ClientError as exc:
                     if _code(exc) not in _MISSING:
                         raise
-            await self._client.delete_object(Bucket=self.bucket, Key=f"{key}.tail")
+        await self._delete_tails(key)
 
     # --- objects ---------------------------------------------------------------------------------
 
@@ -493,6 +530,22 @@ class S3ObjectStore(ObjectStore):
         check_key(key)
         with _translated(f"delete {key}"):
             await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def adopt(self, source: str, key: str) -> None:
+        check_key(source)
+        check_key(key)
+        with _translated(f"move {source} to {key}"):
+            try:
+                await self._client.copy_object(
+                    Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": source}
+                )
+            except ClientError as exc:
+                if _code(exc) not in _MISSING:
+                    raise
+                if await self.size(key) is None:  # not moved before (a retry) either
+                    raise ObjectStoreError(f"there is no object at {source}") from exc
+                return
+            await self._client.delete_object(Bucket=self.bucket, Key=source)
 
     async def presigned_get(self, key: str, *, expires_s: float, filename: str, content_type: str) -> str | None:
         check_key(key)
