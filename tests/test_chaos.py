@@ -10,7 +10,7 @@ import pytest
 from tests.chaos import Fault, run_chaos
 from tests.conftest import Served
 
-SEND_SECONDS = 36.0
+SEND_SECONDS = 26.0
 
 
 @pytest.mark.timeout(420)

@@ -26,7 +26,7 @@ from tests.chaos import Fault, run_chaos
 from tests.cluster import running_cluster
 from tests.redis_server import RedisServer, redis_server  # noqa: F401
 
-SEND_SECONDS = 36.0
+SEND_SECONDS = 26.0
 REDIS_AWAY_S = 2.0
 
 

@@ -121,7 +121,7 @@ async def test_cancel_and_wait_does_not_swallow_the_callers_cancellation() -> No
     await asyncio.wait([task])
 
 
-CLIENT_CLOSES = 300
+CLIENT_CLOSES = 200
 PEERS = 20
 
 
