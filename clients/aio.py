@@ -225,6 +225,7 @@ class ChatClient:
         self._waiters: dict[str, list[asyncio.Future[Ack]]] = {}
         self._results: OrderedDict[str, Ack | ErrorReply] = OrderedDict()
         self._last_sent: dict[str, float] = {}
+        self._server_failures: dict[str, int] = {}  # pending send -> internal/unavailable answers so far
         self._fatal: BaseException | None = None
         self._started = False
         self._closed = False
@@ -590,8 +591,24 @@ class ChatClient:
     def _retry_later(self, error: ErrorReply) -> bool:
         """A send refused as rate_limited stays in the outbox: not a failure of the send. Every
         send is held until the server's retry_after_ms, then the resend task publishes all that
-        are pending, in outbox order, so the refused one is not overtaken by a later one."""
+        are pending, in outbox order, so the refused one is not overtaken by a later one.
+
+        A send answered ``internal`` or ``unavailable`` (the server failed, or its store is away)
+        stays too, and is published again, unchanged, after a backoff of its own (protocol
+        sections 6 and 8)."""
         pending = self._outbox.pending()
+        if (
+            error.code in ("internal", "unavailable")
+            and error.id is not None
+            and any(e.id == error.id for e in pending)
+        ):
+            attempt = self._server_failures.get(error.id, 0)
+            self._server_failures[error.id] = attempt + 1
+            delay = backoff_delay(attempt, rng=self._rng)
+            self._last_sent[error.id] = self._clock.monotonic() + delay - self._resend_after
+            self._resend_wake.set()
+            logger.debug("send %s answered %s; sending it again in %.2f s", error.id, error.code, delay)
+            return True
         if error.code != "rate_limited" or not any(e.id == error.id for e in pending):
             return False
         delay = (error.retry_after_ms if error.retry_after_ms is not None else 1000) / 1000
@@ -674,6 +691,7 @@ class ChatClient:
     def _settle(self, id: str, result: Ack | ErrorReply) -> None:
         self._outbox.remove(id)
         self._last_sent.pop(id, None)
+        self._server_failures.pop(id, None)
         if self._one_at_a_time:
             self._resend_wake.set()  # the resend task publishes the next send now
         self._results[id] = result

@@ -150,10 +150,15 @@ def _int(obj: dict[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+MAX_EVENT_BYTES = 1024 * 1024
+"""The largest event taken: an event says more than the request it answers (a ``msg`` carries
+its attachments' descriptions beside the body of a send at the request limit)."""
+
+
 def parse_event(payload: bytes) -> Event | None:
     """Parse one incoming envelope; None when it is not a well-formed one."""
     try:
-        obj = decode_object(payload)
+        obj = decode_object(payload, max_bytes=MAX_EVENT_BYTES)
     except RequestError:
         return None
     return parse_envelope(obj)
