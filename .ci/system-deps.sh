@@ -2,7 +2,9 @@
 # Debian packages the test suite talks to for real: Mosquitto (interop, reference client tools)
 # and Redis (the shared presence registry), HAProxy (the load balancer in front of a cluster of
 # nodes), curl (the README tour), Node.js with npm (MQTT.js, the WebSocket client the interop
-# tests drive: `make js-deps`), and a Java 17 runtime with
+# tests drive: `make js-deps`; the web chat's build: `make app`), Chromium (headless, driven by
+# Playwright in the web chat's browser tests; Debian's build, so Playwright downloads no
+# browser) with a font for its screenshots, and a Java 17 runtime with
 # Maven for the Cassandra test node (storage/cassandra/devnode.py runs Cassandra 5.0 from Maven
 # Central's jars; 5.0 needs Java 17: not 21+, whatever `java` is the default). Only what is
 # missing is installed; their system services are left stopped (see apt_install).
@@ -25,6 +27,8 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$miss
 command -v curl >/dev/null 2>&1 || missing="$missing curl ca-certificates"
 command -v node >/dev/null 2>&1 || missing="$missing nodejs"
 command -v npm >/dev/null 2>&1 || missing="$missing npm"
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing="$missing chromium"
+[ -d /usr/share/fonts/truetype/dejavu ] || missing="$missing fonts-dejavu-core"
 # Debian 12 and Ubuntu 22.04/24.04 carry openjdk-17-jre-headless; Debian 13 does not (install a
 # JDK 17 from elsewhere and point JAVA_HOME at it).
 has_java17 || missing="$missing openjdk-17-jre-headless"

@@ -37,6 +37,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
@@ -44,6 +45,7 @@ import uvicorn
 from bridge.accounts import AccountDeletions
 from bridge.http import PresenceLookup, create_app
 from bridge.http.edge import HeaderTimeoutProtocol
+from bridge.http.webapp import DevTokens, MqttWebSocket
 from bridge.inbroker_adapter import BrokerPublisher, InBrokerAdapter, RequestQueue
 from bridge.media.collector import MediaCollector
 from bridge.media.service import MediaService
@@ -172,6 +174,34 @@ class HttpServer(Service):
     async def _stopped(self) -> None:
         if self._sock is not None:
             self._sock.close()
+
+
+# --- the web chat ----------------------------------------------------------------------------
+
+WEB_APP_DIR = Path(__file__).resolve().parent.parent / "clients" / "js" / "app" / "dist"
+"""The web chat's build, committed to the repository (``make app`` rebuilds and checks it)."""
+
+
+def built_web_app(directory: Path = WEB_APP_DIR) -> Path | None:
+    """The web chat's directory when it holds a build (its index.html), else None: not served."""
+    return directory if (directory / "index.html").is_file() else None
+
+
+def mqtt_websocket(config: Config, bound: dict[str, int] | None = None) -> MqttWebSocket:
+    """Where the web chat reaches MQTT: this node's WebSocket listeners, by the ports the broker
+    bound (``bound``) or else the configured ones (an ephemeral 0 is not known here: None);
+    none beside an external broker."""
+    if config.bridge.broker:
+        return MqttWebSocket()
+    ports = config.network.listener_ports()
+    if bound is not None:
+        ports = {kind: bound.get(kind) if port is not None else None for kind, port in ports.items()}
+    return MqttWebSocket(ws_port=ports["ws"] or None, wss_port=ports["wss"] or None, path=config.network.ws_path)
+
+
+def dev_tokens(config: Config) -> DevTokens | None:
+    """The dev sign-in, open only when the server runs on the secret it generated itself."""
+    return DevTokens(secret=config.auth.jwt_secret) if config.auth.dev_sign_in else None
 
 
 # --- presence --------------------------------------------------------------------------------
@@ -358,10 +388,14 @@ def serve_api(
     revocations: Revocations,
     connected: Callable[[str], Awaitable[frozenset[str]]],
     media: MediaService,
+    web_app_dir: Path | None = None,
+    websocket: MqttWebSocket | None = None,
 ) -> ApiParts:
     """The HTTP API over the store, publishing through the adapter: a server (a service: enter it
     to serve; ``port`` is the port bound) per open listener, plain HTTP and HTTPS. Tokens are
-    checked by verifier, which the caller runs (see verifier_for)."""
+    checked by verifier, which the caller runs (see verifier_for). ``web_app_dir``: the web chat
+    served under /app (None: not served), connecting to ``websocket`` (default: the configured
+    listeners); the dev sign-in opens in dev mode only (see dev_tokens)."""
     app = create_app(
         presence=presence,
         push_store=storage.push,
@@ -381,6 +415,9 @@ def serve_api(
         revocations=revocations,
         connected_devices=connected,
         media=media,
+        web_app_dir=web_app_dir,
+        mqtt_websocket=websocket or mqtt_websocket(config),
+        dev_tokens=dev_tokens(config),
     )
     net = config.network
     ports = net.listener_ports()
@@ -436,12 +473,18 @@ async def enter_api(stack: contextlib.AsyncExitStack, parts: ApiParts) -> tuple[
 
 @asynccontextmanager
 async def run_bridge(
-    config: Config, *, mqtt_host: str, mqtt_port: int, instance: int = 0
+    config: Config,
+    *,
+    mqtt_host: str,
+    mqtt_port: int,
+    instance: int = 0,
+    web_app_dir: Path | None = WEB_APP_DIR,
 ) -> AsyncIterator[BridgeHandle]:
-    """The bridge beside a broker: storage + push + pipeline + MQTT-client adapter + HTTP API.
-    Presence comes from the shared registry (Redis) or, without one, from the broker's retained
-    states (``PresenceMirror``). Beside an external broker (``config.bridge.broker``), this is
-    worker ``instance`` of several, on a shared subscription."""
+    """The bridge beside a broker: storage + push + pipeline + MQTT-client adapter + HTTP API
+    (with the web chat of ``web_app_dir`` when it holds a build). Presence comes from the shared
+    registry (Redis) or, without one, from the broker's retained states (``PresenceMirror``).
+    Beside an external broker (``config.bridge.broker``), this is worker ``instance`` of
+    several, on a shared subscription."""
     async with contextlib.AsyncExitStack() as stack:
         tls, watchers = await enter_tls(stack, config)
         verifier = await stack.enter_async_context(verifier_for(config.auth))
@@ -488,6 +531,7 @@ async def run_bridge(
             revocations=Revocations(accounts=storage.messages),
             connected=devices,
             media=media,
+            web_app_dir=built_web_app(web_app_dir) if web_app_dir is not None else None,
         )
         http, ports = await enter_api(stack, api)
         yield BridgeHandle(
@@ -630,10 +674,11 @@ async def run_broker(config: Config) -> AsyncIterator[BrokerHandle]:
 
 
 @asynccontextmanager
-async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
+async def run_node(config: Config, *, web_app_dir: Path | None = WEB_APP_DIR) -> AsyncIterator[BridgeHandle]:
     """Broker and bridge in one process: the in-broker adapter, no MQTT hop between them. The
     broker hands each device's request to the ``RequestQueue``; its ``BrokerPublisher`` carries
-    replies and receipts back; the ``InBrokerAdapter`` joins the two through the pipeline."""
+    replies and receipts back; the ``InBrokerAdapter`` joins the two through the pipeline. The
+    HTTP API serves the web chat of ``web_app_dir`` when it holds a build."""
     async with contextlib.AsyncExitStack() as stack:
         tls, watchers = await enter_tls(stack, config)
         verifier = await stack.enter_async_context(verifier_for(config.auth))
@@ -679,6 +724,8 @@ async def run_node(config: Config) -> AsyncIterator[BridgeHandle]:
                 revocations=revocations,
                 connected=presence.devices,
                 media=media,
+                web_app_dir=built_web_app(web_app_dir) if web_app_dir is not None else None,
+                websocket=mqtt_websocket(config, broker_ports(config, broker)),
             ),
         )
         yield BridgeHandle(

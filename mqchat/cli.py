@@ -525,6 +525,25 @@ def _check_mode(config: Config, *, bridge: bool) -> None:
         raise ConfigError("several bridge workers share one HTTP port: give --http-port a number, not 0")
 
 
+def _announce_web_chat(config: Config) -> None:
+    """Say where the web chat is served, and what it lacks: its MQTT-over-WebSocket listener,
+    or (with a configured secret) the dev sign-in."""
+    from mqchat.app import built_web_app, local_host
+
+    net = config.network
+    if config.bridge.broker or not net.plaintext or built_web_app() is None:
+        return
+    url = f"http://{local_host(net.host)}:{net.http_port}/app"
+    if net.ws_port is None:
+        logger.info("web chat on %s needs MQTT over WebSocket: start with --ws-port 8081", url)
+    elif config.auth.dev_sign_in:
+        logger.info("web chat on %s (dev sign-in open: the secret is the one generated in the data dir)", url)
+        if net.host not in ("localhost", "::1") and not net.host.startswith("127."):
+            logger.warning("the dev sign-in gives anyone who reaches %s a token for any user", url)
+    else:
+        logger.info("web chat on %s (sign in with an access token: the dev sign-in is closed)", url)
+
+
 def _serve(config: Config, command: str = "serve") -> int:
     from mqchat.app import local_host
     from mqchat.child import ensure_data_dir, ensure_ports_free, setup_logging
@@ -567,4 +586,5 @@ def _serve(config: Config, command: str = "serve") -> int:
         config.storage.data_dir.resolve(),
         config.storage.url,
     )
+    _announce_web_chat(config)
     return asyncio.run(Supervisor(config=config).run())

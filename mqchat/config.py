@@ -321,6 +321,9 @@ class AuthConfig:
     jwt_leeway_s: float = 30.0
     # How long a live connection may outlast its token's "exp" before it is closed.
     token_grace_s: float = 30.0
+    # True when jwt_secret was not configured (flag, environment, config file) but is the one the
+    # server generated into its data dir: dev mode (see dev_sign_in). Not a setting of its own.
+    secret_in_data_dir: bool = False
 
     def __post_init__(self) -> None:
         keyed = bool(self.jwt_public_key or self.jwks_url)
@@ -334,6 +337,13 @@ class AuthConfig:
         if self.jwt_algorithms:
             return self.jwt_algorithms
         return ("HS256", *KEY_ALGORITHMS) if self.jwt_public_key or self.jwks_url else ("HS256",)
+
+    @property
+    def dev_sign_in(self) -> bool:
+        """Dev mode: the server runs on the secret it generated itself and no identity provider
+        signs tokens, so the web app's dev sign-in may mint tokens for anyone. A configured
+        secret, a public key or a JWKS (production) keeps it closed."""
+        return self.secret_in_data_dir and not (self.jwt_public_key or self.jwks_url)
 
 
 STORAGE_BACKENDS = ("sqlite", "cassandra")
@@ -938,9 +948,14 @@ _STORAGE_KEYS = {field: key for key, (section, field, _) in _KEYS.items() if sec
 _SECRET_FIELDS = frozenset({"cassandra_username", "cassandra_password"})
 
 
+# Where a child process of `serve` learns that its parent's secret came from the data dir (so
+# that it opens the dev sign-in too); config_to_env sets it, it is not a setting.
+SECRET_SOURCE_VAR = "MQCHAT_JWT_SECRET_SOURCE"
+
+
 def config_to_env(config: Config) -> dict[str, str]:
     """The ``MQCHAT_*`` environment that reproduces config (the secrets included) in a child process."""
-    env: dict[str, str] = {}
+    env: dict[str, str] = {SECRET_SOURCE_VAR: "data_dir" if config.auth.secret_in_data_dir else "configured"}
     for key, (section, field, _) in _KEYS.items():
         value = getattr(getattr(config, section) if section else config, field)
         if isinstance(value, tuple):
@@ -1078,8 +1093,10 @@ def resolve_jwt_secret(
 def with_jwt_secret(config: Config) -> tuple[Config, bool]:
     """config (loaded with secret="defer") with its secret: the configured one, else the data
     dir's, else a new one generated there. Returns (config, generated_now)."""
-    secret, generated = resolve_jwt_secret(config.auth.jwt_secret or None, config.storage.data_dir)
-    return dataclasses.replace(config, auth=dataclasses.replace(config.auth, jwt_secret=secret)), generated
+    configured = config.auth.jwt_secret
+    secret, generated = resolve_jwt_secret(configured or None, config.storage.data_dir)
+    auth = dataclasses.replace(config.auth, jwt_secret=secret, secret_in_data_dir=not configured)
+    return dataclasses.replace(config, auth=auth), generated
 
 
 def load_config(
@@ -1116,9 +1133,13 @@ def load_config(
     jwt_secret, generated = resolve_jwt_secret(
         raw.get("jwt_secret"), storage.data_dir, mode=secret, explicit_dir="data_dir" in raw or "data_dir" in from_url
     )
+    # Read from (or generated into) the data dir; a child of `serve` is told so by its parent.
+    in_data_dir = bool(jwt_secret) and not raw.get("jwt_secret")
+    if (os.environ if env is None else env).get(SECRET_SOURCE_VAR) == "data_dir":
+        in_data_dir = True
     config = Config(
         network=NetworkConfig(**sections["network"]),
-        auth=AuthConfig(jwt_secret=jwt_secret, **sections["auth"]),
+        auth=AuthConfig(jwt_secret=jwt_secret, secret_in_data_dir=in_data_dir, **sections["auth"]),
         storage=storage,
         bridge=BridgeConfig(**sections["bridge"]),
         presence=PresenceConfig(**sections["presence"]),

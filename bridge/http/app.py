@@ -1,6 +1,7 @@
 """The app factory: services built over the store's parts, routers included, edge middleware added."""
 
 from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -23,6 +24,7 @@ from bridge.http.context import ApiContext
 from bridge.http.edge import Authenticate, BodyLimit
 from bridge.http.errors import install_error_handlers
 from bridge.http.sync import sync_router
+from bridge.http.webapp import NO_WEBSOCKET, DevTokens, MqttWebSocket, web_app_router
 from bridge.media.service import MediaService
 from bridge.outgoing import Outgoing
 from bridge.ratelimit import UNLIMITED, RateLimit, RateLimiter
@@ -57,6 +59,9 @@ def create_app(
     revocations: Revocations | None = None,
     connected_devices: ConnectedDevices | None = None,
     media: MediaService | None = None,
+    web_app_dir: Path | None = None,
+    mqtt_websocket: MqttWebSocket = NO_WEBSOCKET,
+    dev_tokens: DevTokens | None = None,
 ) -> FastAPI:
     """Build the ASGI app over the given stores and token verifier; each service receives the
     parts of the store it uses.
@@ -70,9 +75,12 @@ def create_app(
     tokens of logged-out devices (default: read from ``store`` for this app alone);
     ``connected_devices`` tells the admin API which devices are connected (default: none known);
     ``media`` serves uploads and downloads (None: the media routes answer 503);
-    ``presence`` answers ``GET /v1/presence`` (None: 503); ``http_limit`` is each user's budget of
-    authenticated calls (over it: 429 with ``Retry-After``); ``max_body_bytes`` the largest request
-    body (413 beyond). Both, and authentication, are checked before a body is read (bridge.http.edge).
+    ``web_app_dir`` holds the built web chat, served under /app (None: /app answers 404), which
+    connects to ``mqtt_websocket``; ``dev_tokens`` opens the dev sign-in (None: 404; see
+    bridge.http.webapp); ``presence`` answers ``GET /v1/presence`` (None: 503);
+    ``http_limit`` is each user's budget of authenticated calls (over it: 429 with
+    ``Retry-After``); ``max_body_bytes`` the largest request body (413 beyond). Both, and
+    authentication, are checked before a body is read (bridge.http.edge).
     """
     broker = BrokerLink(publish=publish, connected=broker_connected)
     group_service = GroupService(
@@ -137,6 +145,7 @@ def create_app(
     ):
         app.include_router(routes.router)
     app.include_router(account_routes.admin)
+    app.include_router(web_app_router(web_app_dir, mqtt_websocket, dev_tokens))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Outermost last: Authenticate runs first, then BodyLimit, then the routes.
     # An upload's bytes stream to the object store (their limits are the upload's own).
