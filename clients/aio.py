@@ -17,6 +17,8 @@
                 include_messages=50 while ``more``, then …/messages?after=<last> per conversation
                 until complete; the cursor is saved once the app has taken everything it covers
     gaps        (http_url only) a gap that outlives gap_grace_s is fetched with …/messages?after=
+                (a page that starts above after + 1 starts at the user's join point: the range
+                before it is skipped, not waited for)
 
 Messages take one of two paths to ``events()``::
 
@@ -856,6 +858,9 @@ class ChatClient:
     async def _catch_up(self, summary: ConversationSummary) -> None:
         assert self._ordering is not None
         included = summary.messages
+        if included and not summary.messages_more:
+            # Nothing older is readable: a first seq above last + 1 is this user's join point.
+            self._deliver(self._ordering.skip_to(summary.conv, included[0].seq, now=self._clock.monotonic()))
         if included and included[0].seq <= self._ordering.last(summary.conv) + 1:
             self._offer(included, live=False)
         if self._ordering.last(summary.conv) < summary.last_seq:
@@ -868,6 +873,10 @@ class ChatClient:
         while True:
             after = self._ordering.last(conv)
             page = await self._history.messages_after(conv, after)
+            if page.messages:
+                # The page is authoritative: a first seq above after + 1 means the range before it
+                # is not readable by this user (they joined the group later), not a gap to wait on.
+                self._deliver(self._ordering.skip_to(conv, page.messages[0].seq, now=self._clock.monotonic()))
             self._offer(page.messages, live=False)
             if not page.more or self._ordering.last(conv) <= after:
                 return

@@ -10,8 +10,11 @@
                       ``messages?after=last`` over HTTP and offers the result
 
 A gap that a fetch could not close is re-armed (:meth:`rearm`); one that can never be closed is
-given up with :meth:`skip_gap`, which releases what is held. Time is passed in, so the buffer is
-testable without sleeping.
+given up with :meth:`skip_gap`, which releases what is held. An ``after=`` page (or a sync item's
+included messages with nothing older) is authoritative: when it starts above ``last + 1``, the
+range before it is not readable by this user (a member added to a group reads from their join
+point on), and :meth:`skip_to` moves past it. Time is passed in, so the buffer is testable without
+sleeping.
 """
 
 from __future__ import annotations
@@ -87,6 +90,20 @@ class OrderingBuffer:
         first = min(held)
         self._last[conv] = first - 1
         return self._release_following(conv, now=now)
+
+    def skip_to(self, conv: str, seq: int, *, now: float) -> list[Message]:
+        """The server has nothing readable before ``seq`` beyond what was released: release what is
+        held below ``seq`` (in order, past its holes), continue just before ``seq``, and release
+        what follows on. Nothing happens when ``seq`` already follows on."""
+        if seq <= self.last(conv) + 1:
+            return []
+        held = self._held.get(conv, {})
+        ready = [held.pop(s) for s in sorted(s for s in held if s < seq)]
+        self._last[conv] = seq - 1
+        ready.extend(self._release_following(conv, now=now))
+        if ready and self.has_gap(conv):  # a later gap is still open: its grace starts now
+            self._gap_deadline[conv] = now + self._grace
+        return ready
 
     def _release_following(self, conv: str, *, now: float) -> list[Message]:
         ready: list[Message] = []

@@ -45,7 +45,7 @@ import uvicorn
 from bridge.accounts import AccountDeletions
 from bridge.http import PresenceLookup, create_app
 from bridge.http.edge import HeaderTimeoutProtocol
-from bridge.http.webapp import DevTokens, MqttWebSocket
+from bridge.http.webapp import DevTokens, MqttWebSocket, is_loopback_host
 from bridge.inbroker_adapter import BrokerPublisher, InBrokerAdapter, RequestQueue
 from bridge.media.collector import MediaCollector
 from bridge.media.service import MediaService
@@ -199,9 +199,21 @@ def mqtt_websocket(config: Config, bound: dict[str, int] | None = None) -> MqttW
     return MqttWebSocket(ws_port=ports["ws"] or None, wss_port=ports["wss"] or None, path=config.network.ws_path)
 
 
+def dev_sign_in_open(config: Config) -> bool:
+    """Dev mode, where the web chat's dev sign-in mints tokens for anyone: the server runs on the
+    secret it generated in its data dir (no configured secret, key or JWKS), listens on a
+    loopback host only (127.0.0.0/8, ::1, localhost), and without TLS. Anything that looks like
+    production keeps it closed."""
+    net = config.network
+    return config.auth.dev_secret and is_loopback_host(net.host) and not net.tls_cert
+
+
 def dev_tokens(config: Config) -> DevTokens | None:
-    """The dev sign-in, open only when the server runs on the secret it generated itself."""
-    return DevTokens(secret=config.auth.jwt_secret) if config.auth.dev_sign_in else None
+    """The dev sign-in in dev mode (see dev_sign_in_open), else None (it answers 404)."""
+    if not dev_sign_in_open(config):
+        return None
+    auth = config.auth
+    return DevTokens(secret=auth.jwt_secret, issuer=auth.jwt_issuer, audience=auth.jwt_audience)
 
 
 # --- presence --------------------------------------------------------------------------------

@@ -527,8 +527,8 @@ def _check_mode(config: Config, *, bridge: bool) -> None:
 
 def _announce_web_chat(config: Config) -> None:
     """Say where the web chat is served, and what it lacks: its MQTT-over-WebSocket listener,
-    or (with a configured secret) the dev sign-in."""
-    from mqchat.app import built_web_app, local_host
+    or the dev sign-in (open only in dev mode; see mqchat.app.dev_sign_in_open)."""
+    from mqchat.app import built_web_app, dev_sign_in_open, local_host
 
     net = config.network
     if config.bridge.broker or not net.plaintext or built_web_app() is None:
@@ -536,10 +536,17 @@ def _announce_web_chat(config: Config) -> None:
     url = f"http://{local_host(net.host)}:{net.http_port}/app"
     if net.ws_port is None:
         logger.info("web chat on %s needs MQTT over WebSocket: start with --ws-port 8081", url)
-    elif config.auth.dev_sign_in:
-        logger.info("web chat on %s (dev sign-in open: the secret is the one generated in the data dir)", url)
-        if net.host not in ("localhost", "::1") and not net.host.startswith("127."):
-            logger.warning("the dev sign-in gives anyone who reaches %s a token for any user", url)
+    elif dev_sign_in_open(config):
+        logger.info(
+            "web chat on %s (dev sign-in open on this machine only: the secret is the one generated in the data dir)",
+            url,
+        )
+    elif config.auth.dev_secret:
+        logger.info(
+            "web chat on %s (sign in with an access token, e.g. from mqchat token: the dev sign-in opens only "
+            "on a loopback host such as 127.0.0.1, without TLS)",
+            url,
+        )
     else:
         logger.info("web chat on %s (sign in with an access token: the dev sign-in is closed)", url)
 

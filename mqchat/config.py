@@ -322,7 +322,7 @@ class AuthConfig:
     # How long a live connection may outlast its token's "exp" before it is closed.
     token_grace_s: float = 30.0
     # True when jwt_secret was not configured (flag, environment, config file) but is the one the
-    # server generated into its data dir: dev mode (see dev_sign_in). Not a setting of its own.
+    # server generated into its data dir: dev mode (see dev_secret). Not a setting of its own.
     secret_in_data_dir: bool = False
 
     def __post_init__(self) -> None:
@@ -339,10 +339,11 @@ class AuthConfig:
         return ("HS256", *KEY_ALGORITHMS) if self.jwt_public_key or self.jwks_url else ("HS256",)
 
     @property
-    def dev_sign_in(self) -> bool:
-        """Dev mode: the server runs on the secret it generated itself and no identity provider
-        signs tokens, so the web app's dev sign-in may mint tokens for anyone. A configured
-        secret, a public key or a JWKS (production) keeps it closed."""
+    def dev_secret(self) -> bool:
+        """The auth side of dev mode: the server runs on the secret it generated itself and no
+        identity provider signs tokens. A configured secret, a public key or a JWKS (production)
+        makes it false. The dev sign-in needs more (a loopback host, no TLS): see
+        mqchat.app.dev_sign_in_open."""
         return self.secret_in_data_dir and not (self.jwt_public_key or self.jwks_url)
 
 

@@ -167,6 +167,39 @@ async def test_offline_device_catches_up_in_order_exactly_once(stack: Stack, tmp
             await assert_no_message(b2)
 
 
+async def test_a_member_added_late_gets_messages_from_the_join_on(stack: Stack, tmp_path: Path) -> None:
+    """History starts at the join point: the first page of a late joiner starts above seq 1, and
+    the range before it is not a gap to wait on (nor to fetch again every grace period)."""
+    owner, late = unique("owner"), unique("late")
+    async with stack.http(owner) as http:
+        conv = (await http.post("/v1/groups", json={"name": "late", "members": []})).json()["conv"]
+    async with (
+        client_for(stack, owner, unique("o-phone")) as o,
+        client_for(stack, late, unique("l-phone"), state_path=tmp_path / "late.sqlite", gap_grace_s=0.2) as c,
+    ):
+        await c.wait_synced(WAIT)
+        await send_all(o, conv, ["before 1", "before 2", "before 3"])
+        async with stack.http(owner) as http:
+            r = await http.post(f"/v1/groups/{conv}/members", json={"members": [late]})
+        joined = next(m["joined_seq"] for m in r.json()["members"] if m["user"] == late)
+        assert joined > 1
+        await send_all(o, conv, ["after 1", "after 2", "after 3"])
+        got = await take_messages(c, 3)
+        assert [(m.seq, m.body) for m in got] == [(joined + i, f"after {i + 1}") for i in range(3)]
+        fetches = c.statistics().gap_fetches
+        await asyncio.sleep(1.0)  # five grace periods: nothing is waited for, nothing fetched again
+        assert c.statistics().gap_fetches == fetches
+        assert c._ordering is not None
+        assert c._ordering.held() == 0
+    # A restart syncs from the start: the included messages begin at the join point too.
+    async with client_for(stack, late, unique("l-tablet"), gap_grace_s=0.2) as c2:
+        got = await take_messages(c2, 3)
+        assert [m.seq for m in got] == [joined, joined + 1, joined + 2]
+        await c2.wait_synced(WAIT)
+        assert c2._ordering is not None
+        assert c2._ordering.held() == 0
+
+
 async def test_persisted_outbox_is_resent_by_the_next_client(stack: Stack, tmp_path: Path) -> None:
     alice, bob = unique("alice"), unique("bob")
     alice_dev = unique("a-phone")

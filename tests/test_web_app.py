@@ -14,8 +14,10 @@ The routes themselves (files, caching, traversal, dev sign-in) are also checked 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,8 +33,8 @@ import httpx
 import pytest
 
 from bridge.http import create_app
-from bridge.http.webapp import DevTokens, MqttWebSocket
-from mqchat.app import WEB_APP_DIR, built_web_app
+from bridge.http.webapp import DevTokens, MqttWebSocket, is_loopback_host
+from mqchat.app import WEB_APP_DIR, built_web_app, dev_sign_in_open, dev_tokens
 from mqchat.bench.processes import free_port, serve_command, wait_healthy
 from mqchat.config import config_to_env, load_config
 from mqchat.tokens import TokenVerifier, issue_token
@@ -40,7 +42,9 @@ from storage.sqlite import SqliteMessageStore
 from tests.helpers import repo_env
 
 REPO = Path(__file__).resolve().parent.parent
-SCREENSHOT = REPO / "docs" / "img" / "web-chat.png"
+# The browser test's screenshot, for a look after a run (ignored by git). docs/img/web-chat.png
+# is a copy of it, made by hand when the chat's look changes.
+SCREENSHOT = REPO / "artifacts" / "web-chat.png"
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 WAIT_MS = 5_000  # every browser wait is bounded by this
 
@@ -69,7 +73,7 @@ def build(tmp_path: Path) -> Path:
 async def api(tmp_path: Path, **options: Any) -> Any:
     async with await SqliteMessageStore.open(tmp_path / "s.sqlite3") as store:
         app = create_app(store=store, verifier=TokenVerifier(secret="s" * 40), **options)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://mqchat") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8080") as http:
             yield http
 
 
@@ -137,6 +141,7 @@ async def test_the_dev_sign_in_mints_short_lived_tokens(tmp_path: Path, build: P
     async with api(tmp_path, web_app_dir=build, dev_tokens=DevTokens(secret=secret)) as http:
         signed = await http.post("/app/dev-token", json={"user": "alice", "device": "alice-web"})
         assert signed.status_code == 200, signed.text
+        assert signed.headers["cache-control"] == "no-store", "no cache keeps a token"
         body = signed.json()
         assert (body["user"], body["device"], body["expires_in"]) == ("alice", "alice-web", 3600)
         identity = await TokenVerifier(secret=secret).verify(body["token"])
@@ -151,25 +156,94 @@ async def test_the_dev_sign_in_mints_short_lived_tokens(tmp_path: Path, build: P
         assert secret not in repr(DevTokens(secret=secret))
 
 
+async def test_the_dev_sign_in_answers_loopback_names_only(tmp_path: Path, build: Path) -> None:
+    """DNS rebinding: a page on another site, its name made to resolve to 127.0.0.1, reaches a
+    dev server with its own name in Host (or Origin): as if the route did not exist."""
+    alice = {"user": "alice", "device": "alice-web"}
+    async with api(tmp_path, web_app_dir=build, dev_tokens=DevTokens(secret="s" * 40)) as http:
+        for host in ("localhost", "127.0.0.1:8080", "127.1.2.3", "[::1]:8080", "LOCALHOST."):
+            assert (await http.post("/app/dev-token", json=alice, headers={"Host": host})).status_code == 200, host
+        for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", "192.168.1.5", "", "[::]"):
+            refused = await http.post("/app/dev-token", json=alice, headers={"Host": host})
+            assert (refused.status_code, refused.json()["error"]) == (404, "not_found"), host
+            assert "token" not in refused.json()
+        refused = await http.post("/app/dev-token", json={"user": "al ice"}, headers={"Host": "evil.example"})
+        assert refused.status_code == 404, "refused before the body is looked at"
+        for origin in ("http://localhost:8080", "http://127.0.0.1:8080"):
+            ok = await http.post("/app/dev-token", json=alice, headers={"Origin": origin})
+            assert ok.status_code == 200, origin
+        for origin in ("http://evil.example", "null"):
+            refused = await http.post("/app/dev-token", json=alice, headers={"Origin": origin})
+            assert refused.status_code == 404, origin
+
+
+def test_loopback_hosts() -> None:
+    for host in ("localhost", "127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost."):
+        assert is_loopback_host(host), host
+    for host in ("", "0.0.0.0", "::", "10.0.0.1", "example.com", "localhost.example.com", "128.0.0.1"):
+        assert not is_loopback_host(host), host
+
+
 def test_dev_mode_is_the_generated_secret_only(tmp_path: Path) -> None:
-    """The dev sign-in opens only on the secret the server generated into its data dir; a
-    configured secret, a public key or a JWKS closes it; a child of `serve` learns it from its
-    parent."""
+    """The secret that opens the dev sign-in is only the one the server generated into its data
+    dir; a configured secret, a public key or a JWKS closes it; a child of `serve` learns it from
+    its parent."""
     generated, _ = load_config({"data_dir": tmp_path}, {})
     assert generated.auth.secret_in_data_dir
-    assert generated.auth.dev_sign_in
+    assert generated.auth.dev_secret
+    assert dev_sign_in_open(generated), "the default host is 127.0.0.1"
     child, _ = load_config({}, config_to_env(generated))
     assert child.auth == generated.auth, "a child of serve opens it too"
     configured, _ = load_config({"data_dir": tmp_path}, {"MQCHAT_JWT_SECRET": "c" * 40})
-    assert not configured.auth.dev_sign_in
+    assert not configured.auth.dev_secret
+    assert dev_tokens(configured) is None
     child, _ = load_config({}, config_to_env(configured))
-    assert not child.auth.dev_sign_in
+    assert not child.auth.dev_secret
     (tmp_path / "file.toml").write_text(f'jwt_secret = "{"f" * 40}"\n')
     from_file, _ = load_config({"config": str(tmp_path / "file.toml"), "data_dir": tmp_path}, {})
-    assert not from_file.auth.dev_sign_in
+    assert not from_file.auth.dev_secret
     keyed, _ = load_config({"data_dir": tmp_path}, {"MQCHAT_JWKS_URL": "https://id.example/jwks.json"})
     assert keyed.auth.secret_in_data_dir
-    assert not keyed.auth.dev_sign_in, "tokens come from an identity provider"
+    assert not keyed.auth.dev_secret, "tokens come from an identity provider"
+    assert dev_tokens(keyed) is None
+
+
+def on_network(config: Any, **changes: str) -> Any:
+    return dataclasses.replace(config, network=dataclasses.replace(config.network, **changes))
+
+
+async def test_the_dev_sign_in_is_closed_on_a_server_that_looks_like_production(tmp_path: Path, build: Path) -> None:
+    """The generated secret is not enough: a host other than a loopback one, or TLS, closes the
+    dev sign-in (404)."""
+    generated, _ = load_config({"data_dir": tmp_path}, {})
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert dev_tokens(on_network(generated, host=host)) is not None, host
+    closed = {
+        "all interfaces": on_network(generated, host="0.0.0.0"),
+        "all interfaces (IPv6)": on_network(generated, host="::"),
+        "a LAN address": on_network(generated, host="192.168.1.5"),
+        "a name": on_network(generated, host="chat.example.com"),
+        "TLS": on_network(generated, tls_cert="server.pem", tls_key="server.key"),
+    }
+    for why, config in closed.items():
+        assert not dev_sign_in_open(config), why
+        async with api(tmp_path, web_app_dir=build, dev_tokens=dev_tokens(config)) as http:
+            refused = await http.post("/app/dev-token", json={"user": "alice", "device": "alice-web"})
+            assert (refused.status_code, refused.json()["error"]) == (404, "not_found"), why
+            assert (await http.get("/app/server.json")).json()["dev_sign_in"] is False, why
+
+
+async def test_dev_tokens_carry_the_configured_issuer_and_audience(tmp_path: Path) -> None:
+    secret = "s" * 40
+    config, _ = load_config(
+        {"data_dir": tmp_path}, {"MQCHAT_JWT_ISSUER": "https://id.example", "MQCHAT_JWT_AUDIENCE": "mqchat"}
+    )
+    minted = dev_tokens(config)
+    assert minted is not None
+    minted = dataclasses.replace(minted, secret=secret)
+    verifier = TokenVerifier(secret=secret, issuer="https://id.example", audience="mqchat")
+    identity = await verifier.verify(minted.issue("alice", "alice-web"))
+    assert (identity.user, identity.device) == ("alice", "alice-web")
 
 
 # --- a real `mqchat serve` -------------------------------------------------------------------------
@@ -314,7 +388,8 @@ def log_texts(page: Any) -> list[str]:
 def test_two_people_chat_in_the_browser(tmp_path: Path, browser: Any) -> None:
     """alice and bob in two browser contexts: a message, its read tick, typing, presence; bob
     offline while alice sends three, back online: each arrives once, in order; a reload keeps
-    the history; a screenshot of alice's chat is written as an artefact."""
+    the history; a screenshot of alice's chat is written as an artefact (the test's tmp dir and
+    artifacts/web-chat.png)."""
     from playwright.sync_api import expect
 
     with serving(tmp_path) as server:
@@ -387,6 +462,50 @@ def test_two_people_chat_in_the_browser(tmp_path: Path, browser: Any) -> None:
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
         assert shot.stat().st_size > 10_000
+        alice_context.close()
+        bob_context.close()
+    assert not errors, "uncaught errors in the pages"
+
+
+def test_hostile_text_shows_as_text_in_the_browser(tmp_path: Path, browser: Any) -> None:
+    """A group name and a message body that are HTML show as text: no element is made from them,
+    no script runs. Signing in again in the same browser keeps the user's device id."""
+    from playwright.sync_api import expect
+
+    hostile = "<img src=x onerror=alert(1)>"
+    with serving(tmp_path) as server:
+        errors: list[str] = []
+        alice_context, alice = sign_in(browser, server, "alice", errors)
+        bob_context, bob = sign_in(browser, server, "bob", errors)
+        dialogs: list[str] = []
+        for page in (alice, bob):
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+        alice.get_by_text("New group").click()
+        alice.get_by_label("Group name").fill(hostile)
+        alice.get_by_label("Members").fill("bob")
+        alice.get_by_role("button", name="Create group").click()
+        expect(alice.get_by_role("heading", name=hostile)).to_be_visible()
+        alice.get_by_label("Message", exact=True).fill(hostile)
+        alice.get_by_role("button", name="Send", exact=True).click()
+        group = bob.locator(".conv", has_text=hostile)
+        group.click()
+        expect(bob.get_by_role("heading", name=hostile)).to_be_visible()
+        expect(bob.locator(".log .msg .body")).to_have_text([hostile])
+        expect(alice.locator(".log .msg .body")).to_have_text([hostile])
+        time.sleep(0.3)  # time for an onerror to fire, were there an element
+        for page in (alice, bob):
+            assert page.locator("img[src='x']").count() == 0
+            assert page.evaluate("document.querySelectorAll('img[onerror]').length") == 0
+        assert not dialogs, "a script from the text ran"
+
+        # Another tab of alice's browser: her user and device id are offered again.
+        again = alice_context.new_page()
+        again.goto(f"{server.url}/app/")
+        expect(again.get_by_label("User")).to_have_value("alice")
+        expect(again.get_by_label("Device")).to_have_value("alice-web")
+        again.get_by_label("User").fill("carol")
+        expect(again.get_by_label("Device")).to_have_value(re.compile(r"^web-[0-9a-f]{16}$"))
         alice_context.close()
         bob_context.close()
     assert not errors, "uncaught errors in the pages"

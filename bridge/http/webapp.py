@@ -8,9 +8,11 @@
           (a dot-file, a folder, a path that leaves the directory, a missing file: 404)
     GET /app/server.json ───▶ the MQTT-over-WebSocket listeners the app connects to, and
                               whether the dev sign-in is open
-    POST /app/dev-token ────▶ {"user","device"} ─▶ a short-lived access token, signed with the
-                              secret the server generated in its data dir (dev mode); a server
-                              with a configured secret or key-signed tokens answers 404
+    POST /app/dev-token ────▶ {"user","device"} ─▶ a short-lived access token (no-store), signed
+                              with the secret the server generated in its data dir, on a server
+                              that listens on a loopback host without TLS (dev mode); any other
+                              server, and a request whose Host (or Origin) is not a loopback
+                              name (DNS rebinding), answers 404
 
 The files come from a directory (the Vite build, ``clients/js/app/dist``) read on each request,
 so a rebuild is served without a restart; without one every ``/app`` path answers 404.
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -37,6 +41,7 @@ PREFIX = "/app"
 HASHED_DIR = "assets"  # the build puts every file whose name carries its content hash here
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
+NO_STORE = "no-store"
 DEV_TOKEN_TTL_S = 3600
 
 # Content types by extension: fixed here, not taken from the host's mime.types.
@@ -75,16 +80,60 @@ class MqttWebSocket:
 NO_WEBSOCKET = MqttWebSocket()
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for a name or address that only reaches this machine: ``localhost``, 127.0.0.0/8,
+    ``::1`` (bracketed or not). A wildcard ("", 0.0.0.0, ::) or any other name is not."""
+    name = host.strip().lower().removesuffix(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_request(request: Request) -> bool:
+    """Whether the request names this machine by a loopback name: its Host, and its Origin when it
+    has one. A page on another site whose name was made to resolve to 127.0.0.1 (DNS
+    rebinding) sends its own name in Host, so it is refused."""
+    host = urlsplit(f"//{request.headers.get('host', '')}").hostname
+    if host is None or not is_loopback_host(host):
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    try:
+        origin_host = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    return origin_host is not None and is_loopback_host(origin_host)
+
+
+async def _loopback_only(request: Request) -> None:
+    if not loopback_request(request):
+        raise RequestError(ErrorCode.NOT_FOUND, "Not Found")
+
+
 @dataclass(frozen=True, slots=True)
 class DevTokens:
-    """The dev sign-in: anyone who reaches the HTTP port gets a token for any user. Given only
-    when the server's secret is the one it generated itself (see mqchat.config.AuthConfig)."""
+    """The dev sign-in: anyone who reaches the HTTP port gets a token for any user. Given only in
+    dev mode (see mqchat.app.dev_sign_in_open); the tokens carry the configured issuer and
+    audience, if any, so that the server's verifier takes them."""
 
     secret: str = field(repr=False)
     ttl_s: int = DEV_TOKEN_TTL_S
+    issuer: str = ""
+    audience: str = ""
 
     def issue(self, user: str, device: str) -> str:
-        return issue_token(secret=self.secret, user=user, device=device, ttl_s=self.ttl_s)
+        return issue_token(
+            secret=self.secret,
+            user=user,
+            device=device,
+            ttl_s=self.ttl_s,
+            issuer=self.issuer or None,
+            audience=self.audience or None,
+        )
 
 
 class DevTokenIn(BaseModel):
@@ -148,17 +197,19 @@ def web_app_router(directory: Path | None, websocket: MqttWebSocket, dev_tokens:
             f"{PREFIX}/dev-token",
             response_model=DevTokenOut,
             tags=["dev"],
-            summary="Dev mode only: a short-lived access token for any user (404 with a configured secret)",
+            dependencies=[Depends(_loopback_only)],  # before the body is read: 404, not 400
+            summary="Dev mode only: a short-lived access token for any user (404 on any other server)",
         )
-        async def dev_token(sign_in: Annotated[DevTokenIn, Body()]) -> dict[str, object]:
+        async def dev_token(response: Response, sign_in: Annotated[DevTokenIn, Body()]) -> dict[str, object]:
             token = dev_tokens.issue(sign_in.user, sign_in.device)
+            response.headers["Cache-Control"] = NO_STORE
             return {"token": token, "user": sign_in.user, "device": sign_in.device, "expires_in": dev_tokens.ttl_s}
 
     else:
 
         @router.post(f"{PREFIX}/dev-token", include_in_schema=False)
         async def no_dev_token() -> None:
-            # Production mode: as if the route did not exist (not 405 from the files' route).
+            # Not dev mode: as if the route did not exist (not 405 from the files' route).
             raise RequestError(ErrorCode.NOT_FOUND, "Not Found")
 
     if directory is None:

@@ -15,12 +15,15 @@
  *   - the browser's offline / online events pause and resume the connection;
  *   - presence refused for a user (no shared conversation yet) is asked again after 10 s, or at
  *     once after a message in a 1:1 conversation with them;
- *   - tokens are renewed at 80 % of their life.
+ *   - tokens that the sign-in can mint again (the dev sign-in) are renewed at 80 % of their life;
+ *     a pasted token is not (asking again would give the same token);
+ *   - the server refusing the credentials for good (AuthFailed) ends the chat: "ended" tells the
+ *     views, which go back to the sign-in.
  *
  * Each message is reported once per (conv, seq), whichever way it came (the SDK, the first
  * page, scrollback).
  */
-import { ChatClient, newUlid, RequestRefused, SendFailed } from "@mqchat/client";
+import { AuthFailed, ChatClient, newUlid, RequestRefused, SendFailed } from "@mqchat/client";
 import type {
   ConnectionChange,
   ConversationSummary,
@@ -125,7 +128,7 @@ export type Status = "connecting" | "online" | "offline";
 
 export interface Credentials {
   token: string;
-  expiresIn: number | null; // seconds; null: unknown (a pasted token)
+  expiresIn: number | null; // seconds until it is renewed at 80 %; null: never renewed (a pasted token)
 }
 
 export interface ChatOptions {
@@ -148,6 +151,7 @@ export interface ChatEvents {
   conv: ConvChange;
   synced: undefined;
   restored: Pending; // a send an earlier page left unacked (in the outbox, sent again)
+  ended: string; // the server refused the credentials for good: why, for the sign-in screen
 }
 
 /** The 1:1 conversation id of two users: their ids sorted (byte order). */
@@ -162,6 +166,9 @@ export const ID_PATTERN = "[A-Za-z0-9_.@\\-]{1,64}";
 
 const SYNC_MESSAGES = 50;
 const PRESENCE_RETRY_MS = 10_000;
+const RENEW_MIN_MS = 5_000; // a token that claims to expire sooner is not renewed in a loop
+const RENEW_RETRY_MS = 30_000; // after a failed renewal (the old token may still be good)
+const TIMER_MAX_MS = 2 ** 31 - 1; // setTimeout fires at once for anything longer (~24.8 days)
 
 type Listener<T> = (event: T) => void;
 
@@ -290,22 +297,34 @@ export class Chat {
     else this.setStatus("connecting");
   }
 
-  /** A token for the SDK (asked at start and after a refusal); renewed at 80 % of its life. */
+  /** A token for the SDK (asked at start and after a refusal); one the sign-in can mint again
+   * is renewed at 80 % of its life. */
   private async freshToken(): Promise<string> {
     clearTimeout(this.refreshTimer);
     const { token, expiresIn } = await this.options.credentials();
-    if (expiresIn !== null && !this.stopped) {
-      const renew = (): void => {
-        void this.freshToken()
-          .then((fresh) => this.client.setToken(fresh))
-          .catch(() => undefined);
-      };
-      this.refreshTimer = setTimeout(renew, Math.max(10, expiresIn * 800));
-    }
+    if (expiresIn !== null) this.renewIn(expiresIn * 800);
     return token;
   }
 
+  private renewIn(ms: number): void {
+    clearTimeout(this.refreshTimer);
+    if (this.stopped) return;
+    const renew = (): void => {
+      void this.freshToken()
+        .then((fresh) => this.client.setToken(fresh))
+        .catch(() => this.renewIn(RENEW_RETRY_MS));
+    };
+    this.refreshTimer = setTimeout(renew, Math.min(TIMER_MAX_MS, Math.max(RENEW_MIN_MS, ms)));
+  }
+
   private onError(error: Error): void {
+    if (error instanceof AuthFailed) {
+      // Fatal: the SDK has stopped (a fresh token was refused too). Back to the sign-in.
+      clearTimeout(this.refreshTimer);
+      this.stopped = true;
+      this.emit("ended", "The server refused this sign-in (the token expired or was revoked): sign in again.");
+      return;
+    }
     if (!(error instanceof SendFailed)) return; // the SDK retries the rest (catch-up, resends)
     const { id, conv, code, message } = error.reply;
     if (id !== null) this.failed(id, conv, code, message);

@@ -13,13 +13,18 @@ import { signInView } from "./ui/signin";
 
 const root = document.getElementById("app") as HTMLElement;
 
-function showSignIn(settings: ServerSettings): void {
+function showSignIn(settings: ServerSettings, notice = ""): void {
   const wsUrl = websocketUrl(settings);
   root.replaceChildren(
-    signInView(settings, wsUrl, (signIn) => {
-      saveSignIn(signIn);
-      void startChat(settings, signIn);
-    }),
+    signInView(
+      settings,
+      wsUrl,
+      (signIn) => {
+        saveSignIn(signIn);
+        void startChat(settings, signIn);
+      },
+      notice,
+    ),
   );
   root.querySelector<HTMLElement>("input, textarea")?.focus();
 }
@@ -39,13 +44,18 @@ async function startChat(settings: ServerSettings, signIn: SignIn): Promise<void
     forgetSignIn();
     void chat.stop().finally(() => location.reload());
   });
+  chat.on("ended", (why) => {
+    // The server refused the credentials for good (expired, revoked): sign in again.
+    forgetSignIn();
+    void chat.stop().finally(() => showSignIn(settings, why));
+  });
   root.replaceChildren(view.element);
   try {
     await chat.start();
   } catch {
     forgetSignIn(); // no token for this sign-in (the server changed mode?): sign in again
     await chat.stop();
-    showSignIn(settings);
+    showSignIn(settings, "The server did not take this sign-in, or cannot be reached: sign in again.");
   }
 }
 

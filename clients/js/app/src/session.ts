@@ -1,7 +1,8 @@
 /**
  * Signing in: what the server offers (server.json), the dev sign-in (POST /app/dev-token, a dev
  * server only) or a pasted access token, and the sign-in kept for this tab (sessionStorage: a
- * reload stays signed in; another tab may be someone else).
+ * reload stays signed in; another tab may be someone else). The dev sign-in's device id is kept
+ * per user in this browser (localStorage), so signing in again is the same device.
  */
 import type { Credentials } from "./chat";
 import { ID_RE } from "./chat";
@@ -49,6 +50,8 @@ export function savedSignIn(): SignIn | null {
 export function saveSignIn(signIn: SignIn): void {
   sessionStorage.setItem(KEY, JSON.stringify(signIn));
   localStorage.setItem(`${KEY}.last-user`, signIn.user);
+  // A pasted token names its own device; the dev sign-in's is this browser's for the user.
+  if (signIn.token === undefined) localStorage.setItem(deviceKey(signIn.user), signIn.device);
 }
 
 export function forgetSignIn(): void {
@@ -59,9 +62,19 @@ export function lastUser(): string {
   return localStorage.getItem(`${KEY}.last-user`) ?? "";
 }
 
-/** A device id for a new sign-in: unique per tab, since a device id is an MQTT client id. */
+function deviceKey(user: string): string {
+  return `${KEY}.device.${user}`;
+}
+
+/** The device id this browser signs in with as user: the one it used before, or a new one. */
+export function deviceIdFor(user: string): string {
+  const kept = ID_RE.test(user) ? localStorage.getItem(deviceKey(user)) : null;
+  return kept !== null && ID_RE.test(kept) ? kept : newDeviceId();
+}
+
+/** A new device id: 8 random bytes, unique in the deployment (a device id is an MQTT client id). */
 export function newDeviceId(): string {
-  const random = crypto.getRandomValues(new Uint8Array(3));
+  const random = crypto.getRandomValues(new Uint8Array(8));
   return `web-${Array.from(random, (b) => b.toString(16).padStart(2, "0")).join("")}`;
 }
 
@@ -86,9 +99,8 @@ export async function devToken(user: string, device: string): Promise<Credential
 export function credentialsFor(signIn: SignIn): () => Promise<Credentials> {
   const pasted = signIn.token;
   if (pasted !== undefined) {
-    const claims = tokenClaims(pasted);
-    const expiresIn = claims?.exp ? Math.max(0, claims.exp - Date.now() / 1000) : null;
-    return () => Promise.resolve({ token: pasted, expiresIn });
+    // Asking again gives the same token: never renewed (the server ends the sign-in at its exp).
+    return () => Promise.resolve({ token: pasted, expiresIn: null });
   }
   return () => devToken(signIn.user, signIn.device);
 }

@@ -11,6 +11,8 @@
  *                     it covers (handedOver)
  *     gap timer       a gap that outlives graceMs is fetched with …/messages?after=<last>; still
  *                     open: wait another grace; a fetch the server refuses: delivered past it
+ *     after= pages    authoritative: one that starts above after + 1 starts at the user's join
+ *                     point, so the range before it is skipped, not waited for
  *
  * One HTTP catch-up at a time (sync and gap repairs share a lock). Without an HTTP API there is no
  * catch-up: msg events are delivered as they arrive, duplicates dropped. The same steps, in the
@@ -185,6 +187,10 @@ export class Catchup {
   async #catchUp(summary: ConversationSummary): Promise<void> {
     const included = summary.messages;
     const first = included[0];
+    if (first !== undefined && !summary.messages_more) {
+      // Nothing older is readable: a first seq above last + 1 is this user's join point.
+      this.#deliver((this.#ordering as OrderingBuffer).skipTo(summary.conv, first.seq, this.#clock.now()));
+    }
     if (first !== undefined && first.seq <= this.last(summary.conv) + 1) this.#offer(included, false);
     if (this.last(summary.conv) < summary.last_seq) await this.#fetchAfter(summary.conv);
   }
@@ -195,6 +201,12 @@ export class Catchup {
     for (;;) {
       const after = this.last(conv);
       const page = await http.messagesAfter(conv, after);
+      const first = page.messages[0];
+      if (first !== undefined) {
+        // The page is authoritative: a first seq above after + 1 means the range before it is not
+        // readable by this user (they joined the group later), not a gap to wait on.
+        this.#deliver((this.#ordering as OrderingBuffer).skipTo(conv, first.seq, this.#clock.now()));
+      }
       this.#offer(page.messages, false);
       if (!page.more || this.last(conv) <= after) return;
     }

@@ -382,10 +382,16 @@ export class ChatClient extends ClientEvents {
     if (this.#o.autoRecv ?? true) this.#watermarks.received(event.conv, event.seq);
   }
 
+  /** A connection is up. The outbox is replayed first, in the same turn as the connection became
+   * usable, so no send made meanwhile goes out ahead of older ones. Replies cannot be missed: the
+   * connection calls this only after the SUBACK of the base topics (u/{user}/in and the device's
+   * u/{user}/{device}/in, where ack and error replies come), and with clean = false the broker
+   * keeps that subscription across connects anyway. Channels and presence follow (their messages
+   * are caught up by the sync, which starts once they are subscribed). */
   async #connected(): Promise<void> {
-    await this.#subscriptions.resubscribe();
     this.#outbox.replayAll();
     this.#watermarks.flush();
+    await this.#subscriptions.resubscribe();
     void this.#catchup?.requestSync();
   }
 

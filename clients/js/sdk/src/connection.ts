@@ -6,7 +6,9 @@
  *                 ──► up(): the client subscribes channels and presence, re-publishes its
  *                     outbox, catches up ──► messages until the connection drops
  *             ◄── lost: wait backoffDelayMs(attempt) (full jitter, 1 s doubling to 30 s) and
- *                 connect again; attempt resets once a connection is up
+ *                 connect again; attempt resets once a connection has stayed up for
+ *                 STABLE_CONNECTION_MS (a connection cut at once, e.g. by another client
+ *                 taking over the same device id, backs off further each time)
  *
  * pause() ends the connection at once and makes no new one until resume() (a device that knows it
  * lost its network: waiting for keepalive to notice takes up to 1.5 × keepalive); resume() connects
@@ -29,13 +31,15 @@ import type { MqttClientLike, MqttConnect, MqttError } from "./transport.js";
 const AUTH_REFUSALS = new Set([4, 5, 134, 135]); // CONNACK 3.1.1 codes and their MQTT 5 twins
 const CLOSE_WAIT_MS = 3000;
 export const SUBACK_REFUSED = 0x80;
+/** How long a connection must stay up before the backoff starts again from the first delay. */
+export const STABLE_CONNECTION_MS = 10_000;
 
 export type ConnectionState = "connecting" | "connected" | "disconnected" | "closed";
 
 /** A change of the connection, as onConnectionChange reports it. */
 export interface ConnectionChange {
   state: ConnectionState;
-  attempt: number; // reconnect attempts since the last connection was up
+  attempt: number; // reconnect attempts since a connection last stayed up (STABLE_CONNECTION_MS)
   retryInMs: number | null; // disconnected: when the next attempt starts (null: paused, at resume())
   error: Error | null; // why it went down (or failed for good)
 }
@@ -155,14 +159,16 @@ export class Connection {
       while (this.#paused && !this.#stop.signal.aborted) await untilAborted(this.#wake.signal);
       if (this.#stop.signal.aborted) break;
       this.#handlers.change({ state: "connecting", attempt, retryInMs: null, error: null });
+      let upAt = null as number | null; // set when this connection comes up
       const ended = await this.#connectOnce(() => {
         if (first) started();
         else this.reconnects += 1;
         first = false;
-        attempt = 0;
+        upAt = clock.now();
         freshToken = false;
       });
       this.#attempt = null;
+      if (upAt !== null && clock.now() - upAt >= STABLE_CONNECTION_MS) attempt = 0;
       if (this.#stop.signal.aborted) break;
       if (this.#paused) {
         attempt = 0;

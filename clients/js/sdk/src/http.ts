@@ -142,7 +142,14 @@ export class HttpApi {
       : `${this.baseUrl}${pathOrUrl.startsWith("/") ? "" : "/"}${pathOrUrl}`;
   }
 
-  /** One attempt: the bearer token added, bounded by the timeout. Throws HttpError("transport")
+  /** Whether url is of the base URL's origin (scheme, host and port), the only one the bearer
+   * token goes to: not a Location on another host, not the same host over plain http. */
+  sameOrigin(url: string): boolean {
+    const base = originOf(this.baseUrl);
+    return base !== null && originOf(url) === base;
+  }
+
+  /** One attempt: the bearer token added (for the base URL's origin only), bounded by the timeout. Throws HttpError("transport")
    * when no answer came (a network failure, a timeout) and ClientClosed when the client closed. */
   async fetchOnce(
     method: string,
@@ -150,7 +157,8 @@ export class HttpApi {
     init: { headers?: Record<string, string>; body?: string | Uint8Array; token?: string } = {},
   ): Promise<FetchResponse> {
     if (this.#signal.aborted) throw new ClientClosed("the client is closed");
-    const token = init.token ?? (await this.#tokens.current());
+    const url = this.url(pathOrUrl);
+    const token = this.sameOrigin(url) ? (init.token ?? (await this.#tokens.current())) : null;
     const controller = newAbortController();
     const abort = (): void => controller.abort();
     const timer = this.#clock.setTimeout(abort, this.#timeoutMs);
@@ -158,11 +166,11 @@ export class HttpApi {
     try {
       const request = {
         method,
-        headers: { Authorization: `Bearer ${token}`, ...init.headers },
+        headers: token !== null ? { Authorization: `Bearer ${token}`, ...init.headers } : { ...init.headers },
         signal: controller.signal,
       };
       return await this.#fetch(
-        this.url(pathOrUrl),
+        url,
         init.body === undefined ? request : { ...request, body: init.body },
       );
     } catch (error) {
@@ -372,4 +380,20 @@ export function parseGroup(body: unknown): Group {
       ];
     }),
   };
+}
+
+const DEFAULT_PORTS: Readonly<Record<string, string>> = { http: "80", https: "443" };
+
+/** scheme://host:port of an absolute http(s) URL, lower-cased, the default port made explicit
+ * (null for anything else). No URL global: the core runs where there may be none. */
+export function originOf(url: string): string | null {
+  const match = /^(https?):\/\/([^/?#]*)/i.exec(url);
+  if (match === null) return null;
+  const scheme = (match[1] as string).toLowerCase();
+  const authority = (match[2] as string).toLowerCase();
+  if (authority.includes("@")) return null; // user info: never sent credentials
+  const hostPort = /^(\[[^\]]*\]|[^:]*)(?::(\d*))?$/.exec(authority);
+  if (hostPort === null || hostPort[1] === "") return null;
+  const port = hostPort[2] !== undefined && hostPort[2] !== "" ? String(Number(hostPort[2])) : DEFAULT_PORTS[scheme];
+  return `${scheme}://${hostPort[1]}:${port}`;
 }

@@ -9,7 +9,10 @@
  *                      `messages?after=last` over HTTP and offers the result
  *
  * A gap that a fetch could not close is re-armed (rearm); one that can never be closed is given
- * up with skipGap, which releases what is held. Time is passed in (ms), so the buffer is testable
+ * up with skipGap, which releases what is held. An `after=` page (or a sync item's included
+ * messages with nothing older) is authoritative: when it starts above `last + 1`, the range before
+ * it is not readable by this user (a member added to a group reads from their join point on), and
+ * skipTo moves past it. Time is passed in (ms), so the buffer is testable
  * without waiting. The same rules as the Python SDK's clients/ordering.py.
  */
 
@@ -90,6 +93,26 @@ export class OrderingBuffer {
     if (held === undefined || held.size === 0) return [];
     this.#last.set(conv, Math.min(...held.keys()) - 1);
     return this.#releaseFollowing(conv, now);
+  }
+
+  /** The server has nothing readable before `seq` beyond what was released: release what is held
+   * below `seq` (in order, past its holes), continue just before `seq`, and release what follows
+   * on. Nothing happens when `seq` already follows on. */
+  skipTo(conv: string, seq: number, now: number): Message[] {
+    if (seq <= this.last(conv) + 1) return [];
+    const held = this.#held.get(conv);
+    const ready: Message[] = [];
+    if (held !== undefined) {
+      for (const s of [...held.keys()].filter((s) => s < seq).sort((a, b) => a - b)) {
+        ready.push(held.get(s) as Message);
+        held.delete(s);
+      }
+    }
+    this.#last.set(conv, seq - 1);
+    ready.push(...this.#releaseFollowing(conv, now));
+    // A later gap is still open: its grace starts now.
+    if (ready.length > 0 && this.hasGap(conv)) this.#gapDeadline.set(conv, now + this.#graceMs);
+    return ready;
   }
 
   #releaseFollowing(conv: string, now: number): Message[] {

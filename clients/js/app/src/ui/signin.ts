@@ -1,15 +1,16 @@
 /** The sign-in screen: a user and a device name on a dev server, an access token elsewhere. */
 import { ID_PATTERN } from "../chat";
 import type { ServerSettings, SignIn } from "../session";
-import { devToken, lastUser, newDeviceId, SignInError, tokenClaims } from "../session";
+import { deviceIdFor, devToken, lastUser, SignInError, tokenClaims } from "../session";
 import { h } from "./dom";
 
 export function signInView(
   settings: ServerSettings,
   wsUrl: string | null,
   onSignedIn: (signIn: SignIn) => void,
+  notice = "",
 ): HTMLElement {
-  const error = h("p", { class: "error", role: "alert" });
+  const error = h("p", { class: "error", role: "alert" }, notice);
   const fail = (message: string): void => {
     error.textContent = message;
   };
@@ -40,7 +41,12 @@ export function signInView(
       name: "device",
       required: true,
       pattern: ID_PATTERN,
-      value: newDeviceId(),
+      value: deviceIdFor(user.value),
+    });
+    let deviceEdited = false;
+    device.addEventListener("input", () => (deviceEdited = true));
+    user.addEventListener("input", () => {
+      if (!deviceEdited) device.value = deviceIdFor(user.value.trim());
     });
     form = h(
       "form",
@@ -51,7 +57,7 @@ export function signInView(
       user,
       h("label", { for: "sign-in-device" }, "Device"),
       device,
-      h("p", { class: "hint" }, "A device id is unique in the whole deployment: one per browser tab."),
+      h("p", { class: "hint" }, "A device id is unique in the whole deployment: this browser keeps one per user (one tab at a time)."),
       noWebSocket,
       error,
       h("button", { type: "submit", disabled: !wsUrl }, "Sign in"),

@@ -197,6 +197,47 @@ test("two clients: messages, acks, receipts, typing, presence", { timeout: 60_00
 });
 
 test(
+  "a member added to a group late gets its messages from the join on, in order, with no repair loop",
+  { timeout: 60_000 },
+  async () => {
+    const [alice, carol] = [`al-${RUN}`, `cl-${RUN}`];
+    const a = client(alice, "web");
+    const c = client(carol, "web");
+    const cin = inbox(c);
+    try {
+      await a.connect();
+      await c.connect();
+      await c.waitSynced();
+      const group = await a.createGroup("late", []);
+      for (const n of [1, 2, 3]) await a.sendAndWait(group.conv, `before ${n}`);
+      const added = await a.addMembers(group.conv, [carol]);
+      const joined = added.members.find((m) => m.user === carol)?.joined_seq ?? 0;
+      assert.ok(joined > 1, `joined_seq ${joined}`);
+      for (const n of [1, 2, 3]) await a.sendAndWait(group.conv, `after ${n}`);
+      await until(
+        () => cin.of(group.conv).length === 3,
+        () => JSON.stringify({ messages: cin.messages, stats: c.statistics() }),
+      );
+      assert.deepEqual(
+        cin.of(group.conv).map((m) => m.body),
+        ["after 1", "after 2", "after 3"],
+      );
+      assert.deepEqual(
+        cin.of(group.conv).map((m) => m.seq),
+        [joined, joined + 1, joined + 2],
+      );
+      const fetches = c.statistics().gapFetches;
+      await new Promise((resolve) => setTimeout(resolve, 1500)); // five grace periods
+      assert.equal(c.statistics().gapFetches, fetches, "no repair fetches once delivered");
+      assert.equal(c.statistics().held, 0);
+    } finally {
+      await a.close();
+      await c.close();
+    }
+  },
+);
+
+test(
   "groups and media: a group is created, its members hear of it, a file goes through",
   { timeout: 60_000 },
   async () => {

@@ -395,3 +395,54 @@ test("an outbox store that outlives the client: a new client sends what the old 
   ]);
   await second.client.close();
 });
+
+test("a reconnect replays the outbox before channels and presence are subscribed again", async () => {
+  const { broker, clock, client } = setUp({ presence: ["bob"] });
+  /** @type {string[]} */
+  const log = [];
+  broker.granted = (topics) => {
+    log.push(`subscribe ${topics.join(" ")} after ${broker.last.sent(OUT).length} sends`);
+    if (topics.includes("p/bob") && broker.clients.length === 2) void client.send(AB, "m2", { id: "m-2" });
+    return topics.map(() => 1);
+  };
+  await client.connect();
+  broker.last.drop();
+  await settle();
+  await client.send(AB, "m1", { id: "m-1" }); // offline: kept for the next connect
+  await clock.advance(500);
+  await settle();
+  assert.ok(client.connected);
+  // The reply topic is subscribed (SUBACK checked) before anything is published; the send made
+  // during the presence round trip goes out after the older one.
+  assert.deepEqual(log.slice(2), ["subscribe u/alice/in u/alice/phone/in after 0 sends", "subscribe p/bob after 1 sends"]);
+  assert.deepEqual(
+    broker.last.sent(OUT).map((e) => e.id),
+    ["m-1", "m-2"],
+  );
+  await client.close();
+});
+
+test("the backoff starts again only after a connection stayed up for 10 s", async () => {
+  const { broker, clock, client } = setUp({ random: () => 0.5 });
+  /** @type {(number | null)[]} */
+  const delays = [];
+  client.onConnectionChange((c) => void (c.state === "disconnected" && delays.push(c.retryInMs)));
+  await client.connect();
+  // Kicked off at once, again and again (another client with the same device id): no reset.
+  for (const wait of [500, 1000, 2000]) {
+    broker.last.drop();
+    await settle();
+    await clock.advance(wait);
+    assert.ok(client.connected);
+  }
+  await clock.advance(9_999);
+  broker.last.drop();
+  await settle();
+  await clock.advance(4000);
+  assert.ok(client.connected);
+  await clock.advance(10_000); // stayed up: the next cut starts from the first delay
+  broker.last.drop();
+  await settle();
+  assert.deepEqual(delays, [500, 1000, 2000, 4000, 500]);
+  await client.close();
+});

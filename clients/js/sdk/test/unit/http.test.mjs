@@ -148,3 +148,35 @@ test("groups and push tokens: the calls of section 7", async () => {
   ]);
   assert.equal(pathSegment("a b/c:d@e"), "a%20b%2Fc:d@e");
 });
+
+test("the bearer token goes only to the base URL's origin", async () => {
+  /** @type {Record<string, string | undefined>} */
+  const auth = {};
+  /** @type {(string | undefined)[]} */
+  const sent = [];
+  const { http } = api(async (url, init = {}) => {
+    auth[url] = /** @type {Record<string, string>} */ (init.headers ?? {}).Authorization;
+    sent.push(auth[url]);
+    return response({ status: 204 });
+  });
+  const urls = {
+    "/v1/media/m1": "Bearer t0ken",
+    "http://api.test/v1/media/m1": "Bearer t0ken",
+    "http://API.test:80/v1/media/m1": "Bearer t0ken",
+    "https://api.test/v1/media/m1": undefined, // another scheme
+    "http://api.test:8080/v1/media/m1": undefined, // another port
+    "http://files.test/v1/media/m1": undefined, // a tus Location on another host
+    "http://api.test.files.test/v1/media/m1": undefined,
+    "http://api.test@files.test/v1/media/m1": undefined,
+  };
+  for (const url of Object.keys(urls)) await http.fetchOnce("HEAD", url, { headers: { "Tus-Resumable": "1.0.0" } });
+  assert.deepEqual(sent, Object.values(urls));
+  const secure = api(async (url, init = {}) => {
+    auth[url] = /** @type {Record<string, string>} */ (init.headers ?? {}).Authorization;
+    return response({ status: 204 });
+  }, { baseUrl: "https://api.test" }).http;
+  await secure.fetchOnce("HEAD", "http://api.test/v1/media/m2"); // a downgrade to http
+  await secure.fetchOnce("HEAD", "https://api.test:443/v1/media/m2");
+  assert.equal(auth["http://api.test/v1/media/m2"], undefined);
+  assert.equal(auth["https://api.test:443/v1/media/m2"], "Bearer t0ken");
+});
