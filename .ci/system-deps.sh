@@ -2,7 +2,7 @@
 # Debian packages the test suite talks to for real: Mosquitto (interop, reference client tools)
 # and Redis (the shared presence registry), HAProxy (the load balancer in front of a cluster of
 # nodes), curl (the README tour), Node.js with npm (MQTT.js, the WebSocket client the interop
-# tests drive: `make js-deps`; the web chat's build: `make app`), Chromium (headless, driven by
+# tests drive: `make js-deps`; 20.19 or later for the web chat's build: `make app`), Chromium (headless, driven by
 # Playwright in the web chat's browser tests; Debian's build, so Playwright downloads no
 # browser) with a font for its screenshots, and a Java 17 runtime with
 # Maven for the Cassandra test node (storage/cassandra/devnode.py runs Cassandra 5.0 from Maven
@@ -33,6 +33,13 @@ command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing="$mis
 # JDK 17 from elsewhere and point JAVA_HOME at it).
 has_java17 || missing="$missing openjdk-17-jre-headless"
 command -v mvn >/dev/null 2>&1 || missing="$missing maven"
-[ -z "$missing" ] && exit 0
-# shellcheck disable=SC2086  # a list of package names
-apt_install $missing
+if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086  # a list of package names
+    apt_install $missing
+fi
+# The web chat's build (Vite) needs Node.js 20.19 or later; Debian 12's own nodejs is 18.
+node_ok=$(node -e 'const [a, b] = process.versions.node.split(".").map(Number); console.log(a > 20 || (a === 20 && b >= 19) ? "yes" : "no")')
+if [ "$node_ok" != yes ]; then
+    echo "system-deps: Node.js $(node --version) is too old for the web chat's build: install Node.js 20.19 or later" >&2
+    exit 1
+fi
