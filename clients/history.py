@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
+from clients._transfer import error_of
 from clients.errors import HistoryFailed
 from clients.events import Message, parse_envelope
 
@@ -217,7 +218,7 @@ class HistoryClient:
                     if not isinstance(body, dict):
                         raise HistoryFailed("bad_response", f"{method} {path}: the answer is not a JSON object")
                     return body
-                code, message = self._error_of(response)
+                code, message = error_of(response)
                 if response.status_code not in _RETRYABLE_STATUS:
                     raise HistoryFailed(code, f"{method} {path}: {response.status_code} {message}")
                 problem = f"{response.status_code} {code}"
@@ -229,13 +230,3 @@ class HistoryClient:
             attempt += 1
             logger.warning("%s %s failed (%s); retrying in %.1f s", method, path, problem, delay)
             await self._sleep(delay)
-
-    @staticmethod
-    def _error_of(response: httpx.Response) -> tuple[str, str]:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if isinstance(body, dict) and isinstance(body.get("error"), str):
-            return body["error"], str(body.get("message", ""))
-        return "http_" + str(response.status_code), ""
