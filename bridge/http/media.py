@@ -30,7 +30,6 @@ import re
 from collections.abc import AsyncIterator
 from email.utils import formatdate
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -41,6 +40,7 @@ from bridge.http.schemas import DirectUploadIn, DirectUploadOut, MediaInfo
 from bridge.media.service import BODY_IDLE_S, MediaService, Upload, attachment
 from mqchat.errors import ErrorCode, RequestError
 from mqchat.ids import ID_PATTERN
+from storage.objects.base import content_disposition
 from storage.records import MediaRecord
 
 router = APIRouter(tags=["media"], responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400], 415: ERROR_RESPONSES[400]})
@@ -257,13 +257,8 @@ def _range(value: str, size: int) -> tuple[int, int]:
 
 
 def _disposition(record: MediaRecord) -> str:
-    """``attachment`` (a browser saves it, never renders it in the API's origin), with the
-    file's name in ASCII and in full (RFC 6266)."""
-    name = "" if record.opaque else record.filename
-    if not name:
-        return "attachment"
-    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name.encode('utf-8', 'replace'), safe='')}"
+    """Never in the API's origin: a browser saves the file (an encrypted file's name is not told)."""
+    return content_disposition("" if record.opaque else record.filename)
 
 
 @router.get("/v1/media/{id}/info", response_model=MediaInfo, summary="A file's type, size, dimensions and thumbnail")

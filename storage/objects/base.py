@@ -24,10 +24,11 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from mqchat.errors import StorageError
 
-__all__ = ["ObjectStore", "ObjectStoreError", "PresignedPut", "Record", "UploadLost"]
+__all__ = ["ObjectStore", "ObjectStoreError", "PresignedPut", "Record", "UploadLost", "content_disposition"]
 
 Record = Callable[[int, str], Awaitable[None]]
 """record(offset, staging): the upload's bytes up to offset are durable, in that staging state."""
@@ -36,6 +37,18 @@ Record = Callable[[int, str], Awaitable[None]]
 class ObjectStoreError(StorageError):
     """The object store failed (unreachable, refused, or an object is missing): like any
     storage failure, an HTTP call that meets it answers 503 and may be retried."""
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` (a browser saves the file, never renders it) with filename as an ASCII
+    fallback and in full (RFC 6266); plain ``attachment`` without a name. Served by the node and
+    by a presigned URL alike."""
+    if not filename:
+        return "attachment"
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return (
+        f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename.encode('utf-8', 'replace'), safe='')}"
+    )
 
 
 class UploadLost(ObjectStoreError):

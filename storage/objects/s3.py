@@ -43,7 +43,6 @@ from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
-from urllib.parse import quote
 
 import aiohttp
 from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
@@ -51,7 +50,14 @@ from aiobotocore.session import get_session  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
 from storage.files import private_dir
-from storage.objects.base import ObjectStore, ObjectStoreError, PresignedPut, Record, UploadLost
+from storage.objects.base import (
+    ObjectStore,
+    ObjectStoreError,
+    PresignedPut,
+    Record,
+    UploadLost,
+    content_disposition,
+)
 from storage.objects.transfer import READ_CHUNK, Incoming, ThreadFile, check_key, open_in_thread, read_at, write_all
 
 __all__ = ["PART_SIZE", "PART_TRANSFERS", "S3ObjectStore"]
@@ -573,10 +579,3 @@ class S3ObjectStore(ObjectStore):
 def _expires(expires_s: float) -> int:
     """A presigned URL's lifetime in whole seconds, within what SigV4 allows."""
     return max(1, min(round(expires_s), MAX_PRESIGNED_S))
-
-
-def content_disposition(filename: str) -> str:
-    """``attachment`` with filename as an ASCII fallback and in full (RFC 6266): a browser that
-    follows the URL saves the file, it does not render it."""
-    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
-    return f"attachment; filename=\"{fallback or 'file'}\"; filename*=UTF-8''{quote(filename, safe='')}"
