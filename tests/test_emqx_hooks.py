@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mqchat.ids import dm_conv
@@ -152,6 +152,11 @@ async def test_any_unicode_in_a_hook_request_gets_an_answer_never_a_failure(stac
 
             @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
             @given(clientid=any_text, username=any_text, text=any_text, action=ACTIONS)
+            # Always tried: lone surrogates (pydantic refuses them in a length-constrained str)
+            # and fields over their limits.
+            @example(clientid="", username="", text="\ud800", action="publish")
+            @example(clientid="\udfff", username="a\ud800", text="", action="subscribe")
+            @example(clientid="c" * 1025, username="alice", text="t" * 70_000, action="publish")
             def probe(clientid: str, username: str, text: str, action: str) -> None:
                 # Lone surrogates cannot be UTF-8: sent as JSON escapes (\ud800), as JSON allows.
                 for path, body in (

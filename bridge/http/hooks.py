@@ -1,7 +1,9 @@
 """EMQX 5's HTTP hooks: authentication at CONNECT, authorisation at each publish and subscribe
 (bridge.broker_hooks decides). EMQX presents the hooks credential (``mqchat.tokens``) as a
-bearer token; any other caller gets 401. A malformed body gets 400, which EMQX takes as "ignore": configure it
-to deny what no authenticator or authorizer allows (see the README)."""
+bearer token; any other caller gets 401. A malformed body (not JSON, a field missing or of another type)
+gets 400, which EMQX takes as "ignore": configure it to deny what no authenticator or authorizer
+allows (see the README). Any text in the fields (too long, lone surrogates) is answered, with
+"deny"."""
 
 from typing import Annotated, Any
 
@@ -30,6 +32,8 @@ Broker = Annotated[None, Depends(broker_caller)]
     summary="EMQX 5 HTTP authentication: may this client connect?",
 )
 async def emqx_authenticate(body: EmqxAuthnRequest, api: Api, _: Broker) -> dict[str, Any]:
+    if not body.within_limits():
+        return {"result": "deny", "is_superuser": False}
     admission = await api.hooks.authenticate(username=body.username, password=body.password, clientid=body.clientid)
     answer: dict[str, Any] = {"result": "allow" if admission.allowed else "deny", "is_superuser": admission.superuser}
     if admission.expires_at is not None:
@@ -43,6 +47,8 @@ async def emqx_authenticate(body: EmqxAuthnRequest, api: Api, _: Broker) -> dict
     summary="EMQX 5 HTTP authorisation: may this client publish to or subscribe to this topic?",
 )
 async def emqx_authorize(body: EmqxAuthzRequest, api: Api, _: Broker) -> dict[str, Any]:
+    if not body.within_limits():
+        return {"result": "deny"}
     allowed = await api.hooks.authorize(
         username=body.username, clientid=body.clientid, topic=body.topic, action=body.action
     )

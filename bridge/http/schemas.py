@@ -184,23 +184,36 @@ class SettingsOut(BaseModel):
     e2e: bool
 
 
+ID_MAX = 1024
+PASSWORD_MAX = 16384
+TOPIC_MAX = 65535
+
+
 class EmqxAuthnRequest(BaseModel):
-    """What EMQX 5's HTTP authenticator is configured to send (see the README)."""
+    """What EMQX 5's HTTP authenticator is configured to send (see the README). The strings take
+    any text, lone surrogates included (pydantic refuses those under a length constraint): the
+    route answers "deny" to what no device could present, rather than 400 (EMQX's "ignore")."""
 
     model_config = ConfigDict(extra="ignore")
-    clientid: str = Field(max_length=1024)
-    username: str = Field(max_length=1024)
-    password: str = Field(max_length=16384)
+    clientid: str = Field(json_schema_extra={"maxLength": ID_MAX})
+    username: str = Field(json_schema_extra={"maxLength": ID_MAX})
+    password: str = Field(json_schema_extra={"maxLength": PASSWORD_MAX})
+
+    def within_limits(self) -> bool:
+        return len(self.clientid) <= ID_MAX and len(self.username) <= ID_MAX and len(self.password) <= PASSWORD_MAX
 
 
 class EmqxAuthzRequest(BaseModel):
-    """What EMQX 5's HTTP authorizer is configured to send (see the README)."""
+    """What EMQX 5's HTTP authorizer is configured to send (see the README); any text, as above."""
 
     model_config = ConfigDict(extra="ignore")
-    clientid: str = Field(max_length=1024)
-    username: str = Field(max_length=1024)
-    topic: str = Field(max_length=65535)
+    clientid: str = Field(json_schema_extra={"maxLength": ID_MAX})
+    username: str = Field(json_schema_extra={"maxLength": ID_MAX})
+    topic: str = Field(json_schema_extra={"maxLength": TOPIC_MAX})
     action: Literal["publish", "subscribe"]
+
+    def within_limits(self) -> bool:
+        return len(self.clientid) <= ID_MAX and len(self.username) <= ID_MAX and len(self.topic) <= TOPIC_MAX
 
 
 class EmqxAuthnAnswer(BaseModel):
