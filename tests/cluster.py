@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 from redis.asyncio import Redis
 
-from mqchat.bench.processes import free_port
 from mqchat.deploy import NodeAddress, haproxy_config
+from mqchat.ports import free_port
 from mqchat.tokens import issue_token
 from tests.conftest import Served, start_served, stop_served
 from tests.helpers import installed

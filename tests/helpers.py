@@ -21,7 +21,8 @@ import aiomqtt
 import pytest
 
 from clients.testing.loadgen import MqttClient
-from mqchat.bench.processes import free_port, serve_command, wait_healthy
+from mqchat.bench.processes import serve_command, wait_healthy
+from mqchat.ports import free_port
 
 _counter = itertools.count()
 

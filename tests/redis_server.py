@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mqchat.ports import free_port
 from tests.helpers import installed
 
 START_TIMEOUT_S = 10.0
@@ -29,13 +30,6 @@ def redis_server_binary() -> str:
         why="the Redis presence tests run against a real one",
         places=("/usr/bin/redis-server", "/usr/sbin/redis-server"),
     )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _pong(port: int) -> bool:
@@ -65,7 +59,7 @@ class RedisServer:
         """Start on self.port (a fresh ephemeral one the first time; retried if it was taken)."""
         assert self.process is None, "already running"
         for _attempt in range(5):
-            port = self.port or _free_port()
+            port = self.port or free_port()
             if self._launch(port):
                 self.port = port
                 return

@@ -11,7 +11,6 @@ protocol: multipart uploads (with S3's 5 MiB minimum part), ranges, presigned UR
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mqchat.ports import free_port
+
 START_TIMEOUT_S = 30.0
 REGION = "us-east-1"
 ACCESS_KEY = "test"
 SECRET_KEY = "test"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _answers(port: int) -> bool:
@@ -71,7 +65,7 @@ class S3Server:
         """Start on a fresh ephemeral port (another one if it was taken meanwhile)."""
         assert self.process is None, "already running"
         for _attempt in range(3):
-            port = _free_port()
+            port = free_port()
             if self._launch(port):
                 self.port = port
                 return

@@ -13,7 +13,6 @@ import gc
 import io
 import json
 import random
-import socket
 import time
 import uuid
 from collections import defaultdict
@@ -43,6 +42,7 @@ from clients import (
 )
 from mqchat.errors import ErrorCode, RequestError
 from mqchat.ids import dm_conv, new_mid
+from mqchat.ports import free_port
 from mqchat.protocol import (
     OUT_TOPIC_FILTER,
     SendRequest,
@@ -70,13 +70,6 @@ WAIT = 10.0  # upper bound of any single wait in these tests
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def _wait_until_clients_left(broker: Broker, *, within: float = 2.0) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mqchat.bench.processes import free_port
 from mqchat.config import load_config
+from mqchat.ports import free_port
 from mqchat.supervisor import EXIT_CANNOT_START, Supervisor
 from tests.helpers import repo_env, serve_in
 

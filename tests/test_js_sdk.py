@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from mqchat.bench.processes import free_port, wait_healthy
+from mqchat.bench.processes import wait_healthy
+from mqchat.ports import free_port
 from tests.helpers import repo_env
 
 SDK = Path(__file__).resolve().parent.parent / "clients" / "js" / "sdk"

@@ -16,7 +16,7 @@ import pytest
 import trustme
 
 from mqchat.bench.harness import MOSQUITTO
-from mqchat.bench.processes import free_port
+from mqchat.ports import free_port
 from tests import node
 from tests.helpers import installed, running_mosquitto, unique
 from tests.node import Message, MqttJsClient

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from mqchat.app import BridgeHandle, run_node
-from mqchat.bench.processes import free_port
 from mqchat.config import Config
+from mqchat.ports import free_port
 from mqchat.tokens import issue_token
 from tests.conftest import make_config, start_served, stop_served
 from tests.helpers import installed, send_env, unique

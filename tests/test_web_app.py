@@ -35,8 +35,9 @@ import pytest
 from bridge.http import create_app
 from bridge.http.webapp import DevTokens, MqttWebSocket, is_loopback_host
 from mqchat.app import WEB_APP_DIR, built_web_app, dev_sign_in_open, dev_tokens
-from mqchat.bench.processes import free_port, serve_command, wait_healthy
+from mqchat.bench.processes import serve_command, wait_healthy
 from mqchat.config import config_to_env, load_config
+from mqchat.ports import free_port
 from mqchat.tokens import TokenVerifier, issue_token
 from storage.sqlite import SqliteMessageStore
 from tests.helpers import repo_env

@@ -23,9 +23,9 @@ import pytest
 from clients import ChatClient, Message
 from clients.testing.loadgen import Creds, connect
 from mqchat.bench.harness import MOSQUITTO
-from mqchat.bench.processes import free_port
 from mqchat.config import StorageConfig
 from mqchat.ids import dm_conv
+from mqchat.ports import free_port
 from mqchat.tokens import SERVICE_USERNAME, issue_token, service_password
 from tests.cassandra_store import cassandra_storage_config  # noqa: F401
 from tests.conftest import Served, stop_served

@@ -31,8 +31,9 @@ from typing import Any
 import httpx
 
 from mqchat.bench.harness import HOST, LOAD_CPU, BenchError, Options, pin, progress, stop_popen
-from mqchat.bench.processes import ServeProc, free_port, run_serve
+from mqchat.bench.processes import ServeProc, run_serve
 from mqchat.bench.report import dress, figure, print_notes, print_ratios, print_table, save
+from mqchat.ports import free_port
 from mqchat.tokens import issue_token
 
 CHUNK = 1024 * 1024

@@ -47,14 +47,8 @@ from mqchat.bench.harness import (
     stop_popen,
     stop_process,
 )
+from mqchat.ports import free_port
 from mqchat.tokens import SERVICE_CLIENT_PREFIX, SERVICE_USERNAME, service_password
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _rss(pid: int) -> int:

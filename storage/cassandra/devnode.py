@@ -52,6 +52,7 @@ from types import FrameType, TracebackType
 from typing import IO, Literal, Self
 
 from mqchat.errors import MqchatError
+from mqchat.ports import free_port
 from storage.files import private_dir
 
 __all__ = [
@@ -707,12 +708,9 @@ class _LogScanner:
 
 
 def _free_port(taken: set[int]) -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((HOST, 0))
-            port: int = s.getsockname()[1]
-        if port not in taken:
-            return port
+    while (port := free_port()) in taken:
+        pass
+    return port
 
 
 def _bindable(port: int) -> bool:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mqchat.bench.processes import free_port
 from mqchat.config import STORAGE_BACKENDS, StorageConfig, load_config
 from mqchat.errors import ConfigError, StorageUnavailable
+from mqchat.ports import free_port
 from storage import BACKENDS, Backend, open_storage
 from storage.base import MessageStorage, MessageStore, PushStore, Storage
 
