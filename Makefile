@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# pytest-xdist workers: two fit the suite in its time on 2 cores (each starts its own Cassandra
+# node and takes its servers' ports from a range of its own: tests/conftest.py). 0: one process.
+TEST_WORKERS ?= 2
 
 .PHONY: serve test lint typecheck pytest install install-test install-bench system-deps cassandra-jars cassandra-node js-deps js-sdk app bench clean
 
@@ -90,7 +93,7 @@ typecheck: install-test
 	$(BIN)/mypy
 
 pytest: install-test
-	$(BIN)/pytest $(ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 $(VENV)/.installed-bench: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(PIP_INSTALL) -e '.[bench]'

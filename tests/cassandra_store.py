@@ -3,12 +3,14 @@
 ``cassandra_storage_config(tmp_path)`` (a fixture) is a ``StorageConfig`` for the node of
 ``tests.cassandra_node`` with keyspace ``mqchat_test``: the schema is created once per session,
 and each test starts from empty tables (only the tables a test wrote to are truncated, since a
-``TRUNCATE`` flushes).
+``TRUNCATE`` flushes). Under pytest-xdist each worker has a node of its own; on an external
+cluster (``MQCHAT_TEST_CASSANDRA``) the workers share it, each with its keyspace (``mqchat_test_gw0``…).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,7 @@ from mqchat.config import StorageConfig
 from storage import open_storage
 from tests.cassandra_node import CassandraEndpoint, cassandra_node  # noqa: F401
 
-KEYSPACE = "mqchat_test"
+KEYSPACE = "mqchat_test" + (f"_{worker}" if (worker := os.environ.get("PYTEST_XDIST_WORKER", "")) else "")
 
 
 def storage_config_for(node: CassandraEndpoint, data_dir: Path) -> StorageConfig:

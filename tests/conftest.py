@@ -25,10 +25,38 @@ from bridge.mqtt_adapter import MqttClientAdapter
 from mqchat.app import run_bridge, run_broker, run_node
 from mqchat.bench.processes import serve_command
 from mqchat.config import AuthConfig, BridgeConfig, Config, MediaConfig, NetworkConfig, PresenceConfig, StorageConfig
+from mqchat.ports import RANGE_ENV, free_port
 from mqchat.tokens import issue_token
 from storage.base import MessageStore
 from tests.cassandra_store import cassandra_node, cassandra_session, cassandra_storage_config  # noqa: F401
 from tests.helpers import repo_env
+
+# --- ports: each pytest-xdist worker picks its servers' ports from a range of its own ---------------
+
+PORT_BLOCK = 4000
+PORT_BASE = 10000  # blocks up to 32767: below the kernel's ephemeral range (32768-60999)
+
+
+def worker_port_range(worker: str) -> str | None:
+    """``gw0`` → ``10000-13999``, ``gw1`` → ``14000-17999``… (the controller or a run without
+    xdist counts as ``gw0``); None past the last block below the ephemeral range."""
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdecimal() else 0
+    low = PORT_BASE + index * PORT_BLOCK
+    return f"{low}-{low + PORT_BLOCK - 1}" if low + PORT_BLOCK <= 32768 else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The servers the tests start (and the child processes they spawn, which inherit the
+    environment) take their ports from this worker's range (``mqchat.ports``), so two workers
+    never pick one port, nor does an outgoing connection take it before the server binds it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None and getattr(config.option, "numprocesses", None):
+        return  # xdist's controller runs no test; its workers inherit the environment as it is now
+    if os.environ.get(RANGE_ENV):
+        return  # set by whoever runs the suite
+    if (ports := worker_port_range(worker or "gw0")) is not None:
+        os.environ[RANGE_ENV] = ports
+
 
 # --- a timeout shows where every asyncio task waits -----------------------------------------------
 
@@ -251,7 +279,6 @@ def start_served(
     env: dict[str, str] | None = None,
 ) -> Served:
     """`python -m mqchat serve` on free ports; env adds MQCHAT_* settings."""
-    from mqchat.bench.processes import free_port
 
     mqtt_port, http_port = free_port(), free_port()
     with log_path.open("ab") as log:
