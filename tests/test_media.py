@@ -258,7 +258,7 @@ async def test_limits_types_and_checksums(stack: Stack) -> None:
         # two uploads in progress at most, and the quota counts them
         second = await create(http, b"%PDF" + b"p" * 150_000, "application/pdf")
         assert second.status_code == 201
-        third = await create(http, photo, "image/jpeg")
+        third = await create(http, jpeg(33, 33), "image/jpeg")
         assert (third.status_code, third.json()["error"]) == (413, "quota_exceeded")
         assert (await http.delete(second.headers["location"], headers=TUS)).status_code == 204
         assert (await create(http, b"%PDF" + b"q" * 150_000, "application/pdf")).status_code == 201
@@ -278,6 +278,40 @@ async def test_limits_types_and_checksums(stack: Stack) -> None:
         "thumbnail": None,
         "state": "ready",
     }
+
+
+@pytest.mark.parametrize("stack", [MediaConfig(max_bytes=200_000, user_bytes=300_000, user_uploads=2)], indirect=True)
+@both_stores
+async def test_a_retried_post_gets_the_upload_it_made_not_a_second_one(stack: Stack) -> None:
+    """A phone whose POST's answer was lost posts again: it gets the same upload (and where it
+    stands), so retries never fill the uploads in progress with orphans."""
+    alice = unique("alice")
+    photo = jpeg(48, 48)
+    half = len(photo) // 2
+    async with stack.http(alice) as http:
+        first = await create(http, photo, "image/jpeg", filename="a.jpg")
+        url = first.headers["location"]
+        assert (await patch(http, url, photo[:half], 0)).status_code == 204
+        again = await create(http, photo, "image/jpeg", filename="a.jpg")
+        assert (again.status_code, again.headers["location"], again.headers["upload-offset"]) == (201, url, str(half))
+        assert again.json()["id"] == first.json()["id"]
+        # another name is another upload; at the limit of 2 in progress a retried POST still gets its own
+        renamed = await create(http, photo, "image/jpeg", filename="b.jpg")
+        assert renamed.status_code == 201
+        assert renamed.headers["location"] != url
+        assert (await create(http, photo, "image/jpeg", filename="a.jpg")).headers["location"] == url
+        other = await create(http, jpeg(40, 40), "image/jpeg", filename="a.jpg")
+        assert (other.status_code, other.json()["error"]) == (413, "quota_exceeded")
+        # it finishes from where it stood; then the same POST begins a new upload
+        assert (await patch(http, url, photo, half)).status_code == 204
+        newer = await create(http, photo, "image/jpeg", filename="a.jpg")
+        assert newer.status_code == 201
+        assert newer.headers["location"] not in (url, renamed.headers["location"])
+    bob = unique("bob")
+    async with stack.http(bob) as http:
+        # two POSTs of one file at once (a retry while the first is still being answered): one upload
+        answers = await asyncio.gather(*(create(http, photo, "image/jpeg") for _ in range(4)))
+        assert {(a.status_code, a.headers["location"]) for a in answers} == {(201, answers[0].headers["location"])}
 
 
 @pytest.mark.parametrize("stack", [MediaConfig(upload_expiry_s=0.5, unsent_expiry_s=0.5, sweep_s=0.2)], indirect=True)

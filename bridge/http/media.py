@@ -136,7 +136,12 @@ async def create_upload(
     return JSONResponse(
         _info(record),
         status_code=201,
-        headers={**TUS, "Location": location, "Upload-Offset": "0", "Upload-Expires": _expires(media, record)},
+        headers={
+            **TUS,
+            "Location": location,
+            "Upload-Offset": str(record.offset),  # not 0 when a retried POST gets its first upload
+            "Upload-Expires": _expires(media, record),
+        },
     )
 
 

@@ -3,8 +3,9 @@ what a ``msg`` event says of it.
 
 ::
 
-    create(user, size, type, sha256, …) ─▶ MediaIndex.create_media  (limits: size, type, quota)
-                                         ─▶ ObjectStore.begin
+    create(user, size, type, sha256, …) ─▶ the user's unfinished upload of the same file, if any
+                                         (a retried POST), else: limits (size, type, quota)
+                                         ─▶ ObjectStore.begin ─▶ MediaIndex.create_media
     receive(user, id, offset, chunks)    ─▶ ObjectStore.append ─ record ─▶ MediaIndex.advance_upload
                                             (compare-and-set on the durable offset: a stale or
                                             concurrent writer is refused, 409)
@@ -130,6 +131,7 @@ class MediaService:
         self._granted: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._cached = cached
         self._uploading: dict[str, _Held] = {}  # one request at a time per upload in this process
+        self._creating: dict[str, _Held] = {}  # one create at a time per user in this process
 
     @property
     def config(self) -> MediaConfig:
@@ -142,7 +144,13 @@ class MediaService:
     # --- uploads ----------------------------------------------------------------------------------
 
     async def create(self, user: str, upload: Upload) -> MediaRecord:
-        """A new upload of user's, after the limits; its id names it from now on."""
+        """A new upload of user's, after the limits; its id names it from now on. A POST retried
+        because its answer was lost (the same file: size, sha256, type, name, while the first is
+        still unfinished and young) gets the upload the first one made, not a second one that
+        would sit among the user's uploads in progress until it expired."""
+        return await self._create(user, upload, same_file_resumes=True)
+
+    async def _create(self, user: str, upload: Upload, *, same_file_resumes: bool) -> MediaRecord:
         cfg = self._config
         if not 0 < upload.size <= cfg.max_bytes:
             raise _refuse(ErrorCode.TOO_LARGE, f"a file is 1 to {cfg.max_bytes} bytes")
@@ -152,25 +160,42 @@ class MediaService:
         content_type = OPAQUE_TYPE if upload.opaque else canonical_type(upload.content_type)
         if not upload.opaque and content_type not in self._allowed:
             raise _refuse(ErrorCode.UNSUPPORTED_TYPE, f"files of type {content_type[:80]!r} are not accepted here")
-        mine = await self._index.owner_media(user)
-        if sum(1 for r in mine if r.state == UPLOADING) >= cfg.user_uploads:
-            raise _refuse(ErrorCode.QUOTA_EXCEEDED, f"at most {cfg.user_uploads} uploads in progress; finish one")
-        if sum(r.size for r in mine) + upload.size > cfg.user_bytes:
-            raise _refuse(ErrorCode.QUOTA_EXCEEDED, f"your files would pass {cfg.user_bytes} bytes")
-        id = new_mid()
-        staging = await self._objects.begin(media_key(id), upload.size, content_type)
-        record = MediaRecord(
-            id=id,
-            owner=user,
-            size=upload.size,
-            content_type=content_type,
-            sha256=sha256,
-            opaque=upload.opaque,
-            created_ms=self._clock.time_ms(),
-            staging=staging,
-            filename="" if upload.opaque else upload.filename[:255],  # an encrypted file's name is not ours
-        )
-        await self._index.create_media(record)
+        filename = "" if upload.opaque else upload.filename[:255]  # an encrypted file's name is not ours
+        # One create at a time per user in this process: two cannot both pass the limits, nor
+        # both miss the other's upload of the same file (through two nodes at one instant, both can).
+        async with self._held(self._creating, user):
+            mine = await self._index.owner_media(user)
+            if same_file_resumes:
+                young = self._clock.time_ms() - cfg.upload_expiry_s * 500  # half its life left, at least
+                for r in mine:
+                    same = (r.size, r.sha256, r.content_type, r.opaque, r.filename) == (
+                        upload.size,
+                        sha256,
+                        content_type,
+                        upload.opaque,
+                        filename,
+                    )
+                    if same and r.state == UPLOADING and r.created_ms >= young:
+                        UPLOADS.labels(outcome="created_again").inc()
+                        return r
+            if sum(1 for r in mine if r.state == UPLOADING) >= cfg.user_uploads:
+                raise _refuse(ErrorCode.QUOTA_EXCEEDED, f"at most {cfg.user_uploads} uploads in progress; finish one")
+            if sum(r.size for r in mine) + upload.size > cfg.user_bytes:
+                raise _refuse(ErrorCode.QUOTA_EXCEEDED, f"your files would pass {cfg.user_bytes} bytes")
+            id = new_mid()
+            staging = await self._objects.begin(media_key(id), upload.size, content_type)
+            record = MediaRecord(
+                id=id,
+                owner=user,
+                size=upload.size,
+                content_type=content_type,
+                sha256=sha256,
+                opaque=upload.opaque,
+                created_ms=self._clock.time_ms(),
+                staging=staging,
+                filename=filename,
+            )
+            await self._index.create_media(record)
         UPLOADS.labels(outcome="created").inc()
         return record
 
@@ -182,20 +207,20 @@ class MediaService:
         return record
 
     @contextlib.asynccontextmanager
-    async def _held(self, id: str) -> AsyncIterator[None]:
-        """One request at a time per upload in this process (a count keeps the lock while anyone
-        waits for it)."""
-        entry = self._uploading.get(id)
+    async def _held(self, held: dict[str, _Held], key: str) -> AsyncIterator[None]:
+        """One request at a time per key of held in this process (a count keeps the lock while
+        anyone waits for it)."""
+        entry = held.get(key)
         if entry is None:
-            entry = self._uploading[id] = _Held(asyncio.Lock())
+            entry = held[key] = _Held(asyncio.Lock())
         entry.users += 1
         try:
             async with entry.lock:
                 yield
         finally:
             entry.users -= 1
-            if not entry.users and self._uploading.get(id) is entry:
-                del self._uploading[id]
+            if not entry.users and held.get(key) is entry:
+                del held[key]
 
     async def settled(self, user: str, id: str) -> MediaRecord:
         """user's upload id once no request of this process is writing it (at most SETTLE_S):
@@ -203,7 +228,7 @@ class MediaService:
         still taking in what arrived; it is told the offset that request ends at."""
         if id in self._uploading:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SETTLE_S), self._held(id):
+                async with asyncio.timeout(SETTLE_S), self._held(self._uploading, id):
                     pass
         return await self.upload_of(user, id)
 
@@ -211,7 +236,7 @@ class MediaService:
         """Bytes of user's upload id from offset on. What arrives is kept even when the stream is
         cut (the client resumes from the offset a HEAD reports); once every byte is there the
         upload is checked and becomes a file. Returns the record as it stands."""
-        async with self._held(id):
+        async with self._held(self._uploading, id):
             record = await self.upload_of(user, id)
             if record.state != UPLOADING and offset == record.size:
                 return record  # the answer to the last PATCH was lost: it is done
@@ -343,7 +368,7 @@ class MediaService:
         ``complete_direct``; unsupported (400) where the store has no presigned URLs."""
         if not self._config.presigned:
             raise _refuse(ErrorCode.UNSUPPORTED, "direct uploads are not offered here; use the resumable upload")
-        record = await self.create(user, upload)
+        record = await self._create(user, upload, same_file_resumes=False)
         put = await self._objects.presigned_put(
             direct_key(record.id),
             size=record.size,
