@@ -7,7 +7,6 @@ one place (``Pipeline._refused``, worded by ``bridge.refusals``)."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -91,9 +90,7 @@ class Pipeline:
         self._sends_per_device = RateLimiter(limits.device_sends, clock=clock)
         self._sends_per_user = RateLimiter(limits.user_sends, clock=clock)
         self._receipts_per_device = RateLimiter(limits.device_receipts, clock=clock)
-        # device -> (the hold's end, the refused send's id, its arrival number)
-        self._send_holds: dict[tuple[str, str], tuple[float, str, int]] = {}
-        self._arrivals = itertools.count()  # requests numbered as they arrive
+        self._send_holds: dict[tuple[str, str], tuple[float, str]] = {}  # device -> (hold's end, refused id)
         # New (not duplicate) group and 1:1 messages with their members, for push; what it returns
         # is awaited before the ack (the push is then queued durably).
         self._on_stored = on_stored
@@ -115,10 +112,9 @@ class Pipeline:
         started = time.perf_counter()
         reply_topic = device_in_topic(user, device)
         request: Request | None = None
-        arrival = next(self._arrivals)
         try:
             request = parse_request(payload, max_bytes=self._max_envelope_bytes)
-            self._check_rate(user, device, request, arrival)
+            self._check_rate(user, device, request)
             if isinstance(request, SendRequest):
                 out = await self._send(user, device, request)
             elif isinstance(request, WatermarkRequest):
@@ -129,15 +125,12 @@ class Pipeline:
             return [self._refused(reply_topic, exc, request)]
         except StorageUnavailable as exc:
             logger.warning("storage unavailable while handling a request from %s/%s: %s", user, device, exc)
-            self._hold_sends_behind(user, device, request, arrival)
             return [self._error(reply_topic, ErrorCode.UNAVAILABLE, "storage unavailable; retry", request=request)]
         except StorageError:
             logger.exception("storage failed while handling a request from %s/%s", user, device)
-            self._hold_sends_behind(user, device, request, arrival)
             return [self._error(reply_topic, ErrorCode.INTERNAL, "storage unavailable; retry", request=request)]
         except Exception:
             logger.exception("unexpected failure handling a request from %s/%s", user, device)
-            self._hold_sends_behind(user, device, request, arrival)
             return [self._error(reply_topic, ErrorCode.INTERNAL, "internal error; retry", request=request)]
         metrics.PIPELINE_LATENCY.observe(time.perf_counter() - started)
         return out
@@ -167,24 +160,7 @@ class Pipeline:
         metrics.REQUESTS_REJECTED.labels(code=str(code)).inc()
         return Outgoing(topic, encode(error_envelope(code, message, id=id, conv=conv, retry_after_s=retry_after_s)))
 
-    def _hold_sends_behind(self, user: str, device: str, request: Request | None, arrival: int) -> None:
-        """A send that failed (internal, unavailable) will come back: until it does, the device's
-        other sends are refused as rate_limited (SEND_HOLD_RETRY_S), as behind a rate-limited
-        send, so none is stored ahead of it when the store is back (at most SEND_HOLD_CAP_S).
-        When several of a device's sends fail (one batch), the one that arrived first is held for."""
-        if isinstance(request, SendRequest):
-            self._hold((user, device), self._clock.monotonic(), request.id, arrival)
-
-    def _hold(self, key: tuple[str, str], until: float, refused: str, arrival: int) -> None:
-        now = self._clock.monotonic()
-        held = self._send_holds.get(key)
-        if held is not None and held[1] != refused and held[2] < arrival and now < held[0] + SEND_HOLD_CAP_S:
-            return  # an earlier send of the device was refused: it still goes first
-        if len(self._send_holds) > 100_000:
-            self._send_holds = {k: h for k, h in self._send_holds.items() if h[0] + SEND_HOLD_CAP_S > now}
-        self._send_holds[key] = (until, refused, arrival)
-
-    def _check_rate(self, user: str, device: str, request: Request, arrival: int) -> None:
+    def _check_rate(self, user: str, device: str, request: Request) -> None:
         """Refuse (rate_limited, nothing processed) a send or receipt over its device's or its
         user's budget. Never awaits: requests still reach the store in arrival order.
 
@@ -192,28 +168,27 @@ class Pipeline:
         until the ``retry_after_ms`` it was told (at least SEND_HOLD_S), and after that every
         send but the refused one, until the refused one comes back (at most SEND_HOLD_CAP_S).
         So sends it had already published behind the refused one, however late they arrive,
-        are never stored ahead of it; the device sends them all again, in order. A send the
-        store failed holds the device's other sends the same way (_hold_sends_behind)."""
-        message = ""
+        are never stored ahead of it; the device sends them all again, in order."""
         if isinstance(request, SendRequest):
             key = (user, device)
             now = self._clock.monotonic()
             wait = 0.0
             hold = self._send_holds.get(key)
             if hold is not None:
-                until, refused, _ = hold
+                until, refused = hold
                 if now < until:
                     wait = until - now
                 elif request.id != refused and now < until + SEND_HOLD_CAP_S:
                     wait = SEND_HOLD_RETRY_S  # the refused send goes first
-                    message = "an earlier send of this device must be sent again first; retry later"
                 else:
                     del self._send_holds[key]  # it came back (or the device gave it up)
             if not wait:
                 wait = self._sends_per_device.take(key) or self._sends_per_user.take(user)
                 if wait:
                     wait = max(wait, SEND_HOLD_S)
-                    self._hold(key, now + wait, request.id, arrival)
+                    if len(self._send_holds) > 100_000:
+                        self._send_holds = {k: h for k, h in self._send_holds.items() if h[0] + SEND_HOLD_CAP_S > now}
+                    self._send_holds[key] = (now + wait, request.id)
             what = "sends"
         elif isinstance(request, WatermarkRequest):
             wait = self._receipts_per_device.take((user, device))
@@ -223,11 +198,7 @@ class Pipeline:
         if wait:
             id = request.id if isinstance(request, SendRequest) else None
             raise RequestError(
-                ErrorCode.RATE_LIMITED,
-                message or f"too many {what}; retry later",
-                id=id,
-                conv=request.conv.id,
-                retry_after_s=wait,
+                ErrorCode.RATE_LIMITED, f"too many {what}; retry later", id=id, conv=request.conv.id, retry_after_s=wait
             )
 
     async def _typing(self, user: str, device: str, req: TypingRequest) -> list[Outgoing]:

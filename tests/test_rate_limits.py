@@ -12,15 +12,13 @@ from typing import Any
 
 import pytest
 
-from bridge.pipeline import SEND_HOLD_CAP_S, Pipeline, RequestLimits
+from bridge.pipeline import Pipeline, RequestLimits
 from bridge.ratelimit import RateLimit, RateLimiter
 from clients import ChatClient
 from mqchat.clock import Clock
 from mqchat.config import StorageConfig
-from mqchat.errors import StorageUnavailable
 from mqchat.ids import dm_conv
 from storage import open_storage
-from storage.records import AppendResult, NewMessage
 from tests.conftest import make_config, open_stack
 from tests.helpers import connect_device, send_env, unique
 
@@ -168,72 +166,3 @@ async def test_sends_behind_a_refused_one_are_never_stored_ahead_of_it(tmp_path:
         assert (await send("m2"))["seq"] == 2
         clock.now += 1
         assert (await send("m3"))["seq"] == 3
-
-
-class StoreAway:
-    """The real store, except that while ``away`` its appends fail as an unreachable store's do
-    (StorageUnavailable). A failure waits for ``release[client id]`` when one is set, so a test
-    chooses the order in which failures are answered."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self.away = False
-        self.release: dict[str, asyncio.Event] = {}
-
-    async def append(self, message: NewMessage) -> AppendResult:
-        if not self.away:
-            result: AppendResult = await self._store.append(message)
-            return result
-        if (event := self.release.get(message.client_id)) is not None:
-            await event.wait()
-        raise StorageUnavailable("the store is away")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-
-async def test_sends_behind_one_the_store_failed_are_never_stored_ahead_of_it(tmp_path: Path) -> None:
-    """A send answered unavailable (or internal) comes back later: the device's sends published
-    after it are refused (rate_limited, 500 ms) until it has, so they are never stored first."""
-    clock = FakeClock()
-    async with open_storage(StorageConfig(data_dir=tmp_path), push=False) as storage:
-        store = StoreAway(storage.messages)
-        pipeline = Pipeline(log=store, states=storage.messages, groups=storage.messages, clock=clock)
-        conv = dm_conv("alice", "bob")
-
-        async def send(id: str, device: str = "a") -> dict[str, Any]:
-            out = await pipeline.handle("alice", device, json.dumps(send_env(conv, id, id=id)).encode())
-            reply: dict[str, Any] = json.loads(out[0].payload)
-            return reply
-
-        store.away = True
-        assert (await send("m1"))["code"] == "unavailable"
-        store.away = False  # the store is back before the device sends m1 again
-        held = await send("m2")
-        assert (held["code"], held["retry_after_ms"]) == ("rate_limited", 500)
-        assert (await send("x1", device="b"))["seq"] == 1  # the user's other device is not held
-        assert (await send("m1"))["seq"] == 2
-        assert (await send("m2"))["seq"] == 3
-
-        # Two sends fail in one go, the later one answered first: the first to arrive goes first.
-        store.away = True
-        store.release = {"m3": asyncio.Event(), "m4": asyncio.Event()}
-        m3 = asyncio.create_task(send("m3"))
-        m4 = asyncio.create_task(send("m4"))
-        await asyncio.sleep(0)
-        store.release["m4"].set()
-        assert (await m4)["code"] == "unavailable"
-        store.release["m3"].set()
-        assert (await m3)["code"] == "unavailable"
-        store.away = False
-        assert (await send("m4"))["code"] == "rate_limited"
-        assert (await send("m3"))["seq"] == 4
-        assert (await send("m4"))["seq"] == 5
-
-        # A device that never sends it again is held SEND_HOLD_CAP_S at most.
-        store.away = True
-        assert (await send("m5"))["code"] == "unavailable"
-        store.away = False
-        assert (await send("m6"))["code"] == "rate_limited"
-        clock.now += SEND_HOLD_CAP_S + 1
-        assert (await send("m6"))["seq"] == 6
