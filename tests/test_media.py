@@ -283,17 +283,17 @@ async def test_limits_types_and_checksums(stack: Stack) -> None:
 @pytest.mark.parametrize("stack", [MediaConfig(max_bytes=200_000, user_bytes=300_000, user_uploads=2)], indirect=True)
 @both_stores
 async def test_a_retried_post_gets_the_upload_it_made_not_a_second_one(stack: Stack) -> None:
-    """A phone whose POST's answer was lost posts again: it gets the same upload (and where it
-    stands), so retries never fill the uploads in progress with orphans."""
+    """A phone whose POST's answer was lost posts again: it gets the same upload, so retries never
+    fill the uploads in progress with orphans. An upload some bytes have reached is someone's
+    transfer in progress: the same POST then makes another."""
     alice = unique("alice")
     photo = jpeg(48, 48)
     half = len(photo) // 2
     async with stack.http(alice) as http:
         first = await create(http, photo, "image/jpeg", filename="a.jpg")
         url = first.headers["location"]
-        assert (await patch(http, url, photo[:half], 0)).status_code == 204
         again = await create(http, photo, "image/jpeg", filename="a.jpg")
-        assert (again.status_code, again.headers["location"], again.headers["upload-offset"]) == (201, url, str(half))
+        assert (again.status_code, again.headers["location"], again.headers["upload-offset"]) == (201, url, "0")
         assert again.json()["id"] == first.json()["id"]
         # another name is another upload; at the limit of 2 in progress a retried POST still gets its own
         renamed = await create(http, photo, "image/jpeg", filename="b.jpg")
@@ -302,11 +302,13 @@ async def test_a_retried_post_gets_the_upload_it_made_not_a_second_one(stack: St
         assert (await create(http, photo, "image/jpeg", filename="a.jpg")).headers["location"] == url
         other = await create(http, jpeg(40, 40), "image/jpeg", filename="a.jpg")
         assert (other.status_code, other.json()["error"]) == (413, "quota_exceeded")
-        # it finishes from where it stood; then the same POST begins a new upload
+        # once bytes have reached it, the same POST is another transfer of the file: not given this one
+        assert (await patch(http, url, photo[:half], 0)).status_code == 204
+        assert (await http.delete(renamed.headers["location"], headers=TUS)).status_code == 204
+        second = await create(http, photo, "image/jpeg", filename="a.jpg")
+        assert second.status_code == 201
+        assert second.headers["location"] not in (url, renamed.headers["location"])
         assert (await patch(http, url, photo, half)).status_code == 204
-        newer = await create(http, photo, "image/jpeg", filename="a.jpg")
-        assert newer.status_code == 201
-        assert newer.headers["location"] not in (url, renamed.headers["location"])
     bob = unique("bob")
     async with stack.http(bob) as http:
         # two POSTs of one file at once (a retry while the first is still being answered): one upload

@@ -3,7 +3,7 @@ what a ``msg`` event says of it.
 
 ::
 
-    create(user, size, type, sha256, …) ─▶ the user's unfinished upload of the same file, if any
+    create(user, size, type, sha256, …) ─▶ the user's untouched upload of the same file, if any
                                          (a retried POST), else: limits (size, type, quota)
                                          ─▶ ObjectStore.begin ─▶ MediaIndex.create_media
     receive(user, id, offset, chunks)    ─▶ ObjectStore.append ─ record ─▶ MediaIndex.advance_upload
@@ -145,9 +145,10 @@ class MediaService:
 
     async def create(self, user: str, upload: Upload) -> MediaRecord:
         """A new upload of user's, after the limits; its id names it from now on. A POST retried
-        because its answer was lost (the same file: size, sha256, type, name, while the first is
-        still unfinished and young) gets the upload the first one made, not a second one that
-        would sit among the user's uploads in progress until it expired."""
+        because its answer was lost gets the upload the first one made, not a second one that
+        would sit among the user's uploads in progress until it expired: an upload of the same
+        file (size, sha256, type, name) that no byte has reached yet (so no client is sending
+        it) and that is young (half its life left)."""
         return await self._create(user, upload, same_file_resumes=True)
 
     async def _create(self, user: str, upload: Upload, *, same_file_resumes: bool) -> MediaRecord:
@@ -161,21 +162,17 @@ class MediaService:
         if not upload.opaque and content_type not in self._allowed:
             raise _refuse(ErrorCode.UNSUPPORTED_TYPE, f"files of type {content_type[:80]!r} are not accepted here")
         filename = "" if upload.opaque else upload.filename[:255]  # an encrypted file's name is not ours
-        # One create at a time per user in this process: two cannot both pass the limits, nor
-        # both miss the other's upload of the same file (through two nodes at one instant, both can).
+        # One create at a time per user in this server process: two cannot both pass the limits,
+        # nor both miss the other's upload of the same file (through two processes at one
+        # instant, both can).
         async with self._held(self._creating, user):
             mine = await self._index.owner_media(user)
             if same_file_resumes:
-                young = self._clock.time_ms() - cfg.upload_expiry_s * 500  # half its life left, at least
+                young = self._clock.time_ms() - cfg.upload_expiry_s * 1000 / 2  # half its life left
+                wanted = (upload.size, sha256, content_type, upload.opaque, filename)
                 for r in mine:
-                    same = (r.size, r.sha256, r.content_type, r.opaque, r.filename) == (
-                        upload.size,
-                        sha256,
-                        content_type,
-                        upload.opaque,
-                        filename,
-                    )
-                    if same and r.state == UPLOADING and r.created_ms >= young:
+                    same = (r.size, r.sha256, r.content_type, r.opaque, r.filename) == wanted
+                    if same and r.state == UPLOADING and r.offset == 0 and r.created_ms >= young:
                         UPLOADS.labels(outcome="created_again").inc()
                         return r
             if sum(1 for r in mine if r.state == UPLOADING) >= cfg.user_uploads:
