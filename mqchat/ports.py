@@ -27,6 +27,17 @@ _lock = threading.Lock()
 _cursor: dict[tuple[int, int], itertools.cycle[int]] = {}
 
 
+def _forked() -> None:
+    """A forked child starts its own round (from its own random start) with a lock of its own:
+    it must not repeat its parent's next picks, nor inherit a lock held at the fork."""
+    global _lock
+    _lock = threading.Lock()
+    _cursor.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class PortRangeError(RuntimeError):
     """MQCHAT_PORT_RANGE is malformed, or no port of it can be bound."""
 

@@ -25,7 +25,7 @@ from bridge.mqtt_adapter import MqttClientAdapter
 from mqchat.app import run_bridge, run_broker, run_node
 from mqchat.bench.processes import serve_command
 from mqchat.config import AuthConfig, BridgeConfig, Config, MediaConfig, NetworkConfig, PresenceConfig, StorageConfig
-from mqchat.ports import RANGE_ENV, free_port
+from mqchat.ports import RANGE_ENV, PortRangeError, configured_range, free_port
 from mqchat.tokens import issue_token
 from storage.base import MessageStore
 from tests.cassandra_store import cassandra_node, cassandra_session, cassandra_storage_config  # noqa: F401
@@ -34,27 +34,43 @@ from tests.helpers import repo_env
 # --- ports: each pytest-xdist worker picks its servers' ports from a range of its own ---------------
 
 PORT_BLOCK = 4000
-PORT_BASE = 10000  # blocks up to 32767: below the kernel's ephemeral range (32768-60999)
+PORT_BASE = 10000
 
 
-def worker_port_range(worker: str) -> str | None:
-    """``gw0`` → ``10000-13999``, ``gw1`` → ``14000-17999``… (the controller or a run without
-    xdist counts as ``gw0``); None past the last block below the ephemeral range."""
+def ephemeral_low(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> int:
+    """The first port of the kernel's ephemeral range (where outgoing connections take theirs)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(path.read_text().split()[0])
+    return 32768
+
+
+def worker_port_range(worker: str, workers: int = 1, given: str = "") -> str | None:
+    """This worker's ports: ``gw0`` → ``10000-13999``, ``gw1`` → ``14000-17999``… below the
+    ephemeral range (None past its start), or its share of a range ``given`` to the whole run
+    (``MQCHAT_PORT_RANGE``), cut in ``workers`` parts. A run without xdist counts as ``gw0``."""
     index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdecimal() else 0
+    if given:
+        bounds = configured_range(given)
+        assert bounds is not None
+        share = (bounds[1] - bounds[0] + 1) // max(workers, 1)
+        if share < 1:
+            raise PortRangeError(f"{RANGE_ENV}={given}: fewer ports than the {workers} test workers")
+        low = bounds[0] + index * share
+        return f"{low}-{low + share - 1}"
     low = PORT_BASE + index * PORT_BLOCK
-    return f"{low}-{low + PORT_BLOCK - 1}" if low + PORT_BLOCK <= 32768 else None
+    return f"{low}-{low + PORT_BLOCK - 1}" if low + PORT_BLOCK <= ephemeral_low() else None
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """The servers the tests start (and the child processes they spawn, which inherit the
     environment) take their ports from this worker's range (``mqchat.ports``), so two workers
-    never pick one port, nor does an outgoing connection take it before the server binds it."""
+    never pick one port, nor does an outgoing connection take it before the server binds it. A
+    range set by whoever runs the suite is shared out among the workers."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None and getattr(config.option, "numprocesses", None):
         return  # xdist's controller runs no test; its workers inherit the environment as it is now
-    if os.environ.get(RANGE_ENV):
-        return  # set by whoever runs the suite
-    if (ports := worker_port_range(worker or "gw0")) is not None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if (ports := worker_port_range(worker or "gw0", workers, os.environ.get(RANGE_ENV, ""))) is not None:
         os.environ[RANGE_ENV] = ports
 
 

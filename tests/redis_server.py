@@ -1,4 +1,4 @@
-"""A real redis-server for tests: ephemeral port on 127.0.0.1, no persistence, stopped afterwards.
+"""A real redis-server for tests: a free port on 127.0.0.1, no persistence, stopped afterwards.
 
 Test modules take the fixture with ``from tests.redis_server import redis_url  # noqa: F401``;
 each test gets a fresh, empty server (it starts in a few milliseconds). The ``redis_server``
@@ -56,7 +56,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start on self.port (a fresh ephemeral one the first time; retried if it was taken)."""
+        """Start on self.port (a free one, mqchat.ports, the first time; retried if it was taken)."""
         assert self.process is None, "already running"
         for _attempt in range(5):
             port = self.port or free_port()

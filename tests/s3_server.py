@@ -1,4 +1,4 @@
-"""A real S3 API for tests: moto's standalone server in its own process, on an ephemeral port of
+"""A real S3 API for tests: moto's standalone server in its own process, on a free port of
 127.0.0.1, once per session; each test gets a bucket of its own.
 
 Test modules take the fixtures with ``from tests.s3_server import s3_bucket, s3_server  # noqa:
@@ -62,7 +62,7 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        """Start on a fresh ephemeral port (another one if it was taken meanwhile)."""
+        """Start on a free port (mqchat.ports; another one if it was taken meanwhile)."""
         assert self.process is None, "already running"
         for _attempt in range(3):
             port = free_port()

@@ -1,14 +1,23 @@
-"""mqchat.ports: free ports from a configured range, in turn, never one that is bound."""
+"""mqchat.ports: free ports from a configured range, in turn, never one that is bound; and each
+test worker's share of the ports."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from mqchat import ports
-from tests.conftest import worker_port_range
+from tests.conftest import ephemeral_low, worker_port_range
+
+# Below the ephemeral range and outside every worker's block (those end at 29999): no server of
+# the suite nor any outgoing connection takes these ports.
+QUIET = (31000, 31999)
 
 
 def test_the_range_is_parsed_and_refused_when_malformed() -> None:
@@ -20,18 +29,50 @@ def test_the_range_is_parsed_and_refused_when_malformed() -> None:
             ports.configured_range(bad)
 
 
+def held_port() -> socket.socket:
+    """A listener on a port of QUIET."""
+    for port in range(QUIET[0] + 10, QUIET[1] - 10):
+        listener = socket.socket()
+        try:
+            listener.bind(("127.0.0.1", port))
+        except OSError:
+            listener.close()
+            continue
+        listener.listen()
+        return listener
+    raise AssertionError(f"no port of {QUIET} could be bound")
+
+
 def test_ports_come_from_the_range_in_turn_passing_over_a_bound_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
+    with held_port() as held:
         taken = held.getsockname()[1]
-        low = max(1024, min(taken - 2, 65535 - 5))
-        monkeypatch.setenv(ports.RANGE_ENV, f"{low}-{low + 5}")
-        picked = [ports.free_port() for _ in range(5)]  # the held port is one of the six
+        low, high = taken - 10, taken + 9
+        monkeypatch.setenv(ports.RANGE_ENV, f"{low}-{high}")
+        picked = [ports.free_port() for _ in range(12)]
         assert taken not in picked
-        assert all(low <= p <= low + 5 for p in picked)
-        assert len(set(picked)) == 5, "a port is reused only after the whole range"
-        held.listen()
-        assert ports.free_port() == picked[0]  # round again, still passing over it
+        assert all(low <= p <= high for p in picked)
+        assert len(set(picked)) == 12, "a port is reused only after the whole range"
+        assert all((b - a) % 20 in (1, 2) for a, b in itertools.pairwise(picked)), "in turn"
+
+
+def test_a_forked_child_does_not_repeat_its_parents_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child of a fork begins a round of its own (from a random start of its own), rather
+    than going on with its parent's next picks."""
+    monkeypatch.setenv(ports.RANGE_ENV, f"{QUIET[0]}-{QUIET[1]}")
+    ports.free_port()  # the parent's round has begun
+    assert ports._cursor
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: whether it holds a round yet, and a pick; then gone
+        fresh = not ports._cursor
+        os.write(write, f"{fresh} {ports.free_port()}".encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    fresh, pick = os.read(read, 64).decode().split()
+    os.close(read)
+    assert (status, fresh) == (0, "True")
+    assert QUIET[0] <= int(pick) <= QUIET[1]
 
 
 def test_without_a_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,9 +82,27 @@ def test_without_a_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch) -> No
         server.bind(("127.0.0.1", port))  # it was free
 
 
-def test_each_worker_has_its_own_range_below_the_ephemeral_ports() -> None:
+def test_each_worker_has_its_own_range_below_the_ephemeral_ports(tmp_path: Path) -> None:
     blocks = [worker_port_range(f"gw{i}") for i in range(6)]
     assert blocks[:2] == ["10000-13999", "14000-17999"]
     assert worker_port_range("master") == blocks[0]
-    assert blocks[5] is None  # 30000-33999 would reach the ephemeral range
+    assert blocks[5] == (None if ephemeral_low() < 34000 else "30000-33999")  # not into the ephemeral range
+    # A range given to the whole run is shared out.
+    assert [worker_port_range(f"gw{i}", 3, "20000-20899") for i in range(3)] == [
+        "20000-20299",
+        "20300-20599",
+        "20600-20899",
+    ]
+    with pytest.raises(ports.PortRangeError, match="fewer ports"):
+        worker_port_range("gw0", 3, "20000-20001")
+    proc = tmp_path / "ip_local_port_range"
+    proc.write_text("40000\t60999\n")
+    assert ephemeral_low(proc) == 40000
+    assert ephemeral_low(tmp_path / "missing") == 32768
     assert ports.configured_range(os.environ[ports.RANGE_ENV]) is not None  # one is in effect in this run
+
+
+def test_the_suites_child_processes_inherit_the_workers_range() -> None:
+    code = "import os; print(os.environ['MQCHAT_PORT_RANGE'])"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
+    assert child.stdout.strip() == os.environ[ports.RANGE_ENV]

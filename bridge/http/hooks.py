@@ -2,8 +2,8 @@
 (bridge.broker_hooks decides). EMQX presents the hooks credential (``mqchat.tokens``) as a
 bearer token; any other caller gets 401. A malformed body (not JSON, a field missing or of another type)
 gets 400, which EMQX takes as "ignore": configure it to deny what no authenticator or authorizer
-allows (see the README). Any text in the fields (too long, lone surrogates) is answered, with
-"deny"."""
+allows (see the README). Fields of any text are answered: over their length limits with "deny",
+and any other text (lone surrogates included) by the usual checks."""
 
 from typing import Annotated, Any
 

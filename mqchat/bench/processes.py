@@ -181,7 +181,7 @@ def _run_mosquitto(port: int, workdir: Path) -> Iterator[BrokerProc]:
 
 @contextlib.contextmanager
 def run_broker(system: str, workdir: Path) -> Iterator[BrokerProc]:
-    """Start one system's broker pinned to CPU 0 on an ephemeral port; stop it on exit."""
+    """Start one system's broker pinned to CPU 0 on a free port; stop it on exit."""
     port = free_port()
     if system == "mosquitto":
         with _run_mosquitto(port, workdir) as b:

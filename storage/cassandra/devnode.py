@@ -708,9 +708,10 @@ class _LogScanner:
 
 
 def _free_port(taken: set[int]) -> int:
-    while (port := free_port()) in taken:
-        pass
-    return port
+    for _ in range(100):
+        if (port := free_port()) not in taken:
+            return port
+    raise DevNodeError(f"no free port other than {sorted(taken)} (is MQCHAT_PORT_RANGE a single port?)")
 
 
 def _bindable(port: int) -> bool:
