@@ -139,7 +139,7 @@ async def create_upload(
         headers={
             **TUS,
             "Location": location,
-            "Upload-Offset": str(record.offset),  # not 0 when a retried POST gets its first upload
+            "Upload-Offset": str(record.offset),  # 0: a retried POST gets only an upload no byte reached
             "Upload-Expires": _expires(media, record),
         },
     )

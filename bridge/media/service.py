@@ -172,7 +172,8 @@ class MediaService:
                 wanted = (upload.size, sha256, content_type, upload.opaque, filename)
                 for r in mine:
                     same = (r.size, r.sha256, r.content_type, r.opaque, r.filename) == wanted
-                    if same and r.state == UPLOADING and r.offset == 0 and r.created_ms >= young:
+                    sending = r.id in self._uploading  # a PATCH here, before its first bytes are durable
+                    if same and r.state == UPLOADING and r.offset == 0 and not sending and r.created_ms >= young:
                         UPLOADS.labels(outcome="created_again").inc()
                         return r
             if sum(1 for r in mine if r.state == UPLOADING) >= cfg.user_uploads:
