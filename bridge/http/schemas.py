@@ -1,6 +1,6 @@
 """The HTTP API's request and response bodies (their names are the OpenAPI schema names)."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -184,36 +184,44 @@ class SettingsOut(BaseModel):
     e2e: bool
 
 
-ID_MAX = 1024
-PASSWORD_MAX = 16384
-TOPIC_MAX = 65535
-
-
-class EmqxAuthnRequest(BaseModel):
-    """What EMQX 5's HTTP authenticator is configured to send (see the README). The strings take
-    any text, lone surrogates included (pydantic refuses those under a length constraint): the
-    route answers "deny" to what no device could present, rather than 400 (EMQX's "ignore")."""
+class EmqxHookRequest(BaseModel):
+    """The strings of an EMQX hook request take any text, lone surrogates included (pydantic
+    refuses those under a length constraint): the limits are declared in the schema only, and
+    the route answers "deny" to a request past them (within_limits) rather than 400, which EMQX
+    takes as "ignore"."""
 
     model_config = ConfigDict(extra="ignore")
-    clientid: str = Field(json_schema_extra={"maxLength": ID_MAX})
-    username: str = Field(json_schema_extra={"maxLength": ID_MAX})
-    password: str = Field(json_schema_extra={"maxLength": PASSWORD_MAX})
 
     def within_limits(self) -> bool:
-        return len(self.clientid) <= ID_MAX and len(self.username) <= ID_MAX and len(self.password) <= PASSWORD_MAX
+        """Every field within the ``maxLength`` its schema declares."""
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra
+            limit = extra.get("maxLength") if isinstance(extra, dict) else None
+            if isinstance(limit, int) and len(getattr(self, name)) > limit:
+                return False
+        return True
 
 
-class EmqxAuthzRequest(BaseModel):
-    """What EMQX 5's HTTP authorizer is configured to send (see the README); any text, as above."""
+def any_text(max_length: int) -> Any:
+    """A string field of EmqxHookRequest: any text, its limit checked by within_limits."""
+    return Field(json_schema_extra={"maxLength": max_length})
 
-    model_config = ConfigDict(extra="ignore")
-    clientid: str = Field(json_schema_extra={"maxLength": ID_MAX})
-    username: str = Field(json_schema_extra={"maxLength": ID_MAX})
-    topic: str = Field(json_schema_extra={"maxLength": TOPIC_MAX})
+
+class EmqxAuthnRequest(EmqxHookRequest):
+    """What EMQX 5's HTTP authenticator is configured to send (see the README)."""
+
+    clientid: str = any_text(1024)
+    username: str = any_text(1024)
+    password: str = any_text(16384)
+
+
+class EmqxAuthzRequest(EmqxHookRequest):
+    """What EMQX 5's HTTP authorizer is configured to send (see the README)."""
+
+    clientid: str = any_text(1024)
+    username: str = any_text(1024)
+    topic: str = any_text(65535)
     action: Literal["publish", "subscribe"]
-
-    def within_limits(self) -> bool:
-        return len(self.clientid) <= ID_MAX and len(self.username) <= ID_MAX and len(self.topic) <= TOPIC_MAX
 
 
 class EmqxAuthnAnswer(BaseModel):
