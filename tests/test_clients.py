@@ -359,7 +359,8 @@ async def test_blocking_client_sends_and_receives(port: int) -> None:
         got = await next_message(a)  # bob's message reaches alice; then alice answers
         assert got.body == "from a script"
         await a.send_and_wait(conv, "hi script", timeout=WAIT)
-        ack, messages = await asyncio.wait_for(bob_task, WAIT * 2)
+        async with asyncio.timeout(WAIT * 2):
+            ack, messages = await bob_task
     assert ack.seq == 1
     assert [(m.seq, m.body) for m in messages] == [(1, "from a script"), (2, "hi script")]
 
@@ -390,7 +391,8 @@ async def test_cli_send_and_listen(port: int, capsys: pytest.CaptureFixture[str]
             done, _ = await asyncio.wait([listener], timeout=0.5)
             if done:
                 break
-        assert await asyncio.wait_for(listener, WAIT) == 0
+        async with asyncio.timeout(WAIT):
+            assert await listener == 0
         not_member = dm_conv(bob, unique("x"))
         code = await cli.send(
             host=HOST,
